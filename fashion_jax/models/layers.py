@@ -1,0 +1,232 @@
+"""Transformer layers shared by every encoder: attention, MLP, block, and the encoder stack.
+
+One set of modules serves CLIP's towers (pre-LN, quick_gelu, causal or full mask, eps 1e-5) and
+BERT (post-LN, exact erf GELU, padding mask, eps 1e-12).
+
+API (all Flax linen; `dtype` is the compute dtype, `param_dtype` the storage dtype, float32 by
+default; every parameter carries logical axis names from fashion_jax.parallel.axes):
+
+  MultiHeadAttention(num_heads, head_dim=None, dropout_rate=0., dtype, param_dtype, kernel_init)
+      (x [B, Lq, D], mask=None, *, kv=None [B, Lk, D], deterministic=True) -> [B, Lq, D]
+    Sub-modules `query`, `key`, `value` (DenseGeneral, kernel [D, H, Dh] axes (embed, heads, kv),
+    bias [H, Dh]) and `out` (kernel [H, Dh, D] axes (heads, kv, embed), bias [D]).
+    An HF Linear (weight [H*Dh, D], bias [H*Dh]) maps 1:1: kernel = W.T.reshape(D, H, Dh),
+    bias = b.reshape(H, Dh); for the output projection (weight [D, H*Dh]) kernel =
+    W.T.reshape(H, Dh, D). `mask` is boolean, True = may attend, broadcastable to
+    [B, H, Lq, Lk] (the convention of flax.linen.make_attention_mask / make_causal_mask /
+    combine_masks, which build it). Logits = q k^T / sqrt(Dh), softmax in float32.
+
+  Mlp(mlp_dim, act='quick_gelu', dropout_rate=0., ...)
+      (x [B, L, D], deterministic=True) -> [B, L, D]
+    Sub-modules `fc1` (kernel [D, F] axes (embed, mlp)), `fc2` (kernel [F, D] axes (mlp, embed)).
+    act: 'quick_gelu' (x sigmoid(1.702 x), CLIP), 'gelu' (exact, erf; BERT and CLIP 'gelu'),
+    'gelu_tanh' (tanh approximation). Unknown names raise ValueError.
+
+  TransformerBlock(num_heads, mlp_dim, pre_norm=True, layer_norm_eps=1e-5, act='quick_gelu',
+                   dropout_rate=0., attention_dropout_rate=0., ...)
+      (x [B, L, D], mask=None, deterministic=True) -> [B, L, D]
+    pre_norm (CLIP):  x = x + drop(attn(norm1(x)));  x = x + drop(mlp(norm2(x)))
+    post_norm (BERT): x = norm1(x + drop(attn(x)));  x = norm2(x + drop(mlp(x)))
+    Sub-modules `norm1`, `attn`, `norm2`, `mlp`.
+
+  Encoder(num_layers, <TransformerBlock fields>, scan=False, remat_policy='none')
+      (x [B, L, D], mask=None, deterministic=True) -> [B, L, D]
+    scan=False: blocks `layers_0` ... `layers_{N-1}`.
+    scan=True: one `layers` sub-tree whose leaves carry a leading [N] axis named 'layers'
+    (nn.scan; compiles one block instead of N).
+    remat_policy: 'none' (store all activations) or the name of a jax.checkpoint_policies
+    member, e.g. 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable'.
+
+Activations are constrained with nn.with_logical_constraint: hidden states
+(act_batch, act_length, act_embed), MLP hidden (act_batch, act_length, act_mlp), per-head
+q/k/v (act_batch, act_length, act_heads, act_kv). Outside a mesh/rules context these are no-ops.
+"""
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+HIDDEN_AXES = ("act_batch", "act_length", "act_embed")
+# Ready-made jax.checkpoint_policies (the others are factories that need arguments).
+REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The activation function named `name` ('quick_gelu', 'gelu', 'gelu_tanh')."""
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == "gelu_tanh":
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  raise ValueError(f"Unknown activation {name!r}; expected 'quick_gelu', 'gelu' or 'gelu_tanh'.")
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+  """LayerNorm over the last axis with logically partitioned scale/bias (axis 'norm')."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head (self- or cross-) attention with separate q/k/v/out projections and biases."""
+  num_heads: int
+  head_dim: Optional[int] = None  # Default: D // num_heads.
+  dropout_rate: float = 0.0  # On the attention probabilities.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
+               kv: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+    d_model = x.shape[-1]
+    head_dim = self.head_dim or d_model // self.num_heads
+    if self.head_dim is None and d_model % self.num_heads:
+      raise ValueError(f"Width {d_model} is not divisible by num_heads={self.num_heads}.")
+    kv = x if kv is None else kv
+
+    def proj(name):
+      return nn.DenseGeneral(
+          (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+          kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")))
+
+    head_axes = ("act_batch", "act_length", "act_heads", "act_kv")
+    q = nn.with_logical_constraint(proj("query")(x), head_axes)    # [B, Lq, H, Dh]
+    k = nn.with_logical_constraint(proj("key")(kv), head_axes)     # [B, Lk, H, Dh]
+    v = nn.with_logical_constraint(proj("value")(kv), head_axes)   # [B, Lk, H, Dh]
+
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(
+        jnp.float32(head_dim))
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if self.dropout_rate > 0 and not deterministic:
+      probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    out = nn.with_logical_constraint(out, head_axes)
+    out = nn.DenseGeneral(
+        d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out",
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(out)
+    return nn.with_logical_constraint(out, HIDDEN_AXES)
+
+
+class Mlp(nn.Module):
+  """fc1 -> activation -> dropout -> fc2: [B, L, D] -> [B, L, F] -> [B, L, D]."""
+  mlp_dim: int
+  act: str = "quick_gelu"
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    act = activation(self.act)
+    d_model = x.shape[-1]
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+                 kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "mlp")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)))(x)
+    h = nn.with_logical_constraint(act(h), ("act_batch", "act_length", "act_mlp"))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    h = nn.Dense(d_model, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
+                 kernel_init=nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(h)
+    return nn.with_logical_constraint(h, HIDDEN_AXES)
+
+
+class TransformerBlock(nn.Module):
+  """One attention + MLP block, pre-LN (CLIP) or post-LN (BERT); see the module docstring."""
+  num_heads: int
+  mlp_dim: int
+  pre_norm: bool = True
+  layer_norm_eps: float = 1e-5
+  act: str = "quick_gelu"
+  dropout_rate: float = 0.0  # On each sub-layer's output, before the residual add.
+  attention_dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
+               deterministic: bool = True) -> jax.Array:
+    x = nn.with_logical_constraint(x, HIDDEN_AXES)
+    norm1 = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")
+    norm2 = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")
+    attn = MultiHeadAttention(self.num_heads, dropout_rate=self.attention_dropout_rate,
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=self.kernel_init, name="attn")
+    mlp = Mlp(self.mlp_dim, act=self.act, dropout_rate=self.dropout_rate, dtype=self.dtype,
+              param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="mlp")
+    drop = nn.Dropout(self.dropout_rate)
+    if self.pre_norm:
+      x = x + drop(attn(norm1(x), mask, deterministic=deterministic), deterministic)
+      x = x + drop(mlp(norm2(x), deterministic), deterministic)
+    else:
+      x = norm1(x + drop(attn(x, mask, deterministic=deterministic), deterministic))
+      x = norm2(x + drop(mlp(x, deterministic), deterministic))
+    return nn.with_logical_constraint(x, HIDDEN_AXES)
+
+
+class _ScanBlock(TransformerBlock):
+  """TransformerBlock with the (carry, output) signature nn.scan expects."""
+
+  def __call__(self, x, mask=None, deterministic=True):  # pylint: disable=arguments-renamed
+    return super().__call__(x, mask, deterministic), None
+
+
+class Encoder(nn.Module):
+  """A stack of `num_layers` TransformerBlocks, optionally scanned and rematerialised."""
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  pre_norm: bool = True
+  layer_norm_eps: float = 1e-5
+  act: str = "quick_gelu"
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  scan: bool = False
+  remat_policy: str = "none"
+
+  def _block_kwargs(self):
+    return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=self.pre_norm,
+                layer_norm_eps=self.layer_norm_eps, act=self.act, dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+                param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
+               deterministic: bool = True) -> jax.Array:
+    block_cls = _ScanBlock if self.scan else TransformerBlock
+    if self.remat_policy != "none":
+      if self.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat_policy {self.remat_policy!r}: expected 'none' or one of "
+                         f"{', '.join(REMAT_POLICIES)} (members of jax.checkpoint_policies).")
+      policy = getattr(jax.checkpoint_policies, self.remat_policy)
+      # static_argnums counts `self` as 0: `deterministic` is argument 3.
+      block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan,
+                           static_argnums=(3,))
+    if self.scan:
+      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                          "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(name="layers", **self._block_kwargs())(x, mask, deterministic)
+    else:
+      for i in range(self.num_layers):
+        x = block_cls(name=f"layers_{i}", **self._block_kwargs())(x, mask, deterministic)
+    return nn.with_logical_constraint(x, HIDDEN_AXES)
