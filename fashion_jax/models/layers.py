@@ -36,6 +36,8 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
     (nn.scan; compiles one block instead of N).
     remat_policy: 'none' (store all activations) or the name of a jax.checkpoint_policies
     member, e.g. 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable'.
+  stack_layers(params) / unstack_layers(params): convert a params tree between the two layouts
+    (every dict holding layers_0..layers_{N-1} <-> one 'layers' dict of [N, ...] leaves).
 
 Activations are constrained with nn.with_logical_constraint: hidden states
 (act_batch, act_length, act_embed), MLP hidden (act_batch, act_length, act_mlp), per-head
@@ -47,6 +49,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -230,3 +233,38 @@ class Encoder(nn.Module):
       for i in range(self.num_layers):
         x = block_cls(name=f"layers_{i}", **self._block_kwargs())(x, mask, deterministic)
     return nn.with_logical_constraint(x, HIDDEN_AXES)
+
+
+def stack_layers(tree: Any) -> Any:
+  """Per-layer Encoder params -> the scan layout.
+
+  Every dict holding `layers_0` ... `layers_{N-1}` (an Encoder with scan=False) gets them
+  replaced by one `layers` sub-tree whose leaves are stacked on a new leading axis [N, ...].
+  numpy leaves stay numpy; other dicts are copied unchanged.
+  """
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: stack_layers(v) for k, v in tree.items() if not k.startswith("layers_")}
+  n = sum(1 for k in tree if k.startswith("layers_"))
+  if n:
+    names = [f"layers_{i}" for i in range(n)]
+    if any(name not in tree for name in names):
+      raise ValueError(f"Layer names are not contiguous: {sorted(k for k in tree if 'layers_' in k)}")
+    stack = lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)
+    out["layers"] = jax.tree.map(stack, *[tree[name] for name in names])
+  return out
+
+
+def unstack_layers(tree: Any) -> Any:
+  """The scan layout -> per-layer params: the inverse of `stack_layers`."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    if k == "layers" and isinstance(v, dict):
+      n = jax.tree.leaves(v)[0].shape[0]
+      for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], v)
+    else:
+      out[k] = unstack_layers(v)
+  return out

@@ -1,0 +1,228 @@
+"""FashionCLIP: the CLIP dual encoder (ViT image tower + causal text tower) and its config.
+
+  image_embeds = normalize(ViT(images).embedding)      [B_i, P]
+  text_embeds  = normalize(Text(ids).embedding)        [B_t, P]
+  logit_scale  = min(exp(log_scale), 100)              scalar; log_scale init log(1 / 0.07)
+  logits_per_image = logit_scale * image_embeds @ text_embeds^T      [B_i, B_t]
+
+The parameter `logit_scale` stores the LOG of the scale, as CLIP and transformers do (so an HF
+checkpoint's value maps unchanged). Clamping the exponentiated value at 100 (CLIP's rule) stops
+its gradient above 100; transformers' forward does not clamp, which only differs for a checkpoint
+whose stored scale exceeds log(100) (none of the released ones).
+
+CLIPConfig describes the architecture and the run-time options (compute dtype, scan, remat).
+`clip_config(variant, ...)` builds one from a named variant (tiny, S/16, B/32, B/16, L/14);
+`CLIPConfig.to_dict` / `from_dict` round trip through plain dicts (ml_collections ConfigDicts
+are accepted); `CLIPConfig.from_hf` / `to_hf` convert from / to transformers' CLIPConfig (or its
+config.json dict); `to_hf` refuses what a transformers CLIPModel cannot represent.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fashion_jax.models import text as text_lib
+from fashion_jax.models import vit as vit_lib
+
+MAX_LOGIT_SCALE = 100.0
+DEFAULT_LOGIT_SCALE_INIT = math.log(1 / 0.07)
+
+# Our activation name <-> transformers' hidden_act. HF's 'gelu_new' is the same tanh formula.
+_ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+_ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh"}
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """Architecture (vision, text, projection_dim, logit scale init) and run-time options."""
+  vision: vit_lib.ViTConfig
+  text: text_lib.TextConfig
+  projection_dim: int = 512
+  logit_scale_init: float = DEFAULT_LOGIT_SCALE_INIT
+  dtype: str = "float32"  # Compute dtype; parameters are always float32.
+  scan: bool = False  # nn.scan over each tower's layers (params get a leading 'layers' axis).
+  remat_policy: str = "none"  # 'none' or a jax.checkpoint_policies name, see layers.Encoder.
+
+  def __post_init__(self):
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"dtype {self.dtype!r} not in {_DTYPES}.")
+
+  def replace(self, **kw) -> "CLIPConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "CLIPConfig":
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)  # ml_collections.ConfigDict too.
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"Unknown CLIPConfig fields {sorted(unknown)}.")
+    d["vision"] = vit_lib.ViTConfig(**dict(d["vision"]))
+    d["text"] = text_lib.TextConfig(**dict(d["text"]))
+    return cls(**d)
+
+  @classmethod
+  def from_hf(cls, hf: Any, **runtime) -> "CLIPConfig":
+    """From a transformers.CLIPConfig or its config.json dict; `runtime`: dtype, scan, remat."""
+    d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+    arch = d.get("architectures") or []
+    model_type = d.get("model_type")
+    if model_type not in (None, "clip") or (arch and not any(a.startswith("CLIP") for a in arch)):
+      raise ValueError(f"Not a CLIP config: model_type={model_type!r}, architectures={arch}.")
+    if "vision_config" not in d or "text_config" not in d:
+      raise ValueError("Not a CLIPModel config: vision_config and text_config are required "
+                       f"(got keys {sorted(d)}).")
+    v, t = d["vision_config"], d["text_config"]
+
+    def act(tower, name):
+      if name not in _ACT_FROM_HF:
+        raise ValueError(f"{tower} hidden_act {name!r} is not supported; expected one of "
+                         f"{sorted(_ACT_FROM_HF)}.")
+      return _ACT_FROM_HF[name]
+
+    if v.get("num_channels", 3) != 3:
+      raise ValueError(f"vision num_channels={v['num_channels']} is not supported (RGB only).")
+    vision = vit_lib.ViTConfig(
+        width=v["hidden_size"], num_layers=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+        patch_size=v["patch_size"], image_size=v["image_size"],
+        act=act("vision", v.get("hidden_act", "quick_gelu")),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-5))
+    text = text_lib.TextConfig(
+        width=t["hidden_size"], num_layers=t["num_hidden_layers"],
+        num_heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"],
+        vocab_size=t["vocab_size"], max_len=t["max_position_embeddings"],
+        act=act("text", t.get("hidden_act", "quick_gelu")),
+        layer_norm_eps=t.get("layer_norm_eps", 1e-5), eos_token_id=t["eos_token_id"],
+        bos_token_id=t.get("bos_token_id", 49406), pad_token_id=t.get("pad_token_id", 1))
+    return cls(vision=vision, text=text, projection_dim=d.get("projection_dim", 512),
+               logit_scale_init=d.get("logit_scale_init_value", DEFAULT_LOGIT_SCALE_INIT),
+               **runtime)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """Keyword arguments of transformers.CLIPConfig describing this architecture."""
+    for tower, a in (("vision", self.vision.act), ("text", self.text.act)):
+      if a not in _ACT_TO_HF:  # Unreachable for validated configs; kept as the export guard.
+        raise ValueError(f"The {tower} activation {a!r} has no transformers equivalent: "
+                         "this tower cannot be exported to CLIPModel losslessly.")
+    v, t = self.vision, self.text
+    return dict(
+        projection_dim=self.projection_dim, logit_scale_init_value=self.logit_scale_init,
+        vision_config=dict(
+            hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads, patch_size=v.patch_size, image_size=v.image_size,
+            num_channels=3, hidden_act=_ACT_TO_HF[v.act], layer_norm_eps=v.layer_norm_eps,
+            projection_dim=self.projection_dim),
+        text_config=dict(
+            hidden_size=t.width, intermediate_size=t.mlp_dim, num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads, vocab_size=t.vocab_size,
+            max_position_embeddings=t.max_len, hidden_act=_ACT_TO_HF[t.act],
+            layer_norm_eps=t.layer_norm_eps, eos_token_id=t.eos_token_id,
+            bos_token_id=t.bos_token_id, pad_token_id=t.pad_token_id,
+            projection_dim=self.projection_dim))
+
+  def to_hf(self):
+    """A transformers.CLIPConfig with this architecture."""
+    import transformers  # pylint: disable=g-import-not-at-top
+    return transformers.CLIPConfig(**self.to_hf_dict())
+
+
+def clip_config(variant: str = "B/32", *, projection_dim: Optional[int] = None,
+                vision: Optional[Mapping[str, Any]] = None,
+                text: Optional[Mapping[str, Any]] = None, **runtime) -> CLIPConfig:
+  """CLIPConfig of a named variant ('tiny', 'S/16', 'B/32', 'B/16', 'L/14').
+
+  `vision` / `text` override tower fields (e.g. vision=dict(image_size=96)); `runtime` sets
+  dtype, scan, remat_policy, logit_scale_init. OpenAI's projection widths: 768 for L/14,
+  512 for B, the text width otherwise.
+  """
+  v = vit_lib.vit_config(variant, **dict(vision or {}))
+  t = text_lib.text_config(variant, **dict(text or {}))
+  if projection_dim is None:
+    projection_dim = {"L/14": 768, "B/32": 512, "B/16": 512}.get(variant, t.width)
+  return CLIPConfig(vision=v, text=t, projection_dim=projection_dim, **runtime)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class CLIPModel(nn.Module):
+  """The FashionCLIP dual encoder. Sub-modules `vision`, `text`; parameter `logit_scale` (log).
+
+  __call__(images [B_i, H, W, 3] (uint8, or normalised float), ids [B_t, L],
+           attention_mask [B_t, L] | None, deterministic=True) -> dict with
+    image_embeds [B_i, P], text_embeds [B_t, P] (both L2-normalised, float32),
+    logits_per_image [B_i, B_t], logits_per_text [B_t, B_i], logit_scale (clamped exp).
+  encode_images / encode_texts embed one side only (for evaluators), normalised unless
+  normalize=False; logit_scale() returns the clamped scale. Call them with
+  `model.apply(variables, x, method=model.encode_images)`.
+  """
+  config: CLIPConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    self.vision = vit_lib.VisionTransformer(cfg.vision, cfg.projection_dim, dtype=dtype,
+                                            scan=cfg.scan, remat_policy=cfg.remat_policy)
+    self.text = text_lib.TextTransformer(cfg.text, cfg.projection_dim, dtype=dtype,
+                                         scan=cfg.scan, remat_policy=cfg.remat_policy)
+    self.log_scale = self.param(
+        "logit_scale", nn.with_logical_partitioning(
+            nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32)
+
+  def encode_images(self, images: jax.Array, normalize: bool = True,
+                    deterministic: bool = True) -> jax.Array:
+    """[B, H, W, 3] -> [B, P] float32."""
+    e = self.vision(images, deterministic)["embedding"]
+    return _l2_normalize(e) if normalize else e
+
+  def encode_texts(self, ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+                   normalize: bool = True, deterministic: bool = True) -> jax.Array:
+    """[B, L] -> [B, P] float32."""
+    e = self.text(ids, attention_mask, deterministic)["embedding"]
+    return _l2_normalize(e) if normalize else e
+
+  def logit_scale(self) -> jax.Array:
+    return jnp.minimum(jnp.exp(self.log_scale), MAX_LOGIT_SCALE)
+
+  def __call__(self, images: jax.Array, ids: jax.Array,
+               attention_mask: Optional[jax.Array] = None,
+               deterministic: bool = True) -> dict[str, jax.Array]:
+    img = self.encode_images(images, deterministic=deterministic)
+    txt = self.encode_texts(ids, attention_mask, deterministic=deterministic)
+    scale = self.logit_scale()
+    logits = scale * img @ txt.T
+    return {"image_embeds": img, "text_embeds": txt, "logits_per_image": logits,
+            "logits_per_text": logits.T, "logit_scale": scale}
+
+
+def dummy_inputs(config: CLIPConfig, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Zero images [B, S, S, 3] uint8 and ids [B, max_len] int32, for init and eval_shape."""
+  s = config.vision.image_size
+  return (jnp.zeros((batch_size, s, s, 3), jnp.uint8),
+          jnp.zeros((batch_size, config.text.max_len), jnp.int32))
+
+
+def init_params(config: CLIPConfig, rng: jax.Array) -> Any:
+  """The boxed (nn.LogicallyPartitioned) 'params' collection of CLIPModel(config).
+
+  Meant to be run under jax.eval_shape or jax.jit(out_shardings=...), not eagerly for big models.
+  """
+  return CLIPModel(config).init(rng, *dummy_inputs(config))["params"]
+
+
+def count_params(config: CLIPConfig) -> int:
+  """Number of parameters of CLIPModel(config), from shapes only (nothing is allocated)."""
+  shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.PRNGKey(0))
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes))))
