@@ -64,8 +64,7 @@ class Embedder:
   def __init__(self, system, mesh: Mesh | None = None):
     self.system = system
     self.mesh = mesh
-    self._embed_images = jax.jit(system.embed_images)
-    self._embed_texts = jax.jit(system.embed_texts)
+    self._jitted = {}
     if mesh is None:
       self.shards = 1
       self._sharding = None
@@ -73,6 +72,12 @@ class Embedder:
       batch_axes = tuple(a for a in axes.BATCH_AXES if a in mesh.axis_names)
       self.shards = math.prod(mesh.shape[a] for a in batch_axes)
       self._sharding = NamedSharding(mesh, P(batch_axes))
+
+  def _tower(self, name: str):
+    """The jitted system.<name>, compiled on first use (an image-only probe needs no text tower)."""
+    if name not in self._jitted:
+      self._jitted[name] = jax.jit(getattr(self.system, name))
+    return self._jitted[name]
 
   # -- host <-> device ----------------------------------------------------------------------------
   def _check(self, global_batch: int, what: str):
@@ -118,10 +123,10 @@ class Embedder:
       local = int(np.shape(batch["valid"])[0])
       self._check(local * jax.process_count(), f"eval batch {step}")
       if images:
-        out["image"].append(self._to_host(self._embed_images(
+        out["image"].append(self._to_host(self._tower("embed_images")(
             params, self._local_to_global(np.asarray(batch["image"])))))
       if texts:
-        out["text"].append(self._to_host(self._embed_texts(
+        out["text"].append(self._to_host(self._tower("embed_texts")(
             params, self._local_to_global(np.asarray(batch["text"], np.int32)))))
       valid = self._to_host(self._local_to_global(np.asarray(batch["valid"], bool)))
       index = self._to_host(self._local_to_global(np.asarray(batch["index"], np.int32)))
@@ -170,11 +175,12 @@ class Embedder:
 
   def embed_tokens(self, params, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """int32 [N, L] token ids (the same on every process) -> float32 [N, D]."""
-    return self._embed_array(self._embed_texts, params, np.asarray(tokens, np.int32), batch_size)
+    return self._embed_array(self._tower("embed_texts"), params, np.asarray(tokens, np.int32),
+                             batch_size)
 
   def embed_images(self, params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """uint8 [N, H, W, 3] (the same on every process) -> float32 [N, D]."""
-    return self._embed_array(self._embed_images, params, np.asarray(images), batch_size)
+    return self._embed_array(self._tower("embed_images"), params, np.asarray(images), batch_size)
 
 
 def tokenizer_from_config(config) -> Callable[[list[str]], np.ndarray]:
