@@ -28,15 +28,19 @@ Batches = Iterable[Mapping[str, np.ndarray]]
 
 
 def eval_batches(config, split: str, *, batch_size: int, fields: Sequence[str] = (),
-                 dataset_fn: Callable[..., Batches] | None = None) -> Batches:
+                 dataset_fn: Callable[..., Batches] | None = None,
+                 single_process: bool = False) -> Batches:
   """The eval batches of `split`: `dataset_fn` or fashion_jax.data.pipeline.make_eval_dataset.
 
-  Each process reads its own shard (the pipeline's default process_index/process_count).
+  Each process reads its own shard (the pipeline's default process_index/process_count), or,
+  with single_process, every process reads the whole split from its start (the same rows
+  everywhere: for evaluators that look at a few examples).
   """
   if dataset_fn is None:
     from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     dataset_fn = pipeline.make_eval_dataset
-  return dataset_fn(config, split, batch_size=batch_size, fields=tuple(fields))
+  kwargs = dict(process_index=0, process_count=1) if single_process else {}
+  return dataset_fn(config, split, batch_size=batch_size, fields=tuple(fields), **kwargs)
 
 
 def _gather_strings(values: np.ndarray) -> np.ndarray:
