@@ -1,0 +1,145 @@
+"""Transformer layers against float64 numpy formulas; scan/remat layouts; errors; axis names."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fashion_jax.models import layers
+
+
+def _np_ln(x, scale, bias, eps):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+_NP_ACTS = {
+    "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
+    "gelu": np.vectorize(lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2)))),
+    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+}
+
+
+def _np_attention(p, x, mask):
+  """Multi-head attention in float64 from the documented kernel layouts."""
+  q = np.einsum("bld,dhk->blhk", x, p["query"]["kernel"]) + p["query"]["bias"]
+  k = np.einsum("bld,dhk->blhk", x, p["key"]["kernel"]) + p["key"]["bias"]
+  v = np.einsum("bld,dhk->blhk", x, p["value"]["kernel"]) + p["value"]["bias"]
+  logits = np.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(mask, logits, -1e30)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  o = np.einsum("bhqs,bshk->bqhk", w, v)
+  return np.einsum("bqhk,hkd->bqd", o, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def _np_block(p, x, mask, pre_norm, act, eps):
+  def mlp(h):
+    h = _NP_ACTS[act](h @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"])
+    return h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+  ln1 = lambda h: _np_ln(h, p["norm1"]["scale"], p["norm1"]["bias"], eps)
+  ln2 = lambda h: _np_ln(h, p["norm2"]["scale"], p["norm2"]["bias"], eps)
+  if pre_norm:
+    x = x + _np_attention(p["attn"], ln1(x), mask)
+    return x + mlp(ln2(x))
+  x = ln1(x + _np_attention(p["attn"], x, mask))
+  return ln2(x + mlp(x))
+
+
+def _randomize(params, seed):
+  """Replace every leaf with random values so LayerNorm scales and biases matter too."""
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.RandomState(seed)
+  return jax.tree.unflatten(tree, [rng.randn(*l.shape).astype(np.float32) * 0.3 for l in leaves])
+
+
+def _f64(tree):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+@pytest.mark.parametrize("pre_norm,act,eps,masking", [
+    (True, "quick_gelu", 1e-5, "causal"),
+    (False, "gelu", 1e-12, "padding"),
+    (True, "gelu_tanh", 1e-6, None),
+])
+def test_encoder_matches_float64_numpy(pre_norm, act, eps, masking):
+  b, l, d, heads, mlp_dim, n = 2, 6, 16, 4, 24, 2
+  x = np.random.RandomState(0).randn(b, l, d).astype(np.float32)
+  if masking == "causal":
+    mask = np.tril(np.ones((l, l), bool))[None, None]
+  elif masking == "padding":
+    valid = np.array([[1] * l, [1] * 3 + [0] * (l - 3)], bool)
+    mask = valid[:, None, None, :]
+  else:
+    mask = None
+  enc = layers.Encoder(num_layers=n, num_heads=heads, mlp_dim=mlp_dim, pre_norm=pre_norm,
+                       act=act, layer_norm_eps=eps)
+  params = _randomize(nn.unbox(enc.init(jax.random.PRNGKey(0), x, mask))["params"], 1)
+  got = enc.apply({"params": params}, x, None if mask is None else jnp.asarray(mask))
+  want = x.astype(np.float64)
+  for i in range(n):
+    want = _np_block(_f64(params[f"layers_{i}"]), want, mask, pre_norm, act, eps)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-4)
+
+
+def test_scan_and_remat_match_unrolled_values_and_grads():
+  x = np.random.RandomState(0).randn(2, 5, 16).astype(np.float32)
+  mask = jnp.asarray(np.tril(np.ones((5, 5), bool))[None, None])
+  kw = dict(num_layers=3, num_heads=4, mlp_dim=32)
+  unrolled = layers.Encoder(**kw)
+  params = nn.unbox(unrolled.init(jax.random.PRNGKey(0), x, mask))["params"]
+  loss = lambda m, p: (m.apply({"params": p}, x, mask) ** 2).sum()
+  y0, g0 = jax.value_and_grad(lambda p: loss(unrolled, p))(params)
+  stacked = layers.stack_layers(params)
+  assert jax.tree.leaves(stacked)[0].shape[0] == 3
+  for policy in ("none", "nothing_saveable"):
+    scanned = layers.Encoder(**kw, scan=True, remat_policy=policy)
+    y1, g1 = jax.value_and_grad(lambda p: loss(scanned, p))(stacked)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 layers.unstack_layers(g1), g0)
+  remat_only = layers.Encoder(**kw, remat_policy="dots_with_no_batch_dims_saveable")
+  np.testing.assert_allclose(jax.grad(lambda p: loss(remat_only, p))(params)["layers_1"]["mlp"]
+                             ["fc1"]["kernel"], g0["layers_1"]["mlp"]["fc1"]["kernel"], rtol=1e-5)
+
+
+def test_logical_axis_names_on_params():
+  x = jnp.zeros((1, 4, 8))
+  boxed = layers.Encoder(num_layers=2, num_heads=2, mlp_dim=16, scan=True).init(
+      jax.random.PRNGKey(0), x)["params"]
+  names = jax.tree.map(lambda b: b.names, boxed,
+                       is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
+  blk = names["layers"]
+  assert blk["attn"]["query"]["kernel"] == ("layers", "embed", "heads", "kv")
+  assert blk["attn"]["out"]["kernel"] == ("layers", "heads", "kv", "embed")
+  assert blk["mlp"]["fc1"]["kernel"] == ("layers", "embed", "mlp")
+  assert blk["mlp"]["fc2"]["kernel"] == ("layers", "mlp", "embed")
+  assert blk["norm1"]["scale"] == ("layers", "norm")
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+  x = np.random.RandomState(0).randn(2, 5, 16).astype(np.float32)
+  enc = layers.Encoder(num_layers=1, num_heads=4, mlp_dim=32, pre_norm=False, act="gelu",
+                       dropout_rate=0.5, attention_dropout_rate=0.5)
+  variables = enc.init(jax.random.PRNGKey(0), x)
+  a = enc.apply(variables, x)
+  b = enc.apply(variables, x, deterministic=True)
+  c = enc.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+def test_bad_names_raise():
+  x = jnp.zeros((1, 4, 8))
+  with pytest.raises(ValueError, match="Unknown activation 'relu6'"):
+    layers.Mlp(16, act="relu6").init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match="Unknown remat_policy 'save_only_these_names'"):
+    layers.Encoder(num_layers=1, num_heads=2, mlp_dim=8,
+                   remat_policy="save_only_these_names").init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match="not divisible by num_heads=3"):
+    layers.MultiHeadAttention(3).init(jax.random.PRNGKey(0), x)
