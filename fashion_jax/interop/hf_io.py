@@ -54,13 +54,18 @@ def _read_weight_file(f: pathlib.Path) -> dict[str, np.ndarray]:
           for k, v in sd.items()}
 
 
-def load_hf_checkpoint(path_or_id: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json as a dict, flat state dict of numpy arrays) of an HF model directory."""
+def load_hf_config(path_or_id: str) -> tuple[dict, pathlib.Path]:
+  """(config.json as a dict, the local directory) of an HF model, without reading weights."""
   root = resolve_hf_path(path_or_id)
   config_file = root / "config.json"
   if not config_file.exists():
     raise FileNotFoundError(f"{config_file} not found: not an HF model directory.")
-  config = json.loads(config_file.read_text())
+  return json.loads(config_file.read_text()), root
+
+
+def load_hf_checkpoint(path_or_id: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json as a dict, flat state dict of numpy arrays) of an HF model directory."""
+  config, root = load_hf_config(path_or_id)
   for name in WEIGHT_FILES:
     f = root / name
     if not f.exists():
@@ -110,7 +115,8 @@ def prepare_export_dir(out_dir: str, overwrite: bool = False) -> pathlib.Path:
 
 
 def save_safetensors(state: Mapping[str, np.ndarray], path: str, metadata=None) -> None:
-  """Writes a flat state dict as safetensors (contiguous float32/int arrays), format 'pt'."""
+  """Writes a flat state dict as safetensors (C-contiguous arrays, 0-d kept 0-d), format 'pt'."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+  # Not np.ascontiguousarray: it turns a 0-d array (CLIP's logit_scale) into shape [1].
+  arrays = {k: np.asarray(v, order="C") for k, v in state.items()}
   save_file(arrays, str(path), metadata={"format": "pt", **(metadata or {})})
