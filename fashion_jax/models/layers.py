@@ -79,6 +79,20 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.La
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
 
 
+def _flat_init(init: Initializer, num_in_axes: int) -> Initializer:
+  """`init` applied to the kernel flattened to [prod(in), prod(out)], reshaped back.
+
+  nn.DenseGeneral does this flattening itself (so fan-in/fan-out are those of the matrix), but by
+  reshaping the BOXED kernel, which under active logical axis rules applies the 3-d axis names to
+  the 2-d flat array and fails. So the projections are nn.Einsum (same kernel/bias names and
+  shapes as DenseGeneral) created in their full shape, with this flattened initialiser.
+  """
+  def wrapped(key, shape, dtype=jnp.float32):
+    flat = (int(np.prod(shape[:num_in_axes])), int(np.prod(shape[num_in_axes:])))
+    return init(key, flat, dtype).reshape(shape)
+  return wrapped
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head (self- or cross-) attention with separate q/k/v/out projections and biases."""
   num_heads: int
@@ -97,10 +111,12 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"Width {d_model} is not divisible by num_heads={self.num_heads}.")
     kv = x if kv is None else kv
 
-    def proj(name):
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-          kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
+    def proj(name):  # kernel [D, H, Dh], bias [H, Dh]: nn.DenseGeneral's layout.
+      return nn.Einsum(
+          (d_model if name == "query" else kv.shape[-1], self.num_heads, head_dim),
+          "bld,dhk->blhk", dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+          kernel_init=nn.with_logical_partitioning(
+              _flat_init(self.kernel_init, 1), ("embed", "heads", "kv")),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")))
 
     head_axes = ("act_batch", "act_length", "act_heads", "act_kv")
@@ -117,9 +133,11 @@ class MultiHeadAttention(nn.Module):
       probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     out = nn.with_logical_constraint(out, head_axes)
-    out = nn.DenseGeneral(
-        d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+    out = nn.Einsum(
+        (self.num_heads, head_dim, d_model), "blhk,hkd->bld", dtype=self.dtype,
+        param_dtype=self.param_dtype, name="out",
+        kernel_init=nn.with_logical_partitioning(_flat_init(self.kernel_init, 2),
+                                                 ("heads", "kv", "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(out)
     return nn.with_logical_constraint(out, HIDDEN_AXES)
 
