@@ -253,3 +253,32 @@ def test_image_text_folder_column_errors():
   assert itf.parse_image_paths('["a.jpg", "b.jpg"]') == ["a.jpg", "b.jpg"]
   assert itf.parse_image_paths(" a.jpg | b.jpg |") == ["a.jpg", "b.jpg"]
   assert itf.feature_name("Colour Name") == "colour_name" and itf.feature_name("2nd") == "tag_2nd"
+
+
+# ----------------------------------------------------------------------------------------------
+# The documented build path (launch/build_data.py) and the project's derived real-format sets.
+# ----------------------------------------------------------------------------------------------
+def test_builds_through_launch_build_data(tmp_path):
+  from fashion_jax.data import derived  # pylint: disable=g-import-not-at-top
+  from launch import build_data  # pylint: disable=g-import-not-at-top
+  data_dir = os.fspath(tmp_path / "data")
+  fg = tmp_path / "fg"
+  fg.mkdir()
+  F.write_fashiongen_h5(fg / "fashiongen_256_256_train.h5", F.fashiongen_rows([("5", 2, {})]))
+  F.write_fashiongen_h5(fg / "fashiongen_256_256_validation.h5", F.fashiongen_rows([("6", 1, {})]))
+  b = build_data.build("fashiongen", data_dir, os.fspath(fg))
+  assert {k: v.num_examples for k, v in b.info.splits.items()} == {"train": 1, "validation": 1}
+
+  # Synthetic sets in the public releases' formats build unchanged and lose nothing.
+  counts = derived.write_fashioniq(tmp_path / "fiq", size="tiny", image_size=32)
+  b = build_data.build("fashioniq/triplets", data_dir, os.fspath(tmp_path / "fiq"))
+  for split, name in (("train", "train"), ("validation", "val"), ("test", "test")):
+    assert b.info.splits[split].num_examples == sum(
+        counts[f"cap.{c}.{name}"] for c in F.FIQ_CATEGORIES)
+  counts = derived.write_polyvore(tmp_path / "pv", size="tiny", image_size=32)
+  b = build_data.build("polyvore_outfits/nondisjoint_fitb", data_dir, os.fspath(tmp_path / "pv"))
+  assert b.info.splits["test"].num_examples == counts["fill_in_blank_test"]
+  assert F.bad_report(b)["skipped"] == []
+  for q in F.read(b, "test"):  # Candidates share the blank's category; the blank is not asked.
+    assert len(q["answer_item_ids"]) == 4 and len(set(q["answer_categories"])) == 1
+    assert q["answer_item_ids"][q["answer_index"]] not in q["question_item_ids"]

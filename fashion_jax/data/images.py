@@ -420,7 +420,9 @@ class BadRecords:
     return sorted({s for s, _ in list(self._ok) + list(self._bad)})
 
   def check(self, split):
-    """Raises TooManyBadRecordsError if any unit of `split` is over the max fraction."""
+    """Raises TooManyBadRecordsError if any unit of `split` is over the max fraction, or if the
+    split kept no record at all (even with max_bad_fraction=1: an empty split is never a
+    successful build)."""
     for unit in (RECORD, IMAGE):
       good, bad = self.counts(split, unit)
       total = good + bad
@@ -433,6 +435,14 @@ class BadRecords:
             f"({bad / total:.1%}), more than max_bad_fraction={self.max_bad_fraction:.1%}. "
             f"Examples: {shown}. Fix the inputs or pass a larger max_bad_fraction to the "
             f"builder (e.g. tfds.builder(..., max_bad_fraction=0.2)).")
+    good, bad = self.counts(split, RECORD)
+    if not good:
+      examples = [s for s in self.skipped if s["split"] == split][:self.n_examples]
+      self.log()
+      raise TooManyBadRecordsError(
+          f"{self.dataset}: split {split!r} has no usable record ({bad} skipped)"
+          + (". Examples: " + "; ".join(f"{s['ref']}: {s['reason']}" for s in examples)
+             if examples else "; its input lists none"))
 
   def report(self):
     """JSON-able dict: per split/unit counts and fractions, every skip, listed conversions."""
