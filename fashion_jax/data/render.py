@@ -572,6 +572,8 @@ def _bag(spec, view, j):
     if front:
       shapes.append(("poly", BODY, [(0.5 - 0.32 * w, 0.43), (0.5 + 0.32 * w, 0.43), (0.5, 0.62)],
                      SEAM))
+      shapes.append(("line", TRIM, [(0.5 - 0.31 * w, 0.44), (0.5, 0.615), (0.5 + 0.31 * w, 0.44)],
+                     0.016))
       shapes += _buttons(0.5, 0.61, 0.61, 1, 0.016)
     logo, tag = (0.5 + 0.2 * w, 0.64), (0.5 - 0.29 * w, 0.62)
   else:
