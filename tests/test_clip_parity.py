@@ -6,6 +6,7 @@ test, and a tiny random HF CLIPModel directory (weights, tokenizer, preprocessor
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,14 +137,16 @@ def test_embeddings_and_logits_match_torch(tmp_path, name):
   pixels = jnp.asarray(inputs["pixel_values"].numpy().transpose(0, 2, 3, 1))
   ids = jnp.asarray(inputs["input_ids"].numpy())
   mask = jnp.asarray(inputs["attention_mask"].numpy())
-  ours = model.apply({"params": params}, pixels, ids, mask)
+  ours = jax.jit(model.apply)({"params": params}, pixels, ids, mask)
   for key in ("image_embeds", "text_embeds", "logits_per_image", "logits_per_text"):
     np.testing.assert_allclose(np.asarray(ours[key]), getattr(out, key).numpy(), atol=1e-4,
                                err_msg=key)
-  text_tokens = model.apply({"params": params}, ids, mask, method=lambda m, i, a: m.text(i, a))
+  text_tokens = jax.jit(lambda p: model.apply({"params": p}, ids, mask,
+                                              method=lambda m, i, a: m.text(i, a)))(params)
   np.testing.assert_allclose(np.asarray(text_tokens["tokens"]),
                              out.text_model_output.last_hidden_state.numpy(), atol=1e-4)
-  vision = model.apply({"params": params}, pixels, method=lambda m, x: m.vision(x))
+  vision = jax.jit(lambda p: model.apply({"params": p}, pixels,
+                                         method=lambda m, x: m.vision(x)))(params)
   np.testing.assert_allclose(np.asarray(vision["tokens"]),
                              out.vision_model_output.last_hidden_state.numpy(), atol=1e-4)
   np.testing.assert_allclose(float(ours["logit_scale"]),
