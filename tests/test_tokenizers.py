@@ -1,0 +1,263 @@
+"""Shipped CLIP BPE / BERT WordPiece vocabularies vs independent references and transformers."""
+
+import collections
+import json
+import unicodedata
+
+import numpy as np
+import pytest
+import regex
+import transformers
+
+from fashion_jax.data import tokenizers
+
+TEXTS = [
+    "Red Polka-dot Silk Clutch",
+    "Navy striped COTTON shirt, 100% cotton! Made in Zürich; don't tumble-dry.",
+    "Quvelix's  oversized\twool-blend   coat\n(FW2017) -- 60% wool, 40% polyamide",
+    "",
+    "émoji 😀 and ñandú",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Independent references, written from the algorithms' descriptions.
+# ------------------------------------------------------------------------------------------------
+
+
+def clip_reference(text, vocab, ranks):
+  """OpenAI CLIP BPE: normalise, regex-split, byte-encode, merge by rank, `</w>` on the end."""
+  byte_chars = tokenizers.bytes_to_unicode()
+  text = regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).lower()
+  ids = []
+  for word in regex.findall(tokenizers.CLIP_SPLIT_REGEX, text):
+    chars = [byte_chars[b] for b in word.encode("utf-8")]
+    parts = chars[:-1] + [chars[-1] + "</w>"]
+    while len(parts) > 1:
+      pairs = [(ranks.get(p, np.inf), i) for i, p in enumerate(zip(parts, parts[1:]))]
+      rank, _ = min(pairs)
+      if rank == np.inf:
+        break
+      best = min(p for p in zip(parts, parts[1:]) if ranks.get(p) == rank)
+      merged, i = [], 0
+      while i < len(parts):
+        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+          merged.append(parts[i] + parts[i + 1])
+          i += 2
+        else:
+          merged.append(parts[i])
+          i += 1
+      parts = merged
+    ids.extend(vocab[p] for p in parts)
+  return ids
+
+
+def bert_reference(text, vocab):
+  """Uncased BERT: strip accents, split on space/punctuation, greedy longest-match WordPiece."""
+  text = "".join(c for c in unicodedata.normalize("NFD", text.lower())
+                 if unicodedata.category(c) != "Mn")
+  words = []
+  for chunk in text.split():
+    word = ""
+    for c in chunk:
+      cp = ord(c)
+      punct = (33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or
+               unicodedata.category(c).startswith("P"))
+      if punct:
+        words += [word, c] if word else [c]
+        word = ""
+      else:
+        word += c
+    if word:
+      words.append(word)
+  ids = []
+  for word in words:
+    pieces, start = [], 0
+    while start < len(word):
+      end = len(word)
+      while end > start:
+        piece = ("##" if start else "") + word[start:end]
+        if piece in vocab:
+          break
+        end -= 1
+      if end == start:
+        pieces = ["[UNK]"]
+        break
+      pieces.append(piece)
+      start = end
+    ids.extend(vocab[p] for p in pieces)
+  return ids
+
+
+@pytest.fixture(scope="module")
+def clip_files():
+  vocab = json.loads((tokenizers.CLIP_DIR / "vocab.json").read_text(encoding="utf-8"))
+  lines = (tokenizers.CLIP_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
+  assert lines[0].startswith("#version")
+  ranks = {tuple(line.split(" ")): i for i, line in enumerate(lines[1:])}
+  return vocab, ranks
+
+
+def _pad(ids, max_len, bos, eos, pad):
+  ids = [bos] + ids[:max_len - 2] + [eos]
+  return ids + [pad] * (max_len - len(ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_clip_vocab_layout(clip_files):
+  vocab, ranks = clip_files
+  inverse = sorted(vocab, key=vocab.get)
+  assert sorted(vocab.values()) == list(range(len(vocab)))
+  byte_chars = list(tokenizers.bytes_to_unicode().values())
+  assert inverse[:256] == byte_chars
+  assert inverse[256:512] == [c + "</w>" for c in byte_chars]
+  assert inverse[-2:] == ["<|startoftext|>", "<|endoftext|>"]
+  assert 4096 <= len(vocab) + 600 and len(vocab) <= 8192
+  for a, b in ranks:
+    assert a in vocab and b in vocab and a + b in vocab
+
+
+def test_clip_matches_reference_and_transformers(clip_files):
+  vocab, ranks = clip_files
+  tok = tokenizers.get_tokenizer("clip", "", 77)
+  ours = tok(TEXTS)
+  assert ours.dtype == np.int32 and ours.shape == (len(TEXTS), 77)
+  expected = [_pad(clip_reference(t, vocab, ranks), 77, tok.bos_token_id, tok.eos_token_id,
+                   tok.pad_token_id) for t in TEXTS]
+  np.testing.assert_array_equal(ours, expected)
+  for cls in (transformers.CLIPTokenizer, transformers.CLIPTokenizerFast):
+    hf = cls.from_pretrained(str(tokenizers.CLIP_DIR))
+    got = hf(TEXTS, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(got, ours)
+  # Decoding gives the normalised text back (byte-level BPE is lossless up to normalisation).
+  assert tok.hf.decode(ours[0], skip_special_tokens=True) == "red polka - dot silk clutch"
+
+
+def test_clip_truncation_and_eos_pooling(clip_files):
+  vocab, ranks = clip_files
+  tok = tokenizers.get_tokenizer("clip", "", 16)
+  long_text = " ".join(["zephyrine quvelix wool-blend 😀"] * 20)
+  ids, mask = tok([long_text, "red shirt"], with_mask=True)
+  ref = clip_reference(long_text, vocab, ranks)
+  assert len(ref) > 14
+  np.testing.assert_array_equal(ids[0], [tok.bos_token_id] + ref[:14] + [tok.eos_token_id])
+  assert mask[0].all() and mask[1].sum() == 4
+  assert ids.max() < tok.vocab_size
+  # HF's CLIPTextTransformer pools at the first eos_token_id (eos != 2); with EOS the largest id
+  # and pad == EOS, the legacy argmax(ids) rule picks the same position.
+  assert tok.eos_token_id == tok.vocab_size - 1 and tok.eos_token_id != 2
+  first_eos = np.argmax(ids == tok.eos_token_id, axis=1)
+  np.testing.assert_array_equal(np.argmax(ids, axis=1), first_eos)
+  np.testing.assert_array_equal(first_eos, [15, 3])
+
+
+def test_clip_processor_round_trip(tmp_path):
+  tok = tokenizers.get_tokenizer("clip", "", 77)
+  processor = transformers.CLIPProcessor(
+      tokenizer=tok.hf, image_processor=transformers.CLIPImageProcessor())
+  processor.save_pretrained(tmp_path)
+  loaded = transformers.CLIPProcessor.from_pretrained(tmp_path)
+  got = loaded(text=TEXTS, padding="max_length", max_length=77, truncation=True)["input_ids"]
+  np.testing.assert_array_equal(got, tok(TEXTS))
+  again = tokenizers.get_tokenizer("clip", str(tmp_path), 77)  # A "real" local HF directory.
+  np.testing.assert_array_equal(again(TEXTS), tok(TEXTS))
+
+
+# ------------------------------------------------------------------------------------------------
+# BERT.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bert_matches_reference_and_transformers():
+  lines = (tokenizers.BERT_DIR / "vocab.txt").read_text(encoding="utf-8").splitlines()
+  vocab = {t: i for i, t in enumerate(lines)}
+  tok = tokenizers.get_tokenizer("bert", "", 40)
+  assert lines[:5] == list(tokenizers.BERT_SPECIALS)
+  texts = TEXTS[:4]
+  ours = tok(texts)
+  expected = [_pad(bert_reference(t, vocab), 40, vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"])
+              for t in texts]
+  np.testing.assert_array_equal(ours, expected)
+  hf = transformers.BertTokenizerFast.from_pretrained(str(tokenizers.BERT_DIR))
+  assert len(hf) == len(lines)  # The file is really used (v5 BertTokenizer(vocab_file=) is not).
+  got = hf(texts, padding="max_length", max_length=40, truncation=True)["input_ids"]
+  np.testing.assert_array_equal(got, ours)
+  assert tok.is_continuation[vocab["##s"]] and not tok.is_continuation[vocab["red"]]
+  long_ids, mask = tok([" ".join(["unfathomable quvelix"] * 30)], with_mask=True)
+  assert long_ids[0, 0] == vocab["[CLS]"] and long_ids[0, -1] == vocab["[SEP]"] and mask.all()
+
+
+def test_local_bert_directory_is_loaded(tmp_path):
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "shirt", "##s"]
+  (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+  tok = tokenizers.get_tokenizer("bert", str(tmp_path), 6)
+  assert tok.vocab_size == len(words)
+  np.testing.assert_array_equal(tok(["red shirts blue"]), [[2, 5, 6, 7, 1, 3]])
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="'gpt'"):
+    tokenizers.get_tokenizer("gpt")
+  with pytest.raises(FileNotFoundError, match="/nonexistent/dir"):
+    tokenizers.get_tokenizer("clip", "/nonexistent/dir")
+  with pytest.raises(ValueError, match="max_len=1"):
+    tokenizers.get_tokenizer("bert", "", 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building.
+# ------------------------------------------------------------------------------------------------
+
+
+def naive_merges(word_counts, num_merges, min_frequency=2):
+  """Recount every pair at every step; most frequent first, ties to the smallest pair."""
+  words = {tuple(w[:-1]) + (w[-1] + "</w>",): c for w, c in word_counts.items()}
+  merges = []
+  for _ in range(num_merges):
+    counts = collections.Counter()
+    for w, c in words.items():
+      for p in zip(w, w[1:]):
+        counts[p] += c
+    if not counts:
+      break
+    best = min(counts, key=lambda p: (-counts[p], p))
+    if counts[best] < min_frequency:
+      break
+    merges.append(best)
+    new = {}
+    for w, c in words.items():
+      out, i = [], 0
+      while i < len(w):
+        if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+          out.append(w[i] + w[i + 1])
+          i += 2
+        else:
+          out.append(w[i])
+          i += 1
+      new[tuple(out)] = new.get(tuple(out), 0) + c
+    words = new
+  return merges
+
+
+def test_learn_merges_matches_naive_bpe():
+  rng = np.random.default_rng(0)
+  letters = list("abcdeab")
+  counts = collections.Counter(
+      "".join(rng.choice(letters, rng.integers(1, 7))) for _ in range(400))
+  fast = tokenizers.learn_merges(counts, lambda w: list(w[:-1]) + [w[-1] + "</w>"],
+                                 lambda a, b: a + b, 60)
+  assert fast == naive_merges(counts, 60)
+  assert len(fast) > 20
+
+
+def test_build_assets_reproduces_shipped_files(tmp_path):
+  tokenizers.build_assets(tmp_path)
+  for sub in ("clip_bpe", "bert_wordpiece"):
+    for path in sorted((tokenizers.ASSETS_DIR / sub).iterdir()):
+      rebuilt = (tmp_path / sub / path.name).read_bytes()
+      assert rebuilt == path.read_bytes(), (
+          f"{sub}/{path.name} is stale: run python -m fashion_jax.data.tokenizers --build_assets")
