@@ -103,13 +103,12 @@ class DecodedImage:
 
 
 def _read_source(source):
-  """Returns (bytes, name) for bytes or a path; raises BadImageError for missing/empty files."""
+  """Returns the bytes of `source` (bytes or a path); BadImageError for missing/empty files."""
   if isinstance(source, (bytes, bytearray, memoryview)):
-    data, name = bytes(source), "<bytes>"
+    data = bytes(source)
   else:
-    name = os.fspath(source)
     try:
-      with open(name, "rb") as f:
+      with open(os.fspath(source), "rb") as f:
         data = f.read()
     except FileNotFoundError:
       raise BadImageError("missing file") from None
@@ -119,7 +118,7 @@ def _read_source(source):
       raise BadImageError(f"unreadable file ({e.strerror or e})") from None
   if not data:
     raise BadImageError("zero-byte file")
-  return data, name
+  return data
 
 
 def _to_uint8_rgb(img, conversions):
@@ -168,7 +167,7 @@ def decode_image(source, *, max_side=DEFAULT_MAX_SIDE, max_pixels=DEFAULT_MAX_PI
   Raises:
     BadImageError: missing, zero-byte, non-image, truncated, corrupt, or bomb-sized input.
   """
-  data, _ = _read_source(source)
+  data = _read_source(source)
   conversions = []
   try:
     with warnings.catch_warnings():
