@@ -1,5 +1,6 @@
 """ResNet parity: tiny random transformers ResNetModels imported into our Flax ResNet."""
 
+import functools
 import json
 
 import flax.linen as nn
@@ -57,7 +58,7 @@ def test_grid_and_pooled_match_torch(tmp_path, config_kw, h, w):
   x = np.random.default_rng(0).standard_normal((2, c, h, w)).astype(np.float32)
   with torch.no_grad():
     ref = hf(torch.from_numpy(x))
-  out = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  out = jax.jit(model.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
   ref_grid = ref.last_hidden_state.numpy().transpose(0, 2, 3, 1)
   assert out["grid"].shape == ref_grid.shape
   np.testing.assert_allclose(out["grid"], ref_grid, atol=1e-4, rtol=1e-4)
@@ -73,8 +74,8 @@ def test_train_mode_batch_statistics_match_torch(tmp_path):
   hf.train()
   with torch.no_grad():
     ref = hf(torch.from_numpy(x)).last_hidden_state.numpy().transpose(0, 2, 3, 1)
-  out, updates = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True,
-                             mutable=["batch_stats"])
+  train_apply = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+  out, updates = train_apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(out["grid"], ref, atol=1e-4, rtol=1e-4)
   # Running means move the way torch's do (momentum 0.1 towards the batch mean).
   np.testing.assert_allclose(updates["batch_stats"]["stem_bn"]["mean"],
@@ -110,7 +111,7 @@ def test_resnet50_layout_and_param_count():
 
 def test_zero_init_last_bn():
   model = resnet_lib.resnet("tiny", zero_init_last_bn=True)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   params = nn.unbox(params)
   assert not np.any(params["stage0_block0"]["bn_1"]["scale"])
   assert np.all(params["stage0_block0"]["bn_0"]["scale"] == 1)
@@ -122,7 +123,7 @@ def test_wrong_shape_names_key_and_shapes(tmp_path):
   cfg["embedding_size"] = 10  # Architecture says 10 stem channels, weights have 8.
   (tmp_path / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(hf_io.CheckpointMismatchError,
-                     match=r"embedder\.embedder\.convolution\.weight.*\(8, 3, 7, 7\).*\(10, 3, 7, 7\)"):
+                     match=r"embedder\.convolution\.weight.*\(8, 3, 7, 7\).*\(10, 3, 7, 7\)"):
     hf_resnet.load_hf_resnet(str(tmp_path))
 
 

@@ -13,7 +13,7 @@ module:
   stride = 2 for the first block of stages 1..3 (and of stage 0 when `downsample_in_first_stage`);
   v1.5 puts it on the 3x3 convolution of a bottleneck (`downsample_in_bottleneck=True` moves it to
   the first 1x1, the v1 layout).
-  grid = output of the last stage [B, h, w, C_last];  pooled = mean of grid over (h, w)  [B, C_last].
+  grid = output of the last stage [B, h, w, C_last];  pooled = mean of grid over (h, w) [B, C_last].
 
 Padding is explicit and symmetric (k // 2 on each side) as in torch's Conv2d, not XLA's 'SAME'
 (which pads a stride-2 convolution asymmetrically and would shift every feature map by a pixel).
@@ -66,8 +66,10 @@ def _conv_bn(x, features: int, kernel: int, stride: int, *, relu: bool, train: b
               padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
               param_dtype=jnp.float32, kernel_init=_conv_init(), name=conv_name)(x)
   scale_init = nn.initializers.zeros if zero_init_scale else nn.initializers.ones
+  # use_fast_variance=False: two-pass var (E[(x - mean)^2]), not E[x^2] - mean^2, which loses
+  # digits in float32 when a channel's mean is large relative to its spread.
   x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                   dtype=dtype, param_dtype=jnp.float32,
+                   use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32,
                    scale_init=nn.with_logical_partitioning(scale_init, ("norm",)),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
                    name=bn_name)(x)
@@ -75,7 +77,7 @@ def _conv_bn(x, features: int, kernel: int, stride: int, *, relu: bool, train: b
 
 
 class ResidualBlock(nn.Module):
-  """One basic or bottleneck block (see the module docstring): [B, H, W, Cin] -> [B, H/s, W/s, C]."""
+  """A basic or bottleneck block (see the module docstring): [B, H, W, Cin] -> [B, H/s, W/s, C]."""
   features: int
   stride: int = 1
   block: str = "bottleneck"
@@ -136,7 +138,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    """images [B, H, W, C] (normalised floats) -> {'grid': [B, h, w, C_last], 'pooled': [B, C_last]}.
+    """images [B, H, W, C] (normalised floats) -> {'grid': [B, h, w, Cl], 'pooled': [B, Cl]}.
 
     h = ceil(H / 32) for the standard 4-stage layouts (224 -> 7).
     """
