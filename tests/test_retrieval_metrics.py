@@ -332,7 +332,7 @@ def test_evaluator_names_and_values():
   full = retrieval.full_candidate_metrics(txt, img)
   samp = retrieval.sample100_metrics(txt, img, data["subcategory"], data["category"],
                                      num_queries=100, num_negatives=50, repeats=2)
-  assert m["test/num_items"] == 230
+  assert m["test/full/num_items"] == 230 and m["test/sample50/num_items"] == 230
   for k in ("t2i_R@1", "i2t_R@10", "t2i_MRR", "SumR"):
     assert m[f"test/full/{k}"] == pytest.approx(full[k], abs=1e-6)
     assert m[f"test/sample50/{k}"] == pytest.approx(samp[k], abs=1e-6)
@@ -369,3 +369,54 @@ def test_evaluator_on_mesh_matches_and_perfect_system_scores_one():
   assert m["test/sample20/t2i_R@1"] == 1.0
   with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):
     retrieval.Evaluator(Perfect(None, None), None, mesh, **{**kw, "batch_size": 12}).run(params)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real input pipeline (fashion_jax.data.pipeline over a TFDS dataset built here).
+# ------------------------------------------------------------------------------------------------
+def test_evaluators_on_the_real_pipeline(tmp_path):
+  import ml_collections
+  from PIL import Image
+  import tensorflow_datasets as tfds
+  from fashion_jax.data.builders import image_text_folder
+  from fashion_jax.evaluate import zeroshot
+
+  colours = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+  rows = ["product_id,image,title,subcategory,category,split"]
+  (tmp_path / "shop" / "img").mkdir(parents=True)
+  for k in range(21):
+    name = list(colours)[k % 3]
+    img = np.full((20, 20, 3), colours[name], np.uint8)
+    img[k % 20, :, :] = 255  # Every product's image differs.
+    Image.fromarray(img).save(tmp_path / "shop" / "img" / f"p{k}.png")
+    rows.append(f"p{k},img/p{k}.png,{name} shirt number {k},{name}s,tops,test")
+  (tmp_path / "shop" / "catalog.csv").write_text("\n".join(rows) + "\n")
+  builder = image_text_folder.ImageTextFolder(config="evaltest", data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(tmp_path / "shop")))
+
+  config = ml_collections.ConfigDict(dict(data=dict(
+      name="image_text_folder/evaltest", data_dir=str(tmp_path / "tfds"), image_size=16,
+      text_fields=("title",), tokenizer=dict(kind="clip", path=""), max_len=12)))
+
+  class ColourSystem(FakeTwoTower):
+    """Image -> its mean colour; text -> mean of random token vectors (3-d)."""
+
+    def embed_images(self, params, images):
+      x = images.astype(jnp.float32).mean((1, 2)) + 1.0
+      return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+  rng = np.random.default_rng(0)
+  params = {"table": jnp.asarray(rng.standard_normal((50000, 3)), jnp.float32)}
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2, 1), ("data", "fsdp", "tensor"),
+              axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  kw = dict(split="test", batch_size=8, chunk=8, num_queries=10, num_negatives=6, repeats=2)
+  m1 = retrieval.Evaluator(ColourSystem(None, None), config, None, **kw).run(params)
+  m8 = retrieval.Evaluator(ColourSystem(None, None), config, mesh, **kw).run(params)
+  assert m1["test/full/num_items"] == 21  # 3 batches of 8, the last padded: padding dropped.
+  assert m1 == pytest.approx(m8)
+  assert m1["test/sample6/fill_fallback_frac"] == 0.0  # 7 per sub-category: 6 negatives fit.
+  zs = zeroshot.Evaluator(ColourSystem(None, None), config, mesh, batch_size=8,
+                          labels=["reds", "greens", "blues"]).run(params)
+  assert zs["test/zeroshot/subcategory_num_examples"] == 21
+  assert 0 <= zs["test/zeroshot/subcategory_f1"] <= 1

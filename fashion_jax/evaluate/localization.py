@@ -13,7 +13,7 @@ that contains the maximum ("minimum bounding rectangle of highly activated areas
 no occlusion lowers the similarity (max <= 0).
 """
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 import json
 import os
 

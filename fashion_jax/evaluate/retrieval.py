@@ -53,6 +53,7 @@ import math
 from absl import logging
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -360,8 +361,10 @@ def full_ranks(queries, gallery, positives=None, *, query_chunk: int = 1024,
     rep = jax.sharding.NamedSharding(mesh, P())
     args = tuple(jax.device_put(x, s) for x, s in zip(
         args, (q_sharding, q_sharding, q_sharding, q_sharding, rep, rep, rep)))
-  a_thr, a_counts, b_thr, b_counts = jax.device_get(_full_counts_jit(
-      *args, batch_axes=batch_axes, mesh=mesh))
+  outs = _full_counts_jit(*args, batch_axes=batch_axes, mesh=mesh)
+  if jax.process_count() > 1:  # Query chunks live on several hosts: gather them everywhere.
+    outs = multihost_utils.process_allgather(outs, tiled=True)
+  a_thr, a_counts, b_thr, b_counts = (np.asarray(x) for x in jax.device_get(outs))
 
   a_thr = a_thr.reshape(na * ca, -1)[:nq]
   a_counts = a_counts.reshape(na * ca, -1)[:nq]
@@ -612,7 +615,9 @@ class Evaluator:
 
   Metric names: `{split}/full/{t2i,i2t}_{R@K,HITS@K,MRR,MedR,MeanR}`, `{split}/full/SumR`,
   `{split}/sample{num_negatives}/...` the same keys plus `num_queries`, `fill_fallback_frac`,
-  `fill_any_frac` (how often the sub-category had too few negatives), and `{split}/num_items`.
+  `fill_any_frac` (how often the sub-category had too few negatives); each protocol also gives
+  `num_items` (products in the split). With `num_negatives` other than 100 the protocol is named
+  `sample<num_negatives>`, so a number never claims a gallery it did not have.
   """
 
   def __init__(self, system, config, mesh: Mesh | None = None, *, split: str = "test",
@@ -641,11 +646,12 @@ class Evaluator:
     data = self.embedder.embed_split(
         params, common.eval_batches(self.config, self.split, batch_size=self.batch_size,
                                     fields=fields, dataset_fn=self.dataset_fn), fields=fields)
-    out = {f"{self.split}/num_items": float(data["image"].shape[0])}
+    out = {}
     if "full" in self.protocols:
       m = full_candidate_metrics(data["text"], data["image"], ks=self.ks,
                                  query_chunk=self.chunk, gallery_chunk=self.chunk,
                                  mesh=self.mesh)
+      m["num_items"] = float(data["image"].shape[0])
       out.update({f"{self.split}/full/{k}": v for k, v in m.items()})
     if "sample100" in self.protocols:
       m = sample100_metrics(
@@ -653,6 +659,7 @@ class Evaluator:
           data[self.fallback_field] if self.fallback_field else None,
           num_queries=self.num_queries, num_negatives=self.num_negatives,
           repeats=self.repeats, seed=self.seed, ks=self.ks)
+      m["num_items"] = float(data["image"].shape[0])
       protocol = f"sample{self.num_negatives}"
       out.update({f"{self.split}/{protocol}/{k}": v for k, v in m.items()})
     return out

@@ -1,0 +1,189 @@
+r"""Benchmark: full-candidate retrieval of N x N embeddings vs a numpy full matrix and the floor.
+
+COMMAND
+  python -m launch.benchmark_retrieval                       # N=100k, D=512, numpy ref at 30k
+  python -m launch.benchmark_retrieval --n=20000 --ref_n=10000   # quicker
+
+What it measures, in ONE invocation (each phase in its own child process so that each peak
+memory is its own):
+  matmul    this machine's float32 matmul rate with jnp.dot: a large square product
+            (--matmul_n^3) and the block shape the evaluator runs ([chunk, D] x [D, chunk]).
+  ours      fashion_jax.evaluate.retrieval.full_candidate_metrics on N texts x N images (both
+            directions, R@1/5/10, HITS, MRR), chunk x chunk blocks, never an N x N matrix; at N
+            and at ref_n.
+  numpy     the full-matrix reference at ref_n: S = T I^T (float32 BLAS), pessimistic ranks
+            (S >= diag) per row and per column; its metrics must equal ours at ref_n.
+Data: T ~ N(0, I_D) normalised; image i = normalise(T_i + sigma * noise), planted positives with
+cos ~ 1 / sqrt(1 + sigma^2) (sigma = 8 by default: R@1 well inside (0, 1)). Generated before the
+clock starts.
+Peak memory: resource.getrusage(RUSAGE_SELF).ru_maxrss of each child (the process's peak resident
+set, in MiB), reported as the peak and as the increase over the RSS right after the data was
+generated (the embeddings themselves: 2 N D x 4 bytes).
+Matmul floor: 2 N^2 D flops / rate, rate = the better of the two measured matmul rates (the
+floor is then the lowest defensible time); ours as a fraction = floor / our wall time. Our wall time
+includes the compilation (~1 s) and both passes (pair scores: one block per query chunk;
+counts: every block once, serving both directions).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _maxrss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB.
+
+
+def _rss_mib() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def make_data(n: int, d: int, sigma: float, seed: int = 0):
+  """Texts [n, d] and images [n, d], float32, L2-normalised, image i planted near text i."""
+  rng = np.random.default_rng(seed)
+  t = rng.standard_normal((n, d), dtype=np.float32)
+  i = t + sigma * rng.standard_normal((n, d), dtype=np.float32)
+  t /= np.linalg.norm(t, axis=1, keepdims=True)
+  i /= np.linalg.norm(i, axis=1, keepdims=True)
+  return t, i
+
+
+def numpy_full_matrix_metrics(t, i, ks=(1, 5, 10)):
+  """Full [n, n] score matrix; pessimistic ranks (the positive counts itself: rank = #(s >= s+))."""
+  s = t @ i.T
+  pos = np.diagonal(s).copy()
+  r_t2i = (s >= pos[:, None]).sum(1)
+  r_i2t = (s >= pos[None, :]).sum(0)
+  out = {}
+  for name, r in (("t2i", r_t2i), ("i2t", r_i2t)):
+    for k in ks:
+      out[f"{name}_R@{k}"] = float(np.mean(r <= k))
+    out[f"{name}_MRR"] = float(np.mean(1.0 / r))
+  return out
+
+
+def phase_matmul(args):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def rate(m, k, n, reps):
+    a = jnp.ones((m, k), jnp.float32)
+    b = jnp.ones((k, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      f(a, b).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9
+
+  s = args.matmul_n
+  return {"square_gflops": rate(s, s, s, 3),
+          "block_gflops": rate(args.chunk, args.d, args.chunk, 10),
+          "devices": str(jax.devices()[0].device_kind)}
+
+
+def phase_ours(args):
+  t, i = make_data(args.n, args.d, args.sigma)
+  base = _rss_mib()
+  from fashion_jax.evaluate import retrieval  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  m = retrieval.full_candidate_metrics(t, i, query_chunk=args.chunk, gallery_chunk=args.chunk)
+  wall = time.perf_counter() - t0
+  return {"wall_s": wall, "peak_mib": _maxrss_mib(), "base_mib": base, "metrics": m}
+
+
+def phase_numpy(args):
+  t, i = make_data(args.n, args.d, args.sigma)
+  base = _rss_mib()
+  t0 = time.perf_counter()
+  m = numpy_full_matrix_metrics(t, i)
+  wall = time.perf_counter() - t0
+  return {"wall_s": wall, "peak_mib": _maxrss_mib(), "base_mib": base, "metrics": m}
+
+
+def run_child(phase, **overrides):
+  cmd = [sys.executable, "-m", "launch.benchmark_retrieval", f"--phase={phase}"]
+  cmd += [f"--{k}={v}" for k, v in overrides.items()]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+  model = platform.processor() or "unknown CPU"
+  try:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    for line in lscpu.splitlines():
+      if line.startswith("Model name"):
+        model = line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return f"{model}, {os.cpu_count()} cores"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--n", type=int, default=100_000, help="texts = images = N")
+  p.add_argument("--d", type=int, default=512)
+  p.add_argument("--ref_n", type=int, default=30_000, help="numpy full-matrix size")
+  p.add_argument("--chunk", type=int, default=1024, help="query and gallery chunk")
+  p.add_argument("--sigma", type=float, default=8.0, help="noise of the planted positives")
+  p.add_argument("--matmul_n", type=int, default=4096)
+  p.add_argument("--phase", choices=("all", "matmul", "ours", "numpy"), default="all")
+  args = p.parse_args(argv)
+  if args.phase != "all":
+    fn = {"matmul": phase_matmul, "ours": phase_ours, "numpy": phase_numpy}[args.phase]
+    print(json.dumps(fn(args)))
+    return
+
+  common = dict(d=args.d, chunk=args.chunk, sigma=args.sigma)
+  mm = run_child("matmul", matmul_n=args.matmul_n, **common)
+  ours_ref = run_child("ours", n=args.ref_n, **common)
+  ref = run_child("numpy", n=args.ref_n, **common)
+  ours = run_child("ours", n=args.n, **common)
+  diff = max(abs(ours_ref["metrics"][k] - v) for k, v in ref["metrics"].items())
+
+  rate = max(mm["square_gflops"], mm["block_gflops"])
+
+  def floor(n):
+    return 2 * n * n * args.d / (rate * 1e9)
+
+  print(f"Full-candidate retrieval benchmark (both directions, R@1/5/10, HITS@K, MRR), "
+        f"D={args.d}, chunk={args.chunk}, sigma={args.sigma}")
+  print(f"Machine: {machine()}; JAX device: {mm['devices']}")
+  print(f"Matmul rate (jnp.dot float32): {mm['square_gflops']:.1f} GFLOP/s at "
+        f"{args.matmul_n}^3, {mm['block_gflops']:.1f} GFLOP/s at the block shape "
+        f"[{args.chunk},{args.d}]x[{args.d},{args.chunk}]; the floor uses {rate:.1f}")
+  print("Peak memory = ru_maxrss of the child process (MiB); +data = peak - RSS after the "
+        "embeddings were generated.")
+  print()
+  header = (f"| {'method':<28} | {'N':>7} | {'wall s':>8} | {'peak MiB':>9} | {'+data MiB':>9} "
+            f"| {'floor s':>8} | {'floor/wall':>10} | {'t2i R@1':>7} | {'i2t R@1':>7} "
+            f"| {'t2i MRR':>7} |")
+  print(header)
+  print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+  for name, n, r in (("fashion_jax chunked", args.n, ours),
+                     ("fashion_jax chunked", args.ref_n, ours_ref),
+                     ("numpy full matrix", args.ref_n, ref)):
+    fl = floor(n)
+    m = r["metrics"]
+    print(f"| {name:<28} | {n:>7} | {r['wall_s']:>8.1f} | {r['peak_mib']:>9.0f} | "
+          f"{r['peak_mib'] - r['base_mib']:>9.0f} | {fl:>8.1f} | {fl / r['wall_s']:>10.2f} | "
+          f"{m['t2i_R@1']:>7.4f} | {m['i2t_R@1']:>7.4f} | {m['t2i_MRR']:>7.4f} |")
+  print()
+  print(f"max |ours - numpy| over R@1/5/10 and MRR, both directions, at N={args.ref_n}: {diff:.2e}")
+  print(f"A full {args.n}x{args.n} float32 score matrix would take "
+        f"{args.n * args.n * 4 / 2**30:.1f} GiB.")
+
+
+if __name__ == "__main__":
+  main()
