@@ -12,6 +12,9 @@ Mesh axes: data, fsdp, tensor. A config may override `sharding_rules` with its o
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# Mesh axes over which the batch dimension of inputs (and `act_batch`) is split.
+BATCH_AXES = ("data", "fsdp")
+
 DEFAULT_RULES = (
     # Activations: batch over data x fsdp, hidden dims over tensor.
     ("act_batch", ("data", "fsdp")),

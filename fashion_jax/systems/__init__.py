@@ -1,0 +1,41 @@
+"""System registry: `config.system` names a module that defines `System(config)`.
+
+`config.system = 'fashionclip'` imports `fashion_jax.systems.fashionclip`; a dotted name
+(`'tests.toy_system'`, `'mypackage.my_system'`) is imported as a full module path, so systems
+may live outside the package. A system module may declare `CONFIG_KEYS`, the top-level config
+sections it owns (default `DEFAULT_CONFIG_KEYS`); the trainer rejects other unknown top-level
+keys.
+"""
+
+import importlib
+import importlib.util
+from types import ModuleType
+from typing import Any
+
+DEFAULT_CONFIG_KEYS = ("model", "data", "init", "objective")
+
+
+def module_name(name: str) -> str:
+  return name if "." in name else f"fashion_jax.systems.{name}"
+
+
+def get_module(name: str) -> ModuleType:
+  """Imports the system module; ValueError naming `name` when it does not exist."""
+  full = module_name(name)
+  parent = full.rsplit(".", 1)[0]
+  if importlib.util.find_spec(parent) is None or importlib.util.find_spec(full) is None:
+    raise ValueError(f"config.system={name!r}: there is no system module {full}.")
+  module = importlib.import_module(full)
+  if not hasattr(module, "System"):
+    raise ValueError(f"config.system={name!r}: module {full} defines no `System` class.")
+  return module
+
+
+def system_config_keys(name: str) -> tuple[str, ...]:
+  """Top-level config sections owned by the system `name`."""
+  return tuple(getattr(get_module(name), "CONFIG_KEYS", DEFAULT_CONFIG_KEYS))
+
+
+def get_system(config: Any):
+  """`System(config)` of the module named by `config.system`."""
+  return get_module(config.system).System(config)

@@ -1,0 +1,377 @@
+"""The train loop: `train_and_evaluate(config, workdir)`.
+
+The trainer knows nothing about fashion. A system (`fashion_jax.systems.<config.system>`) gives
+`dummy_batch`, `init` and `loss`; the input pipeline gives numpy batches; evaluators give
+metrics. Everything else (mesh, sharding, optimizer, checkpoints, logging, preemption, NaN
+guard) happens here, in one linear function.
+
+Config keys owned by the trainer (defaults in `config_check.SCHEMA`):
+
+  system: str                  module of fashion_jax.systems (or a dotted module path)
+  seed: 0                      params init and per-step rng
+  batch_size: int              GLOBAL batch; each host feeds batch_size // process_count
+  total_steps: int | None      exactly one of total_steps / num_epochs; num_epochs needs the
+  num_epochs: float | None       train iterator to expose `num_examples` (one epoch, all hosts)
+  grad_accum_steps: 1          micro-batches per step (see train/step.py for the semantics)
+  mesh: {data: -1, fsdp: 1, tensor: 1}       -1 fills the rest of the devices
+  sharding_rules: None         None = parallel.axes.DEFAULT_RULES; else ((logical, mesh axes),..)
+  optimizer: {name: 'adamw', lr (required), b1: 0.9, b2: 0.999, eps: 1e-8, weight_decay: 0.0,
+              clip_norm: None, schedule: {kind: 'cosine', warmup_steps: 0, decay_steps: None,
+              end_lr_factor: 0.0, boundaries: (), factor: 0.1}, lr_mults: (), freeze: (),
+              wd_exclude: optimizer.DEFAULT_WD_EXCLUDE}          (train/optimizer.py)
+  checkpoint: {every_steps: 1000, keep: 2, best_metric: None, best_mode: 'max', async: True}
+  log_every_steps: 50          train metrics are averaged over these steps and written
+  evals: {}                    name -> {type, every (0 = only at the end), **kwargs}
+  nan_policy: 'stop'           the only policy: stop at the first non-finite metric
+  profile: {start_step: 0, num_steps: 0}     num_steps > 0 profiles those steps to the workdir
+  distributed: False           launch/train.py calls jax.distributed.initialize
+
+Plug-ins:
+  * Input: `iterator_factory(config, *, start_step, process_index, process_count)` returns an
+    iterator of host-local numpy dict batches ([batch_size // process_count, ...]) starting at
+    global step `start_step`, optionally with `.position` (JSON-able; saved in checkpoints and
+    compared on resume: an iterator created with start_step=k must report the position the
+    original iterator had after k batches) and `.num_examples`. Default:
+    `fashion_jax.data.pipeline.make_train_iterator`.
+  * Evaluation: for each `config.evals` entry, `fashion_jax.evaluate.<type>.Evaluator(system=,
+    config=, mesh=, **kwargs)` (a dotted `type` is a full module path) is built once; `run(params)`
+    returns flat float metrics named '<split>/<protocol>/<metric>', run every `every` steps and
+    at the end, under the mesh and the logical rules. `checkpoint.best_metric` names one of them.
+
+Workdir layout: config.json (the full config with defaults), checkpoints/<step>/, TensorBoard
+event files, profiles. A workdir whose checkpoints come from another system or model config is
+refused with an error naming both; other differences (e.g. a changed lr) are logged and allowed.
+
+Resume: rerunning the same command continues from the newest complete checkpoint, with the
+same batches and per-step rng, so the result equals an uninterrupted run (bitwise on CPU).
+SIGTERM: the current step finishes, a checkpoint is saved, and the function returns with
+`preempted=True` (launch/train.py then exits 0).
+"""
+
+import importlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, NamedTuple
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from fashion_jax import systems
+from fashion_jax.parallel import mesh as mesh_lib
+from fashion_jax.parallel import sharding as sharding_lib
+from fashion_jax.train import checkpoint as checkpoint_lib
+from fashion_jax.train import config_check
+from fashion_jax.train import optimizer as optimizer_lib
+from fashion_jax.train import state as state_lib
+from fashion_jax.train import step as step_lib
+
+IteratorFactory = Callable[..., Iterator[dict[str, np.ndarray]]]
+
+# Config sections whose change makes an existing checkpoint another experiment's.
+IDENTITY_KEYS = ("system", "model")
+
+
+class NonFiniteError(FloatingPointError):
+  """A train metric became NaN/inf; the message names the step and the metric."""
+
+
+class TrainResult(NamedTuple):
+  state: state_lib.TrainState
+  metrics: dict[str, float]   # Last logged train metrics and last evaluation results.
+  preempted: bool             # True when stopped by SIGTERM after saving.
+
+
+def _json(value) -> Any:
+  """Config subtree -> plain JSON value (tuples become lists), for comparisons."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return json.loads(json.dumps(value, default=str))
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict,
+                  ckpt: checkpoint_lib.Checkpointer, params: Any) -> None:
+  """Refuses a workdir whose newest checkpoint belongs to another system/model config.
+
+  Compares IDENTITY_KEYS of `<workdir>/config.json`, then every parameter path and shape of the
+  saved state against `params` (ShapeDtypeStructs). Raises ConfigError naming both values.
+  """
+  step = ckpt.latest_step()
+  if step is None:
+    return
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for key in IDENTITY_KEYS:
+      new_value = _json(config.get(key))
+      if key in old and old[key] != new_value:
+        raise config_check.ConfigError(
+            f"Workdir {workdir} holds checkpoint {step} of another config: {key}="
+            f"{old[key]!r} there, {key}={new_value!r} here. Use another --workdir.")
+    changed = sorted(k for k in set(old) | set(config.keys())
+                     if old.get(k) != _json(config.get(k)))
+    if changed:
+      logging.warning("Resuming %s with changed config sections: %s", workdir, changed)
+  saved_params = ckpt.state_metadata(step)["params"]
+  want = {sharding_lib.path_str(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  have = {sharding_lib.path_str(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(saved_params)}
+  for name in sorted(set(want) | set(have)):
+    if want.get(name) != have.get(name):
+      raise config_check.ConfigError(
+          f"Workdir {workdir} holds checkpoint {step} of another model: parameter {name} has "
+          f"shape {have.get(name)} there and {want.get(name)} in this config "
+          f"(system={config.system!r}). Use another --workdir.")
+
+
+def _default_iterator_factory(config, **kwargs):
+  from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_train_iterator(config, **kwargs)
+
+
+def _total_steps(config, train_iter) -> int:
+  if config.total_steps is not None:
+    return int(config.total_steps)
+  num_examples = getattr(train_iter, "num_examples", None)
+  if not num_examples:
+    raise config_check.ConfigError(
+        f"config.num_epochs={config.num_epochs} needs the train iterator to expose "
+        f"`num_examples`; {type(train_iter).__name__} does not. Set config.total_steps.")
+  return max(1, math.ceil(config.num_epochs * num_examples / config.batch_size))
+
+
+def _first_non_finite(history: list[tuple[int, dict[str, float]]]):
+  for step, metrics in history:
+    for key in ["train/loss"] + sorted(k for k in metrics if k != "train/loss"):
+      if key in metrics and not np.isfinite(metrics[key]):
+        return step, key, metrics[key]
+  return None
+
+
+def _flat_hparams(config) -> dict[str, Any]:
+  out = {}
+
+  def walk(prefix, value):
+    if isinstance(value, dict):
+      for k, v in value.items():
+        walk(f"{prefix}{k}.", v)
+    else:
+      out[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+  walk("", config.to_dict())
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       iterator_factory: IteratorFactory | None = None) -> TrainResult:
+  """Trains `config.system` as configured, resuming from `workdir` if it holds checkpoints.
+
+  Args:
+    config: the experiment config (module docstring lists the trainer's keys).
+    workdir: output directory (config.json, checkpoints, TensorBoard logs).
+    iterator_factory: the input (module docstring); None = the TFDS pipeline.
+
+  Returns:
+    TrainResult(state, metrics, preempted).
+
+  Raises:
+    config_check.ConfigError: a bad config or a foreign workdir, before anything compiles.
+    NonFiniteError: a non-finite train metric; the newest checkpoint is the last good state.
+  """
+  # ----------------------------------------------------------------------------------------
+  # Config: validated and completed before anything is traced or compiled.
+  # ----------------------------------------------------------------------------------------
+  config = config_check.with_defaults(config)
+  config_check.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_chief = jax.process_index() == 0
+
+  # ----------------------------------------------------------------------------------------
+  # Mesh, system, and the shapes/shardings of its params (jax.eval_shape: no arrays yet).
+  # ----------------------------------------------------------------------------------------
+  mesh = mesh_lib.create_mesh(config.mesh)
+  rules = sharding_lib.logical_rules(config.sharding_rules)
+  logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
+               jax.process_count())
+  system = systems.get_system(config)
+  shapes = state_lib.abstract_params(system, mesh, rules, config.seed)
+  logging.info("Params: %d arrays, %d values.", len(jax.tree.leaves(shapes.params)),
+               sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.params)))
+
+  # ----------------------------------------------------------------------------------------
+  # Checkpoints: refuse another experiment's workdir, find the step to resume from.
+  # ----------------------------------------------------------------------------------------
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
+      best_mode=config.checkpoint.best_mode, use_async=config.checkpoint["async"])
+  writer = None
+  previous_sigterm = None
+  try:
+    # From here on SIGTERM (preemption) means: finish the step, save, return.
+    sigterm = {"received": False}
+    def on_sigterm(signum, frame):
+      del signum, frame
+      logging.warning("SIGTERM: finishing the current step, saving a checkpoint, exiting.")
+      sigterm["received"] = True
+    if threading.current_thread() is threading.main_thread():
+      previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    check_workdir(workdir, config, ckpt, shapes.params)
+    if is_chief:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    start_step = ckpt.latest_step() or 0
+
+    # --------------------------------------------------------------------------------------
+    # Input pipeline, from the step we resume at.
+    # --------------------------------------------------------------------------------------
+    factory = iterator_factory or _default_iterator_factory
+    train_iter = factory(config, start_step=start_step, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+    total_steps = _total_steps(config, train_iter)
+
+    # --------------------------------------------------------------------------------------
+    # Optimizer and train state: created directly sharded, or restored onto this mesh.
+    # --------------------------------------------------------------------------------------
+    tx, schedule = optimizer_lib.make_optimizer(config.optimizer, shapes.params, total_steps)
+    abstract, state_shardings = state_lib.abstract_state(system, tx, mesh, rules, config.seed,
+                                                         shapes)
+    if start_step:
+      state, data = ckpt.restore(start_step, abstract)
+      position = getattr(train_iter, "position", start_step)
+      if data.get("position") is not None and _json(position) != data["position"]:
+        raise RuntimeError(
+            f"The train iterator resumed at position {position!r} but checkpoint {start_step} "
+            f"was saved at position {data['position']!r}: the input pipeline did not resume "
+            f"exactly.")
+      logging.info("Resumed from checkpoint %d of %s.", start_step, ckpt.directory)
+    else:
+      state = state_lib.create_train_state(system, tx, mesh, rules, config.seed,
+                                           state_shardings)
+
+    # --------------------------------------------------------------------------------------
+    # The jitted step, the evaluators, writers and periodic actions.
+    # --------------------------------------------------------------------------------------
+    train_step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_shardings,
+                                          config.grad_accum_steps)
+    evaluators = {}
+    for name, spec in config.evals.items():
+      module = config_check.evaluator_module_name(spec.type)
+      kwargs = {k: v for k, v in spec.items() if k not in ("type", "every")}
+      evaluator_cls = importlib.import_module(module).Evaluator
+      evaluators[name] = (spec.every, evaluator_cls(system=system, config=config, mesh=mesh,
+                                                    **kwargs))
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    if start_step == 0:
+      writer.write_hparams(_flat_hparams(config))
+    actions = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                               every_steps=config.log_every_steps,
+                                               every_secs=None)]
+    if config.profile.num_steps > 0:
+      actions.append(periodic_actions.Profile(
+          logdir=workdir, num_profile_steps=config.profile.num_steps, profile_duration_ms=None,
+          first_profile=config.profile.start_step, every_steps=None, every_secs=None))
+
+    def run_evals(names, step):
+      results = {}
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for name in names:
+          t0 = time.time()
+          out = {k: float(v) for k, v in evaluators[name][1].run(state.params).items()}
+          for key in out:
+            if key in results:
+              raise ValueError(f"Evaluator {name!r} returns metric {key!r} that another "
+                               f"evaluator also returns.")
+          results.update(out)
+          logging.info("Eval %s at step %d took %.1fs.", name, step, time.time() - t0)
+      best = config.checkpoint.best_metric
+      if best and results and best not in results:
+        raise config_check.ConfigError(
+            f"config.checkpoint.best_metric={best!r} is not among the evaluation metrics "
+            f"{sorted(results)}.")
+      writer.write_scalars(step, results)
+      return results
+
+    def save(step, metrics=None):
+      position = getattr(train_iter, "position", step)
+      ckpt.save(step, state, {"step": step, "position": _json(position)}, metrics)
+
+    # --------------------------------------------------------------------------------------
+    # Train.
+    # --------------------------------------------------------------------------------------
+    history = []        # (step, host metrics) fetched, not yet written.
+    pending = []        # (step, device metrics) not yet fetched.
+    last_metrics, eval_metrics = {}, {}
+    step = start_step
+    preempted = False
+    logging.info("Training steps %d..%d of %d.", start_step + 1, total_steps, total_steps)
+    while step < total_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        try:
+          local = next(train_iter)
+        except StopIteration:
+          raise RuntimeError(f"The train iterator ended after {step} steps; total_steps="
+                             f"{total_steps}.") from None
+        state, metrics = train_step(state, sharding_lib.global_batch(local, mesh))
+      step += 1
+      pending.append((step, metrics))
+      for action in actions:
+        action(step)
+
+      if jax.process_count() > 1:
+        preempted = multihost_utils.reached_preemption_sync_point(step) or sigterm["received"]
+      else:
+        preempted = sigterm["received"]
+      last = step == total_steps
+      eval_names = [n for n, (every, _) in evaluators.items()
+                    if last or (every and step % every == 0)]
+      save_now = last or preempted or step % config.checkpoint.every_steps == 0
+      log_now = last or step % config.log_every_steps == 0
+
+      # NaN guard: fetch before anything is logged, evaluated or saved.
+      if log_now or save_now or eval_names:
+        history += [(s, {k: float(v) for k, v in m.items()})
+                    for s, m in jax.device_get(pending)]
+        pending = []
+        bad = _first_non_finite(history)
+        if bad:
+          raise NonFiniteError(
+              f"Non-finite {bad[1]}={bad[2]} at step {bad[0]}; stopping (nan_policy='stop'). "
+              f"The newest checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is the "
+              f"last good state.")
+      if log_now and history:
+        last_metrics = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1]}
+        writer.write_scalars(step, last_metrics)
+        history = []
+
+      # ---- Evaluate, then checkpoint (with the eval metrics, for keep-best).
+      if eval_names:
+        eval_metrics = run_evals(eval_names, step)
+      if save_now or (eval_names and config.checkpoint.best_metric):
+        save(step, eval_metrics if eval_names and config.checkpoint.best_metric else None)
+      if preempted:
+        logging.warning("Preempted: checkpoint %d saved.", step)
+        break
+
+    ckpt.wait()
+    writer.flush()
+    return TrainResult(state, {**last_metrics, **eval_metrics}, preempted)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+    if previous_sigterm is not None:
+      signal.signal(signal.SIGTERM, previous_sigterm)

@@ -1,0 +1,98 @@
+"""The jitted train step: loss, gradients (optionally accumulated), optimizer update.
+
+    step(state, batch) -> (state', metrics)
+
+`batch` is a dict of global arrays [B, ...] split over the batch axes (data, fsdp); `state` is
+donated, so the update happens in place. The per-step key is
+`fold_in(wrap_key_data(state.rng), state.step)` (and `fold_in(., i)` for micro-batch i).
+
+Gradient accumulation (grad_accum_steps = A > 1): the global batch is split into A micro-batches
+of B/A rows; micro-batch i takes rows {i, A+i, 2A+i, ...} (a reshape to [B/A, A, ...] and a
+transpose), so every device keeps contributing the same share of every micro-batch and no rows
+move between devices. A `lax.scan` sums loss, metrics and gradients over the micro-batches; the
+sums are divided by A. For a loss that is a mean of per-example terms this equals the full-batch
+loss and gradient up to rounding. It is NOT the same objective for a contrastive loss over the
+batch (InfoNCE): each micro-batch only sees B/A - 1 negatives per example. We keep that
+standard semantics (memory is the reason to accumulate) and say so here rather than hiding it.
+
+Metrics (all float32 scalars, prefixed 'train/'): the system's metrics, plus `loss`,
+`grad_norm` (global L2 norm of the raw gradients, frozen params included), `param_norm`
+(after the update) and `lr` (the base schedule at this step, before per-group multipliers).
+`grad_norm` and `param_norm` let the NaN guard catch a non-finite update even when the loss of
+that step was finite.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import optax
+
+from fashion_jax.parallel import axes
+from fashion_jax.parallel import sharding as sharding_lib
+from fashion_jax.train.state import TrainState
+
+
+def split_micro_batches(batch: dict[str, jax.Array], accum: int, mesh: jax.sharding.Mesh
+                        ) -> dict[str, jax.Array]:
+  """[B, ...] -> [A, B/A, ...], micro-batch i = rows i, A+i, ...; axis 1 over the batch axes."""
+
+  def one(x):
+    micro = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, axes.BATCH_AXES)))
+
+  return jax.tree.map(one, batch)
+
+
+def make_train_step(system, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: jax.sharding.Mesh, rules, state_shardings: TrainState,
+                    grad_accum_steps: int = 1) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """The jitted step (see the module docstring)."""
+
+  def loss_and_grads(params, batch, rng):
+    def loss_fn(p):
+      return system.loss(p, batch, rng, train=True)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    return jnp.asarray(loss, jnp.float32), metrics, grads
+
+  def step(state: TrainState, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      if grad_accum_steps == 1:
+        loss, metrics, grads = loss_and_grads(state.params, batch, rng)
+      else:
+        micro = split_micro_batches(batch, grad_accum_steps, mesh)
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(loss_and_grads, state.params, first, rng))
+        zeros = (zeros[0], zeros[1],
+                 jax.lax.with_sharding_constraint(zeros[2], state_shardings.params))
+
+        def body(carry, xs):
+          mb, i = xs
+          out = loss_and_grads(state.params, mb, jax.random.fold_in(rng, i))
+          return jax.tree.map(jnp.add, carry, out), None
+
+        total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps)))
+        loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
+
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics = {f"train/{k}": v for k, v in metrics.items()}
+      metrics.update({
+          "train/loss": loss,
+          "train/grad_norm": optax.global_norm(grads).astype(jnp.float32),
+          "train/param_norm": optax.global_norm(params).astype(jnp.float32),
+          "train/lr": jnp.asarray(schedule(state.step), jnp.float32),
+      })
+      new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))

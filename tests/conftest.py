@@ -1,0 +1,27 @@
+"""Test-suite setup: 8 fake CPU devices, set before JAX is imported anywhere.
+
+Every test may assume `len(jax.devices()) == 8` on CPU (and must still build its meshes
+explicitly). The repo root goes on sys.path so `tests.toy_system` imports as a module path.
+"""
+
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture
+def toy_config():
+  """A fresh toy trainer config (tests/toy_system.get_config)."""
+  from tests import toy_system  # pylint: disable=g-import-not-at-top
+  return toy_system.get_config()
