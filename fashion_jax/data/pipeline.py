@@ -1,0 +1,464 @@
+"""tf.data input pipelines over product-schema TFDS datasets (see data/schema.py).
+
+Training: `make_train_iterator(config, start_step=..)` -> iterator of per-host numpy batches.
+Evaluation: `make_eval_dataset(config, split, batch_size=..)` -> padded, host-aligned batches.
+
+Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL batch):
+  name ('synthetic_catalog/smoke'), data_dir ('' = TFDS default), train_split ('train'),
+  image_size (S), text_fields (schema fields joined with '. ', empty fields skipped),
+  tokenizer.kind ('clip' | 'bert'), tokenizer.path ('' = shipped vocab), max_len (L),
+  views (1 | 2), augment.crop_scale ((lo, hi) area fraction), augment.flip (bool),
+  mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
+  Optional: patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off).
+
+Training batch (b = batch_size // process_count):
+  image        uint8 [b, S, S, 3]  random resized crop (area crop_scale, aspect 3/4..4/3) of a
+                                   random view + random flip; NOT normalised (systems do it on the
+                                   device, see normalize_on_device).
+  image2       uint8 [b, S, S, 3]  views=2: a different view of the same product when it has one
+                                   (else the same view), augmented independently.
+  text         int32 [b, L]        tokenized text (see tokenizers.Tokenizer).
+  text_mask    bool  [b, L]        True on real tokens (incl. BOS/EOS), False on padding.
+  mlm_ids      int32 [b, L]        mlm_prob > 0: text after whole-word masking (masking.py).
+  mlm_labels   int32 [b, L]        original id at masked positions, -1 elsewhere.
+  patch_mask   bool  [b, g*g]      patch_mask.grid > 0: BEiT block mask, row-major.
+  tags         int32 [b, T, L]     tag_fields non-empty: each tag field tokenized on its own
+                                   (E2's entity texts).
+  product_key, subcategory_key  int32 [b]  hashes of product_id / subcategory: equal iff the
+                                   strings are equal (for same-product / same-subcategory logic).
+
+Order and resumption. Host i reads the contiguous shard i of `train_split` (tfds.even_splits,
+remainder dropped so all hosts have equal shards). The example stream is epoch 0, 1, 2, ... of
+that shard, each epoch shuffled by a buffer shuffle seeded by (seed, host, epoch); batches may
+span an epoch boundary. Global stream position p = step * b + row. Every random choice of an
+example (view, crop, flip) is a stateless function of (seed, host, p); the per-batch numpy
+masking uses np.random.default_rng((seed, host, step)). Hence `start_step=n` rebuilds the stream
+at epoch n*b // N, skips (n*b) % N still-encoded records (nothing is decoded before the skip)
+and yields exactly the batches n, n+1, ... of the uninterrupted run. The shuffle is a buffer
+shuffle (records are read sequentially); its quality depends on shuffle_buffer.
+"""
+
+import importlib
+import importlib.util
+import math
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from fashion_jax.data import masking
+from fashion_jax.data import schema
+from fashion_jax.data import tokenizers
+
+# CLIP's pixel statistics (OpenAI CLIP / HF CLIPImageProcessor), in [0, 1] units.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_ASPECT = (3 / 4, 4 / 3)
+_MAX_EPOCHS = 2**40
+
+
+def normalize_on_device(images, mean=CLIP_MEAN, std=CLIP_STD):
+  """uint8 [..., 3] -> float32 (x / 255 - mean) / std; jnp, meant to run inside the jitted step."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = images.astype(jnp.float32) * (1.0 / 255.0)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset access.
+# ------------------------------------------------------------------------------------------------
+
+
+def _builder(data):
+  """The TFDS builder of config.data.name ('NAME[/CONFIG]').
+
+  fashion_jax/data/builders/NAME.py is imported first when it exists (it registers NAME with
+  tfds, as launch/build_data.py does); other names must already be registered or be readable
+  from data_dir's files.
+  """
+  module = f"fashion_jax.data.builders.{data.name.split('/')[0].split(':')[0]}"
+  if importlib.util.find_spec(module) is not None:
+    importlib.import_module(module)
+  builder = tfds.builder(data.name, data_dir=data.data_dir or None)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"Dataset {data.name!r} is not built in data_dir={builder.data_dir!r}; build it with "
+        f"`python -m launch.build_data --dataset={data.name} --data_dir=DIR`.")
+  return builder
+
+
+def _processes(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count}).")
+  return process_index, process_count
+
+
+def _host_shard(builder, split, process_index, process_count, drop_remainder):
+  """(split of this host, its size, its offset in `split`, sizes of all hosts' shards)."""
+  if split not in builder.info.splits and split.split("[")[0] not in builder.info.splits:
+    raise ValueError(f"Dataset {builder.info.full_name} has no split {split!r}; it has "
+                     f"{sorted(builder.info.splits)}.")
+  subs = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)
+  sizes = [builder.info.splits[s].num_examples for s in subs]
+  return subs[process_index], sizes[process_index], sum(sizes[:process_index]), sizes
+
+
+def _read(builder, split):
+  """Examples of `split` in file order, images left as encoded bytes ([n_views] tf.string)."""
+  return builder.as_dataset(
+      split=split, shuffle_files=False,
+      decoders={schema.IMAGES: tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(add_tfds_id=False))
+
+
+def _join_text(example, fields):
+  """Joins the non-empty `fields` with '. ' (each stripped of trailing spaces and periods)."""
+  for f in fields:
+    if f not in example:
+      raise KeyError(f"Text field {f!r} is not in the dataset; it has {sorted(example)}.")
+  parts = tf.stack([tf.strings.regex_replace(tf.strings.strip(example[f]), r"[\s.]+$", "")
+                    for f in fields])
+  return tf.strings.reduce_join(tf.boolean_mask(parts, tf.strings.length(parts) > 0),
+                                separator=". ")
+
+
+def _hash32(s):
+  return tf.cast(tf.strings.to_hash_bucket_fast(s, 2**31 - 1), tf.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Image ops.
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_uint8(x):
+  return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+def crop_resize_float(encoded, key, size, crop_scale, flip):
+  """Encoded image -> float32 [size, size, 3] in [0, 255]: random crop, flip, bilinear resize.
+
+  Crop: area fraction in crop_scale, aspect 3/4..4/3 (Inception / torchvision
+  RandomResizedCrop; the whole image if 10 draws fail). JPEGs decode ONLY the crop window
+  (tf.image.decode_and_crop_jpeg, integer DCT), which is most of this pipeline's speed; other
+  formats decode fully, then crop. The flip is applied to the uint8 crop (before the resize,
+  where it is cheapest). Resize is bilinear without antialias (crops are near or below the
+  output size for 224/256 px sources), so values stay within [0, 255]. `key` is a [2] int64
+  stateless seed; crop and flip are pure functions of it.
+  """
+  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+
+  def window(shape):
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=crop_key,
+        min_object_covered=0.0, aspect_ratio_range=_ASPECT, area_range=tuple(crop_scale),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return begin, extent
+
+  def jpeg():
+    begin, extent = window(tf.image.extract_jpeg_shape(encoded))
+    return tf.image.decode_and_crop_jpeg(
+        encoded, tf.stack([begin[0], begin[1], extent[0], extent[1]]), channels=3,
+        dct_method="INTEGER_FAST")
+
+  def other():
+    image = tf.image.decode_image(encoded, channels=3, expand_animations=False,
+                                  dtype=tf.uint8)
+    begin, extent = window(tf.shape(image))
+    return tf.slice(image, begin, extent)
+
+  crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  if flip:
+    crop = tf.cond(tf.random.stateless_uniform([], flip_key) < 0.5,
+                   lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+  return tf.image.resize(crop, [size, size], method="bilinear", antialias=False)
+
+
+def random_resized_crop(encoded, key, size, crop_scale, flip):
+  """crop_resize_float rounded to uint8 [size, size, 3] (the training 'image' field)."""
+  # Bilinear values lie in [0, 255]: +0.5 and truncation round without a clip.
+  return tf.cast(crop_resize_float(encoded, key, size, crop_scale, flip) + 0.5, tf.uint8)
+
+
+def resize_center_crop(encoded, size):
+  """Encoded image -> uint8 [size, size, 3]: short side to `size` (bicubic), centre crop.
+
+  Same geometry as CLIPImageProcessor (long side = floor(size * long / short), crop offset
+  (dim - size) // 2); bicubic with antialias approximates PIL's bicubic within a few levels
+  (clip_image_preprocess is the exact PIL version).
+  """
+  image = tf.image.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  short = tf.minimum(h, w)
+  scale = size / tf.cast(short, tf.float64)
+  new_h = tf.where(h == short, size, tf.cast(tf.cast(h, tf.float64) * scale, tf.int32))
+  new_w = tf.where(h == short, tf.cast(tf.cast(w, tf.float64) * scale, tf.int32), size)
+  image = tf.image.resize(image, [new_h, new_w], method="bicubic", antialias=True)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return _to_uint8(image[top:top + size, left:left + size])
+
+
+def clip_image_preprocess(images, size: int) -> np.ndarray:
+  """CLIPProcessor's geometry in PIL: bicubic resize of the short side to `size`, centre crop.
+
+  images: iterable of uint8 [H, W, 3] (or [H, W] / [H, W, 4], converted to RGB).
+  Returns uint8 [N, size, size, 3] (unnormalised; equals CLIPImageProcessor with
+  do_rescale=do_normalize=False).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = []
+  for array in images:
+    image = Image.fromarray(np.asarray(array)).convert("RGB")
+    w, h = image.size
+    if w <= h:
+      new_w, new_h = size, int(size * h / w)
+    else:
+      new_w, new_h = int(size * w / h), size
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    out.append(np.asarray(image.crop((left, top, left + size, top + size)), np.uint8))
+  return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training.
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_data_config(data):
+  if data.views not in (1, 2):
+    raise ValueError(f"config.data.views={data.views} must be 1 or 2.")
+  lo, hi = data.augment.crop_scale
+  if not 0 < lo <= hi <= 1:
+    raise ValueError(f"config.data.augment.crop_scale={tuple(data.augment.crop_scale)} must "
+                     "satisfy 0 < lo <= hi <= 1.")
+  if not 0 <= data.mlm_prob <= 1:
+    raise ValueError(f"config.data.mlm_prob={data.mlm_prob} must be in [0, 1].")
+  if data.image_size < 1:
+    raise ValueError(f"config.data.image_size={data.image_size} must be positive.")
+  if not data.text_fields:
+    raise ValueError("config.data.text_fields is empty.")
+
+
+class TrainIterator:
+  """Iterator of per-host training batches.
+
+  Attributes:
+    position: number of batches consumed so far (start_step + batches yielded); save it with
+      the checkpoint and pass it back as start_step.
+    num_examples: examples in one epoch over all hosts (host shard size * process_count).
+    batch_size: per-host batch size.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, start_step: int, num_examples: int,
+               batch_size: int):
+    self.dataset = dataset
+    self.position = start_step
+    self.num_examples = num_examples
+    self.batch_size = batch_size
+    self._it = dataset.as_numpy_iterator()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self.position += 1
+    return batch
+
+
+def _numpy_rng(*keys) -> np.random.Generator:
+  return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
+
+
+def make_train_iterator(config, *, start_step: int = 0, process_index=None, process_count=None
+                        ) -> TrainIterator:
+  """Per-host training batches from step `start_step` on (see the module docstring)."""
+  data = config.data
+  _check_data_config(data)
+  process_index, process_count = _processes(process_index, process_count)
+  if config.batch_size % process_count:
+    raise ValueError(f"Global batch_size={config.batch_size} is not divisible by "
+                     f"process_count={process_count}.")
+  batch = config.batch_size // process_count
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0.")
+  tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
+  mlm_prob = float(data.mlm_prob)
+  if mlm_prob > 0 and tok.mask_token_id is None:
+    raise ValueError(f"config.data.mlm_prob={mlm_prob} needs a tokenizer with a mask token; "
+                     f"{data.tokenizer.kind!r} has none (use kind='bert').")
+  grid, count = int(data.patch_mask.grid), int(data.patch_mask.count)
+  block_kwargs = dict(min_block=int(data.patch_mask.get("min_block", 4)),
+                      max_block=data.patch_mask.get("max_block", None))
+  if grid:  # Fail now, not inside tf.data.
+    masking.block_mask(np.random.default_rng(0), grid, count, **block_kwargs)
+  tag_fields = tuple(data.get("tag_fields", ()))
+  size, views, seed = int(data.image_size), int(data.views), int(config.seed)
+  crop_scale, flip = tuple(data.augment.crop_scale), bool(data.augment.flip)
+
+  builder = _builder(data)
+  split, n, _, _ = _host_shard(builder, data.train_split, process_index, process_count, True)
+  if n == 0:
+    raise ValueError(f"Host {process_index}/{process_count} has no examples of "
+                     f"{data.name}:{data.train_split}.")
+  records = _read(builder, split)
+  epoch0, skip = divmod(start_step * batch, n)
+  buffer = int(data.shuffle_buffer)
+
+  def epoch(e):
+    if buffer <= 1:
+      return records
+    return records.shuffle(buffer, seed=(seed * 1_000_003 + process_index) * 1_000_033 + e,
+                           reshuffle_each_iteration=False)
+
+  base_key = tf.constant([seed, process_index], tf.int64)
+
+  def example(p, ex):
+    keys = tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(base_key, p), 4)
+    encoded = ex[schema.IMAGES]
+    num_views = tf.shape(encoded, out_type=tf.int64)[0]
+    v1 = tf.random.stateless_uniform([], keys[0], 0, num_views, dtype=tf.int64)
+    out = dict(image=random_resized_crop(encoded[v1], keys[1], size, crop_scale, flip),
+               text=_join_text(ex, data.text_fields),
+               product_key=_hash32(ex["product_id"]),
+               subcategory_key=_hash32(ex["subcategory"]))
+    if views == 2:
+      other = tf.random.stateless_uniform([], keys[2], 0, tf.maximum(num_views - 1, 1),
+                                          dtype=tf.int64)
+      v2 = tf.where(num_views > 1, (v1 + 1 + other) % num_views, v1)
+      out["image2"] = random_resized_crop(encoded[v2], keys[3], size, crop_scale, flip)
+    if tag_fields:
+      out["tags"] = tf.stack([ex[f] for f in tag_fields])
+    return out
+
+  def host_fn(step, texts, tags):
+    rng = _numpy_rng(seed, process_index, step, 0x6D61736B)
+    ids, mask = tok(texts.tolist(), with_mask=True)
+    out = [ids, mask]
+    if mlm_prob > 0:
+      out += list(masking.whole_word_mask(
+          rng, ids, is_special=tok.is_special, is_continuation=tok.is_continuation,
+          mask_id=tok.mask_token_id, prob=mlm_prob))
+    if grid:
+      out.append(masking.block_masks(rng, len(ids), grid, count, **block_kwargs))
+    if tag_fields:
+      out.append(tok(tags.reshape(-1).tolist()).reshape(len(ids), len(tag_fields), -1))
+    return out
+
+  def finish(step, b):
+    names, dtypes = ["text", "text_mask"], [tf.int32, tf.bool]
+    shapes = [[batch, tok.max_len]] * 2
+    if mlm_prob > 0:
+      names += ["mlm_ids", "mlm_labels"]
+      dtypes += [tf.int32, tf.int32]
+      shapes += [[batch, tok.max_len]] * 2
+    if grid:
+      names.append("patch_mask")
+      dtypes.append(tf.bool)
+      shapes.append([batch, grid * grid])
+    if tag_fields:
+      names.append("tags")
+      dtypes.append(tf.int32)
+      shapes.append([batch, len(tag_fields), tok.max_len])
+    tags = b.pop("tags") if tag_fields else tf.zeros([batch, 0], tf.string)
+    results = tf.numpy_function(host_fn, [step, b.pop("text"), tags], dtypes, stateful=False)
+    for name, value, shape in zip(names, results, shapes):
+      value.set_shape(shape)
+      b[name] = value
+    return b
+
+  ds = tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
+  ds = ds.enumerate(start=start_step * batch)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch, drop_remainder=True).enumerate(start=start_step)
+  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.prefetch(int(data.prefetch) if data.prefetch else tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.with_options(options)
+  return TrainIterator(ds, start_step, n * process_count, batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation.
+# ------------------------------------------------------------------------------------------------
+
+
+class EvalDataset:
+  """Padded evaluation batches of one split; every host yields `num_batches` batches.
+
+  Batch: image uint8 [B, S, S, 3] (first view, resize_center_crop), text int32 [B, L],
+  text_mask bool [B, L], valid bool [B] (False on padding rows), index int32 [B] (position
+  within the split; -1 on padding rows), and each requested raw field as a numpy object array
+  of python str ('' on padding rows).
+  Attributes: num_examples (whole split), host_num_examples, host_offset, num_batches.
+  """
+
+  def __init__(self, config, split, *, batch_size, fields=(), process_index=None,
+               process_count=None):
+    data = config.data
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be positive.")
+    self.process_index, self.process_count = _processes(process_index, process_count)
+    self.batch_size, self.fields, self.split = int(batch_size), tuple(fields), split
+    self.size = int(data.image_size)
+    self._text_fields = tuple(data.text_fields)
+    self._tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
+    self._builder = _builder(data)
+    available = set(self._builder.info.features.keys())
+    missing = [f for f in self.fields + self._text_fields if f not in available]
+    if missing:
+      raise KeyError(f"Fields {missing} are not in {data.name}; it has {sorted(available)}.")
+    self._split, self.host_num_examples, self.host_offset, sizes = _host_shard(
+        self._builder, split, self.process_index, self.process_count, False)
+    self.num_examples = sum(sizes)
+    self.num_batches = math.ceil(max(sizes) / self.batch_size) if sizes else 0
+
+  def __len__(self):
+    return self.num_batches
+
+  def _dataset(self):
+    def example(ex):
+      out = dict(image=resize_center_crop(ex[schema.IMAGES][0], self.size),
+                 text=_join_text(ex, self._text_fields))
+      out.update({f"raw/{f}": ex[f] for f in self.fields})
+      return out
+    ds = _read(self._builder, self._split).map(
+        example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(self.batch_size).prefetch(2)
+
+  def __iter__(self):
+    b, seen = self.batch_size, 0
+    it = self._dataset().as_numpy_iterator()
+    for _ in range(self.num_batches):
+      chunk = next(it, None)
+      n = 0 if chunk is None else len(chunk["text"])
+      texts = [] if chunk is None else chunk["text"].tolist()
+      ids, mask = self._tok(texts + [""] * (b - n), with_mask=True)
+      image = np.zeros((b, self.size, self.size, 3), np.uint8)
+      if n:
+        image[:n] = chunk["image"]
+      out = dict(image=image, text=ids, text_mask=mask & (np.arange(b) < n)[:, None],
+                 valid=np.arange(b) < n,
+                 index=np.where(np.arange(b) < n,
+                                self.host_offset + seen + np.arange(b), -1).astype(np.int32))
+      for f in self.fields:
+        raw = np.full(b, "", dtype=object)
+        if n:
+          raw[:n] = [s.decode("utf-8", "replace") for s in chunk[f"raw/{f}"]]
+        out[f] = raw
+      seen += n
+      yield out
+
+
+def make_eval_dataset(config, split, *, batch_size, fields=(), process_index=None,
+                      process_count=None) -> EvalDataset:
+  """Padded per-host evaluation batches of `split` (see EvalDataset)."""
+  return EvalDataset(config, split, batch_size=batch_size, fields=fields,
+                     process_index=process_index, process_count=process_count)

@@ -1,0 +1,340 @@
+"""tf.data pipelines: batch contents, determinism, exact resume, host shards, eval padding."""
+
+import importlib
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from fashion_jax.data import pipeline
+from fashion_jax.data import schema
+from fashion_jax.data import tokenizers
+
+NUM_TRAIN, NUM_TEST = 50, 13
+COLOURS = ["red", "navy", "green", "black", "white"]
+SUBCATS = ["shirts", "skirts", "boots", "totes"]
+
+
+def product(i):
+  """Product i: 1-3 views (i % 3 + 1) that differ visibly (band height, one channel)."""
+  rng = np.random.default_rng(i)
+  views = []
+  for v in range(1 + i % 3):
+    img = np.zeros((40, 48, 3), np.uint8) + rng.integers(0, 200, 3, dtype=np.uint8)
+    img[:, :, v % 3] = 60 * v + 40
+    img[:8 + 10 * v] = 255
+    views.append(img)
+  c, s = COLOURS[i % 5], SUBCATS[i % 4]
+  return dict(product_id=f"p{i:05d}", images=views, title=f"{c} {s} number {i}.",
+              description=f"a {c} item. made of cotton" if i % 2 else "",
+              category="tops", subcategory=s, brand=f"brand{i % 7}", season="SS2016",
+              composition="100% cotton", gender="women")
+
+
+class PipelineTestProducts(tfds.core.GeneratorBasedBuilder):
+  """NUM_TRAIN train and NUM_TEST test products of `product`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=schema.product_features())
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(0, NUM_TRAIN),
+            "test": self._generate_examples(1000, 1000 + NUM_TEST)}
+
+  def _generate_examples(self, lo, hi):
+    for i in range(lo, hi):
+      yield f"p{i}", product(i)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  PipelineTestProducts(data_dir=path).download_and_prepare()
+  return path
+
+
+def make_config(data_dir, **overrides):
+  c = ml_collections.ConfigDict(dict(
+      seed=3, batch_size=8,
+      data=dict(name="pipeline_test_products", data_dir=data_dir, train_split="train",
+                image_size=24, text_fields=("title", "description"),
+                tokenizer=dict(kind="bert", path=""), max_len=16, views=2,
+                augment=dict(crop_scale=(0.3, 1.0), flip=True), mlm_prob=0.15,
+                patch_mask=dict(grid=7, count=8), shuffle_buffer=16, prefetch=2,
+                tag_fields=("brand", "season"))))
+  for key, value in overrides.items():  # "seed", "batch_size" or a path under config.data.
+    node = c if key in ("seed", "batch_size") else c.data
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def keys_of(ids):
+  """product_key (the pipeline's int32 hash of product_id) -> product number."""
+  hashes = tf.strings.to_hash_bucket_fast([f"p{i:05d}" for i in ids], 2**31 - 1).numpy()
+  return {int(h): i for h, i in zip(hashes.astype(np.int32), ids)}
+
+
+def joined_text(i):
+  p = product(i)
+  return ". ".join(t.rstrip(". ") for t in (p["title"], p["description"]) if t)
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_train_batch_fields(data_dir):
+  config = make_config(data_dir)
+  it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  tok = tokenizers.get_tokenizer("bert", "", 16)
+  owner = keys_of(range(NUM_TRAIN))
+  batch = next(it)
+  b, s, length = 8, 24, 16
+  shapes = dict(image=(b, s, s, 3), image2=(b, s, s, 3), text=(b, length),
+                text_mask=(b, length), mlm_ids=(b, length), mlm_labels=(b, length),
+                patch_mask=(b, 49), tags=(b, 2, length), product_key=(b,),
+                subcategory_key=(b,))
+  assert {k: v.shape for k, v in batch.items()} == shapes
+  assert batch["image"].dtype == np.uint8 and batch["text"].dtype == np.int32
+  assert batch["patch_mask"].dtype == bool
+  np.testing.assert_array_equal(batch["patch_mask"].sum(1), 8)
+  products = [owner[k] for k in batch["product_key"]]
+  np.testing.assert_array_equal(batch["text"], tok([joined_text(i) for i in products]))
+  np.testing.assert_array_equal(
+      batch["tags"], tok([t for i in products for t in (product(i)["brand"], "SS2016")]
+                         ).reshape(b, 2, length))
+  np.testing.assert_array_equal(batch["text_mask"], batch["text"] != tok.pad_token_id)
+  targets = batch["mlm_labels"] != -1
+  np.testing.assert_array_equal(batch["mlm_ids"][~targets], batch["text"][~targets])
+  np.testing.assert_array_equal(batch["mlm_labels"][targets], batch["text"][targets])
+  same = batch["subcategory_key"][:, None] == batch["subcategory_key"][None]
+  np.testing.assert_array_equal(
+      same, [[product(i)["subcategory"] == product(j)["subcategory"] for j in products]
+             for i in products])
+  assert it.position == 1 and it.num_examples == NUM_TRAIN and it.batch_size == 8
+
+
+def test_deterministic_for_a_seed(data_dir):
+  a = take(pipeline.make_train_iterator(make_config(data_dir), process_index=0,
+                                        process_count=1), 3)
+  b = take(pipeline.make_train_iterator(make_config(data_dir), process_index=0,
+                                        process_count=1), 3)
+  c = take(pipeline.make_train_iterator(make_config(data_dir, seed=4), process_index=0,
+                                        process_count=1), 3)
+  for x, y in zip(a, b):
+    assert_batches_equal(x, y)
+  assert not np.array_equal(a[0]["product_key"], c[0]["product_key"])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+def test_resume_equals_uninterrupted_run(data_dir):
+  config = make_config(data_dir)
+  full = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 11)
+  # 50 examples / 8 per batch: step 6 straddles the epoch boundary, 7+ lie in epoch 1.
+  for start in (3, 6, 9):
+    it = pipeline.make_train_iterator(config, start_step=start, process_index=0, process_count=1)
+    assert it.position == start
+    for step in range(start, 11):
+      assert_batches_equal(next(it), full[step])
+    assert it.position == 11
+
+
+def test_epochs_cover_the_data_once_and_reshuffle(data_dir):
+  config = make_config(data_dir, batch_size=10, views=1, mlm_prob=0.0,
+                       **{"patch_mask.grid": 0})
+  batches = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 10)
+  assert "image2" not in batches[0] and "mlm_ids" not in batches[0]
+  assert "patch_mask" not in batches[0]
+  epochs = [np.concatenate([b["product_key"] for b in batches[e * 5:e * 5 + 5]])
+            for e in range(2)]
+  all_keys = sorted(keys_of(range(NUM_TRAIN)))
+  for keys in epochs:
+    assert sorted(keys) == all_keys
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+@pytest.mark.parametrize("process_count,batch_size", [(2, 10), (3, 6)])
+def test_host_shards_are_disjoint_and_cover(data_dir, process_count, batch_size):
+  config = make_config(data_dir, batch_size=batch_size, views=1, mlm_prob=0.0,
+                       **{"patch_mask.grid": 0})
+  per_host = NUM_TRAIN // process_count
+  shards = []
+  for host in range(process_count):
+    it = pipeline.make_train_iterator(config, process_index=host, process_count=process_count)
+    assert it.batch_size == batch_size // process_count
+    assert it.num_examples == per_host * process_count
+    keys = np.concatenate([b["product_key"] for b in take(it, 2 * per_host // it.batch_size)])
+    # Two epochs of the host's shard: each key exactly twice.
+    values, counts = np.unique(keys, return_counts=True)
+    assert len(values) == per_host and (counts == 2).all()
+    shards.append(set(values.tolist()))
+  union = set().union(*shards)
+  assert len(union) == per_host * process_count  # Disjoint...
+  assert union <= set(keys_of(range(NUM_TRAIN)))  # ...and only remainder rows left out.
+  assert NUM_TRAIN - len(union) < process_count
+
+
+def test_second_view_is_another_view_of_the_product(data_dir):
+  # Whole-image crops, no flip: each image is a resized view and can be matched to it.
+  size = 20
+  config = make_config(data_dir, batch_size=25, image_size=size, mlm_prob=0.0,
+                       **{"patch_mask.grid": 0, "augment.crop_scale": (1.0, 1.0),
+                          "augment.flip": False})
+  owner = keys_of(range(NUM_TRAIN))
+  for batch in take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 2):
+    for key, im1, im2 in zip(batch["product_key"], batch["image"], batch["image2"]):
+      views = [tf.image.resize(v, [size, size]).numpy() for v in product(owner[key])["images"]]
+      d1 = [np.abs(im1 - v).mean() for v in views]
+      d2 = [np.abs(im2 - v).mean() for v in views]
+      assert min(d1) < 4 and min(d2) < 4
+      if len(views) > 1:
+        assert np.argmin(d1) != np.argmin(d2)
+
+
+def test_crop_is_the_same_for_jpeg_and_other_formats():
+  rng = np.random.default_rng(0)
+  smooth = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(
+      (96, 72), Image.BILINEAR)
+  jpeg, png = tf.io.encode_jpeg(np.asarray(smooth), quality=98), tf.io.encode_png(
+      np.asarray(smooth))
+  for i in range(10):
+    key = tf.constant([7, i], tf.int64)
+    a = pipeline.random_resized_crop(jpeg, key, 32, (0.1, 1.0), True).numpy()
+    b = pipeline.random_resized_crop(png, key, 32, (0.1, 1.0), True).numpy()
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.abs(a.astype(float) - b).mean() < 3  # Same window, JPEG noise only.
+
+
+def test_bad_train_configs(data_dir):
+  with pytest.raises(ValueError, match="batch_size=10 .*process_count=3"):
+    pipeline.make_train_iterator(make_config(data_dir, batch_size=10), process_index=0,
+                                 process_count=3)
+  with pytest.raises(ValueError, match="mask token"):
+    pipeline.make_train_iterator(make_config(data_dir, **{"tokenizer.kind": "clip"}),
+                                 process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="views=3"):
+    pipeline.make_train_iterator(make_config(data_dir, views=3), process_index=0,
+                                 process_count=1)
+  with pytest.raises(ValueError, match="crop_scale"):
+    pipeline.make_train_iterator(make_config(data_dir, **{"augment.crop_scale": (0.0, 1.0)}),
+                                 process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="no split 'nope'"):
+    pipeline.make_train_iterator(make_config(data_dir, train_split="nope"), process_index=0,
+                                 process_count=1)
+  with pytest.raises(FileNotFoundError, match="launch.build_data"):
+    pipeline.make_train_iterator(make_config(data_dir + "/empty"), process_index=0,
+                                 process_count=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_eval_batches_padded_and_aligned_across_hosts(data_dir):
+  config = make_config(data_dir)
+  tok = tokenizers.get_tokenizer("bert", "", 16)
+  order = [ex["product_id"].decode() for ex in tfds.as_numpy(tfds.builder(
+      "pipeline_test_products", data_dir=data_dir).as_dataset(split="test", shuffle_files=False))]
+  seen, per_host = {}, []
+  for host in range(2):
+    ds = pipeline.make_eval_dataset(config, "test", batch_size=5, fields=("product_id",),
+                                    process_index=host, process_count=2)
+    assert ds.num_examples == NUM_TEST and len(ds) == ds.num_batches == 2
+    batches = list(ds)
+    assert len(batches) == 2
+    per_host.append(sum(int(b["valid"].sum()) for b in batches))
+    for b in batches:
+      assert b["image"].shape == (5, 24, 24, 3) and b["text"].shape == (5, 16)
+      valid = b["valid"]
+      assert (b["index"][~valid] == -1).all() and (b["image"][~valid] == 0).all()
+      assert (b["product_id"][~valid] == "").all() and not b["text_mask"][~valid].any()
+      for idx, pid, text in zip(b["index"][valid], b["product_id"][valid], b["text"][valid]):
+        assert order[idx] == pid
+        np.testing.assert_array_equal(text, tok([joined_text(int(pid[1:]))])[0])
+        seen[int(idx)] = pid
+  assert per_host == [7, 6]
+  assert sorted(seen) == list(range(NUM_TEST))
+
+
+def test_eval_image_matches_clip_processor_geometry(data_dir):
+  config = make_config(data_dir, image_size=32)
+  batch = next(iter(pipeline.make_eval_dataset(config, "test", batch_size=4,
+                                               fields=("product_id",), process_index=0,
+                                               process_count=1)))
+  first_views = [product(int(pid[1:]))["images"][0] for pid in batch["product_id"]]
+  # JPEG-decoded view vs the original pixels, and TF bicubic vs PIL bicubic: a few levels.
+  expected = pipeline.clip_image_preprocess(first_views, 32)
+  assert np.abs(batch["image"].astype(float) - expected).mean() < 4
+
+
+def test_clip_image_preprocess_equals_hf_clip_image_processor():
+  import transformers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for h, w, size in [(40, 48, 32), (300, 200, 224), (50, 77, 33)]:
+    image = np.asarray(Image.fromarray(rng.integers(0, 255, (h // 4, w // 4, 3), np.uint8))
+                       .resize((w, h), Image.BILINEAR))
+    processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        do_rescale=False, do_normalize=False)
+    hf = np.asarray(processor(images=[image], return_tensors="np")["pixel_values"][0])
+    ours = pipeline.clip_image_preprocess([image], size)[0]
+    np.testing.assert_array_equal(hf.transpose(1, 2, 0) if hf.shape[0] == 3 else hf, ours)
+
+
+def test_eval_unknown_field(data_dir):
+  with pytest.raises(KeyError, match="colour_name"):
+    pipeline.make_eval_dataset(make_config(data_dir), "test", batch_size=4,
+                               fields=("colour_name",), process_index=0, process_count=1)
+
+
+def test_normalize_on_device_matches_numpy():
+  images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  expected = (images / 255.0 - np.array(pipeline.CLIP_MEAN)) / np.array(pipeline.CLIP_STD)
+  np.testing.assert_allclose(np.asarray(pipeline.normalize_on_device(images)), expected,
+                             atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The built-in synthetic catalog.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_catalog_tiny(tmp_path):
+  importlib.import_module("fashion_jax.data.builders.synthetic_catalog")
+  tfds.builder("synthetic_catalog/tiny", data_dir=str(tmp_path)).download_and_prepare()
+  config = make_config(str(tmp_path), name="synthetic_catalog/tiny", image_size=32,
+                       batch_size=8, mlm_prob=0.0, max_len=77,
+                       tokenizer=dict(kind="clip", path=""),
+                       tag_fields=("brand", "season", "subcategory", "composition"))
+  it = pipeline.make_train_iterator(config, start_step=4, process_index=1, process_count=2)
+  batch = next(it)
+  assert batch["image"].shape == (4, 32, 32, 3) and batch["image2"].shape == (4, 32, 32, 3)
+  assert batch["tags"].shape == (4, 4, 77) and it.num_examples == 24
+  tok = tokenizers.get_tokenizer("clip", "", 77)
+  assert (batch["text"][:, 0] == tok.bos_token_id).all()
+  assert ((batch["text"] == tok.eos_token_id).any(1)).all()
+  ds = pipeline.make_eval_dataset(config, "test", batch_size=3, fields=("title", "brand"),
+                                  process_index=0, process_count=1)
+  rows = [t for b in ds for t, v in zip(b["title"], b["valid"]) if v]
+  assert ds.num_examples == 8 and len(rows) == 8 and all(rows)
