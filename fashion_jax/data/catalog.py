@@ -36,6 +36,10 @@ Python API (no TFDS needed):
   describe(spec, seed) -> (title, description)
   make_product(spec, seed, image_size) -> dict in the product schema (images: list of uint8 [S,S,3])
   generate_products(split, n, seed=0, image_size=64, start=0) -> iterator of those dicts
+  respec(spec, rng, **fields) -> a consistent variant (used by the derived FashionIQ/Polyvore sets)
+  text_phrases() -> attribute -> value -> phrases; nearest_color(rgb) -> colour names
+  brand_glyph(brand), brand_categories(brand); vocabularies COLORS, PATTERNS, MATERIALS,
+  SHAPE_ATTRS, SUBCATEGORIES, CATEGORIES, BRANDS, SEASONS, HOLDOUT_*, IMPROBABLE_COLOR_PAIRS.
 """
 
 import dataclasses
@@ -418,7 +422,10 @@ def _rng(seed, split, index, stream):
 
 
 def _choice(rng, seq, p=None):
-  return seq[int(rng.choice(len(seq), p=p))]
+  """One element of seq, uniformly or with probabilities p (faster than rng.choice)."""
+  if p is None:
+    return seq[int(rng.integers(len(seq)))]
+  return seq[min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), len(seq) - 1)]
 
 
 def _check_split(split):

@@ -6,10 +6,11 @@ A product is drawn in two passes:
        0 background, 1 body (primary colour + pattern + texture), 2 trim (secondary colour),
        3 inside/opening (primary x 0.45), 4 hardware (metal), 5 seams and outlines (primary x 0.68).
   2. Colour: image = palette[label] with the pattern's second colour on body pixels, times the
-     material's cached texture map [S, S] (cloth labels only), then two small marks pasted on top:
+     material's cached texture map [S, S] (cloth labels only; quantised to 64 levels so that the
+     whole product is one uint8 table look-up), then two small marks pasted on top:
        logo  5x5 cells of the brand glyph (catalog.brand_glyph) on a 7x7-cell plate of the primary
              colour, glyph cells in black or white, whichever contrasts with the primary. Cell size
-             c = max(1, round(S / 64)) px, so the mark covers ~0.6% of the image: a fine detail.
+             c = max(1, S // 64) px, so the mark covers ~0.6% of the image: a fine detail.
        tag   2x4 cells: top row [season half, year bit 2, bit 1, bit 0] (dark = 1, FW = dark,
              year - 2014 in binary), bottom row the fixed marker [dark, light, dark, light].
 
@@ -820,11 +821,26 @@ def texture(material, size):
   return out
 
 
+TEX_LEVELS = 64
+TEX_RANGE = (0.7, 1.3)
+
+
+@functools.lru_cache(maxsize=64)
+def _texture_levels(material, size):
+  """texture(material, size) quantised to TEX_LEVELS levels over TEX_RANGE: uint16 [S, S]."""
+  lo, hi = TEX_RANGE
+  q = np.round((texture(material, size) - lo) / (hi - lo) * (TEX_LEVELS - 1))
+  out = np.clip(q, 0, TEX_LEVELS - 1).astype(np.uint16)
+  out.flags.writeable = False
+  return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Composition.
 # ------------------------------------------------------------------------------------------------
 
 def _palette(spec):
+  """float32 [8, 3]: the flat colour of every label (and of pattern pixels, label 6)."""
   prim = np.array(catalog.COLORS[spec.primary_color], np.float32)
   sec = np.array(catalog.COLORS[spec.secondary_color], np.float32)
   pal = np.zeros((8, 3), np.float32)
@@ -836,6 +852,16 @@ def _palette(spec):
   pal[SEAM] = prim * 0.68 + 8
   pal[_PATTERN_LABEL] = sec
   return pal
+
+
+def _color_lut(pal):
+  """uint8 [8 * TEX_LEVELS, 3]: colour of (label, texture level); bg and metal are untextured."""
+  lo, hi = TEX_RANGE
+  levels = lo + (hi - lo) * np.arange(TEX_LEVELS, dtype=np.float32) / (TEX_LEVELS - 1)
+  lut = pal[:, None, :] * levels[None, :, None]
+  lut[0] = pal[0]
+  lut[METAL_LABEL] = pal[METAL_LABEL]
+  return np.clip(np.round(lut), 0, 255).astype(np.uint8).reshape(-1, 3)
 
 
 def logo_contrast(primary_color):
@@ -888,33 +914,38 @@ def _glyph_pixels(brand, c):
 
 
 def _compose(spec, view, size):
-  """(image uint8 [size, size, 3], labels uint8 [size, size], logo box or None) of one view."""
+  """(image uint8 [size, size, 3], labels uint8 [size, size], logo box or None) of one view.
+
+  image[y, x] = round(palette[label'] * texture[y, x]) with label' = 6 on patterned body pixels,
+  the texture quantised to TEX_LEVELS levels so the product is one table look-up.
+  """
   shapes, logo, tag = geometry(spec, "back" if view == "back" else "front")
   lab = rasterize(shapes, size)
-  idx = lab
+  idx = lab.astype(np.uint16)
   if spec.pattern != "solid":
-    idx = np.where((lab == BODY) & pattern_mask(spec.pattern, size, spec.pattern_phase),
-                   np.uint8(_PATTERN_LABEL), lab)
+    idx[(lab == BODY) & pattern_mask(spec.pattern, size, spec.pattern_phase)] = _PATTERN_LABEL
   pal = _palette(spec)
-  img = pal[idx]
-  tex = texture(spec.material, size)
-  cloth = (lab != 0) & (lab != METAL_LABEL)
-  img *= np.where(cloth, tex, np.float32(1.0))[..., None]
+  idx *= TEX_LEVELS
+  idx += _texture_levels(spec.material, size)
+  img = _color_lut(pal)[idx]
   box = None
   if view != "back":
     c = cell_size(size)
     y0, x0, n = _box(logo, size, 7)
-    img[y0:y0 + n, x0:x0 + n] = pal[BODY]
+    img[y0:y0 + n, x0:x0 + n] = np.round(pal[BODY]).astype(np.uint8)
     gy, gx = y0 + c, x0 + c
     img[gy:gy + 5 * c, gx:gx + 5 * c][_glyph_pixels(spec.brand, c)] = logo_contrast(
         spec.primary_color)
     box = (gy, gx, gy + 5 * c, gx + 5 * c)
     ty0, tx0, _, _ = tag_box(spec, size)
-    bits = np.kron(season_bits(spec.season), np.ones((c, c), bool))
-    img[ty0:ty0 + 2 * c, tx0:tx0 + 4 * c] = np.where(bits[..., None], np.float32(TAG_ON),
-                                                     np.float32(TAG_OFF))
-  np.clip(img, 0, 255, out=img)
-  return img.astype(np.uint8), lab, box
+    img[ty0:ty0 + 2 * c, tx0:tx0 + 4 * c] = np.where(
+        _tag_pixels(spec.season, c)[..., None], np.uint8(TAG_ON), np.uint8(TAG_OFF))
+  return img, lab, box
+
+
+@functools.lru_cache(maxsize=256)
+def _tag_pixels(season, c):
+  return np.kron(season_bits(season), np.ones((c, c), bool))
 
 
 def render_view(spec, view, size):
