@@ -5,8 +5,10 @@ Build a dataset (data dir: --data_dir, else tfds's default: $TFDS_DATA_DIR or ~/
     python -m launch.build_data --dataset=synthetic_catalog/base --num_workers=16
     python -m launch.build_data --dataset=fashiongen --manual_dir=/data/fashiongen
     python -m launch.build_data --dataset=fashioniq/triplets --manual_dir=/data/fashioniq
-    python -m launch.build_data --dataset=polyvore_outfits --manual_dir=/data/polyvore_outfits
-    python -m launch.build_data --dataset=image_text_folder --manual_dir=/data/my_shop
+    python -m launch.build_data --dataset=polyvore_outfits/nondisjoint_items --manual_dir=/data/polyvore_outfits
+      (configs {nondisjoint,disjoint}_{items,outfits,fitb,compatibility})
+    python -m launch.build_data --dataset=image_text_folder/my_shop --manual_dir=/data/my_shop
+    FashionIQ's public release misses many images: add --max_bad_fraction=0.3 if the build stops.
 
 Write a synthetic set in the public release's format (then build it like the real thing):
     python -m launch.build_data --write_derived=fashioniq --out=/tmp/fiq
@@ -36,6 +38,9 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None,
                                   "Folder with the user-supplied files of a real-format dataset.")
 _NUM_WORKERS = flags.DEFINE_integer(
     "num_workers", None, "synthetic_catalog only: rendering processes (default: all CPUs).")
+_MAX_BAD = flags.DEFINE_float(
+    "max_bad_fraction", None, "Real-format builders: the build stops with an error when more than "
+    "this fraction of a split's records/images is bad (default: the builder's, 0.05).")
 _WRITE_DERIVED = flags.DEFINE_enum("write_derived", None, DERIVED,
                                    "Write a synthetic set in this real format to --out.")
 _OUT = flags.DEFINE_string("out", None, "Output folder of --write_derived.")
@@ -55,7 +60,7 @@ def builder_for(dataset, data_dir=None, **kwargs):
   return tfds.builder(dataset, data_dir=data_dir, **kwargs)
 
 
-def build(dataset, data_dir=None, manual_dir=None, num_workers=None):
+def build(dataset, data_dir=None, manual_dir=None, num_workers=None, max_bad_fraction=None):
   """Builds `dataset` and returns its builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   kwargs = {}
@@ -63,6 +68,11 @@ def build(dataset, data_dir=None, manual_dir=None, num_workers=None):
     if not dataset.startswith("synthetic_catalog"):
       raise ValueError(f"--num_workers applies to synthetic_catalog only, not {dataset!r}")
     kwargs["num_workers"] = num_workers
+  if max_bad_fraction is not None:
+    if dataset.startswith("synthetic_catalog"):
+      raise ValueError("--max_bad_fraction applies to the real-format builders, not "
+                       f"{dataset!r} (rendered products are never bad)")
+    kwargs["max_bad_fraction"] = max_bad_fraction
   builder = builder_for(dataset, data_dir, **kwargs)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -85,7 +95,8 @@ def main(argv):
     return
   if not _DATASET.value:
     raise app.UsageError("give --dataset=NAME[/CONFIG] or --write_derived=...")
-  builder = build(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, _NUM_WORKERS.value)
+  builder = build(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, _NUM_WORKERS.value,
+                  _MAX_BAD.value)
   sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
   logging.info("built %s", builder.info.full_name)
   print(f"built {builder.info.full_name} in {builder.data_dir} in "
