@@ -115,6 +115,23 @@ def test_pretraining_checkpoint_ignores_nsp_head(tmp_path, caplog):
                              rtol=1e-4)
 
 
+def test_old_bin_checkpoint_with_gamma_beta(tmp_path):
+  """A pytorch_model.bin in the original Google layout (LayerNorm.gamma/beta) imports the same."""
+  hf = _make_hf(tmp_path, transformers.BertForPreTraining, seed=3, **CONFIGS[2])
+  _, params = hf_bert.load_hf_bert(str(tmp_path))
+  old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                  "LayerNorm.beta"): v
+         for k, v in hf.state_dict().items()}
+  assert any(k.endswith("gamma") for k in old)
+  (tmp_path / "model.safetensors").unlink()
+  torch.save(old, tmp_path / "pytorch_model.bin")
+  _, params_bin = hf_bert.load_hf_bert(str(tmp_path))
+  flat, flat_bin = (flax.traverse_util.flatten_dict(p) for p in (params, params_bin))
+  assert set(flat) == set(flat_bin)
+  for k, v in flat.items():
+    np.testing.assert_array_equal(v, flat_bin[k], err_msg=str(k))
+
+
 def test_fusion_path_equals_call():
   """embed_text + concatenated extra tokens + encode: the path fusion models use."""
   model = bert_lib.bert("tiny", vocab_size=50, max_position=16, num_layers=1)
@@ -122,6 +139,8 @@ def test_fusion_path_equals_call():
   params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
   v = {"params": params}
   text = _apply(model, v, ids, method=bert_lib.Bert.embed_text)
+  np.testing.assert_allclose(_apply(model, v, text, method=bert_lib.Bert.encode),
+                             _apply(model, v, ids)["hidden"], atol=1e-6)
   img = jax.random.normal(jax.random.key(1), (2, 3, 128))
   mask = jnp.array([[1] * 8, [1] * 4 + [0] + [1] * 3])
   joint = _apply(model, v, jnp.concatenate([text, img], 1), mask, method=bert_lib.Bert.encode)
