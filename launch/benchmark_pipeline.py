@@ -17,19 +17,27 @@ random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):
                    loop. The like-for-like comparison.
   ours_uint8       what the training pipeline ships (pipeline.random_resized_crop): the same
                    crop, rounded to uint8, normalised later on the device.
-  device_normalise pipeline.normalize_on_device (jitted jax) on those uint8 batches, run on
-                   this CPU's XLA backend (on a TPU/GPU it fuses into the first layer).
-  uint8_plus_dev   ours_uint8 then device_normalise on the same core:
-                   1 / (1/ours_uint8 + 1/device_normalise).
+  dev_normalise_b64  pipeline.normalize_on_device (jitted jax) on this CPU's XLA backend, one
+                   call per 64-image batch. Its 38 MB float32 output exceeds glibc's mmap
+                   threshold, so every call page-faults fresh memory: the slow, pessimistic case.
+  dev_normalise_b8   the same on 8-image slices (one device's share of the batch on an 8-device
+                   mesh): buffers are recycled, the arithmetic cost shows. Inside a real train
+                   step XLA fuses the normalise into the patch embedding / first conv, and on a
+                   TPU/GPU it runs on the accelerator, not a host core.
+  uint8+dev_bN     ours_uint8 then dev_normalise_bN on the same core:
+                   1 / (1/ours_uint8 + 1/dev_normalise_bN).
 
 "One core": tf.data runs with options.threading.private_threadpool_size = 1 and
 max_intra_op_parallelism = 1 (and TF's inter/intra-op pools at 1), jax with one intra-op
 thread; the PIL loop is a single Python process. Each row reports the median of `repeats` timed
-passes over the same files (page cache warm). The machine is shared, so figures move by 10-20%
-between runs; the ratio is the number to read.
+passes over the same files (page cache warm) in two units: images per wall-clock second and
+images per CPU-second of this process (all its threads). On a shared machine the wall-clock rate
+drops with other people's load while the CPU-second rate does not, so "per core" and the ratio
+("x PIL loop") are taken from CPU-seconds; a CPU-second rate well above the wall rate would
+reveal a second thread at work.
 
-Images come from the synthetic catalog renderer at 256 px when fashion_jax.data.render exists,
-else from random smooth textures; they are written as JPEG (quality 90) under /tmp.
+Images (--source): synthetic catalog renders at 256 px (default), or smooth colour noise plus
+grain ('textures': more detail, slower to decode); written as JPEG (quality 90) under /tmp.
 """
 
 import argparse
@@ -59,16 +67,15 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
-def write_images(out_dir: pathlib.Path, n: int) -> tuple[list[str], str]:
-  """n 256 px JPEGs; returns their paths and where the pixels came from."""
+def write_images(out_dir: pathlib.Path, n: int, source: str) -> list[str]:
+  """n 256 px JPEGs (quality 90) of `source`: 'catalog' renders or noisy 'textures'."""
+  out_dir = out_dir / source
   out_dir.mkdir(parents=True, exist_ok=True)
-  try:
-    from fashion_jax.data import catalog, render  # pylint: disable=g-import-not-at-top,unused-import
-    source = "synthetic catalog renderer"
+  if source == "catalog":
+    from fashion_jax.data import catalog  # pylint: disable=g-import-not-at-top
     def image(i):
       return catalog.make_product(catalog.sample_spec("train", i), image_size=SOURCE)["images"][0]
-  except ModuleNotFoundError:
-    source = "random smooth textures"
+  else:
     rng = np.random.default_rng(0)
     def image(i):
       del i
@@ -82,7 +89,7 @@ def write_images(out_dir: pathlib.Path, n: int) -> tuple[list[str], str]:
     if not path.exists():
       Image.fromarray(image(i)).save(path, quality=90)
     paths.append(str(path))
-  return paths, source
+  return paths
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,16 +183,19 @@ def tf_dataset(paths, batch, kind):
 
 
 def timed(fns: dict, repeats: int) -> dict:
-  """Median seconds of each fn over `repeats` rounds; the rows alternate within a round so that
-  load from other processes on a shared machine hits every row alike. Round 0 is warm-up."""
+  """{name: (median wall seconds, median process CPU seconds)} of each fn over `repeats` rounds.
+
+  Rows alternate within a round so that load from other processes hits every row alike; round
+  0 is warm-up. CPU seconds count every thread of this process (TF's pools included).
+  """
   times = {name: [] for name in fns}
   for round_ in range(repeats + 1):
     for name, fn in fns.items():
-      start = time.perf_counter()
+      wall, cpu = time.perf_counter(), time.process_time()
       fn()
       if round_:
-        times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+        times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+  return {name: tuple(statistics.median(x) for x in zip(*t)) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -194,6 +204,9 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--image_dir", default="/tmp/fashion_jax_bench_jpeg256")
+  parser.add_argument("--source", choices=("catalog", "textures"), default="catalog",
+                      help="synthetic catalog renders, or smooth colour noise + grain (JPEGs "
+                      "that are slower to decode, like busy photos)")
   args = parser.parse_args(argv)
   if args.num_images < args.batch:
     raise ValueError(f"--num_images={args.num_images} < --batch={args.batch}")
@@ -204,33 +217,37 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  paths, source = write_images(pathlib.Path(args.image_dir), args.num_images)
+  paths = write_images(pathlib.Path(args.image_dir), args.num_images, args.source)
   n = (len(paths) // args.batch) * args.batch
   datasets = {name: tf_dataset(paths, args.batch, kind) for name, kind in [
       ("jpeg_decode_only", "decode"), ("tfdata_naive", "naive"),
       ("ours_normalised", "ours_normalised"), ("ours_uint8", "ours")]}
   batches = [b.numpy() for b in datasets["ours_uint8"]]
+  shards = [s for b in batches for s in np.split(b, args.batch // 8)]
   normalise = jax.jit(pipeline.normalize_on_device)
 
-  def run_norm():
-    for b in batches:
-      normalise(b).block_until_ready()
+  def run_norm(arrays):
+    for a in arrays:
+      normalise(a).block_until_ready()
 
   fns = dict(pil_numpy_loop=lambda: pil_numpy_loop(paths, args.batch, np.random.default_rng(0)))
   fns.update({name: (lambda ds=ds: [None for _ in ds]) for name, ds in datasets.items()})
-  fns["device_normalise"] = run_norm
-  rows = {name: n / seconds for name, seconds in timed(fns, args.repeats).items()}
-  rows["uint8_plus_dev"] = 1.0 / (1.0 / rows["ours_uint8"] + 1.0 / rows["device_normalise"])
+  fns["dev_normalise_b64"] = lambda: run_norm(batches)
+  fns["dev_normalise_b8"] = lambda: run_norm(shards)
+  rows = {name: (n / wall, n / cpu) for name, (wall, cpu) in timed(fns, args.repeats).items()}
+  for b in ("b64", "b8"):
+    rows[f"uint8+dev_{b}"] = tuple(1.0 / (1.0 / a + 1.0 / d) for a, d in zip(
+        rows["ours_uint8"], rows[f"dev_normalise_{b}"]))
 
   print(f"machine: {cpu_model()}, {os.cpu_count()} cores visible "
         f"({len(os.sched_getaffinity(0))} usable), {platform.platform()}")
   print(f"tensorflow {tf.__version__}, jax {jax.__version__} on {jax.devices()[0].platform}; "
-        f"{n} JPEGs {SOURCE}px ({source}), crop -> {SIZE}, batch {args.batch}, "
+        f"{n} JPEGs {SOURCE}px ({args.source}), crop -> {SIZE}, batch {args.batch}, "
         f"median of {args.repeats}")
-  base = rows["pil_numpy_loop"]
-  print(f"{'path':<18} {'img/s/core':>11} {'x PIL loop':>11}")
-  for name, rate in rows.items():
-    print(f"{name:<18} {rate:>11.0f} {rate / base:>11.2f}")
+  base = rows["pil_numpy_loop"][1]
+  print(f"{'path':<18} {'img/s wall':>11} {'img/cpu-s':>10} {'x PIL loop':>11}")
+  for name, (wall_rate, cpu_rate) in rows.items():
+    print(f"{name:<18} {wall_rate:>11.0f} {cpu_rate:>10.0f} {cpu_rate / base:>11.2f}")
 
 
 if __name__ == "__main__":
