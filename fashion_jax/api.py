@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fashion_jax.interop import hf_clip
+from fashion_jax.interop import hf_io
 from fashion_jax.models import clip as clip_lib
 
 
@@ -94,13 +95,9 @@ class FashionCLIP:
 
     `runtime`: dtype / scan / remat_policy of the CLIPConfig.
     """
-    config, params = hf_clip.load_clip(path, **runtime)
-    local = pathlib.Path(os.path.expanduser(str(path)))
-    tokenizer = _load_tokenizer(local) if local.is_dir() else None
-    if tokenizer is None and not local.is_dir():
-      import transformers  # pylint: disable=g-import-not-at-top
-      tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
-    return cls(config, params, tokenizer, batch_size=batch_size)
+    root = hf_io.resolve_hf_path(path)  # A local directory, or the hub snapshot's.
+    config, params = hf_clip.load_clip(str(root), **runtime)
+    return cls(config, params, _load_tokenizer(root), batch_size=batch_size)
 
   @property
   def logit_scale(self) -> float:

@@ -1,0 +1,204 @@
+r"""Train-step throughput of the FashionCLIP model: ours (JAX) vs transformers' torch CLIPModel.
+
+One step = forward of both towers on a batch of (image, text) pairs, CLIP's symmetric InfoNCE
+with the learnt logit scale, backward, and an AdamW update of every parameter. Both frameworks
+get identical inputs, model config, loss and optimizer hyper-parameters, on the same machine in
+the same run; steps/s are the median over the timed steps.
+
+COMMANDS
+  # CPU, the README comparison (float32, B/32, 224 px, context 77, batch 8):
+  python -m launch.benchmark_model
+  # GPU: B/16 bfloat16 throughput and model FLOPs utilisation (ours only):
+  python -m launch.benchmark_model --variant=B/16 --dtype=bfloat16 --batch=256 --no-torch
+
+MFU = analytic model FLOPs per step / step time / peak FLOPs of the device. Model FLOPs count
+the matmuls of forward (2 m n k each) x 3 for forward + backward, rematerialisation excluded
+(the usual convention); they are computed from the config, not from XLA's cost analysis (which
+counts a scanned body once). Peak: a table of dense bf16/fp32 peaks by device kind, or
+--peak_tflops.
+"""
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fashion_jax.losses.contrastive import info_nce
+from fashion_jax.models import clip as clip_lib
+from fashion_jax.models import vit as vit_lib
+
+LR, WEIGHT_DECAY, BETAS, EPS = 1e-5, 0.1, (0.9, 0.98), 1e-6
+
+# Dense peak TFLOP/s per device: (bfloat16, float32). float32 matmuls on Hopper/Ampere run as TF32
+# under XLA's default precision, so the TF32 peak is listed for float32.
+PEAK_TFLOPS = {
+    "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0),
+    "L4": (121.0, 60.0), "V100": (125.0, 15.7), "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0), "TPU v5p": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0),
+}
+
+
+def machine_info() -> str:
+  dev = jax.devices()[0]
+  lines = [f"host: {platform.node()} {platform.platform()} python {platform.python_version()}",
+           f"cpu: {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+           f"affinity={len(os.sched_getaffinity(0))}",
+           f"jax {jax.__version__} backend={jax.default_backend()} devices={len(jax.devices())} "
+           f"kind={dev.device_kind!r}"]
+  return "\n".join(lines)
+
+
+def tower_flops(width, layers, mlp_dim, tokens):
+  """Forward matmul FLOPs of one transformer tower per example."""
+  per_layer = (2 * tokens * width * 4 * width      # q, k, v, out projections
+               + 2 * 2 * tokens * tokens * width    # q k^T and probs v
+               + 2 * 2 * tokens * width * mlp_dim)  # fc1, fc2
+  return layers * per_layer
+
+
+def train_flops_per_step(config: clip_lib.CLIPConfig, batch: int, length: int) -> float:
+  """Analytic model FLOPs of one train step (forward x 3)."""
+  v, t, p = config.vision, config.text, config.projection_dim
+  n = v.num_patches + 1
+  vision = (2 * v.num_patches * v.patch_size ** 2 * 3 * v.width
+            + tower_flops(v.width, v.num_layers, v.mlp_dim, n) + 2 * v.width * p)
+  text = tower_flops(t.width, t.num_layers, t.mlp_dim, length) + 2 * t.width * p
+  logits = 2 * batch * p  # per example: one row of the [B, B] similarity matrix
+  return 3.0 * batch * (vision + text + logits)
+
+
+def peak_flops(dtype: str, override_tflops: float):
+  if override_tflops:
+    return override_tflops * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, (bf16, f32) in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return (bf16 if dtype in ("bfloat16", "float16") else f32) * 1e12
+  return None
+
+
+def make_batch(config, batch, seed=0):
+  rs = np.random.RandomState(seed)
+  s, length = config.vision.image_size, config.text.max_len
+  images = rs.randint(0, 256, (batch, s, s, 3)).astype(np.uint8)
+  ids = rs.randint(0, config.text.eos_token_id, (batch, length)).astype(np.int32)
+  ids[:, 0] = config.text.bos_token_id
+  ids[np.arange(batch), rs.randint(5, length, batch)] = config.text.eos_token_id
+  return images, ids
+
+
+def time_steps(step, state, warmup, steps):
+  for _ in range(warmup):
+    state = step(state)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state = step(state)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), state
+
+
+def bench_jax(config, images, ids, warmup, steps):
+  model = clip_lib.CLIPModel(config)
+  params = jax.jit(functools.partial(clip_lib.init_params, config))(jax.random.PRNGKey(0))
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  params = nn.unbox(params)
+  tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
+  opt_state = tx.init(params)
+  images, ids = jnp.asarray(images), jnp.asarray(ids)
+
+  def loss_fn(p):
+    out = model.apply({"params": p}, images, ids, deterministic=False)
+    return info_nce(out["image_embeds"], out["text_embeds"], out["logit_scale"])[0]
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state):
+    p, o = state
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  def step(state):
+    p, o, _ = train_step(state[:2])
+    jax.block_until_ready(p)
+    return p, o
+
+  t0 = time.perf_counter()
+  state = step((params, opt_state))
+  compile_s = time.perf_counter() - t0
+  sec, _ = time_steps(step, state, max(warmup - 1, 0), steps)
+  return sec, compile_s
+
+
+def bench_torch(config, images, ids, warmup, steps):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = transformers.CLIPModel(config.to_hf()).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                          weight_decay=WEIGHT_DECAY)
+  mean = torch.tensor(vit_lib.CLIP_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(vit_lib.CLIP_STD).view(1, 3, 1, 1)
+  pixels_u8 = torch.from_numpy(images).permute(0, 3, 1, 2)
+  input_ids = torch.from_numpy(ids).long()
+
+  def step(state):
+    opt.zero_grad(set_to_none=True)
+    pixels = (pixels_u8.float() / 255.0 - mean) / std  # Same on-step normalisation as ours.
+    loss = model(input_ids=input_ids, pixel_values=pixels, return_loss=True).loss
+    loss.backward()
+    opt.step()
+    return state
+
+  sec, _ = time_steps(step, None, warmup, steps)
+  return sec, torch.get_num_threads(), torch.__version__
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--variant", default="B/32")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--scan", action="store_true", help="nn.scan over layers")
+  parser.add_argument("--remat", default="none", help="'none' or a jax.checkpoint_policies name")
+  parser.add_argument("--no-torch", dest="torch", action="store_false")
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="device peak for MFU when its kind is not in the table")
+  args = parser.parse_args(argv)
+
+  config = clip_lib.clip_config(args.variant, dtype=args.dtype, scan=args.scan,
+                                remat_policy=args.remat)
+  images, ids = make_batch(config, args.batch)
+  print(machine_info())
+  print(f"model: CLIP {args.variant} ({clip_lib.count_params(config):,} params), "
+        f"{config.vision.image_size} px, context {config.text.max_len}, batch {args.batch}, "
+        f"compute {args.dtype}, scan={args.scan}, remat={args.remat}; AdamW lr={LR} "
+        f"wd={WEIGHT_DECAY}; warmup {args.warmup}, timed {args.steps} (median)")
+
+  sec, compile_s = bench_jax(config, images, ids, args.warmup, args.steps)
+  flops = train_flops_per_step(config, args.batch, config.text.max_len)
+  peak = peak_flops(args.dtype, args.peak_tflops)
+  mfu = f"{flops / sec / peak:.1%}" if peak else "n/a (unknown peak; pass --peak_tflops)"
+  print(f"fashion_jax (jit): {1 / sec:.3f} steps/s, {args.batch / sec:.1f} examples/s, "
+        f"{sec * 1e3:.0f} ms/step (first step incl. compile {compile_s:.1f} s); "
+        f"model FLOPs/step {flops / 1e12:.3f} TFLOP, {flops / sec / 1e12:.2f} TFLOP/s, MFU {mfu}")
+  if args.torch:
+    if args.dtype != "float32":
+      raise SystemExit("The torch comparison runs float32 only; pass --no-torch for bfloat16.")
+    tsec, threads, version = bench_torch(config, images, ids, args.warmup, args.steps)
+    print(f"torch {version} transformers CLIPModel (eager, {threads} threads): "
+          f"{1 / tsec:.3f} steps/s, {tsec * 1e3:.0f} ms/step")
+    print(f"ratio fashion_jax / torch (steps/s): {tsec / sec:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
