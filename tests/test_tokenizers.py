@@ -116,7 +116,7 @@ def test_clip_vocab_layout(clip_files):
   assert inverse[:256] == byte_chars
   assert inverse[256:512] == [c + "</w>" for c in byte_chars]
   assert inverse[-2:] == ["<|startoftext|>", "<|endoftext|>"]
-  assert 4096 <= len(vocab) + 600 and len(vocab) <= 8192
+  assert len(vocab) <= 8192 and len(ranks) >= 2000  # A modest vocab of real merges.
   for a, b in ranks:
     assert a in vocab and b in vocab and a + b in vocab
 
