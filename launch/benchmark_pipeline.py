@@ -33,8 +33,8 @@ thread; the PIL loop is a single Python process. Each row reports the median of 
 passes over the same files (page cache warm) in two units: images per wall-clock second and
 images per CPU-second of this process (all its threads). On a shared machine the wall-clock rate
 drops with other people's load while the CPU-second rate does not, so "per core" and the ratio
-("x PIL loop") are taken from CPU-seconds; a CPU-second rate well above the wall rate would
-reveal a second thread at work.
+("x PIL loop") are taken from CPU-seconds; a wall rate above the CPU-second rate reveals more
+than one busy thread (XLA:CPU does that for the device normalise; CPU-seconds still count it).
 
 Images (--source): synthetic catalog renders at 256 px (default), or smooth colour noise plus
 grain ('textures': more detail, slower to decode); written as JPEG (quality 90) under /tmp.

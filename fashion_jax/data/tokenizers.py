@@ -8,7 +8,9 @@ assets/bert_wordpiece/), rebuilt deterministically by
 from a corpus of generic fashion sentences written here plus the synthetic catalog's train texts
 (fashion_jax.data.catalog). The `tokenizers` library normalises and pre-tokenises exactly as the
 HF tokenizers do at run time; the merges are learnt by `learn_merges` (deterministic tie-breaking,
-unlike the library's trainers), so the same command always writes the same files. Real vocabularies (e.g. a local copy
+unlike the library's trainers), so the same command always writes the same files.
+
+Real vocabularies (e.g. a local copy
 of openai/clip-vit-base-patch32 or bert-base-uncased) load from a local HF directory given as
 `path`; nothing is ever downloaded.
 
@@ -285,7 +287,8 @@ def learn_merges(word_counts: dict[str, int], split, join, num_merges: int,
 
 def _clip_backend():
   """A `tokenizers.Tokenizer` with CLIP's normaliser and pre-tokeniser (no model needed)."""
-  from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
   tok = Tokenizer(models.BPE())
   tok.normalizer = normalizers.Sequence(
       [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
