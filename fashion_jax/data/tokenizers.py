@@ -10,9 +10,8 @@ from a corpus of generic fashion sentences written here plus the synthetic catal
 HF tokenizers do at run time; the merges are learnt by `learn_merges` (deterministic tie-breaking,
 unlike the library's trainers), so the same command always writes the same files.
 
-Real vocabularies (e.g. a local copy
-of openai/clip-vit-base-patch32 or bert-base-uncased) load from a local HF directory given as
-`path`; nothing is ever downloaded.
+Real vocabularies (e.g. a local copy of openai/clip-vit-base-patch32 or bert-base-uncased) load
+from a local HF directory given as `path`; nothing is ever downloaded.
 
 CLIP BPE (assets/clip_bpe/): the algorithm of OpenAI's CLIP tokenizer: NFC, whitespace
 collapsed, lowercased; words split by CLIP's regex; bytes mapped to printable unicode (GPT-2's
