@@ -43,9 +43,12 @@ def main(argv, *, iterator_factory=None):
   step = int(result.state.step)
   if result.preempted:
     logging.warning("Preempted at step %d; checkpoint saved. Rerun the command to resume.", step)
+  train = {k: v for k, v in result.metrics.items() if k.startswith("train/")}
+  evals = {k: v for k, v in result.metrics.items() if not k.startswith("train/")}
   print(f"Finished at step {step}" + (" (preempted)" if result.preempted else "") + ": " +
-        ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())), flush=True)
-
+        ", ".join(f"{k}={v:.4g}" for k, v in sorted(train.items())), flush=True)
+  if evals:
+    print(loop.format_table(evals), flush=True)
 
 if __name__ == "__main__":
   app.run(main)

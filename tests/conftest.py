@@ -20,6 +20,12 @@ if REPO_ROOT not in sys.path:
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: a heavy check (subprocesses, long runs); still runs by default, "
+      "deselect with -m 'not slow'.")
+
+
 @pytest.fixture
 def toy_config():
   """A fresh toy trainer config (tests/toy_system.get_config)."""

@@ -42,6 +42,7 @@ def _set(config, dotted, value):
     ("checkpoint.best_mode", "lowest", r"config.checkpoint.best_mode='lowest' is not one"),
     ("nan_policy", "ignore", r"config.nan_policy='ignore' is not one of \('stop',\)"),
     ("total_steps", 0, r"config.total_steps=0 must be >= 1"),
+    ("optimizer.schedule.warmup_steps", 7, r"warmup_steps=7 must lie in \[0, total_steps=6\]"),
     ("num_epochs", 2, r"Both config.total_steps=6 and config.num_epochs=2"),
     ("mesh.data", 3, r"config.mesh=\{'data': 3, 'fsdp': 1, 'tensor': 1\}.*\(3\) does not divide "
                      r"the 8 devices"),

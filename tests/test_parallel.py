@@ -1,5 +1,10 @@
 """Mesh construction, logical sharding rules, global batches, and mesh equivalence of training."""
 
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -8,7 +13,9 @@ import pytest
 from fashion_jax import systems
 from fashion_jax.parallel import mesh as mesh_lib
 from fashion_jax.parallel import sharding as sharding_lib
+from fashion_jax.train import checkpoint as checkpoint_lib
 from fashion_jax.train import config_check
+from fashion_jax.train import loop
 from fashion_jax.train import state as state_lib
 from tests import toy_system
 
@@ -137,4 +144,44 @@ def test_mesh_equivalence(mesh_config, single_device_run):
   assert losses[-1] < losses[0]
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
                           jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  """jax.distributed on localhost: 2 processes x 4 CPU devices == 1 process x 8 devices."""
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  workdir = tmp_path / "multi"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tests.toy_system", "--config=tests/toy_system.py",
+       f"--workdir={workdir}", "--config.distributed=True", "--config.total_steps=3",
+       "--config.mesh.fsdp=2", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=repo, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    assert "Finished at step 3" in out
+
+  config = toy_system.get_config()
+  config.total_steps = 3
+  config.mesh.fsdp = 2
+  ref = loop.train_and_evaluate(config, str(tmp_path / "single"),
+                                iterator_factory=toy_system.make_iterator).state
+  ckpt = checkpoint_lib.Checkpointer(str(workdir), keep=2)
+  try:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            ref)
+    state, data = ckpt.restore(3, abstract)
+  finally:
+    ckpt.close()
+  assert data == {"step": 3, "position": 3}
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(ref.params)),
+                          jax.tree.leaves(jax.device_get(state.params))):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))

@@ -4,6 +4,7 @@ The subprocess runs are `python -m tests.toy_system` (launch.train's main with t
 on the same 8 fake CPU devices and the same mesh as the in-process reference run.
 """
 
+import json
 import os
 import random
 import signal
@@ -85,6 +86,7 @@ def reference(tmp_path_factory):
   return jax.device_get(result.state), result.state
 
 
+@pytest.mark.slow
 def test_kill9_resume_is_bitwise_equal(tmp_path, reference):
   ref_host, ref_state = reference
   workdir = str(tmp_path / "run")
@@ -128,6 +130,7 @@ def test_kill9_resume_is_bitwise_equal(tmp_path, reference):
                                   f"{jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(tmp_path):
   workdir = str(tmp_path / "run")
   proc = _start(workdir, "--config.data.sleep_s=0.1", "--config.checkpoint.every_steps=1000",
@@ -188,3 +191,31 @@ def test_keep_best_and_last(tmp_path, toy_config, monkeypatch):
   best = min(seen, key=seen.get)
   assert _steps(str(tmp_path)) == sorted({best, 8})
   assert result.metrics["val/toy/loss"] == pytest.approx(seen[8])
+
+
+def test_restore_onto_another_mesh_and_evaluate_cli(tmp_path, toy_config):
+  toy_config.total_steps = 4
+  toy_config.evals = {"toy": {"type": "tests.toy_system", "every": 0}}
+  result = loop.train_and_evaluate(toy_config, str(tmp_path),
+                                   iterator_factory=toy_system.make_iterator)
+  # Trained on data=8; restored onto data=2 x fsdp=2 x tensor=2 with the same values.
+  toy_config.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
+  params, step, _ = loop.load_params(toy_config, str(tmp_path))
+  assert step == 4
+  kernel = params["params"]["tower_a"]["dense_in"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  for a, b in zip(jax.tree.leaves(jax.device_get(params)),
+                  jax.tree.leaves(jax.device_get(result.state.params))):
+    np.testing.assert_array_equal(a, b)
+  # Standalone evaluation from the workdir's config.json (the training mesh).
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.evaluate", f"--workdir={tmp_path}", "--evals=toy"],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[1].split() == ["split", "protocol", "acc", "loss"]
+  assert lines[3].split()[:2] == ["val", "toy"]
+  saved = json.loads((tmp_path / "eval_4.json").read_text())
+  assert saved["step"] == 4
+  assert saved["results"]["val/toy/loss"] == pytest.approx(result.metrics["val/toy/loss"],
+                                                            rel=1e-5)

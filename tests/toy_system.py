@@ -203,7 +203,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                        "objective": "infonce"})
   c.data = ml_collections.ConfigDict({"seed": 0, "num_examples": 64, "nan_at_step": -1,
                                       "sleep_s": 0.0})
-  return c
+  # Every trainer key present, so that any of them can be overridden on the command line.
+  from fashion_jax.train import config_check  # pylint: disable=g-import-not-at-top
+  return config_check.with_defaults(c)
 
 
 if __name__ == "__main__":

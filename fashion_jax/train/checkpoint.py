@@ -43,7 +43,7 @@ class Checkpointer:
         create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -63,16 +63,28 @@ class Checkpointer:
     """
     self.manager.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                 data=ocp.args.JsonSave(dict(data))),
         metrics=dict(metrics) if metrics else None, force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """(state laid out as `abstract_state`'s shardings, data dict) of checkpoint `step`."""
-    out = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=ocp.args.JsonRestore()))
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+        data=ocp.args.JsonRestore()))
     return out["state"], dict(out["data"])
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the params of checkpoint `step` (no optimizer state is read), with the shardings
+    of `abstract_params` (ShapeDtypeStructs carrying `.sharding`)."""
+    item = {"params": abstract_params}
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+    return out["state"]["params"]
 
   def state_metadata(self, step: int) -> Any:
     """The saved state as a nested dict of array metadata (.shape, .dtype); reads no arrays."""

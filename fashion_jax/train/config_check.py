@@ -212,6 +212,11 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
                       f"{config.num_epochs} are set; set one.")
   if config.get("total_steps") is not None and config.total_steps < 1:
     raise ConfigError(f"config.total_steps={config.total_steps} must be >= 1.")
+  schedule = (config.get("optimizer") or {}).get("schedule") or {}
+  warmup = schedule.get("warmup_steps", 0)
+  if config.get("total_steps") is not None and not 0 <= warmup <= config.total_steps:
+    raise ConfigError(f"config.optimizer.schedule.warmup_steps={warmup} must lie in [0, "
+                      f"total_steps={config.total_steps}].")
   ckpt = config.get("checkpoint") or {}
   if ckpt.get("every_steps", 1) < 1 or ckpt.get("keep", 1) < 1:
     raise ConfigError(f"config.checkpoint.every_steps={ckpt.get('every_steps')} and "

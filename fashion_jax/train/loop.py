@@ -173,6 +173,60 @@ def _flat_hparams(config) -> dict[str, Any]:
   return out
 
 
+def format_table(results: dict[str, float]) -> str:
+  """Evaluation results as text tables, one per protocol, one row per (split, protocol).
+
+  Metric names are 'split/protocol/metric' (evaluate/base.py); each protocol's table has a
+  column per metric that protocol reports, so retrieval and zero-shot numbers never share
+  columns with different meanings.
+  """
+  by_protocol = {}
+  for name, value in sorted(results.items()):
+    parts = name.split("/", 2)
+    split, protocol, metric = [""] * (3 - len(parts)) + parts
+    by_protocol.setdefault(protocol, {}).setdefault(split, {})[metric] = value
+  tables = []
+  for protocol, rows in by_protocol.items():
+    metrics = sorted({m for r in rows.values() for m in r})
+    header = ["split", "protocol"] + metrics
+    body = [[split, protocol] + [f"{r[m]:.4g}" if m in r else "" for m in metrics]
+            for split, r in rows.items()]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    tables.append("\n".join(lines))
+  return "\n\n".join(tables)
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None
+                ) -> tuple[Any, int, jax.sharding.Mesh]:
+  """Params of checkpoint `step` (None = newest) of `workdir`, sharded over the config's mesh.
+
+  The mesh may differ from the one that trained: orbax reads each shard where it now belongs.
+  Returns (params, step, mesh). Raises FileNotFoundError naming the workdir and the steps there.
+  """
+  config = config_check.with_defaults(config)
+  config_check.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  mesh = mesh_lib.create_mesh(config.mesh)
+  rules = sharding_lib.logical_rules(config.sharding_rules)
+  system = systems.get_system(config)
+  shapes = state_lib.abstract_params(system, mesh, rules, config.seed)
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep)
+  try:
+    steps = ckpt.all_steps()
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in steps:
+      raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in "
+                              f"{ckpt.directory} (steps there: {steps}).")
+    check_workdir(workdir, config, ckpt, shapes.params)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            shapes.params, shapes.shardings)
+    params = ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
+  return params, step, mesh
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        iterator_factory: IteratorFactory | None = None) -> TrainResult:
   """Trains `config.system` as configured, resuming from `workdir` if it holds checkpoints.
