@@ -26,6 +26,10 @@ Config keys owned by the trainer (defaults in `config_check.SCHEMA`):
   profile: {start_step: 0, num_steps: 0}     num_steps > 0 profiles those steps to the workdir
   distributed: False           launch/train.py calls jax.distributed.initialize
 
+A config file may leave out any key that has a default, but ml_collections' config_flags can
+only override keys that exist: a config that ends with `return config_check.with_defaults(c)`
+makes every trainer key overridable (`--config.grad_accum_steps=4`, `--config.distributed=True`).
+
 Plug-ins:
   * Input: `iterator_factory(config, *, start_step, process_index, process_count)` returns an
     iterator of host-local numpy dict batches ([batch_size // process_count, ...]) starting at
