@@ -1,0 +1,94 @@
+r"""FashionViL pretraining: ResNet grid features + one BERT shared as text and fusion encoder.
+
+Variants (`--config=configs/fashionvil.py:VARIANT`, then `--config.KEY=VALUE` overrides):
+
+smoke: tiny ResNet + tiny BERT from scratch on the synthetic catalog, on a CPU. MPFC needs the
+  VQ tokenizer's cached codes and PAC the mined pseudo-attributes first:
+  python -m launch.build_data --dataset=synthetic_catalog/smoke
+  python -m fashion_jax.data.attributes --dataset=synthetic_catalog/smoke
+  python -m launch.train --config=configs/vqvae.py:smoke --workdir=runs/vqvae_smoke
+  python -m fashion_jax.systems.vqvae --config=configs/vqvae.py:smoke \
+      --workdir=runs/vqvae_smoke --out=runs/vqvae_smoke/codes.npz
+  python -m launch.train --config=configs/fashionvil.py:smoke --workdir=runs/fashionvil_smoke \
+      --config.data.attributes=PATH_PRINTED_BY_attributes \
+      --config.data.vq_codes=runs/vqvae_smoke/codes.npz
+  Ablation rows: `--config.objective.tasks.mvc=0` etc. (weights 0 switch tasks off),
+  `--config.model.share=False` (no sharing).
+
+base: the paper's recipe: ResNet-50 at 224 px (7x7 grid, 8 of 49 patches masked), BERT-base,
+  global batch 256, AdamW lr 1e-5 (x20 for the image encoder, projection and heads), wd 1e-4,
+  warmup 15k, x0.1 at 45k and 90k, 120k steps, tasks itm .15 pac .15 itc .2 mvc .2 mlm .15
+  mpfc .15.
+
+Augmentation note: MPFC's cached codes describe the WHOLE (uncropped, unflipped) view, so every
+variant here trains with crop_scale (1, 1) and no flip; the pipeline refuses cached codes with
+any other augmentation.
+"""
+
+import ml_collections
+
+TASKS = dict(itm=0.15, pac=0.15, itc=0.2, mvc=0.2, mlm=0.15, mpfc=0.15)
+
+
+def get_config(arg: str = "smoke"):
+  if arg not in ("smoke", "base"):
+    raise ValueError(f"configs/fashionvil.py: unknown variant {arg!r}; use smoke or base.")
+  c = ml_collections.ConfigDict()
+  c.system = "fashionvil"
+  c.seed = 0
+
+  # --- data: fashion_jax/data/pipeline.py ----------------------------------------------------
+  c.data = dict(
+      name="synthetic_catalog/smoke", data_dir="", train_split="train", image_size=128,
+      text_fields=("title", "description"), tokenizer=dict(kind="bert", path=""), max_len=48,
+      views=2, augment=dict(crop_scale=(1.0, 1.0), flip=False), mlm_prob=0.15,
+      patch_mask=dict(grid=4, count=3, min_block=2), attributes="", vq_codes="",
+      shuffle_buffer=4096, prefetch=2)
+
+  # --- model and objective: fashion_jax/systems/fashionvil.py ---------------------------------
+  c.model = dict(image_encoder="resnet", resnet_variant="tiny", vit=None,
+                 bert=dict(variant="tiny", max_position=64, dropout_rate=0.1,
+                           attention_dropout_rate=0.1),
+                 share=True, num_codes=1024, dtype="float32")
+  c.objective = dict(mode="sample", tasks=dict(TASKS), itm_neg_prob=0.5, mvc_drop=0.25)
+  c.init = dict()
+
+  # --- trainer --------------------------------------------------------------------------------
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.batch_size = 64
+  c.total_steps = 1500
+  c.optimizer = dict(
+      name="adamw", lr=5e-4, weight_decay=1e-4, clip_norm=1.0,
+      schedule=dict(kind="cosine", warmup_steps=100),
+      freeze=("batch_stats/.*",))
+  c.checkpoint = dict(every_steps=500, keep=2, best_metric="validation/full/t2i_R@10",
+                      best_mode="max")
+  c.log_every_steps = 25
+  c.evals = dict(retrieval_validation=dict(type="retrieval", split="validation",
+                                           protocols=("full",), every=500),
+                 retrieval_test=dict(type="retrieval", split="test",
+                                     protocols=("full", "sample100"), every=0))
+
+  if arg == "base":
+    c.data.name = "synthetic_catalog/base"
+    c.data.image_size = 224
+    c.data.max_len = 75
+    c.data.patch_mask = dict(grid=7, count=8, min_block=4)
+    c.model.resnet_variant = "resnet50"
+    c.model.bert = dict(variant="base")
+    c.batch_size = 256
+    c.total_steps = 120000
+    c.optimizer = dict(
+        name="adamw", lr=1e-5, weight_decay=1e-4, clip_norm=None,
+        schedule=dict(kind="step", warmup_steps=15000, boundaries=(45000, 90000), factor=0.1),
+        lr_mults=((r"params/(image_encoder|image_proj|itm_head|mpfc_\w+|pac_weight|"
+                   r"visual_\w+|itc_scale|mvc_scale)(/.*)?", 20.0),),
+        freeze=("batch_stats/.*",))
+    c.checkpoint = dict(every_steps=5000, keep=3, best_metric="validation/full/t2i_R@10",
+                        best_mode="max")
+    c.log_every_steps = 100
+    c.evals = dict(retrieval_validation=dict(type="retrieval", split="validation",
+                                             protocols=("full",), every=5000),
+                   retrieval_test=dict(type="retrieval", split="test",
+                                       protocols=("full", "sample100"), every=0))
+  return c

@@ -1,0 +1,56 @@
+r"""The VQ tokenizer (VQ-VAE, 1024 codes) whose frozen codes are FashionViL's MPFC targets.
+
+Variants (`--config=configs/vqvae.py:VARIANT`, then `--config.KEY=VALUE` overrides):
+
+smoke: 128 px synthetic catalog images -> 4 x 4 codes (the patch grid of
+  configs/fashionvil.py:smoke: a tiny ResNet at 128 px), on a CPU.
+  python -m launch.build_data --dataset=synthetic_catalog/smoke
+  python -m launch.train --config=configs/vqvae.py:smoke --workdir=runs/vqvae_smoke
+  python -m fashion_jax.systems.vqvae --config=configs/vqvae.py:smoke \
+      --workdir=runs/vqvae_smoke --out=runs/vqvae_smoke/codes.npz \
+      --picture=runs/vqvae_smoke/recon.png
+  Reports validation recon_mse / psnr / perplexity / dead_frac (fashion_jax/systems/vqvae.py).
+
+base: 224 px -> 7 x 7 codes, the grid of ResNet-50 in configs/fashionvil.py:base.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "smoke"):
+  if arg not in ("smoke", "base"):
+    raise ValueError(f"configs/vqvae.py: unknown variant {arg!r}; use smoke or base.")
+  c = ml_collections.ConfigDict()
+  c.system = "vqvae"
+  c.seed = 0
+  c.data = dict(
+      name="synthetic_catalog/smoke", data_dir="", train_split="train", image_size=128,
+      text_fields=("title",), tokenizer=dict(kind="bert", path=""), max_len=16, views=1,
+      augment=dict(crop_scale=(0.8, 1.0), flip=True), mlm_prob=0.0,
+      patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2)
+  # 5 stride-2 stages: 128 px -> 4 x 4 codes.
+  c.model = dict(widths=(16, 32, 64, 64, 64, 64), num_res=1, code_dim=32, num_codes=1024,
+                 beta=0.25, grid=4)
+  c.init = dict()
+  c.objective = dict()
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.batch_size = 64
+  c.total_steps = 1500
+  c.optimizer = dict(name="adamw", lr=1e-3, weight_decay=0.0, clip_norm=1.0,
+                     schedule=dict(kind="cosine", warmup_steps=50))
+  c.checkpoint = dict(every_steps=500, keep=2, best_metric="validation/vq/recon_mse",
+                      best_mode="min")
+  c.log_every_steps = 25
+  c.evals = dict(vq_validation=dict(type="fashion_jax.systems.vqvae", split="validation",
+                                    every=500))
+  if arg == "base":
+    c.data.name = "synthetic_catalog/base"
+    c.data.image_size = 224
+    c.model = dict(widths=(64, 128, 128, 256, 256, 256), num_res=2, code_dim=32,
+                   num_codes=1024, beta=0.25, grid=7)
+    c.batch_size = 128
+    c.total_steps = 20000
+    c.optimizer.schedule = dict(kind="cosine", warmup_steps=500)
+    c.checkpoint = dict(every_steps=2000, keep=2, best_metric="validation/vq/recon_mse",
+                        best_mode="min")
+  return c

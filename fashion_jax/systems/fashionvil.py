@@ -1,0 +1,272 @@
+"""FashionViL pretraining: one shared BERT, six pretext tasks, one task sampled per step.
+
+Config keys this system reads (besides the trainer's and the pipeline's `data`):
+  model.image_encoder    'resnet' (grid features, the reference) | 'vit'
+  model.resnet_variant   'resnet50' (reference) | 'tiny' (CPU smoke) | any resnet.VARIANTS key
+  model.vit              dict for the 'vit' option: {variant, <ViTConfig overrides>}
+  model.bert             {variant: 'base' | 'tiny' | ..., <Bert attribute overrides>}
+  model.share            True = one BERT for text and fusion (FashionViL); False = ablation
+  model.num_codes        VQ codebook size (MPFC classes), 1024; must equal the tokenizer's
+  model.dtype            compute dtype
+  objective.mode         'sample': one task per step, drawn with probabilities proportional to
+                         objective.tasks (the reference); 'sum': loss = sum_t tasks[t] * L_t
+                         (every task every step)
+  objective.tasks        {itc, mlm, mpfc, itm, mvc, pac: weight >= 0}; 0 = task off
+  objective.itm_neg_prob probability of swapping in the hardest negative text (0.5)
+  objective.mvc_drop     fraction of text tokens and of patches dropped from attention (0.25)
+
+Data this system needs, by task (the pipeline provides them, see data/pipeline.py):
+  all: image uint8 [B, S, S, 3], text int32 [B, L], text_mask bool [B, L]
+  mlm: mlm_ids, mlm_labels [B, L] (data.mlm_prob > 0, tokenizer kind 'bert')
+  mpfc: patch_mask bool [B, N] (data.patch_mask.grid**2 == N) and vq_codes int32 [B, N]
+        (cached codes of the frozen VQ tokenizer, data.vq_codes; see systems/vqvae.py)
+  mvc: image2 (data.views = 2)
+  pac: attributes bool [B, A] (data.attributes: the mined vocabulary, data/attributes.py)
+
+Task sampling. The trainer's per-step key is fold_in(key(seed), step), the same on every host,
+so `sample_task` draws the same task everywhere; `lax.switch` on the drawn index runs only that
+task's branch inside the one jitted step (all six are compiled once). Metrics have one
+structure for all branches: `<task>/loss` and the task's own metrics hold the value when the
+task ran and 0 otherwise, and `task/<task>` is 1 when it ran; the trainer averages metrics over
+its log window, so the mean loss of a task over a window is `<task>/loss / task/<task>`.
+`loss` (the trainer's) is the loss of the task that ran.
+
+Parameters: the model's variables dict, {'params': ..., 'batch_stats': ...} with a ResNet
+(its BatchNorm statistics are used frozen: the config must freeze 'batch_stats/.*', checked
+here), {'params': ...} with a ViT.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fashion_jax.data import attributes as attributes_lib
+from fashion_jax.data import tokenizers
+from fashion_jax.losses import fashionvil as losses
+from fashion_jax.models import bert as bert_lib
+from fashion_jax.models import fashionvil as fvil
+from fashion_jax.models import resnet as resnet_lib
+
+CONFIG_KEYS = ("model", "data", "init", "objective")
+
+# Metrics each task reports (besides '<task>/loss').
+TASK_METRICS = {
+    "itc": ("i2t_acc", "t2i_acc", "scale"),
+    "mlm": ("acc", "num_targets"),
+    "mpfc": ("acc", "num_targets"),
+    "itm": ("acc", "pos_frac"),
+    "mvc": ("i2t_acc", "t2i_acc", "scale"),
+    "pac": ("image_loss", "text_loss", "rows_with_attributes"),
+}
+
+
+def _dtype(name):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+class System:
+  """FashionViL as a fashion_jax system (see systems/base.py)."""
+
+  def __init__(self, config):
+    self.config = config
+    m, data, obj = config.model, config.data, config.objective
+    if obj.mode not in ("sample", "sum"):
+      raise ValueError(f"objective.mode={obj.mode!r}: use 'sample' or 'sum'.")
+    self.tasks, self.probs = losses.task_probabilities(dict(obj.tasks))
+    self.weights = {t: float(obj.tasks[t]) for t in self.tasks}
+    if data.tokenizer.kind != "bert":
+      raise ValueError(f"FashionViL needs data.tokenizer.kind='bert', got "
+                       f"{data.tokenizer.kind!r}.")
+    self.tokenizer = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path,
+                                              data.max_len)
+    dtype = _dtype(m.dtype)
+    image_encoder, n = fvil.make_image_encoder(
+        m.image_encoder, resnet_variant=m.get("resnet_variant", "resnet50"),
+        vit=m.get("vit"), image_size=data.image_size, dtype=dtype)
+    self.num_patches = n
+    bert_kw = dict(m.bert)
+    variant = bert_kw.pop("variant", "base")
+    bert_kw.update(vocab_size=self.tokenizer.vocab_size,
+                   pad_token_id=self.tokenizer.pad_token_id, dtype=dtype)
+    if data.max_len > bert_kw.get("max_position", 512):
+      raise ValueError(f"data.max_len={data.max_len} exceeds BERT's max_position.")
+    text_bert = bert_lib.bert(variant, **bert_kw)
+    fusion_bert = None if m.share else bert_lib.bert(variant, **bert_kw)
+    self.num_attributes = 0
+    if "pac" in self.tasks:
+      if not data.get("attributes"):
+        raise ValueError("The PAC task needs data.attributes (a pseudo-attribute vocabulary, "
+                         "`python -m fashion_jax.data.attributes`).")
+      self.num_attributes = len(attributes_lib.load_vocabulary(data.attributes))
+    if "mpfc" in self.tasks:
+      grid = int(data.patch_mask.grid)
+      if grid * grid != n:
+        raise ValueError(f"MPFC: data.patch_mask.grid={grid} gives {grid * grid} patches but "
+                         f"the image encoder has N={n} tokens at image_size={data.image_size}.")
+      if not data.get("vq_codes"):
+        raise ValueError("The MPFC task needs cached VQ codes: set data.vq_codes (see "
+                         "fashion_jax/systems/vqvae.py, `cache_codes`).")
+    if "mlm" in self.tasks and not data.mlm_prob > 0:
+      raise ValueError(f"The MLM task needs data.mlm_prob > 0, got {data.mlm_prob}.")
+    if "mvc" in self.tasks and data.views != 2:
+      raise ValueError(f"The MVC task needs data.views=2, got {data.views}.")
+    self.uses_batch_stats = m.image_encoder == "resnet"
+    if self.uses_batch_stats:
+      import re  # pylint: disable=g-import-not-at-top
+      freeze = tuple(config.get("optimizer", {}).get("freeze", ()) or ())
+      probe = "batch_stats/image_encoder/stem_bn/mean"
+      if not any(re.fullmatch(f, probe) for f in freeze):
+        raise ValueError(
+            "model.image_encoder='resnet' uses frozen BatchNorm statistics: add 'batch_stats/.*'"
+            f" to optimizer.freeze (now {list(freeze)}), or AdamW would train them.")
+    self.model = fvil.FashionViL(
+        image_encoder=image_encoder, text_bert=text_bert, fusion_bert=fusion_bert,
+        num_patches=n, num_codes=int(m.num_codes), num_attributes=self.num_attributes,
+        dtype=dtype)
+
+  # --- trainer interface ----------------------------------------------------------------------
+  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+    s, l, n = self.config.data.image_size, self.config.data.max_len, self.num_patches
+    b = {"image": np.zeros((batch_size, s, s, 3), np.uint8),
+         "text": np.zeros((batch_size, l), np.int32),
+         "text_mask": np.ones((batch_size, l), bool)}
+    if "mlm" in self.tasks:
+      b["mlm_ids"] = np.zeros((batch_size, l), np.int32)
+      b["mlm_labels"] = np.full((batch_size, l), -1, np.int32)
+    if "mpfc" in self.tasks:
+      b["patch_mask"] = np.zeros((batch_size, n), bool)
+      b["vq_codes"] = np.zeros((batch_size, n), np.int32)
+    if "mvc" in self.tasks:
+      b["image2"] = np.zeros((batch_size, s, s, 3), np.uint8)
+    if "pac" in self.tasks:
+      b["attributes"] = np.zeros((batch_size, self.num_attributes), bool)
+    return b
+
+  def init(self, rng: jax.Array, batch) -> Any:
+    variables = self.model.init(rng, batch["image"], batch["text"], batch["text_mask"])
+    return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+
+  def _apply(self, params, *args, method, rng=None):
+    rngs = {} if rng is None else {"dropout": rng}
+    return self.model.apply(params, *args, method=method, rngs=rngs)
+
+  # --- the six tasks: each (params, batch, rng, deterministic) -> (loss, metrics) ---------------
+  def _itc(self, params, batch, rng, det):
+    out = self._apply(params, batch["image"], batch["text"], batch["text_mask"], det,
+                      method=fvil.FashionViL.unimodal, rng=rng)
+    loss, m = losses.itc_loss(out["image"], out["text"], out["itc_scale"])
+    return loss, {**m, "scale": out["itc_scale"]}
+
+  def _pac(self, params, batch, rng, det):
+    def fwd(mod, images, ids, mask):
+      u = mod.unimodal(images, ids, mask, det)
+      return mod.pac_logits(u["image"]), mod.pac_logits(u["text"])
+    zi, zt = self._apply(params, batch["image"], batch["text"], batch["text_mask"], method=fwd,
+                         rng=rng)
+    return losses.pac_loss(zi, zt, batch["attributes"])
+
+  def _mlm(self, params, batch, rng, det):
+    length = batch["text"].shape[1]
+
+    def fwd(mod, images, ids, mask):
+      hidden = mod.fuse(ids, mask, mod.image_tokens(images, None, det), None, det)
+      return mod.mlm_logits(hidden[:, :length])
+    logits = self._apply(params, batch["image"], batch["mlm_ids"], batch["text_mask"],
+                         method=fwd, rng=rng)
+    return losses.mlm_loss(logits, batch["mlm_labels"])
+
+  def _mpfc(self, params, batch, rng, det):
+    length = batch["text"].shape[1]
+    patch_mask = batch["patch_mask"].astype(bool)
+
+    def fwd(mod, images, ids, mask, pm):
+      hidden = mod.fuse(ids, mask, mod.image_tokens(images, pm, det), None, det)
+      return mod.mpfc_logits(hidden[:, length:])
+    logits = self._apply(params, batch["image"], batch["text"], batch["text_mask"], patch_mask,
+                         method=fwd, rng=rng)
+    return losses.mpfc_loss(logits, batch["vq_codes"], patch_mask)
+
+  def _itm(self, params, batch, rng, det):
+    mine_rng, swap_rng, drop_rng = jax.random.split(rng, 3)
+    text, mask = batch["text"], batch["text_mask"]
+    uni = self._apply(params, batch["image"], text, mask, det,
+                      method=fvil.FashionViL.unimodal, rng=mine_rng)
+    sim = losses.scaled_cosine_logits(uni["image"], uni["text"], 1.0)
+    idx, labels = losses.itm_pairs(sim, jax.random.uniform(swap_rng, (text.shape[0],)), text,
+                                   float(self.config.objective.itm_neg_prob))
+
+    def fwd(mod, images, ids, m):
+      return mod.itm_logits(mod.fuse(ids, m, mod.image_tokens(images, None, det), None, det))
+    logits = self._apply(params, batch["image"], text[idx], mask[idx], method=fwd,
+                         rng=drop_rng)
+    return losses.itm_loss(logits, labels)
+
+  def _mvc(self, params, batch, rng, det):
+    text_rng, patch_rng, drop_rng = jax.random.split(rng, 3)
+    frac = float(self.config.objective.mvc_drop)
+    text, mask = batch["text"], batch["text_mask"].astype(bool)
+    b, length = text.shape
+    droppable = mask & (jnp.arange(length) > 0)[None]  # [CLS] always stays.
+    text_keep = mask & losses.drop_tokens(text_rng, droppable, frac)
+    image_keep = losses.drop_tokens(patch_rng, jnp.ones((b, self.num_patches), bool), frac)
+
+    def fwd(mod, image_a, image_b, ids, tmask, ikeep):
+      v_a = jnp.mean(mod.image_tokens(image_a, None, det).astype(jnp.float32), axis=1)
+      hidden = mod.fuse(ids, tmask, mod.image_tokens(image_b, None, det), ikeep, det)
+      f_b = fvil.masked_mean(hidden[:, length:], ikeep)
+      return v_a, f_b, mod.mvc_scale
+    v_a, f_b, s = self._apply(params, batch["image"], batch["image2"], text, text_keep,
+                              image_keep, method=fwd, rng=drop_rng)
+    loss, m = losses.itc_loss(v_a, f_b, s)
+    return loss, {**m, "scale": s}
+
+  def task_loss(self, task: str, params, batch, rng, train: bool = True):
+    """(loss, metrics) of one task, metrics as in TASK_METRICS."""
+    fn = {"itc": self._itc, "mlm": self._mlm, "mpfc": self._mpfc, "itm": self._itm,
+          "mvc": self._mvc, "pac": self._pac}[task]
+    return fn(params, batch, rng, not train)
+
+  def loss(self, params, batch, rng, train: bool = True):
+    task_rng, rng = jax.random.split(rng)
+
+    def full_metrics(task, loss, m):
+      out = {f"{t}/{k}": jnp.zeros((), jnp.float32) for t in self.tasks
+             for k in ("loss",) + TASK_METRICS[t]}
+      out.update({f"task/{t}": jnp.zeros((), jnp.float32) for t in self.tasks})
+      out.update({f"{task}/{k}": jnp.asarray(v, jnp.float32) for k, v in m.items()})
+      out[f"{task}/loss"] = jnp.asarray(loss, jnp.float32)
+      out[f"task/{task}"] = jnp.ones((), jnp.float32)
+      return out
+
+    if self.config.objective.mode == "sample":
+      def branch(task):
+        def run():
+          loss, m = self.task_loss(task, params, batch, jax.random.fold_in(rng, 0), train)
+          return jnp.asarray(loss, jnp.float32), full_metrics(task, loss, m)
+        return run
+      index = losses.sample_task(task_rng, self.probs)
+      loss, metrics = losses.sampled_task_loss(index, [branch(t) for t in self.tasks])
+    else:
+      total, metrics = jnp.zeros((), jnp.float32), {}
+      for i, task in enumerate(self.tasks):
+        l, m = self.task_loss(task, params, batch, jax.random.fold_in(rng, i), train)
+        total = total + self.weights[task] * l
+        metrics.update({f"{task}/{k}": jnp.asarray(v, jnp.float32) for k, v in m.items()})
+        metrics[f"{task}/loss"] = jnp.asarray(l, jnp.float32)
+      loss = total
+    return loss, metrics
+
+  # --- two-tower interface (retrieval) ------------------------------------------------------------
+  def embed_images(self, params, images: jax.Array) -> jax.Array:
+    return self.model.apply(params, images, method=fvil.FashionViL.encode_images)
+
+  def embed_texts(self, params, tokens: jax.Array) -> jax.Array:
+    mask = tokens != self.tokenizer.pad_token_id
+    return self.model.apply(params, tokens, mask, method=fvil.FashionViL.encode_texts)
+
+  def logit_scale(self, params) -> jax.Array:
+    return jnp.square(params["params"]["itc_scale"])
