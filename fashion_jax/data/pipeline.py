@@ -9,7 +9,9 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
   tokenizer.kind ('clip' | 'bert'), tokenizer.path ('' = shipped vocab), max_len (L),
   views (1 | 2), augment.crop_scale ((lo, hi) area fraction), augment.flip (bool),
   mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
-  Optional: patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off).
+  Optional: patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off),
+  attributes ('' = off; a pseudo-attribute vocabulary, data/attributes.py), vq_codes ('' = off;
+  an npz of cached VQ codes, systems/vqvae.py cache_codes).
 
 Training batch (b = batch_size // process_count):
   image        uint8 [b, S, S, 3]  random resized crop (area crop_scale, aspect 3/4..4/3) of a
@@ -24,6 +26,12 @@ Training batch (b = batch_size // process_count):
   patch_mask   bool  [b, g*g]      patch_mask.grid > 0: BEiT block mask, row-major.
   tags         int32 [b, T, L]     tag_fields non-empty: each tag field tokenized on its own
                                    (E2's entity texts).
+  attributes   bool  [b, A]        attributes set: which of the A vocabulary n-grams the
+                                   example's text contains (FashionViL's PAC labels).
+  vq_codes     int32 [b, g*g]      vq_codes set: the cached codes of the view in `image`. Codes
+                                   describe the whole view, so augment must be crop_scale (1, 1)
+                                   without flip (checked); a product missing from the file is an
+                                   error.
   product_key, subcategory_key  int32 [b]  hashes of product_id / subcategory: equal iff the
                                    strings are equal (for same-product / same-subcategory logic).
 
@@ -244,6 +252,25 @@ def _check_data_config(data):
     raise ValueError(f"config.data.image_size={data.image_size} must be positive.")
   if not data.text_fields:
     raise ValueError("config.data.text_fields is empty.")
+  if data.get("vq_codes") and (tuple(data.augment.crop_scale) != (1.0, 1.0) or data.augment.flip):
+    raise ValueError(
+        f"config.data.vq_codes={data.vq_codes!r} holds codes of whole, unflipped views, but "
+        f"augment is crop_scale={tuple(data.augment.crop_scale)}, flip={data.augment.flip}: "
+        "use crop_scale=(1.0, 1.0) and flip=False.")
+
+
+def _load_vq_codes(path, image_size):
+  """(product_id -> row table, codes int32 [P, V, g*g]) from a systems/vqvae.py cache."""
+  with np.load(path) as f:
+    ids, codes = f["product_id"], f["codes"].astype(np.int32)
+    size = int(f["image_size"])
+  if size != image_size:
+    raise ValueError(f"config.data.vq_codes={path!r} was cached at {size} px but "
+                     f"data.image_size={image_size}.")
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant([str(i) for i in ids]),
+                                          tf.range(len(ids), dtype=tf.int64)), default_value=-1)
+  return table, tf.constant(codes)
 
 
 class TrainIterator:
@@ -301,6 +328,11 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     masking.block_mask(np.random.default_rng(0), grid, count, **block_kwargs)
   tag_fields = tuple(data.get("tag_fields", ()))
   size, views, seed = int(data.image_size), int(data.views), int(config.seed)
+  matcher = None
+  if data.get("attributes"):
+    from fashion_jax.data import attributes  # pylint: disable=g-import-not-at-top
+    matcher = attributes.Matcher(attributes.load_vocabulary(data.attributes))
+  vq = _load_vq_codes(data.vq_codes, size) if data.get("vq_codes") else None
   crop_scale, flip = tuple(data.augment.crop_scale), bool(data.augment.flip)
 
   builder = _builder(data)
@@ -337,6 +369,11 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       out["image2"] = random_resized_crop(encoded[v2], keys[3], size, crop_scale, flip)
     if tag_fields:
       out["tags"] = tf.stack([ex[f] for f in tag_fields])
+    if vq is not None:
+      row = vq[0].lookup(ex["product_id"])
+      tf.debugging.assert_non_negative(
+          row, message="config.data.vq_codes has no codes for a product of the train split")
+      out["vq_codes"] = tf.gather(vq[1][tf.maximum(row, 0)], v1)
     return out
 
   def host_fn(step, texts, tags):
@@ -351,6 +388,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       out.append(masking.block_masks(rng, len(ids), grid, count, **block_kwargs))
     if tag_fields:
       out.append(tok(tags.reshape(-1).tolist()).reshape(len(ids), len(tag_fields), -1))
+    if matcher is not None:
+      out.append(matcher(texts.tolist()))
     return out
 
   def finish(step, b):
@@ -368,6 +407,10 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       names.append("tags")
       dtypes.append(tf.int32)
       shapes.append([batch, len(tag_fields), tok.max_len])
+    if matcher is not None:
+      names.append("attributes")
+      dtypes.append(tf.bool)
+      shapes.append([batch, len(matcher.vocab)])
     tags = b.pop("tags") if tag_fields else tf.zeros([batch, 0], tf.string)
     results = tf.numpy_function(host_fn, [step, b.pop("text"), tags], dtypes, stateful=False)
     for name, value, shape in zip(names, results, shapes):
