@@ -27,15 +27,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "Results JSON; default <workdir>/e
 flags.mark_flag_as_required("workdir")
 
 
-def _load_config(workdir):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  if _CONFIG.value is not None:
-    return _CONFIG.value
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise app.UsageError(f"No --config and no {path}: give the config the run was trained with.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def main(argv):
@@ -50,7 +41,8 @@ def main(argv):
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   workdir = _WORKDIR.value
-  config = config_check.with_defaults(_load_config(workdir))
+  config = config_check.with_defaults(
+      _CONFIG.value if _CONFIG.value is not None else loop.load_workdir_config(workdir))
   names = _EVALS.value or list(config.evals.keys())
   unknown = [n for n in names if n not in config.evals]
   if unknown:

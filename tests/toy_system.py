@@ -156,10 +156,12 @@ class Evaluator:
     return {"val/toy/loss": float(loss), "val/toy/acc": float(metrics["acc"])}
 
 
-def run_steps(config, mesh_config, num_steps, grad_accum_steps=1):
-  """Trains `num_steps` steps on batches 0.. of the toy stream with the trainer's pieces.
+def run_steps(config, mesh_config, num_steps, grad_accum_steps=1, batch_fn=None):
+  """Trains `num_steps` steps on batches 0.. with the trainer's pieces.
 
-  Returns (losses per step, host params, final TrainState). No checkpoints, no loop.
+  `batch_fn(step)` gives the global numpy batch of a step (default: the toy stream), so any
+  system's config can be stepped on any mesh. Returns (losses per step, host params, final
+  TrainState). No checkpoints, no loop.
   """
   from fashion_jax import systems  # pylint: disable=g-import-not-at-top
   from fashion_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
@@ -174,12 +176,13 @@ def run_steps(config, mesh_config, num_steps, grad_accum_steps=1):
   shapes = state_lib.abstract_params(system, mesh, rules, config.seed)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, shapes.params, num_steps)
   _, state_sh = state_lib.abstract_state(system, tx, mesh, rules, config.seed, shapes)
-  state = state_lib.create_train_state(system, tx, mesh, rules, config.seed, state_sh)
+  state = state_lib.create_train_state(system, tx, mesh, rules, config.seed, state_sh, shapes)
   train_step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_sh,
                                         grad_accum_steps)
   losses = []
   for k in range(num_steps):
-    batch = sharding_lib.global_batch(global_batch_at(config, k), mesh)
+    host = batch_fn(k) if batch_fn is not None else global_batch_at(config, k)
+    batch = sharding_lib.global_batch(host, mesh)
     state, metrics = train_step(state, batch)
     losses.append(float(metrics["train/loss"]))
   return losses, jax.device_get(state.params), state

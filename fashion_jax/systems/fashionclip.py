@@ -105,3 +105,10 @@ class System:
 
   def logit_scale(self, params) -> jax.Array:
     return self.model.apply({"params": params}, method=self.model.logit_scale)
+
+  # --- export ---------------------------------------------------------------------------------
+  def export(self, params, out_dir: str, overwrite: bool = False):
+    """A transformers CLIPModel directory (weights, config, tokenizer, preprocessor)."""
+    from fashion_jax.interop import hf_clip  # pylint: disable=g-import-not-at-top
+    return hf_clip.save_clip(out_dir, self.model_config, params, tokenizer=self.tokenizer.hf,
+                             overwrite=overwrite)

@@ -202,6 +202,16 @@ def format_table(results: dict[str, float]) -> str:
   return "\n\n".join(tables)
 
 
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (`<workdir>/config.json`, written at its start)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a training workdir "
+                            "(or training never started there).")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def load_params(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None
                 ) -> tuple[Any, int, jax.sharding.Mesh]:
   """Params of checkpoint `step` (None = newest) of `workdir`, sharded over the config's mesh.
@@ -316,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Resumed from checkpoint %d of %s.", start_step, ckpt.directory)
     else:
       state = state_lib.create_train_state(system, tx, mesh, rules, config.seed,
-                                           state_shardings)
+                                           state_shardings, shapes)
 
     # --------------------------------------------------------------------------------------
     # The jitted step, the evaluators, writers and periodic actions.

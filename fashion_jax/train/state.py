@@ -73,7 +73,44 @@ def abstract_state(system, tx: optax.GradientTransformation, mesh: jax.sharding.
   return with_sh, shardings
 
 
+def _place_pretrained(pretrained: Any, abstract_params: Any, shardings: Any) -> Any:
+  """Host arrays of `pretrained` put on the shards of `shardings`, after a strict check.
+
+  The tree must have exactly the structure and shapes the system's init would create: a
+  missing, extra or differently shaped parameter is an error naming its path and both shapes.
+  """
+  want = {jax.tree_util.keystr(k): v for k, v in
+          jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  got = {jax.tree_util.keystr(k): v for k, v in
+         jax.tree_util.tree_flatten_with_path(nn.unbox(pretrained))[0]}
+  problems = [f"missing {k} {tuple(v.shape)}" for k, v in want.items() if k not in got]
+  problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in got.items() if k not in want]
+  problems += [f"{k}: pretrained {tuple(got[k].shape)} != model {tuple(v.shape)}"
+               for k, v in want.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
+  if problems:
+    raise ValueError("Pretrained params do not match the model: " + "; ".join(problems[:10]))
+  return jax.tree.map(lambda x, a, sh: jax.device_put(jax.numpy.asarray(x, a.dtype), sh),
+                      nn.unbox(pretrained), abstract_params, shardings)
+
+
 def create_train_state(system, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                       rules, seed: int, shardings: TrainState) -> TrainState:
-  """The initial state, each array created on its own shards by one jitted init."""
-  return jax.jit(lambda: _init_state(system, tx, mesh, rules, seed), out_shardings=shardings)()
+                       rules, seed: int, shardings: TrainState,
+                       shapes: Shapes | None = None) -> TrainState:
+  """The initial state, each array created on its own shards by one jitted init.
+
+  A system whose `pretrained_params()` returns a tree (e.g. FashionCLIP from an HF CLIP
+  directory) starts from those values instead of a random init; the optimizer state is then
+  initialised from them, on their shards. `shapes` (from `abstract_params`) is needed then.
+  """
+  pretrained = getattr(system, "pretrained_params", lambda: None)()
+  if pretrained is None:
+    return jax.jit(lambda: _init_state(system, tx, mesh, rules, seed), out_shardings=shardings)()
+  if shapes is None:
+    raise ValueError("create_train_state needs `shapes` to place pretrained params.")
+  params = _place_pretrained(pretrained, shapes.params, shardings.params)
+  train_key = _keys(seed)[1]
+
+  def init(p):
+    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p,
+                      opt_state=tx.init(p), rng=jax.random.key_data(train_key))
+  return jax.jit(init, out_shardings=shardings)(params)

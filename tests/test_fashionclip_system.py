@@ -1,0 +1,122 @@
+"""The FashionCLIP recipe end to end through the trainer's pieces.
+
+- three training steps on 8 CPU devices, meshes (data=4, fsdp=2) and (data=2, fsdp=2, tensor=2),
+  give the loss and parameters of one device on the same global batch (1e-5);
+- `init.hf_clip_dir` starts training from a transformers CLIPModel's weights, exactly;
+- a model whose vocabulary disagrees with the tokenizer cannot be configured.
+"""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from fashion_jax.data import tokenizers
+from fashion_jax.interop import hf_clip
+from fashion_jax.systems import fashionclip
+from tests import toy_system
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str):
+  spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_config():
+  c = load_config("fashionclip", "smoke")
+  c.data.image_size = 32
+  c.data.max_len = 16
+  c.model.projection_dim = 16
+  c.model.vision = dict(width=32, num_layers=2, num_heads=2, mlp_dim=64, patch_size=8)
+  c.model.text = dict(width=32, num_layers=2, num_heads=2, mlp_dim=64)
+  c.batch_size = 16
+  c.optimizer.schedule.warmup_steps = 1
+  c.evals = {}
+  c.checkpoint.best_metric = None
+  return c
+
+
+def batch_fn(config):
+  tok = tokenizers.get_tokenizer("clip", "", config.data.max_len)
+  words = ["red", "navy", "striped", "linen", "shirt", "dress", "loafers", "wool", "bag", "coat"]
+
+  def make(step):
+    rng = np.random.default_rng(step)
+    texts = [" ".join(rng.choice(words, size=rng.integers(2, 8))) for _ in range(config.batch_size)]
+    s = config.data.image_size
+    return {"image": rng.integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8),
+            "text": tok(texts)}
+  return make
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  config = tiny_config()
+  return toy_system.run_steps(config, {"data": 1, "fsdp": 1, "tensor": 1}, num_steps=3,
+                              batch_fn=batch_fn(config))
+
+
+@pytest.mark.parametrize("mesh_config", [{"data": 4, "fsdp": 2, "tensor": 1},
+                                         {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_fashionclip_steps_on_a_mesh_equal_one_device(single_device_run, mesh_config):
+  config = tiny_config()
+  losses, params, state = toy_system.run_steps(config, mesh_config, num_steps=3,
+                                               batch_fn=batch_fn(config))
+  ref_losses, ref_params, _ = single_device_run
+  assert ref_losses[2] < ref_losses[0]  # It trains.
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # The big matrices really are split over the mesh.
+  kernel = state.params["text"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"]
+  assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape
+
+
+def _tiny_hf_clip(tmp_path, vocab_size, max_len):
+  torch.manual_seed(0)
+  cfg = transformers.CLIPConfig(
+      text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=2,
+                       max_position_embeddings=max_len, eos_token_id=vocab_size - 1,
+                       bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8),
+      projection_dim=16)
+  model = transformers.CLIPModel(cfg).eval()
+  model.save_pretrained(tmp_path)
+  return model
+
+
+def test_init_from_hf_clip_dir_starts_from_its_weights(tmp_path):
+  tok = tokenizers.get_tokenizer("clip", "", 16)
+  _tiny_hf_clip(tmp_path, tok.vocab_size, 16)
+  config = tiny_config()
+  config.init.hf_clip_dir = str(tmp_path)
+  config.model.vision = None
+  config.model.text = None
+  config.optimizer.lr = 0.0  # Zero updates: the state after a step is the initial state.
+  config.optimizer.weight_decay = 0.0
+  _, params, _ = toy_system.run_steps(config, {"data": 2, "fsdp": 2, "tensor": 2}, num_steps=1,
+                                      batch_fn=batch_fn(config))
+  _, expected = hf_clip.load_clip(str(tmp_path))
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  exp = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  assert len(flat) == len(exp)
+  for path, value in flat:
+    np.testing.assert_array_equal(value, exp[path])
+
+
+def test_hf_clip_dir_with_another_vocabulary_is_refused(tmp_path):
+  _tiny_hf_clip(tmp_path, 1000, 16)
+  config = tiny_config()
+  config.init.hf_clip_dir = str(tmp_path)
+  with pytest.raises(ValueError, match=r"text vocabulary of 1000 tokens but data.tokenizer"):
+    fashionclip.System(config)
