@@ -22,7 +22,8 @@ Zero-shot scoring, decided against the reference package (which normalised only 
 dropped the scale): probs = softmax(logit_scale * normalize(img) @ normalize(text)^T), with the
 model's own clamped logit scale.
 
-A trainer checkpoint loader builds the same object with `FashionCLIP(config, params, tokenizer)`.
+`FashionCLIP.from_pretrained(workdir)` (or `from_workdir(workdir, step=...)`) loads a training
+run's checkpoint directly, with the run's own tokenizer.
 """
 
 import os
@@ -91,13 +92,28 @@ class FashionCLIP:
 
   @classmethod
   def from_pretrained(cls, path: str, batch_size: int = 32, **runtime) -> "FashionCLIP":
-    """From a transformers CLIPModel directory (ours or HF's) or a hub id where reachable.
+    """From a transformers CLIPModel directory (ours or HF's), a hub id where reachable, or a
+    fashion_jax training workdir (its newest checkpoint; see `from_workdir`).
 
     `runtime`: dtype / scan / remat_policy of the CLIPConfig.
     """
+    local = pathlib.Path(os.path.expanduser(str(path)))
+    if (local / "checkpoints").is_dir() and (local / "config.json").exists():
+      return cls.from_workdir(str(local), batch_size=batch_size)
     root = hf_io.resolve_hf_path(path)  # A local directory, or the hub snapshot's.
     config, params = hf_clip.load_clip(str(root), **runtime)
     return cls(config, params, _load_tokenizer(root), batch_size=batch_size)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: Optional[int] = None,
+                   batch_size: int = 32) -> "FashionCLIP":
+    """From checkpoint `step` (None = newest) of a FashionCLIP training run's workdir."""
+    from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
+    system, params, _ = loop.load_trained(workdir, step=step)
+    if not hasattr(system, "model_config") or not isinstance(system.model_config,
+                                                             clip_lib.CLIPConfig):
+      raise ValueError(f"{workdir} holds a {system.config.system!r} run, not a CLIP model.")
+    return cls(system.model_config, params, system.tokenizer.hf, batch_size=batch_size)
 
   @property
   def logit_scale(self) -> float:

@@ -21,19 +21,12 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False):
   """Exports checkpoint `step` (None = newest) of `workdir` to `out`; returns (out, step)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax import systems  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
-  config = loop.load_workdir_config(workdir)
-  # Export gathers every parameter on this host: a one-device mesh, whatever mesh trained the
-  # run (orbax reshards on restore).
-  config.mesh = dict(data=1, fsdp=1, tensor=1)
-  params, step, _ = loop.load_params(config, workdir, step=step)
-  system = systems.get_system(config)
+  system, params, step = loop.load_trained(workdir, step=step)
   if not hasattr(system, "export"):
-    raise ValueError(f"System {config.system!r} has no export().")
-  return system.export(jax.device_get(params), out, overwrite=overwrite), step
+    raise ValueError(f"System {system.config.system!r} has no export().")
+  return system.export(params, out, overwrite=overwrite), step
 
 
 def main(argv):

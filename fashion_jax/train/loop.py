@@ -212,6 +212,18 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def load_trained(workdir: str, *, step: int | None = None) -> tuple[Any, Any, int]:
+  """(system, host numpy params, step) of checkpoint `step` (None = newest) of a run.
+
+  For inference and export on this host: the run's own config, restored onto one device
+  whatever mesh trained it (orbax reshards).
+  """
+  config = load_workdir_config(workdir)
+  config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+  params, step, _ = load_params(config, workdir, step=step)
+  return systems.get_system(config), jax.device_get(params), step
+
+
 def load_params(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None
                 ) -> tuple[Any, int, jax.sharding.Mesh]:
   """Params of checkpoint `step` (None = newest) of `workdir`, sharded over the config's mesh.
