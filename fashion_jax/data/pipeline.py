@@ -469,10 +469,13 @@ class EvalDataset:
     return self.num_batches
 
   def _dataset(self):
+    # Plain locals, not `self`: autograph cannot convert a closure over `self` and says so.
+    size, text_fields, fields = self.size, self._text_fields, self.fields
+
     def example(ex):
-      out = dict(image=resize_center_crop(ex[schema.IMAGES][0], self.size),
-                 text=_join_text(ex, self._text_fields))
-      out.update({f"raw/{f}": ex[f] for f in self.fields})
+      out = dict(image=resize_center_crop(ex[schema.IMAGES][0], size),
+                 text=_join_text(ex, text_fields))
+      out.update({f"raw/{f}": ex[f] for f in fields})
       return out
     ds = _read(self._builder, self._split).map(
         example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
