@@ -2,7 +2,8 @@ r"""FashionViL pretraining: ResNet grid features + one BERT shared as text and f
 
 Variants (`--config=configs/fashionvil.py:VARIANT`, then `--config.KEY=VALUE` overrides):
 
-smoke: tiny ResNet + tiny BERT from scratch on the synthetic catalog, on a CPU. MPFC needs the
+smoke: a 3-stage tiny ResNet (64 px -> 4 x 4 grid) + tiny BERT from scratch on the synthetic
+  catalog, on a CPU. MPFC needs the
   VQ tokenizer's cached codes and PAC the mined pseudo-attributes first:
   python -m launch.build_data --dataset=synthetic_catalog/smoke
   python -m fashion_jax.data.attributes --dataset=synthetic_catalog/smoke
@@ -39,14 +40,15 @@ def get_config(arg: str = "smoke"):
 
   # --- data: fashion_jax/data/pipeline.py ----------------------------------------------------
   c.data = dict(
-      name="synthetic_catalog/smoke", data_dir="", train_split="train", image_size=128,
+      name="synthetic_catalog/smoke", data_dir="", train_split="train", image_size=64,
       text_fields=("title", "description"), tokenizer=dict(kind="bert", path=""), max_len=48,
       views=2, augment=dict(crop_scale=(1.0, 1.0), flip=False), mlm_prob=0.15,
       patch_mask=dict(grid=4, count=3, min_block=2), attributes="", vq_codes="",
       shuffle_buffer=4096, prefetch=2)
 
   # --- model and objective: fashion_jax/systems/fashionvil.py ---------------------------------
-  c.model = dict(image_encoder="resnet", resnet_variant="tiny", vit=None,
+  c.model = dict(image_encoder="resnet", resnet_variant="tiny",
+                 resnet=dict(depths=(1, 1, 1), widths=(16, 32, 64)), vit=None,
                  bert=dict(variant="tiny", max_position=64, dropout_rate=0.1,
                            attention_dropout_rate=0.1),
                  share=True, num_codes=1024, dtype="float32")
@@ -75,6 +77,7 @@ def get_config(arg: str = "smoke"):
     c.data.max_len = 75
     c.data.patch_mask = dict(grid=7, count=8, min_block=4)
     c.model.resnet_variant = "resnet50"
+    c.model.resnet = None
     c.model.bert = dict(variant="base")
     c.batch_size = 256
     c.total_steps = 120000

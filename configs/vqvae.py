@@ -2,8 +2,8 @@ r"""The VQ tokenizer (VQ-VAE, 1024 codes) whose frozen codes are FashionViL's MP
 
 Variants (`--config=configs/vqvae.py:VARIANT`, then `--config.KEY=VALUE` overrides):
 
-smoke: 128 px synthetic catalog images -> 4 x 4 codes (the patch grid of
-  configs/fashionvil.py:smoke: a tiny ResNet at 128 px), on a CPU.
+smoke: 64 px synthetic catalog images -> 4 x 4 codes (the patch grid of
+  configs/fashionvil.py:smoke: a 3-stage tiny ResNet at 64 px), on a CPU.
   python -m launch.build_data --dataset=synthetic_catalog/smoke
   python -m launch.train --config=configs/vqvae.py:smoke --workdir=runs/vqvae_smoke
   python -m fashion_jax.systems.vqvae --config=configs/vqvae.py:smoke \
@@ -24,12 +24,12 @@ def get_config(arg: str = "smoke"):
   c.system = "vqvae"
   c.seed = 0
   c.data = dict(
-      name="synthetic_catalog/smoke", data_dir="", train_split="train", image_size=128,
+      name="synthetic_catalog/smoke", data_dir="", train_split="train", image_size=64,
       text_fields=("title",), tokenizer=dict(kind="bert", path=""), max_len=16, views=1,
       augment=dict(crop_scale=(0.8, 1.0), flip=True), mlm_prob=0.0,
       patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2)
-  # 5 stride-2 stages: 128 px -> 4 x 4 codes.
-  c.model = dict(widths=(16, 32, 64, 64, 64, 64), num_res=1, code_dim=32, num_codes=1024,
+  # 4 stride-2 stages: 64 px -> 4 x 4 codes.
+  c.model = dict(widths=(16, 32, 64, 64, 64), num_res=1, code_dim=32, num_codes=1024,
                  beta=0.25, grid=4)
   c.init = dict()
   c.objective = dict()

@@ -16,7 +16,7 @@ from fashion_jax.parallel import sharding as sharding_lib
 from fashion_jax.systems import fashionvil as system_lib
 from fashion_jax.train import state as state_lib
 
-B, S, L, GRID, CODES = 8, 64, 12, 2, 16
+B, S, L, GRID, CODES = 8, 32, 12, 2, 16
 
 
 def tiny_config(tmp_path, **tasks):
@@ -170,6 +170,7 @@ def test_config_errors_name_the_bad_value(tmp_path, change, message):
     system_lib.System(c)
 
 
+@pytest.mark.slow
 def test_pretraining_step_on_8_devices_equals_one_device_for_every_task(tmp_path):
   """Loss and gradients of the sampled-task loss on a (2, 2, 2) mesh == one device, per task."""
   c = tiny_config(tmp_path)

@@ -228,13 +228,21 @@ class FashionViL(nn.Module):
 
 
 def make_image_encoder(kind: str, *, resnet_variant: str = "resnet50",
-                       vit: Optional[dict] = None, image_size: int = 224,
-                       dtype: Any = jnp.float32) -> tuple[nn.Module, int]:
-  """(image encoder, N tokens per image) for kind 'resnet' (grid, stride 32) or 'vit'."""
+                       resnet: Optional[dict] = None, vit: Optional[dict] = None,
+                       image_size: int = 224, dtype: Any = jnp.float32) -> tuple[nn.Module, int]:
+  """(image encoder, N tokens per image) for kind 'resnet' (grid) or 'vit' (patch tokens).
+
+  resnet: overrides of the named variant (e.g. depths=(1, 1, 1), widths=(8, 16, 32) for a
+  3-stage CPU smoke trunk). The grid stride is 4 * 2^(stages - 1): 32 for the usual 4 stages
+  (224 px -> 7 x 7), 16 for 3 stages (64 px -> 4 x 4).
+  """
   if kind == "resnet":
-    if image_size % 32:
-      raise ValueError(f"image_size={image_size} must be a multiple of 32 for ResNet grids.")
-    return resnet_lib.resnet(resnet_variant, dtype=dtype), (image_size // 32) ** 2
+    encoder = resnet_lib.resnet(resnet_variant, dtype=dtype, **dict(resnet or {}))
+    stride = 4 * 2 ** (len(encoder.depths) - 1 + int(encoder.downsample_in_first_stage))
+    if image_size % stride:
+      raise ValueError(f"image_size={image_size} must be a multiple of the ResNet grid stride "
+                       f"{stride}.")
+    return encoder, (image_size // stride) ** 2
   if kind == "vit":
     vit = dict(vit or {})
     variant = vit.pop("variant", "B/16")

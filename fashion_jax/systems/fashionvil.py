@@ -3,6 +3,7 @@
 Config keys this system reads (besides the trainer's and the pipeline's `data`):
   model.image_encoder    'resnet' (grid features, the reference) | 'vit'
   model.resnet_variant   'resnet50' (reference) | 'tiny' (CPU smoke) | any resnet.VARIANTS key
+  model.resnet           overrides of that variant (None = none), e.g. a 3-stage smoke trunk
   model.vit              dict for the 'vit' option: {variant, <ViTConfig overrides>}
   model.bert             {variant: 'base' | 'tiny' | ..., <Bert attribute overrides>}
   model.share            True = one BERT for text and fusion (FashionViL); False = ablation
@@ -86,7 +87,7 @@ class System:
     dtype = _dtype(m.dtype)
     image_encoder, n = fvil.make_image_encoder(
         m.image_encoder, resnet_variant=m.get("resnet_variant", "resnet50"),
-        vit=m.get("vit"), image_size=data.image_size, dtype=dtype)
+        resnet=m.get("resnet"), vit=m.get("vit"), image_size=data.image_size, dtype=dtype)
     self.num_patches = n
     bert_kw = dict(m.bert)
     variant = bert_kw.pop("variant", "base")
