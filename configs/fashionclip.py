@@ -42,6 +42,18 @@ def _evals(splits, every, protocols=("full", "sample100"), zeroshot=True):
   return evals
 
 
+def _schedule(c, *, lr, weight_decay, warmup_steps, eval_every, log_every):
+  """AdamW with CLIP's betas, cosine decay, checkpoints and validation retrieval per eval_every."""
+  c.optimizer = dict(name="adamw", lr=lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=weight_decay,
+                     clip_norm=1.0, schedule=dict(kind="cosine", warmup_steps=warmup_steps))
+  c.checkpoint = dict(every_steps=eval_every, keep=3, best_metric="validation/full/t2i_R@10",
+                      best_mode="max")
+  c.log_every_steps = log_every
+  # Periodic: validation retrieval (the learning curve). At the end: the full table.
+  c.evals = dict(retrieval_validation=dict(type="retrieval", split="validation",
+                                           protocols=("full",), every=eval_every))
+
+
 def get_config(arg: str = "smoke"):
   if arg not in ("smoke", "base", "pod"):
     raise ValueError(f"configs/fashionclip.py: unknown variant {arg!r}; use smoke, base or pod.")
@@ -68,51 +80,30 @@ def get_config(arg: str = "smoke"):
   # Sized for 2 CPU cores: batch 64 runs at about 0.5 s/step there (batch 128 is 4x slower).
   c.batch_size = 64
   c.total_steps = 600
-  c.optimizer = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
-                     clip_norm=1.0, schedule=dict(kind="cosine", warmup_steps=50))
-  c.checkpoint = dict(every_steps=100, keep=2, best_metric="validation/full/t2i_R@10",
-                      best_mode="max")
-  c.log_every_steps = 25
-  # Periodic: validation retrieval (the learning curve). At the end: the full table.
-  c.evals = dict(retrieval_validation=dict(type="retrieval", split="validation",
-                                           protocols=("full",), every=100))
+  _schedule(c, lr=1e-3, weight_decay=0.1, warmup_steps=50, eval_every=100, log_every=25)
   c.evals.update(_evals(("test", "holdout_brand", "holdout_category", "improbable"), every=0))
 
-  if arg == "base":
+  if arg in ("base", "pod"):
     c.data.name = "synthetic_catalog/base"
     c.data.image_size = 224
     c.data.max_len = 77  # CLIP's context.
     c.data.augment = dict(crop_scale=(0.8, 1.0), flip=False)
+  if arg == "base":
     c.model = dict(variant="B/32", projection_dim=None, vision=None, text=None,
                    dtype="float32", scan=False, remat_policy="none")
     c.init.hf_clip_dir = ""  # Required for the recipe: set it on the command line.
     c.batch_size = 256
     c.total_steps = 20000
     # FashionCLIP fine-tunes all layers at a small lr from the pretrained CLIP.
-    c.optimizer = dict(name="adamw", lr=1e-5, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
-                       clip_norm=1.0, schedule=dict(kind="cosine", warmup_steps=500))
-    c.checkpoint = dict(every_steps=1000, keep=3, best_metric="validation/full/t2i_R@10",
-                        best_mode="max")
-    c.log_every_steps = 50
-    c.evals = dict(retrieval_validation=dict(type="retrieval", split="validation",
-                                             protocols=("full",), every=1000))
+    _schedule(c, lr=1e-5, weight_decay=0.2, warmup_steps=500, eval_every=1000, log_every=50)
     c.evals.update(_evals(("test", "holdout_brand", "holdout_category", "improbable"), every=0))
   elif arg == "pod":
-    c.data.name = "synthetic_catalog/base"
-    c.data.image_size = 224
-    c.data.max_len = 77  # CLIP's context.
     c.model = dict(variant="B/16", projection_dim=None, vision=None, text=None,
                    dtype="bfloat16", scan=True, remat_policy="dots_with_no_batch_dims_saveable")
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.batch_size = 32768
     c.total_steps = 10000
-    c.optimizer = dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
-                       clip_norm=1.0, schedule=dict(kind="cosine", warmup_steps=1000))
-    c.checkpoint = dict(every_steps=500, keep=3, best_metric="validation/full/t2i_R@10",
-                        best_mode="max")
-    c.log_every_steps = 20
-    c.evals = dict(retrieval_validation=dict(type="retrieval", split="validation",
-                                             protocols=("full",), every=1000))
+    _schedule(c, lr=5e-4, weight_decay=0.2, warmup_steps=1000, eval_every=1000, log_every=20)
     c.evals.update(_evals(("test", "holdout_brand", "holdout_category"), every=0))
   # Every trainer key present, so that any of them can be overridden on the command line.
   return config_check.with_defaults(c)
