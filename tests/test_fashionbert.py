@@ -51,6 +51,15 @@ def _batch(system, b=16, seed=0):
           "subcategory_key": (np.arange(b) % 3).astype(np.int32)}
 
 
+@pytest.fixture(scope="module")
+def setup():
+  """(system, batch of 16, variables): one init shared by the model tests (compiles are slow)."""
+  system = fb_system.System(_config())
+  b = _batch(system, b=16)
+  variables = jax.device_get(nn.unbox(jax.jit(system.init)(jax.random.key(0), b)))
+  return system, b, variables
+
+
 # ------------------------------------------------------------------------------------------------
 # Losses.
 # ------------------------------------------------------------------------------------------------
@@ -127,12 +136,10 @@ def test_matching_loss_and_score():
 # ------------------------------------------------------------------------------------------------
 # Model.
 # ------------------------------------------------------------------------------------------------
-def test_patch_features_are_the_cnn_on_each_grid_cell():
-  system = fb_system.System(_config())
-  b = _batch(system, b=2)
-  variables = nn.unbox(jax.jit(system.init)(jax.random.key(0), b))
-  feats = np.asarray(system.patch_features(variables, b["image"]))
-  assert feats.shape == (2, GRID * GRID, system.model.feature_dim)
+def test_patch_features_are_the_cnn_on_each_grid_cell(setup):
+  system, b, variables = setup
+  feats = np.asarray(jax.jit(system.patch_features)(variables, b["image"]))
+  assert feats.shape == (16, GRID * GRID, system.model.feature_dim)
   p = S // GRID
   model = system.model
   for idx in (0, 5, GRID * GRID - 1):
@@ -141,20 +148,18 @@ def test_patch_features_are_the_cnn_on_each_grid_cell():
     x = (crop / 255.0 - np.array(fb_lib.IMAGENET_MEAN)) / np.array(fb_lib.IMAGENET_STD)
     cnn_vars = {"params": variables["params"]["cnn"],
                 "batch_stats": variables["batch_stats"]["cnn"]}
-    want = model.cnn.apply(cnn_vars, jnp.asarray(x, jnp.float32))["pooled"]
+    want = jax.jit(model.cnn.apply)(cnn_vars, jnp.asarray(x, jnp.float32))["pooled"]
     np.testing.assert_allclose(feats[:, idx], want, rtol=1e-5, atol=1e-6)
 
 
-def test_masked_patches_only_change_through_their_features():
-  system = fb_system.System(_config())
-  b = _batch(system, b=2)
-  variables = nn.unbox(jax.jit(system.init)(jax.random.key(0), b))
-  feats = system.patch_features(variables, b["image"])
-  pm = jnp.zeros((2, GRID * GRID), bool).at[:, 3].set(True)
-  m = system.model
-  zeroed = m.apply(variables, b["text"], b["text_mask"], features=feats.at[:, 3].set(0.0))
-  masked_out = m.apply(variables, b["text"], b["text_mask"], features=feats, patch_mask=pm)
-  plain = m.apply(variables, b["text"], b["text_mask"], features=feats)
+def test_masked_patches_only_change_through_their_features(setup):
+  system, b, variables = setup
+  feats = jax.jit(system.patch_features)(variables, b["image"])
+  pm = jnp.zeros((16, GRID * GRID), bool).at[:, 3].set(True)
+  apply = jax.jit(system.model.apply)
+  zeroed = apply(variables, b["text"], b["text_mask"], features=feats.at[:, 3].set(0.0))
+  masked_out = apply(variables, b["text"], b["text_mask"], features=feats, patch_mask=pm)
+  plain = apply(variables, b["text"], b["text_mask"], features=feats)
   np.testing.assert_allclose(zeroed["hidden"], masked_out["hidden"], atol=1e-6)
   assert float(jnp.abs(plain["hidden"] - masked_out["hidden"]).max()) > 1e-3
 
@@ -162,10 +167,9 @@ def test_masked_patches_only_change_through_their_features():
 # ------------------------------------------------------------------------------------------------
 # System: loss semantics, sharding.
 # ------------------------------------------------------------------------------------------------
-def test_loss_semantics():
+def test_loss_semantics(setup):
+  _, b, variables = setup
   system = fb_system.System(_config(weighting="equal"))
-  b = _batch(system)
-  variables = nn.unbox(jax.jit(system.init)(jax.random.key(0), b))
   loss, m = jax.jit(system.loss, static_argnames="train")(variables, b, jax.random.key(3),
                                                           train=False)
   np.testing.assert_allclose(loss, (m["loss_mlm"] + m["loss_tia"] + m["loss_mpm"]) / 3,
@@ -177,37 +181,35 @@ def test_loss_semantics():
   assert float(m["mlm_targets"]) < (b["mlm_labels"] >= 0).sum()
   np.testing.assert_allclose(m["neg_same_group_frac"], 1.0)  # every row has a same-group other
   # The CNN gets no gradient.
-  grads = jax.grad(lambda v: system.loss(v, b, jax.random.key(3))[0])(variables)
+  grads = jax.jit(jax.grad(lambda v: system.loss(v, b, jax.random.key(3))[0]))(variables)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grads["params"]["cnn"])) == 0.0
   assert float(jnp.abs(grads["params"]["patch_proj"]["kernel"]).max()) > 0
 
 
-def test_mlm_max_predictions_keeps_the_first_targets():
-  full = fb_system.System(_config())
+def test_mlm_max_predictions_keeps_the_first_targets(setup):
+  full, b, variables = setup
   capped = fb_system.System(_config(mlm_max_predictions=2))
-  b = _batch(full)
-  variables = nn.unbox(jax.jit(full.init)(jax.random.key(0), b))
-  _, m_full = full.loss(variables, b, jax.random.key(3), train=False)
-  _, m_cap = capped.loss(variables, b, jax.random.key(3), train=False)
+  _, m_full = jax.jit(full.loss, static_argnames="train")(variables, b, jax.random.key(3),
+                                                           train=False)
+  _, m_cap = jax.jit(capped.loss, static_argnames="train")(variables, b, jax.random.key(3),
+                                                           train=False)
   assert float(m_cap["mlm_targets"]) + float(m_cap["mlm_dropped"]) == float(
       m_full["mlm_targets"])
   assert float(m_cap["mlm_dropped"]) > 0
 
 
-def test_eight_devices_equal_one_device():
+def test_eight_devices_equal_one_device(setup):
   """Loss, metrics and gradients of the training loss (dropout on) on a data=8 mesh equal one
   device within 1e-5: the negatives are drawn over the global batch either way."""
   assert len(jax.devices()) == 8
+  _, b, variables = setup
   system = fb_system.System(_config(weight_grad="through"))
-  b = _batch(system, b=16)
-  variables = nn.unbox(jax.jit(system.init)(jax.random.key(0), b))
   rng = jax.random.key(11)
 
   def loss_and_grad(v, batch, key):
     return jax.value_and_grad(lambda p: system.loss(p, batch, key, train=True),
                               has_aux=True)(v)
 
-  one = jax.jit(loss_and_grad, device=jax.devices()[0]) if False else None  # noqa
   d0 = jax.devices()[0]
   v1 = jax.device_put(variables, d0)
   (l1, m1), g1 = jax.jit(loss_and_grad)(v1, jax.device_put(b, d0), rng)
@@ -253,22 +255,22 @@ def test_config_errors(change, match):
 # ------------------------------------------------------------------------------------------------
 # Interop.
 # ------------------------------------------------------------------------------------------------
-def test_torch_export_parity(tmp_path):
+def test_torch_export_parity(tmp_path, setup):
   from fashion_jax.interop import fashionbert_torch  # pylint: disable=g-import-not-at-top
-  system = fb_system.System(_config())
-  b = _batch(system, b=3)
-  variables = nn.unbox(jax.jit(system.init)(jax.random.key(0), b))
+  system, b, variables = setup
+  b = {k: v[:3] for k, v in b.items()}
   # Non-trivial BN statistics and biases, so every exported array matters.
-  keys = iter(jax.random.split(jax.random.key(1), 1000))
-  variables = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape),
-                           variables)
-  variables["batch_stats"] = jax.tree.map(lambda x: jnp.abs(x) + 0.5, variables["batch_stats"])
+  noise = np.random.default_rng(1)
+  variables = jax.tree.map(
+      lambda x: np.asarray(x) + 0.05 * noise.standard_normal(x.shape).astype(np.float32),
+      variables)
+  variables["batch_stats"] = jax.tree.map(lambda x: np.abs(x) + 0.5, variables["batch_stats"])
   model = system.model
-  out = model.apply(variables, b["text"], b["text_mask"], images=b["image"],
-                    patch_mask=b["patch_mask"])
+  out = jax.jit(model.apply)(variables, b["text"], b["text_mask"], images=b["image"],
+                             patch_mask=b["patch_mask"])
   text_h, patch_h = out["hidden"][:, :L], out["hidden"][:, L:]
-  mlm = model.apply(variables, text_h, method=model.mlm_logits)
-  mpm = model.apply(variables, patch_h, method=model.mpm_predict)
+  mlm = jax.jit(lambda v, h: model.apply(v, h, method=model.mlm_logits))(variables, text_h)
+  mpm = jax.jit(lambda v, h: model.apply(v, h, method=model.mpm_predict))(variables, patch_h)
 
   fashionbert_torch.export_fashionbert(variables, model, tmp_path / "export", image_size=S)
   tm = fashionbert_torch.load_fashionbert_torch(tmp_path / "export")
@@ -306,10 +308,10 @@ def test_pretrained_bert_import(tmp_path):
   variables = system.pretrained_params()
   word = np.asarray(variables["params"]["bert"]["word_embeddings"]["embedding"])
   np.testing.assert_array_equal(word, hf.bert.embeddings.word_embeddings.weight.detach().numpy())
-  # The MLM head came from the checkpoint: logits on text agree with BertForMaskedLM when the
-  # image tokens cannot be attended... so compare the head on the same hidden states instead.
+  # The MLM head came from the checkpoint: same logits as BertForMaskedLM's head.
   h = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
-  ours = system.model.apply(variables, jnp.asarray(h), method=system.model.mlm_logits)
+  ours = jax.jit(lambda v, x: system.model.apply(v, x, method=system.model.mlm_logits))(
+      variables, jnp.asarray(h))
   with torch.no_grad():
     ref = hf.cls(torch.tensor(h))
   np.testing.assert_allclose(ours, ref.numpy(), atol=1e-4)

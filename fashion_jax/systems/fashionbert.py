@@ -194,6 +194,7 @@ class System:
   def loss(self, params, batch, rng, train: bool = True):
     neg_rng, swap_rng, drop_rng = jax.random.split(rng, 3)
     obj, model = self.config.objective, self.model
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}  # numpy rows cannot take traced indices
     text, text_mask = batch["text"], batch["text_mask"]
     b, l = text.shape
     ids = batch["mlm_ids"] if self.use_mlm else text
