@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import fixtures_real as F
+from tests import fixtures_real as F
 from fashion_jax.data import images as I
 from fashion_jax.data.builders import fashiongen
 from fashion_jax.data.builders import fashioniq

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import fixtures_real as F
+from tests import fixtures_real as F
 from fashion_jax.data import schema
 from fashion_jax.data.builders import fashiongen
 from fashion_jax.data.builders import fashioniq
