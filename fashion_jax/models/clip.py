@@ -153,7 +153,7 @@ def clip_config(variant: str = "B/32", *, projection_dim: Optional[int] = None,
   return CLIPConfig(vision=v, text=t, projection_dim=projection_dim, **runtime)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
@@ -170,11 +170,19 @@ class CLIPModel(nn.Module):
   """
   config: CLIPConfig
 
+  def clip_config(self) -> CLIPConfig:
+    """The CLIP architecture (a subclass whose config wraps a CLIPConfig returns that)."""
+    return self.config
+
+  def make_vision(self, cfg: CLIPConfig, dtype: Any) -> nn.Module:
+    """The vision tower; subclasses (E2) replace it, keeping the text tower and logit scale."""
+    return vit_lib.VisionTransformer(cfg.vision, cfg.projection_dim, dtype=dtype,
+                                     scan=cfg.scan, remat_policy=cfg.remat_policy)
+
   def setup(self):
-    cfg = self.config
+    cfg = self.clip_config()
     dtype = jnp.dtype(cfg.dtype)
-    self.vision = vit_lib.VisionTransformer(cfg.vision, cfg.projection_dim, dtype=dtype,
-                                            scan=cfg.scan, remat_policy=cfg.remat_policy)
+    self.vision = self.make_vision(cfg, dtype)
     self.text = text_lib.TextTransformer(cfg.text, cfg.projection_dim, dtype=dtype,
                                          scan=cfg.scan, remat_policy=cfg.remat_policy)
     self.log_scale = self.param(
@@ -185,13 +193,17 @@ class CLIPModel(nn.Module):
                     deterministic: bool = True) -> jax.Array:
     """[B, H, W, 3] -> [B, P] float32."""
     e = self.vision(images, deterministic)["embedding"]
-    return _l2_normalize(e) if normalize else e
+    return l2_normalize(e) if normalize else e
 
   def encode_texts(self, ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                    normalize: bool = True, deterministic: bool = True) -> jax.Array:
-    """[B, L] -> [B, P] float32."""
-    e = self.text(ids, attention_mask, deterministic)["embedding"]
-    return _l2_normalize(e) if normalize else e
+    """[..., L] -> [..., P] float32 (leading axes are flattened for the tower and restored)."""
+    lead = ids.shape[:-1]
+    flat = ids.reshape(-1, ids.shape[-1])
+    mask = None if attention_mask is None else attention_mask.reshape(flat.shape)
+    e = self.text(flat, mask, deterministic)["embedding"]
+    e = l2_normalize(e) if normalize else e
+    return e.reshape(lead + e.shape[-1:])
 
   def logit_scale(self) -> jax.Array:
     return jnp.minimum(jnp.exp(self.log_scale), MAX_LOGIT_SCALE)

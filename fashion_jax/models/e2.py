@@ -51,7 +51,6 @@ import jax.numpy as jnp
 
 from fashion_jax.models import clip as clip_lib
 from fashion_jax.models import layers
-from fashion_jax.models import text as text_lib
 from fashion_jax.models import vit as vit_lib
 
 
@@ -322,11 +321,7 @@ class E2VisionTransformer(nn.Module):
     return out
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
-class E2Model(nn.Module):
+class E2Model(clip_lib.CLIPModel):
   """E2 dual encoder. Sub-modules `vision` (E2VisionTransformer), `text`; param `logit_scale`.
 
   __call__(images [B, H, W, 3], ids [B, L], tag_ids [B, E, L] | None, deterministic) -> dict:
@@ -337,22 +332,14 @@ class E2Model(nn.Module):
   """
   config: E2Config
 
-  def setup(self):
-    cfg = self.config.clip
-    dtype = jnp.dtype(cfg.dtype)
-    # Same names and creation order as clip.CLIPModel.
-    self.vision = E2VisionTransformer(self.config, dtype=dtype)
-    self.text = text_lib.TextTransformer(cfg.text, cfg.projection_dim, dtype=dtype,
-                                         scan=cfg.scan, remat_policy=cfg.remat_policy)
-    self.log_scale = self.param(
-        "logit_scale", nn.with_logical_partitioning(
-            nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32)
+  # CLIPModel's setup, encode_images, encode_texts and logit_scale, with the E2 vision tower: the
+  # same parameter names and creation order as a CLIPModel.
+  def clip_config(self) -> clip_lib.CLIPConfig:
+    return self.config.clip
 
-  def encode_images(self, images: jax.Array, normalize: bool = True,
-                    deterministic: bool = True) -> jax.Array:
-    """Global image embeddings [B, P] float32."""
-    e = self.vision(images, deterministic)["embedding"]
-    return _l2_normalize(e) if normalize else e
+  def make_vision(self, cfg: clip_lib.CLIPConfig, dtype: Any) -> nn.Module:
+    del cfg
+    return E2VisionTransformer(self.config, dtype=dtype)
 
   def encode_entities(self, images: jax.Array, normalize: bool = True,
                       deterministic: bool = True) -> jax.Array:
@@ -361,29 +348,16 @@ class E2Model(nn.Module):
     if "entity_embeddings" not in out:
       raise ValueError("This E2 model has no entities, hence no entity embeddings.")
     e = out["entity_embeddings"]
-    return _l2_normalize(e) if normalize else e
-
-  def encode_texts(self, ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-                   normalize: bool = True, deterministic: bool = True) -> jax.Array:
-    """[..., L] -> [..., P] float32 (leading axes are flattened for the tower and restored)."""
-    lead = ids.shape[:-1]
-    flat = ids.reshape(-1, ids.shape[-1])
-    mask = None if attention_mask is None else attention_mask.reshape(flat.shape)
-    e = self.text(flat, mask, deterministic)["embedding"]
-    e = _l2_normalize(e) if normalize else e
-    return e.reshape(lead + e.shape[-1:])
-
-  def logit_scale(self) -> jax.Array:
-    return jnp.minimum(jnp.exp(self.log_scale), clip_lib.MAX_LOGIT_SCALE)
+    return clip_lib.l2_normalize(e) if normalize else e
 
   def __call__(self, images: jax.Array, ids: jax.Array, tag_ids: Optional[jax.Array] = None,
                deterministic: bool = True) -> dict[str, jax.Array]:
     v = self.vision(images, deterministic)
-    out = {"image_embeds": _l2_normalize(v["embedding"]),
+    out = {"image_embeds": clip_lib.l2_normalize(v["embedding"]),
            "text_embeds": self.encode_texts(ids, deterministic=deterministic),
            "logit_scale": self.logit_scale()}
     if "entity_embeddings" in v:
-      out["entity_image_embeds"] = _l2_normalize(v["entity_embeddings"])
+      out["entity_image_embeds"] = clip_lib.l2_normalize(v["entity_embeddings"])
     if "selections" in v:
       out["selections"] = v["selections"]
     if tag_ids is not None:
