@@ -246,31 +246,10 @@ class E2VisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
     e2 = self.config
     cfg = e2.clip.vision
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"Expected images [B, H, W, 3], got shape {images.shape}.")
-    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
-      raise ValueError(f"Images are {images.shape[1]}x{images.shape[2]} but the model expects "
-                       f"{cfg.image_size}x{cfg.image_size}.")
-    x = (vit_lib.normalize_images(images, self.dtype) if images.dtype == jnp.uint8
-         else images.astype(self.dtype))
-    x = nn.with_logical_constraint(x, ("act_batch", None, None, None))
-    p = cfg.patch_size
-    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed",
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(0.02), (None, None, "conv_in", "embed")))(x)
-    b = x.shape[0]
-    x = x.reshape(b, -1, cfg.width)  # [B, N, D], row-major patches.
-    n = x.shape[1]
-    # Same creation order and initialisers as vit.VisionTransformer: the same rng gives the
-    # same CLIP parameters.
-    cls = self.param("class_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), self.param_dtype)
-    pos = self.param("pos_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), (None, "embed")), (cfg.num_patches + 1, cfg.width),
-                     self.param_dtype)
-    cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.width))
-    x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)[None]
+    # CLIP's stem, with vit.VisionTransformer's parameter names, order and initialisers: the
+    # same rng gives the same CLIP parameters.
+    x = vit_lib.embed_patches(self, cfg, images)
+    b, n = x.shape[0], x.shape[1] - 1
     s = e2.num_selection_tokens
     if s:
       sel = self.param("selection_tokens", nn.with_logical_partitioning(

@@ -84,6 +84,39 @@ def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   return x.astype(dtype)
 
 
+def embed_patches(module: nn.Module, cfg: ViTConfig, images: jax.Array) -> jax.Array:
+  """CLIP's input stem, run inside `module`'s compact call: [B, H, W, 3] -> [B, 1 + N, D].
+
+  uint8 images are normalised with CLIP's mean/std (float images are taken as normalised); conv
+  patch embedding without bias (`patch_embed`), then the class token (`class_embedding`) and the
+  position embedding (`pos_embedding`), created on `module` in this order so that any tower
+  built on this stem (ViT, E2) gets the same CLIP parameters from the same rng.
+  """
+  dtype, param_dtype = module.dtype, module.param_dtype
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"Expected images [B, H, W, 3], got shape {images.shape}.")
+  if images.shape[1:3] != (cfg.image_size, cfg.image_size):
+    raise ValueError(f"Images are {images.shape[1]}x{images.shape[2]} but the model expects "
+                     f"{cfg.image_size}x{cfg.image_size}.")
+  x = normalize_images(images, dtype) if images.dtype == jnp.uint8 else images.astype(dtype)
+  x = nn.with_logical_constraint(x, ("act_batch", None, None, None))
+  p = cfg.patch_size
+  x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+              dtype=dtype, param_dtype=param_dtype, name="patch_embed",
+              kernel_init=nn.with_logical_partitioning(
+                  nn.initializers.normal(0.02), (None, None, "conv_in", "embed")),
+              parent=module)(x)
+  b = x.shape[0]
+  x = x.reshape(b, -1, cfg.width)  # [B, N, D], patches in row-major order like torch's flatten.
+  cls = module.param("class_embedding", nn.with_logical_partitioning(
+      nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), param_dtype)
+  pos = module.param("pos_embedding", nn.with_logical_partitioning(
+      nn.initializers.normal(0.02), (None, "embed")), (cfg.num_patches + 1, cfg.width),
+                     param_dtype)
+  cls = jnp.broadcast_to(cls.astype(dtype), (b, 1, cfg.width))
+  return jnp.concatenate([cls, x], axis=1) + pos.astype(dtype)[None]
+
+
 class VisionTransformer(nn.Module):
   """CLIP ViT: images [B, H, W, 3] -> {'embedding' [B, P], 'pooled' [B, D], 'tokens' [B, 1+N, D]}.
 
@@ -101,30 +134,7 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
     cfg = self.config
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"Expected images [B, H, W, 3], got shape {images.shape}.")
-    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
-      raise ValueError(f"Images are {images.shape[1]}x{images.shape[2]} but the model expects "
-                       f"{cfg.image_size}x{cfg.image_size}.")
-    if images.dtype == jnp.uint8:
-      x = normalize_images(images, self.dtype)
-    else:
-      x = images.astype(self.dtype)
-    x = nn.with_logical_constraint(x, ("act_batch", None, None, None))
-    p = cfg.patch_size
-    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed",
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(0.02), (None, None, "conv_in", "embed")))(x)
-    b = x.shape[0]
-    x = x.reshape(b, -1, cfg.width)  # [B, N, D], patches in row-major order like torch's flatten.
-    cls = self.param("class_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), self.param_dtype)
-    pos = self.param("pos_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), (None, "embed")), (cfg.num_patches + 1, cfg.width),
-                     self.param_dtype)
-    cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.width))
-    x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)[None]
+    x = embed_patches(self, cfg, images)
     x = nn.with_logical_constraint(x, layers.HIDDEN_AXES)
     x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "pre_norm")(x)
     x = layers.Encoder(
