@@ -254,13 +254,16 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, *, step: int | 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       iterator_factory: IteratorFactory | None = None) -> TrainResult:
+                       iterator_factory: IteratorFactory | None = None,
+                       on_progress: Callable[[str], None] | None = None) -> TrainResult:
   """Trains `config.system` as configured, resuming from `workdir` if it holds checkpoints.
 
   Args:
     config: the experiment config (module docstring lists the trainer's keys).
     workdir: output directory (config.json, checkpoints, TensorBoard logs).
     iterator_factory: the input (module docstring); None = the TFDS pipeline.
+    on_progress: called with a description ('step 12 done') after every step, including its
+      evaluations and checkpoint save (launch/train.py feeds a multi-host watchdog with it).
 
   Returns:
     TrainResult(state, metrics, preempted).
@@ -441,6 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         eval_metrics = run_evals(eval_names, step)
       if save_now or (eval_names and config.checkpoint.best_metric):
         save(step, eval_metrics if eval_names and config.checkpoint.best_metric else None)
+      if on_progress is not None:
+        on_progress(f"step {step} done")
       if preempted:
         logging.warning("Preempted: checkpoint %d saved.", step)
         break
