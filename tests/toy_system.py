@@ -6,6 +6,9 @@ to L2-normalised embeddings z_a, z_b [B, embed]; loss over the GLOBAL batch:
   objective 'regression': L = mean_i ||z_a_i - z_b_i||^2   (a per-example mean, for the
                           gradient-accumulation equivalence)
 Params and activations carry the logical axis names of fashion_jax/parallel/axes.py.
+With `model.running_mean = True`, `a` is centred BatchNorm-style: by the batch mean in training
+(which also updates an EMA `batch_stats/mean_a` <- 0.9 mean_a + 0.1 batch mean, declared in
+`mutable_collections`) and by the EMA at evaluation: the trainer's non-gradient state path.
 
 Data (`make_iterator`): batch k of the global stream is drawn from
 np.random.default_rng([data.seed, k]) (b = a W + noise with a fixed W, so there is signal);
@@ -60,9 +63,19 @@ class Tower(nn.Module):
 class TwoTower(nn.Module):
   hidden: int
   embed: int
+  running_mean: bool = False
 
   @nn.compact
-  def __call__(self, a, b):
+  def __call__(self, a, b, train=False):
+    if self.running_mean:
+      mean_a = self.variable("batch_stats", "mean_a", jnp.zeros, a.shape[-1:], jnp.float32)
+      if train:
+        batch_mean = jnp.mean(a, axis=0)
+        if not self.is_initializing():
+          mean_a.value = 0.9 * mean_a.value + 0.1 * batch_mean
+        a = a - batch_mean
+      else:
+        a = a - mean_a.value
     za = Tower(self.hidden, self.embed, name="tower_a")(a)
     zb = Tower(self.hidden, self.embed, name="tower_b")(b)
     logit_scale = self.param(
@@ -77,7 +90,9 @@ class System:
   def __init__(self, config):
     self.config = config
     m = config.model
-    self.module = TwoTower(hidden=m.hidden, embed=m.embed)
+    self.module = TwoTower(hidden=m.hidden, embed=m.embed,
+                           running_mean=m.get("running_mean", False))
+    self.mutable_collections = ("batch_stats",) if self.module.running_mean else ()
 
   def dummy_batch(self, batch_size):
     m = self.config.model
@@ -88,8 +103,13 @@ class System:
     return self.module.init(rng, batch["a"], batch["b"])
 
   def loss(self, params, batch, rng, train=True):
-    del rng, train
-    za, zb, logit_scale = self.module.apply(params, batch["a"], batch["b"])
+    del rng
+    if self.mutable_collections and train:
+      (za, zb, logit_scale), new_state = self.module.apply(
+          params, batch["a"], batch["b"], train=True, mutable=list(self.mutable_collections))
+    else:
+      za, zb, logit_scale = self.module.apply(params, batch["a"], batch["b"])
+      new_state = None
     logits = jnp.exp(logit_scale) * za @ zb.T
     logits = nn.with_logical_constraint(logits, ("act_batch", None))
     labels = jnp.arange(za.shape[0])
@@ -99,6 +119,8 @@ class System:
     else:
       loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
                     + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+    if new_state is not None:
+      return loss, ({"acc": acc}, dict(new_state))
     return loss, {"acc": acc}
 
 

@@ -20,6 +20,16 @@ Metrics (all float32 scalars, prefixed 'train/'): the system's metrics, plus `lo
 (after the update) and `lr` (the base schedule at this step, before per-group multipliers).
 `grad_norm` and `param_norm` let the NaN guard catch a non-finite update even when the loss of
 that step was finite.
+
+State that is not learned by gradients (BatchNorm running statistics, an EMA codebook): a system
+whose params are a dict of collections may declare `mutable_collections = ('batch_stats', ...)`.
+Its `loss` then returns `(loss, (metrics, new_state))` with `new_state` a dict giving the new
+value of each of those collections (same structure as `params[name]`). The step zeroes their
+gradients (they add nothing to grad_norm or Adam's moments) and overwrites them with
+`new_state` after the optimizer update (so weight decay never reaches running statistics), so the state is sharded, donated and
+checkpointed like the parameters. With gradient accumulation the new states of the A
+micro-batches are averaged (for running means / EMAs this is one update with the mean of the
+micro-batch statistics; the sequential order of A small updates is not reproduced).
 """
 
 from collections.abc import Callable
@@ -52,19 +62,30 @@ def make_train_step(system, tx: optax.GradientTransformation, schedule: optax.Sc
                     grad_accum_steps: int = 1) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """The jitted step (see the module docstring)."""
 
+  mutable = tuple(getattr(system, "mutable_collections", ()) or ())
+
+  def zero_mutable(tree):
+    if not mutable:
+      return tree
+    return {**tree, **{c: jax.tree.map(jnp.zeros_like, tree[c]) for c in mutable}}
+
   def loss_and_grads(params, batch, rng):
     def loss_fn(p):
       return system.loss(p, batch, rng, train=True)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics, new_state = aux if mutable else (aux, {})
+    if set(new_state) != set(mutable):
+      raise ValueError(f"{type(system).__name__}.loss returned state for {sorted(new_state)} but "
+                       f"mutable_collections is {list(mutable)}")
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    return jnp.asarray(loss, jnp.float32), metrics, grads
+    return jnp.asarray(loss, jnp.float32), metrics, zero_mutable(grads), new_state
 
   def step(state: TrainState, batch):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
       if grad_accum_steps == 1:
-        loss, metrics, grads = loss_and_grads(state.params, batch, rng)
+        loss, metrics, grads, new_state = loss_and_grads(state.params, batch, rng)
       else:
         micro = split_micro_batches(batch, grad_accum_steps, mesh)
         first = jax.tree.map(lambda x: x[0], micro)
@@ -72,7 +93,7 @@ def make_train_step(system, tx: optax.GradientTransformation, schedule: optax.Sc
             lambda s: jnp.zeros(s.shape, s.dtype),
             jax.eval_shape(loss_and_grads, state.params, first, rng))
         zeros = (zeros[0], zeros[1],
-                 jax.lax.with_sharding_constraint(zeros[2], state_shardings.params))
+                 jax.lax.with_sharding_constraint(zeros[2], state_shardings.params), zeros[3])
 
         def body(carry, xs):
           mb, i = xs
@@ -80,10 +101,13 @@ def make_train_step(system, tx: optax.GradientTransformation, schedule: optax.Sc
           return jax.tree.map(jnp.add, carry, out), None
 
         total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps)))
-        loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
+        loss, metrics, grads, new_state = jax.tree.map(lambda x: x / grad_accum_steps, total)
 
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
+      if mutable:
+        params = {**params, **{c: jax.tree.map(lambda n, o: n.astype(o.dtype), new_state[c],
+                                               params[c]) for c in mutable}}
       metrics = {f"train/{k}": v for k, v in metrics.items()}
       metrics.update({
           "train/loss": loss,
