@@ -153,7 +153,7 @@ def sample_protocol_metrics(scorer: PairScorer, params, tables, candidates: np.n
   s_t2i, sec1 = scorer.score(params, tables, query, candidates)
   s_i2t, sec2 = scorer.score(params, tables, candidates, query)
   s_t2i, s_i2t = s_t2i.reshape(q, c), s_i2t.reshape(q, c)
-  out = retrieval._both_directions(  # pylint: disable=protected-access
+  out = retrieval.both_directions(
       retrieval.rank_metrics(retrieval.candidate_ranks(s_t2i), ks),
       retrieval.rank_metrics(retrieval.candidate_ranks(s_i2t), ks))
   balanced = np.concatenate([s_t2i[:, 0] > 0, s_t2i[:, 1] <= 0])
@@ -286,7 +286,7 @@ class Evaluator:
     r_t2i, r_i2t = r_t2i[:, 0], r_i2t[:, 0]
     positive = np.arange(n)
     out = {}
-    full = retrieval._both_directions(  # pylint: disable=protected-access
+    full = retrieval.both_directions(
         retrieval.rank_metrics(r_t2i, self.ks), retrieval.rank_metrics(r_i2t, self.ks))
     out.update({f"{self.split}/full/{key}": v for key, v in full.items()})
     _, top_t2i = retrieval.topk_retrieve(tt["text"], tt["image"], k)
@@ -296,7 +296,7 @@ class Evaluator:
     s_i2t, _ = self.scorer.score(params, tables, top_i2t, query)
     new_t2i = rerank_ranks(r_t2i, top_t2i, s_t2i.reshape(n, k), positive)
     new_i2t = rerank_ranks(r_i2t, top_i2t, s_i2t.reshape(n, k), positive)
-    reranked = retrieval._both_directions(  # pylint: disable=protected-access
+    reranked = retrieval.both_directions(
         retrieval.rank_metrics(new_t2i, self.ks), retrieval.rank_metrics(new_i2t, self.ks))
     out.update({f"{self.split}/full_rerank{k}/{key}": v for key, v in reranked.items()})
     return out

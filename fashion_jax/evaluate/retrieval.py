@@ -397,11 +397,19 @@ def full_candidate_metrics(text_emb, image_emb, positives=None, *,
   return _both_directions(rank_metrics(r_t2i, ks), rank_metrics(r_i2t, ks))
 
 
-def _both_directions(t2i: Mapping[str, float], i2t: Mapping[str, float]) -> dict[str, float]:
+def both_directions(t2i: Mapping[str, float], i2t: Mapping[str, float]) -> dict[str, float]:
+  """Merges the two directions' `rank_metrics` into one flat dict with their SumR.
+
+  Returns {'t2i_<m>': t2i[m]} | {'i2t_<m>': i2t[m]} | {'SumR': sum of R@1, R@5, R@10 of both
+  directions (those present)}: the key layout every retrieval evaluator reports.
+  """
   out = {f"t2i_{k}": v for k, v in t2i.items()}
   out.update({f"i2t_{k}": v for k, v in i2t.items()})
   out["SumR"] = sum(d[f"R@{k}"] for d in (t2i, i2t) for k in (1, 5, 10) if f"R@{k}" in d)
   return out
+
+
+_both_directions = both_directions  # The earlier private name, kept for existing callers.
 
 
 # ------------------------------------------------------------------------------------------------
