@@ -1,0 +1,1 @@
+"""Product search: vector indexes, model encoders and catalog indexes (see launch/search.py)."""
