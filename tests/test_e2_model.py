@@ -224,3 +224,19 @@ def test_e2_model_outputs_and_tag_shape_error():
   np.testing.assert_allclose(out["entity_text_embeds"][:, 0], out["text_embeds"], atol=1e-6)
   with pytest.raises(ValueError, match=r"tag_ids must be \[B, E=4, L\]"):
     model.apply({"params": params}, _images(), ids, tags[:, :2])
+
+
+@pytest.mark.parametrize("entities", [("brand", "season"), ()])
+def test_image_views_are_the_global_and_entity_embeddings_of_one_pass(entities):
+  cfg = e2_lib.e2_config(_clip(), entities=entities, tokens_per_entity=(2,) * len(entities),
+                         fusion_after=(2, 3) if entities else ())
+  model = e2_lib.E2Model(cfg)
+  params = nn.unbox(e2_lib.init_params(cfg, jax.random.PRNGKey(1)))
+  views = model.apply({"params": params}, _images(), method=model.encode_image_views)
+  assert views.shape == (3, 1 + len(entities), 16)
+  np.testing.assert_allclose(views[:, 0], model.apply({"params": params}, _images(),
+                                                      method=model.encode_images), atol=1e-6)
+  if entities:
+    np.testing.assert_allclose(views[:, 1:], model.apply({"params": params}, _images(),
+                                                         method=model.encode_entities),
+                               atol=1e-6)

@@ -329,6 +329,15 @@ class E2Model(clip_lib.CLIPModel):
     e = out["entity_embeddings"]
     return clip_lib.l2_normalize(e) if normalize else e
 
+  def encode_image_views(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    """[B, H, W, 3] -> L2-normalised float32 [B, 1 + E, P]: row 0 the global embedding
+    (encode_images), rows 1.. the entity embeddings (encode_entities), from ONE tower pass."""
+    out = self.vision(images, deterministic)
+    views = [clip_lib.l2_normalize(out["embedding"]).astype(jnp.float32)[:, None]]
+    if "entity_embeddings" in out:
+      views.append(clip_lib.l2_normalize(out["entity_embeddings"]).astype(jnp.float32))
+    return jnp.concatenate(views, axis=1)
+
   def __call__(self, images: jax.Array, ids: jax.Array, tag_ids: Optional[jax.Array] = None,
                deterministic: bool = True) -> dict[str, jax.Array]:
     v = self.vision(images, deterministic)

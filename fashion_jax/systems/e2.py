@@ -242,6 +242,16 @@ class System:
     """uint8 [B, H, W, 3] -> L2-normalised float32 [B, E, P], entities in model order."""
     return self.model.apply({"params": params}, images, method=self.model.encode_entities)
 
+  @property
+  def entities(self) -> tuple[str, ...]:
+    """The entity names, in the order of embed_entities / embed_image_views rows."""
+    return self.model_config.entities
+
+  def embed_image_views(self, params, images: jax.Array) -> jax.Array:
+    """uint8 [B, H, W, 3] -> L2-normalised float32 [B, 1 + E, P]: the global embedding
+    (embed_images) then each entity's (embed_entities), from one pass of the vision tower."""
+    return self.model.apply({"params": params}, images, method=self.model.encode_image_views)
+
   def embed_texts(self, params, tokens: jax.Array) -> jax.Array:
     return self.model.apply({"params": params}, tokens, method=self.model.encode_texts)
 
