@@ -49,6 +49,13 @@ def main(argv, *, iterator_factory=None):
         ", ".join(f"{k}={v:.4g}" for k, v in sorted(train.items())), flush=True)
   if evals:
     print(loop.format_table(evals), flush=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:  # Learning curves + eval metrics over steps, as one PNG.
+    from fashion_jax.train import plots  # pylint: disable=g-import-not-at-top
+    try:
+      print("summary plot:", plots.write_summary(_WORKDIR.value), flush=True)
+    except (FileNotFoundError, ValueError) as e:  # No event files / no scalars: say so, exit 0.
+      logging.warning("No summary plot: %s", e)
 
 if __name__ == "__main__":
   app.run(main)
