@@ -18,10 +18,11 @@ numpy):
     instead of N D. Lists are scanned list-major (every query probing list l is scored against
     it in one matmul), so the cost is a few BLAS calls per list whatever the number of queries.
   Recall against exact search (`recall_at_k`) rises with nprobe; nprobe = nlist is exact.
-  k-means details, chosen deliberately: initial centroids are `nlist` distinct items drawn with
-  a seeded generator (not k-means++: its N x nlist sequential passes cost more than the
-  iterations on large catalogs); a centroid that loses all its items keeps its previous
-  position; training uses at most `train_size` items (default 64 per list), assignment then
+  k-means details, chosen deliberately: k-means++ seeding (Arthur & Vassilvitskii 2007) on the
+  training sample, with weights ||x - c||^2 = 2 (1 - <x, c>) for unit vectors (one pass over
+  the sample per centroid: the cost of one Lloyd iteration; uniform seeding leaves two
+  centroids in one cluster and merges two others, which then never separate); a centroid that
+  loses all its items keeps its previous position; training uses at most `train_size` items (default 64 per list), assignment then
   covers every item.
 
 Persistence: `save(path)` writes one .npz (arrays only, no pickle); `load_index(path)` reads
@@ -122,13 +123,34 @@ def _update(x, assign, old, *, num_lists: int):
   return jnp.where((counts > 0)[:, None] & (norm > 0), new, old), counts
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
+def _kmeans_pp(x, key, *, k: int):
+  """k-means++ seeds [k, D] among the unit rows of x [N, D]: the first uniform, each next one
+  drawn with probability proportional to min_c (1 - <x, c>) over the seeds so far."""
+  key, sub = jax.random.split(key)
+  first = jax.random.randint(sub, (), 0, x.shape[0])
+  seeds = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
+  dist = jnp.maximum(1.0 - x @ x[first], 0.0)
+
+  def body(i, carry):
+    seeds, dist, key = carry
+    key, sub = jax.random.split(key)
+    pick = jax.random.categorical(sub, jnp.log(dist + 1e-30))
+    seeds = seeds.at[i].set(x[pick])
+    return seeds, jnp.minimum(dist, jnp.maximum(1.0 - x @ x[pick], 0.0)), key
+
+  seeds, _, _ = jax.lax.fori_loop(1, k, body, (seeds, dist, key))
+  return seeds
+
+
 def spherical_kmeans(x, num_lists: int, *, iterations: int = 10, seed: int = 0,
                      train_size: int | None = None) -> np.ndarray:
   """Unit centroids [num_lists, D] of `x` [N, D] by Lloyd iterations on the cosine.
 
   Each iteration: a_i = argmax_c <x_i, C_c>; C_c = normalize(sum_{a_i = c} x_i). Starts from
-  `num_lists` distinct (normalised) rows drawn with numpy's Generator(seed), trains on at most
-  `train_size` rows (default 64 * num_lists), stops early when no assignment changes.
+  k-means++ seeds (`_kmeans_pp`, jax.random.PRNGKey(seed)) of the normalised training rows,
+  trains on at most `train_size` rows (default 64 * num_lists, drawn with numpy's
+  Generator(seed)), stops early when no assignment changes.
   """
   x = _as_matrix(x, "x")
   n = x.shape[0]
@@ -139,10 +161,9 @@ def spherical_kmeans(x, num_lists: int, *, iterations: int = 10, seed: int = 0,
   rng = np.random.default_rng(seed)
   train_size = train_size or 64 * num_lists
   sample = x[rng.choice(n, train_size, replace=False)] if n > train_size else x
-  c = sample[rng.choice(sample.shape[0], num_lists, replace=False)]
-  c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-  c = jnp.asarray(c)
+  sample = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
   xs = jnp.asarray(sample)
+  c = _kmeans_pp(xs, jax.random.PRNGKey(seed), k=num_lists)
   prev = None
   for _ in range(iterations):
     a, _ = _assign_all(sample, c)

@@ -1,0 +1,179 @@
+"""Product search: vector indexes against brute force, and search against the evaluator.
+
+- ExactIndex returns numpy float64 brute-force top-k; IVFIndex with nprobe = nlist is exact, its
+  recall@10 against exact grows with nprobe and is high on clustered data; save/load keeps the
+  results; bad k / nprobe / shapes raise errors naming the value; spherical k-means finds
+  well-separated clusters.
+- On a tiny trained FashionCLIP run: each test product's text as a search query finds its
+  product in the top K exactly as often as the retrieval evaluator's full-candidate t2i R@K
+  (the two code paths agree); a colour query's results have that colour more often than chance
+  is not asserted here (4 training steps), the notebook test does that.
+- `python -m launch.search query` prints the results and writes a PNG contact sheet.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fashion_jax.search import index as index_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mixture(n, q, dim=32, clusters=40, sigma=0.6, seed=0):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(clusters, dim))
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+
+  def draw(m):
+    x = centres[rng.integers(0, clusters, m)] + sigma * rng.normal(size=(m, dim)) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  return draw(n), draw(q)
+
+
+@pytest.fixture(scope="module")
+def data():
+  return mixture(3000, 200)
+
+
+def brute_force(items, queries, k):
+  s = queries.astype(np.float64) @ items.astype(np.float64).T
+  return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+
+def test_exact_index_equals_float64_brute_force(data):
+  items, queries = data
+  scores, ids = index_lib.ExactIndex(items).search(queries, 10)
+  np.testing.assert_array_equal(ids, brute_force(items, queries, 10))
+  np.testing.assert_allclose(scores, np.take_along_axis(queries @ items.T, ids, 1), atol=1e-5)
+  assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_ivf_recall_grows_with_nprobe_and_all_lists_is_exact(data, tmp_path):
+  items, queries = data
+  ivf = index_lib.IVFIndex.build(items, num_lists=40, seed=0)
+  assert ivf.list_sizes().sum() == len(items)
+  assert sorted(ivf.item_ids.tolist()) == list(range(len(items)))
+  exact = brute_force(items, queries, 10)
+  recalls = [index_lib.recall_at_k(ivf.search(queries, 10, nprobe=p)[1], exact)
+             for p in (1, 2, 4, 8, 40)]
+  assert all(a <= b + 0.01 for a, b in zip(recalls, recalls[1:])), recalls
+  assert recalls[0] < 1.0 and recalls[3] >= 0.95, recalls
+  scores, ids = ivf.search(queries, 10, nprobe=40)
+  np.testing.assert_array_equal(ids, exact)
+  # Save / load: the same answers, default nprobe kept.
+  ivf.nprobe = 4
+  ivf.save(str(tmp_path / "ivf.npz"))
+  back = index_lib.load_index(str(tmp_path / "ivf.npz"))
+  assert isinstance(back, index_lib.IVFIndex) and back.nprobe == 4
+  for a, b in zip(ivf.search(queries, 5), back.search(queries, 5)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_kmeans_recovers_separated_clusters():
+  rng = np.random.default_rng(1)
+  centres = np.eye(8, dtype=np.float32)[:5] * 1.0
+  labels = rng.integers(0, 5, 500)
+  x = centres[labels] + 0.05 * rng.normal(size=(500, 8)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  c = index_lib.spherical_kmeans(x, 5, seed=0)
+  np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
+  assign = np.argmax(x @ c.T, axis=1)
+  # One list per true cluster: the partition is the same up to renaming.
+  assert len({(a, l) for a, l in zip(assign, labels)}) == 5
+
+
+def test_bad_inputs_name_the_value(data):
+  items, queries = data
+  exact = index_lib.ExactIndex(items[:50])
+  with pytest.raises(ValueError, match="k=51"):
+    exact.search(queries, 51)
+  with pytest.raises(ValueError, match="dimension 7"):
+    exact.search(queries[:, :7], 3)
+  ivf = index_lib.IVFIndex.build(items[:200], num_lists=8)
+  with pytest.raises(ValueError, match="nprobe=9"):
+    ivf.search(queries, 3, nprobe=9)
+  with pytest.raises(ValueError, match="num_lists=300"):
+    index_lib.spherical_kmeans(items[:200], 300)
+  with pytest.raises(ValueError, match="non-finite"):
+    index_lib.ExactIndex(np.full((3, 4), np.nan))
+  with pytest.raises(ValueError, match="Unknown index kind 'hnsw'"):
+    index_lib.build_index(items, "hnsw")
+
+
+# ------------------------------------------------------------------------------------------------
+# On a trained model.
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from fashion_jax.data.builders import synthetic_catalog  # pylint: disable=g-import-not-at-top,unused-import
+  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from tests.test_fashionclip_system import tiny_config  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  tfds.builder("synthetic_catalog/tiny", data_dir=data_dir).download_and_prepare()
+  config = tiny_config()
+  config.data.name = "synthetic_catalog/tiny"
+  config.data.data_dir = data_dir
+  config.data.image_size = 64
+  config.batch_size = 8
+  config.total_steps = 6
+  config.log_every_steps = 3
+  config.checkpoint.every_steps = 6
+  config.evals = {"retrieval_test": dict(type="retrieval", split="test", protocols=("full",),
+                                         ks=(1, 3), every=0)}
+  workdir = str(tmp_path_factory.mktemp("run"))
+  result = loop.train_and_evaluate(config, workdir)
+  return workdir, data_dir, result.metrics
+
+
+def test_text_search_agrees_with_the_evaluator(trained, tmp_path):
+  from fashion_jax.search import encoders, products  # pylint: disable=g-import-not-at-top
+  workdir, data_dir, metrics = trained
+  enc = encoders.load_encoder(workdir)
+  pindex = products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir,
+                                        thumb_size=32)
+  assert len(pindex) == metrics["test/full/num_items"] == 8
+  assert pindex.thumbs.shape == (8, 32, 32, 3)
+  for k in (1, 3):
+    got = pindex.text_query_hits(enc, k=k)
+    assert got[f"HITS@{k}"] == pytest.approx(metrics[f"test/full/t2i_R@{k}"], abs=1e-9), k
+  # Saved and loaded, the index answers the same; a product's own text ranks it by score.
+  pindex.save(str(tmp_path / "idx"))
+  back = products.ProductIndex.load(str(tmp_path / "idx"))
+  text = products.join_text([back.products[2][f] for f in back.meta["text_fields"]])
+  a = pindex.search_text(enc, [text], 8)[0]
+  b = back.search_text(enc, [text], 8)[0]
+  assert [h.row for h in a] == [h.row for h in b]
+  assert [h.score for h in a] == sorted([h.score for h in a], reverse=True)
+  with pytest.raises(ValueError, match="no text-modified image query"):
+    pindex.search_composed(enc, [back.thumbs[0]], ["in red"], 3)
+
+
+def test_search_cli_query_writes_a_sheet(trained, tmp_path):
+  from fashion_jax.search import encoders, products  # pylint: disable=g-import-not-at-top
+  workdir, data_dir, _ = trained
+  enc = encoders.load_encoder(workdir)
+  idx_dir = str(tmp_path / "idx")
+  pindex = products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir)
+  pindex.save(idx_dir)
+  text = products.join_text([pindex.products[0][f] for f in pindex.meta["text_fields"]])
+  expected = pindex.search_text(enc, [text], 3)[0]
+  out = str(tmp_path / "sheet.png")
+  env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.search", "query", f"--index_dir={idx_dir}",
+       f"--text={text}", "--k=3", f"--out={out}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  listed = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("    ")]
+  assert listed == [h.product["product_id"] for h in expected]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(out) as im:
+    assert im.size[0] > 3 * 96
+  with open(os.path.join(idx_dir, "meta.json")) as f:
+    assert json.load(f)["num_products"] == 8
