@@ -168,17 +168,13 @@ def tables(results: list[tuple[str, dict[str, float]]]) -> str:
   Table 1: global retrieval and per-entity linear probes (probe accuracy +- its binomial
   standard error sqrt(p (1 - p) / n) over the n test items).
   Table 2: per-entity retrieval on test (evaluate/entity_retrieval.py): tag text -> images mAP
-  and image -> tag text R@1, with E2's entity head ("head") and with the global image
-  embedding ("global"); +- the standard error over queries.
+  and image -> tag text R@1, "head / global": with E2's entity head and with the global image
+  embedding; below it, per entity, the chance levels and the largest standard error in the
+  column.
   Table 3: the same on holdout_brand (brands never seen in training).
   """
   def f(m, k, d=3):
     return f"{m[k]:.{d}f}" if k in m else "-"
-
-  def pm(m, k, se_k):
-    if k not in m:
-      return "-"
-    return f"{m[k]:.3f} ± {m[se_k]:.3f}" if se_k in m else f"{m[k]:.3f}"
 
   cols1 = [("test full t2i R@1", "test/full/t2i_R@1"), ("test full i2t R@1", "test/full/i2t_R@1"),
            ("test full SumR", "test/full/SumR"), ("test sample100 SumR", "test/sample100/SumR"),
@@ -200,31 +196,36 @@ def tables(results: list[tuple[str, dict[str, float]]]) -> str:
                                        for _, m in results)]
     if not ents:
       continue
-    header = ["run"]
-    for e in ents:
-      header += [f"{e} t2i mAP head", f"{e} t2i mAP global", f"{e} i2t R@1 head",
-                 f"{e} i2t R@1 global"]
+    header = ["run"] + [f"{e} {what} (head / global)" for e in ents
+                        for what in ("t2i mAP", "i2t R@1")]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    ses = {}
     for label, m in results:
       cells = [label]
       for e in ents:
-        p = f"{split}/entity_{e}/"
-        cells += [pm(m, p + "head_t2i_mAP", p + "head_t2i_mAP_se"),
-                  pm(m, p + "global_t2i_mAP", p + "global_t2i_mAP_se"),
-                  pm(m, p + "head_i2t_R@1", p + "head_i2t_R@1_se"),
-                  pm(m, p + "global_i2t_R@1", p + "global_i2t_R@1_se")]
+        for metric in ("t2i_mAP", "i2t_R@1"):
+          p = f"{split}/entity_{e}/"
+          cells.append(f"{f(m, p + 'head_' + metric)} / {f(m, p + 'global_' + metric)}"
+                       .replace("- / -", "-"))
+          for kind in ("head", "global"):
+            if p + f"{kind}_{metric}_se" in m:
+              key = (e, metric)
+              ses[key] = max(ses.get(key, 0.0), m[p + f"{kind}_{metric}_se"])
       lines.append("| " + " | ".join(cells) + " |")
-    chance = []
+    notes = []
     for e in ents:
       for _, m in results:
         p = f"{split}/entity_{e}/"
         if p + "num_values" in m:
-          chance.append(f"{e}: {int(m[p + 'num_values'])} values, {int(m[p + 'num_items'])} "
-                        f"items, chance mAP {m[p + 'chance_t2i_mAP']:.3f}, chance R@1 "
-                        f"{1 / m[p + 'num_values']:.3f}")
+          notes.append(f"{e}: {int(m[p + 'num_values'])} values over {int(m[p + 'num_items'])} "
+                       f"items, chance mAP {m[p + 'chance_t2i_mAP']:.3f} / R@1 "
+                       f"{m[p + 'chance_i2t_R@1']:.3f}, largest standard error mAP "
+                       f"{ses.get((e, 't2i_mAP'), float('nan')):.3f} / R@1 "
+                       f"{ses.get((e, 'i2t_R@1'), float('nan')):.3f}")
           break
-    out.append(f"Per-entity retrieval, {split}:\n\n" + "\n".join(lines) + "\n\n"
-               + "; ".join(chance) + ".")
+    out.append(f"Per-entity retrieval, {split} (head = the entity's E2 head, '-' where the run "
+               f"has none; global = the global image embedding):\n\n" + "\n".join(lines)
+               + "\n\n" + "; ".join(notes) + ".")
   return "\n\n".join(out)
 
 
