@@ -1,0 +1,166 @@
+"""FashionViL downstream metrics and losses against float64 numpy references; config errors."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from configs import fashionvil_downstream as ds_config
+from fashion_jax.evaluate import classification
+from fashion_jax.evaluate import tgir
+from fashion_jax.losses import fashionvil_downstream as dl
+from launch import fashionvil_downstream as driver
+
+
+def _ce(logits, labels):
+  z = logits - logits.max(1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+  return -logp[np.arange(len(labels)), labels]
+
+
+def test_target_ranks_pessimistic_ties_and_exclusion_vs_loop():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 4, (30, 12)).astype(np.float64)  # Many ties.
+  target = rng.integers(0, 12, 30)
+  exclude = np.where(rng.random(30) < 0.5, rng.integers(0, 12, 30), -1)
+  exclude[exclude == target] = -1
+  want, want_ex = [], []
+  for q in range(30):
+    others = [g for g in range(12) if g != target[q]]
+    want.append(1 + sum(scores[q, g] >= scores[q, target[q]] for g in others))
+    want_ex.append(1 + sum(scores[q, g] >= scores[q, target[q]] for g in others
+                           if g != exclude[q]))
+  np.testing.assert_array_equal(tgir.target_ranks(scores, target), want)
+  np.testing.assert_array_equal(tgir.target_ranks(scores, target, exclude), want_ex)
+  # A collapsed model (all scores equal) gets the worst rank, never a hit.
+  assert tgir.target_ranks(np.zeros((3, 5)), np.array([0, 2, 4])).tolist() == [5, 5, 5]
+  r = tgir.recall_at(np.array([1, 10, 11, 50, 51]), (10, 50))
+  assert r == {"R@10": 0.4, "R@50": 0.8}
+  with pytest.raises(ValueError, match="0 ranks"):
+    tgir.recall_at(np.array([]), (10,))
+
+
+def test_macro_f1_equals_sklearn_including_never_predicted_and_unseen_classes():
+  rng = np.random.default_rng(1)
+  for trial in range(5):
+    y = rng.integers(-1, 6, 80)
+    pred = np.where(rng.random(80) < 0.5, y, rng.integers(0, 7, 80))
+    want = f1_score(y, pred, average="macro", labels=np.union1d(y, pred), zero_division=0)
+    assert classification.macro_f1(y, pred) == pytest.approx(want, abs=1e-12), trial
+  with pytest.raises(ValueError, match="equal 1-D"):
+    classification.macro_f1(np.zeros(3), np.zeros(4))
+
+
+def test_tgir_and_classification_losses_vs_float64():
+  rng = np.random.default_rng(2)
+  q, t = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  s = 3.0
+  loss, m = dl.tgir_loss(jnp.asarray(q, jnp.float32), jnp.asarray(t, jnp.float32),
+                         jnp.float32(s))
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  tn = t / np.linalg.norm(t, axis=1, keepdims=True)
+  logits = s * s * qn @ tn.T
+  np.testing.assert_allclose(float(loss), _ce(logits, np.arange(6)).mean(), rtol=1e-5)
+  assert float(m["acc"]) == pytest.approx(np.mean(logits.argmax(1) == np.arange(6)))
+
+  z = rng.normal(size=(7, 4))
+  y = np.array([0, 3, -1, 2, -1, 1, 1])
+  loss, m = dl.classification_loss(jnp.asarray(z, jnp.float32), jnp.asarray(y))
+  known = y >= 0
+  np.testing.assert_allclose(float(loss), _ce(z[known], y[known]).mean(), rtol=1e-5)
+  assert float(m["known"]) == 5
+  loss, _ = dl.classification_loss(jnp.asarray(z, jnp.float32), jnp.full((7,), -1))
+  assert float(loss) == 0.0
+
+
+def _numpy_pair_masks(u, v, c, masks):
+  logits = u[:, None, :] + v[None, :, :] + c
+  attn = np.exp(logits - logits.max(-1, keepdims=True))
+  attn /= attn.sum(-1, keepdims=True)
+  return attn @ np.maximum(masks, 0.0)
+
+
+def _numpy_score(items, cats, mask, cand, cand_cat, table):
+  vals = []
+  for x, a, ok in zip(items, cats, mask):
+    if ok:
+      w = table[a, cand_cat]
+      xw, yw = x * w, cand * w
+      vals.append(xw @ yw / (np.linalg.norm(xw) * np.linalg.norm(yw)))
+  return np.mean(vals)
+
+
+def test_ocir_scores_vs_float64_loop_and_the_one_category_form_agrees():
+  rng = np.random.default_rng(3)
+  c, k, d, q, m, g = 4, 3, 6, 5, 3, 7
+  u, v, cc = rng.normal(size=(c, k)), rng.normal(size=(c, k)), rng.normal(size=(k,))
+  masks = rng.normal(1.0, 0.7, size=(k, d))  # Some negative entries: relu matters.
+  table = _numpy_pair_masks(u, v, cc, masks)
+  got_table = dl.pair_masks(*(jnp.asarray(x, jnp.float32) for x in (u, v, cc, masks)))
+  np.testing.assert_allclose(np.asarray(got_table), table, rtol=1e-5, atol=1e-6)
+
+  items = rng.normal(size=(q, m, d))
+  cats = rng.integers(0, c, (q, m))
+  mask = np.ones((q, m), bool)
+  mask[0, 2] = mask[3, 1:] = False
+  cands = rng.normal(size=(g, d))
+  cand_cats = rng.integers(0, c, g)
+  want = np.array([[_numpy_score(items[i], cats[i], mask[i], cands[j], cand_cats[j], table)
+                    for j in range(g)] for i in range(q)])
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  got = dl.ocir_scores(f32(items), jnp.asarray(cats), jnp.asarray(mask), f32(cands),
+                       jnp.asarray(cand_cats), f32(table))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+  for b in range(c):
+    want_b = np.array([[_numpy_score(items[i], cats[i], mask[i], cands[j], b, table)
+                        for j in range(g)] for i in range(q)])
+    got_b = dl.ocir_scores_one_category(f32(items), jnp.asarray(cats), jnp.asarray(mask),
+                                        f32(cands), b, f32(table))
+    np.testing.assert_allclose(np.asarray(got_b), want_b, rtol=1e-4, atol=1e-5)
+
+  scores = rng.uniform(-1, 1, size=(5, 5))
+  loss, _ = dl.ocir_loss(f32(scores), jnp.float32(2.0))
+  np.testing.assert_allclose(float(loss), _ce(4.0 * scores, np.arange(5)).mean(), rtol=1e-5)
+
+
+def test_ocir_scores_are_category_conditioned():
+  """The same two items score differently under different candidate categories."""
+  rng = np.random.default_rng(4)
+  table = jnp.asarray(rng.uniform(0.0, 2.0, size=(3, 3, 8)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(1, 1, 8)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(1, 8)), jnp.float32)
+  s = [float(dl.ocir_scores(x, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool), y,
+                            jnp.array([b]), table)[0, 0]) for b in range(3)]
+  assert len(set(np.round(s, 6))) == 3
+
+
+def test_config_variants_and_errors():
+  for task, variant in itertools.product(ds_config.TASKS, ds_config.VARIANTS):
+    c = ds_config.get_config(f"{task}_{variant}")
+    assert c.system == "fashionvil_downstream"
+    assert list(c.evals) == [task]
+    assert "batch_stats/.*" in c.optimizer.freeze
+  assert ds_config.get_config("scr_smoke").objective.label_fields == ("subcategory",)
+  assert ds_config.get_config("cr_smoke").objective.task == "cls"
+  with pytest.raises(ValueError, match="TASK_VARIANT"):
+    ds_config.get_config("vqa_smoke")
+  with pytest.raises(ValueError, match="TASK_VARIANT"):
+    ds_config.get_config("tgir_large")
+
+
+def test_driver_row_columns():
+  metrics = {f"test/sample100/{d}_R@{k}": v for d in ("i2t", "t2i")
+             for k, v in zip((1, 5, 10), (0.1, 0.2, 0.3))}
+  metrics.update({"validation/tgir/mean": 0.25, "test/cls/subcategory_acc": 0.8,
+                  "test/ocir/R@10": 0.1, "test/ocir/R@30": 0.2, "test/ocir/R@50": 0.6})
+  r = driver.row(metrics)
+  assert r["ITR"] == pytest.approx(20.0) and r["TIR"] == pytest.approx(20.0)
+  assert r["TGIR"] == pytest.approx(25.0) and r["SCR"] == pytest.approx(80.0)
+  assert r["OCIR"] == pytest.approx(30.0)
+  assert r["Meta-sum"] == pytest.approx(20 + 20 + 25 + 80 + 30)
+  assert "ITR_full" not in r
+  assert "| 20.00 |" in driver.format_row("x", r)
