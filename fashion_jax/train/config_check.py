@@ -84,7 +84,7 @@ SCHEMA = {
     },
     "log_every_steps": Key((int,), 50),
     "evals": Key(_MAP, {}),
-    "nan_policy": Key((str,), "stop", choices=("stop",)),
+    "nan_policy": Key((str,), "stop", choices=("stop", "skip")),
     "profile": {"start_step": Key((int,), 0), "num_steps": Key((int,), 0)},
     "distributed": Key((bool,), False),
 }

@@ -22,7 +22,14 @@ Config keys owned by the trainer (defaults in `config_check.SCHEMA`):
   checkpoint: {every_steps: 1000, keep: 2, best_metric: None, best_mode: 'max', async: True}
   log_every_steps: 50          train metrics are averaged over these steps and written
   evals: {}                    name -> {type, every (0 = only at the end), **kwargs}
-  nan_policy: 'stop'           the only policy: stop at the first non-finite metric
+  nan_policy: 'stop'           'stop': raise NonFiniteError at the first non-finite train metric
+                               (naming the step and the metric; the newest checkpoint is the
+                               last good state). 'skip': a step whose loss, gradient norm or
+                               updated parameters are non-finite leaves params and optimizer
+                               state unchanged (train/step.py); a warning names the step and its
+                               first non-finite metric, `train/skipped` is the fraction of
+                               skipped steps per log window, and the other train metrics are
+                               averaged over the applied steps only.
   profile: {start_step: 0, num_steps: 0}     num_steps > 0 profiles those steps to the workdir
   distributed: False           launch/train.py calls jax.distributed.initialize
 
@@ -47,9 +54,15 @@ event files, profiles. A workdir whose checkpoints come from another system or m
 refused with an error naming both; other differences (e.g. a changed lr) are logged and allowed.
 
 Resume: rerunning the same command continues from the newest complete checkpoint, with the
-same batches and per-step rng, so the result equals an uninterrupted run (bitwise on CPU).
+same batches and per-step rng, so the result equals an uninterrupted run (bitwise on CPU). A
+newest checkpoint that cannot be read or fails its fingerprint check is named in a warning,
+moved to `<workdir>/checkpoints_corrupt/` and the previous one is used (train/checkpoint.py).
 SIGTERM: the current step finishes, a checkpoint is saved, and the function returns with
 `preempted=True` (launch/train.py then exits 0).
+Checkpoint write failures (disk full, I/O errors): a periodic save that fails is a warning and
+training continues (older checkpoints stay intact); if the final save (end of training or
+preemption) fails, CheckpointWriteError is raised naming the step and the newest checkpoint.
+Fault injection for the tests: train/faults.py (`FASHION_JAX_FAULT`, unset in real runs).
 """
 
 import importlib
@@ -75,6 +88,7 @@ from fashion_jax.parallel import mesh as mesh_lib
 from fashion_jax.parallel import sharding as sharding_lib
 from fashion_jax.train import checkpoint as checkpoint_lib
 from fashion_jax.train import config_check
+from fashion_jax.train import faults
 from fashion_jax.train import optimizer as optimizer_lib
 from fashion_jax.train import state as state_lib
 from fashion_jax.train import step as step_lib
@@ -126,7 +140,17 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict,
                      if old.get(k) != _json(config.get(k)))
     if changed:
       logging.warning("Resuming %s with changed config sections: %s", workdir, changed)
-  saved_params = ckpt.state_metadata(step)["params"]
+  saved_params = None
+  for candidate in sorted(ckpt.all_steps(), reverse=True):
+    try:  # An unreadable (corrupt) checkpoint is the restore fallback's business, not ours.
+      saved_params = ckpt.state_metadata(candidate)["params"]
+      step = candidate
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Cannot read the metadata of checkpoint %d (%s: %s).", candidate,
+                      type(e).__name__, str(e)[:200])
+  if saved_params is None:
+    return
   want = {sharding_lib.path_str(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(params)}
   have = {sharding_lib.path_str(p): tuple(x.shape)
@@ -240,14 +264,26 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, *, step: int | 
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep)
   try:
     steps = ckpt.all_steps()
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in steps:
+    if not steps or (step is not None and step not in steps):
       raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in "
                               f"{ckpt.directory} (steps there: {steps}).")
     check_workdir(workdir, config, ckpt, shapes.params)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             shapes.params, shapes.shardings)
-    params = ckpt.restore_params(step, abstract)
+    # An explicit step must be that step; the newest falls back to an older one (warned).
+    candidates = [step] if step is not None else sorted(steps, reverse=True)
+    for k, step in enumerate(candidates):
+      try:
+        params = ckpt.restore_params(step, abstract)
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        if k == len(candidates) - 1:
+          raise checkpoint_lib.CorruptCheckpointError(
+              f"Checkpoint {step} in {ckpt.directory} is unreadable or corrupt "
+              f"({type(e).__name__}: {str(e)[:300]}).") from e
+        logging.warning("Checkpoint %d in %s is unreadable or corrupt (%s: %s); trying "
+                        "checkpoint %d.", step, ckpt.directory, type(e).__name__,
+                        str(e)[:300], candidates[k + 1])
   finally:
     ckpt.close()
   return params, step, mesh
@@ -320,8 +356,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Input pipeline, from the step we resume at.
     # --------------------------------------------------------------------------------------
     factory = iterator_factory or _default_iterator_factory
-    train_iter = factory(config, start_step=start_step, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+    def make_iter(step):
+      return factory(config, start_step=step, process_index=jax.process_index(),
+                     process_count=jax.process_count())
+    train_iter = make_iter(start_step)
     total_steps = _total_steps(config, train_iter)
 
     # --------------------------------------------------------------------------------------
@@ -330,8 +368,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     tx, schedule = optimizer_lib.make_optimizer(config.optimizer, shapes.params, total_steps)
     abstract, state_shardings = state_lib.abstract_state(system, tx, mesh, rules, config.seed,
                                                          shapes)
-    if start_step:
-      state, data = ckpt.restore(start_step, abstract)
+    restored = ckpt.restore_latest(abstract) if start_step else None
+    if restored is not None and restored[0] != start_step:
+      # The newest checkpoint was unusable (warned, moved aside): the input restarts earlier.
+      start_step = restored[0]
+      train_iter = make_iter(start_step)
+    if restored is not None:
+      _, state, data = restored
       position = getattr(train_iter, "position", start_step)
       if data.get("position") is not None and _json(position) != data["position"]:
         raise RuntimeError(
@@ -339,7 +382,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             f"was saved at position {data['position']!r}: the input pipeline did not resume "
             f"exactly.")
       logging.info("Resumed from checkpoint %d of %s.", start_step, ckpt.directory)
+      faults.inject("restore", start_step, workdir=workdir)
     else:
+      start_step = 0
       state = state_lib.create_train_state(system, tx, mesh, rules, config.seed,
                                            state_shardings, shapes)
 
@@ -347,7 +392,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # The jitted step, the evaluators, writers and periodic actions.
     # --------------------------------------------------------------------------------------
     train_step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_shardings,
-                                          config.grad_accum_steps)
+                                          config.grad_accum_steps,
+                                          skip_non_finite=config.nan_policy == "skip")
     evaluators = {}
     for name, spec in config.evals.items():
       module = config_check.evaluator_module_name(spec.type)
@@ -395,6 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Train.
     # --------------------------------------------------------------------------------------
     history = []        # (step, host metrics) fetched, not yet written.
+    skipped_upto, skipped_total = 0, 0   # history[:skipped_upto] was checked for skips.
     pending = []        # (step, device metrics) not yet fetched.
     last_metrics, eval_metrics = {}, {}
     step = start_step
@@ -407,8 +454,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         except StopIteration:
           raise RuntimeError(f"The train iterator ended after {step} steps; total_steps="
                              f"{total_steps}.") from None
+        faults.inject("batch", step + 1, workdir=workdir)
         state, metrics = train_step(state, sharding_lib.global_batch(local, mesh))
       step += 1
+      faults.inject("step", step, workdir=workdir)
       pending.append((step, metrics))
       for action in actions:
         action(step)
@@ -428,22 +477,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         history += [(s, {k: float(v) for k, v in m.items()})
                     for s, m in jax.device_get(pending)]
         pending = []
-        bad = _first_non_finite(history)
+        for s, m in history[skipped_upto:]:
+          if m.get("train/skipped"):
+            bad = _first_non_finite([(s, m)])
+            skipped_total += 1
+            logging.warning("Step %d skipped (nan_policy='skip'): non-finite %s=%s; params and "
+                            "optimizer state were left unchanged (%d steps skipped so far).",
+                            s, bad[1] if bad else "?", bad[2] if bad else "?", skipped_total)
+        skipped_upto = len(history)
+        bad = _first_non_finite([(s, m) for s, m in history if not m.get("train/skipped")])
         if bad:
           raise NonFiniteError(
-              f"Non-finite {bad[1]}={bad[2]} at step {bad[0]}; stopping (nan_policy='stop'). "
-              f"The newest checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is the "
-              f"last good state.")
+              f"Non-finite {bad[1]}={bad[2]} at step {bad[0]}; stopping "
+              f"(nan_policy={config.nan_policy!r}). The newest checkpoint (step "
+              f"{ckpt.latest_step()}) in {ckpt.directory} is the last good state.")
       if log_now and history:
-        last_metrics = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1]}
+        applied = [m for _, m in history if not m.get("train/skipped")]
+        last_metrics = {k: float(np.mean([m[k] for m in applied])) for k in history[-1][1]
+                        if k != "train/skipped" and applied}
+        if "train/skipped" in history[-1][1]:
+          last_metrics["train/skipped"] = float(np.mean([m["train/skipped"] for _, m in history]))
+          last_metrics["train/skipped_total"] = float(skipped_total)
         writer.write_scalars(step, last_metrics)
-        history = []
+        history, skipped_upto = [], 0
 
       # ---- Evaluate, then checkpoint (with the eval metrics, for keep-best).
       if eval_names:
         eval_metrics = run_evals(eval_names, step)
       if save_now or (eval_names and config.checkpoint.best_metric):
         save(step, eval_metrics if eval_names and config.checkpoint.best_metric else None)
+        if faults.armed("saved", step):
+          ckpt.wait()
+          faults.inject("saved", step, workdir=workdir)
       if on_progress is not None:
         on_progress(f"step {step} done")
       if preempted:
@@ -451,6 +516,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         break
 
     ckpt.wait()
+    if step > start_step and ckpt.latest_step() != step:
+      raise checkpoint_lib.CheckpointWriteError(
+          f"The final checkpoint (step {step}) could not be written to {ckpt.directory}: "
+          f"{ckpt.failed_saves.get(step, 'unknown error')}. The newest checkpoint there is step "
+          f"{ckpt.latest_step()}; free space (or fix the storage) and rerun to resume from it.")
     writer.flush()
     return TrainResult(state, {**last_metrics, **eval_metrics}, preempted)
   finally:

@@ -30,6 +30,17 @@ gradients (they add nothing to grad_norm or Adam's moments) and overwrites them 
 checkpointed like the parameters. With gradient accumulation the new states of the A
 micro-batches are averaged (for running means / EMAs this is one update with the mean of the
 micro-batch statistics; the sequential order of A small updates is not reproduced).
+
+Skipping non-finite steps (`skip_non_finite`, the trainer's nan_policy='skip'): with
+    ok = isfinite(loss) & isfinite(grad_norm) & isfinite(||params'||)
+(params' = the updated params, non-gradient state included) the step returns
+`where(ok, params', params)` and `where(ok, opt_state', opt_state)` leaf by leaf, inside the same
+jitted computation, so a NaN/inf batch or gradient leaves params and the optimizer moments
+untouched (Adam's moments would otherwise be poisoned for good). The step counter still
+advances (the batch was consumed; the schedule and the per-step rng stay aligned with the data).
+The metric `train/skipped` is 1.0 for a skipped step and 0.0 otherwise; `param_norm` is the norm
+of the params kept; the other metrics are those of the attempted step, so the trainer can name
+the first non-finite one.
 """
 
 from collections.abc import Callable
@@ -59,7 +70,7 @@ def split_micro_batches(batch: dict[str, jax.Array], accum: int, mesh: jax.shard
 
 def make_train_step(system, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: jax.sharding.Mesh, rules, state_shardings: TrainState,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+                    grad_accum_steps: int = 1, skip_non_finite: bool = False) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """The jitted step (see the module docstring)."""
 
   mutable = tuple(getattr(system, "mutable_collections", ()) or ())
@@ -109,10 +120,19 @@ def make_train_step(system, tx: optax.GradientTransformation, schedule: optax.Sc
         params = {**params, **{c: jax.tree.map(lambda n, o: n.astype(o.dtype), new_state[c],
                                                params[c]) for c in mutable}}
       metrics = {f"train/{k}": v for k, v in metrics.items()}
+      grad_norm = optax.global_norm(grads).astype(jnp.float32)
+      param_norm = optax.global_norm(params).astype(jnp.float32)
+      if skip_non_finite:
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        keep = lambda new, old: jnp.where(ok, new, old)
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        param_norm = optax.global_norm(params).astype(jnp.float32)
+        metrics["train/skipped"] = 1.0 - ok.astype(jnp.float32)
       metrics.update({
           "train/loss": loss,
-          "train/grad_norm": optax.global_norm(grads).astype(jnp.float32),
-          "train/param_norm": optax.global_norm(params).astype(jnp.float32),
+          "train/grad_norm": grad_norm,
+          "train/param_norm": param_norm,
           "train/lr": jnp.asarray(schedule(state.step), jnp.float32),
       })
       new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
