@@ -72,7 +72,8 @@ def get_config(arg: str = "smoke"):
   c.model = dict(variant="tiny", projection_dim=128,
                  vision=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512, patch_size=8),
                  text=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512),
-                 dtype="float32", scan=False, remat_policy="none")
+                 dtype="float32", scan=False, remat_policy="none", encode_chunks=1,
+                 loss_blocks=1)
   c.init = dict(hf_clip_dir="")
 
   # --- trainer -------------------------------------------------------------------------------
@@ -90,7 +91,8 @@ def get_config(arg: str = "smoke"):
     c.data.augment = dict(crop_scale=(0.8, 1.0), flip=False)
   if arg == "base":
     c.model = dict(variant="B/32", projection_dim=None, vision=None, text=None,
-                   dtype="float32", scan=False, remat_policy="none")
+                   dtype="float32", scan=False, remat_policy="none", encode_chunks=1,
+                   loss_blocks=1)
     c.init.hf_clip_dir = ""  # Required for the recipe: set it on the command line.
     c.batch_size = 256
     c.total_steps = 20000
@@ -99,7 +101,8 @@ def get_config(arg: str = "smoke"):
     c.evals.update(_evals(("test", "holdout_brand", "holdout_category", "improbable"), every=0))
   elif arg == "pod":
     c.model = dict(variant="B/16", projection_dim=None, vision=None, text=None,
-                   dtype="bfloat16", scan=True, remat_policy="dots_with_no_batch_dims_saveable")
+                   dtype="bfloat16", scan=True, remat_policy="dots_with_no_batch_dims_saveable",
+                   encode_chunks=1, loss_blocks=1)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.batch_size = 32768
     c.total_steps = 10000

@@ -6,6 +6,8 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
   model.vision / .text   per-tower field overrides (e.g. vision.image_size, text.num_layers)
   model.dtype            compute dtype ('float32' on CPU, 'bfloat16' on accelerators)
   model.scan, model.remat_policy
+  model.encode_chunks    1 | K: encode K row-chunks at a time, rematerialised (exact loss)
+  model.loss_blocks      1 | K: blockwise [B, B] logits in K row blocks (exact loss)
   init.hf_clip_dir       '' = random init; else a local HF CLIPModel directory (or hub id)
                          whose weights initialise every parameter (FashionCLIP's recipe: full
                          fine-tuning from a pretrained CLIP). Its config then defines the
@@ -90,11 +92,26 @@ class System:
     return params
 
   def loss(self, params, batch, rng, train: bool = True):
+    """Symmetric InfoNCE over the global batch.
+
+    Memory levers (losses/contrastive.py; neither changes the loss beyond rounding):
+    `model.encode_chunks` K encodes the batch K row-chunks at a time with rematerialisation
+    (gradient cache), `model.loss_blocks` computes the [B, B] logits in row blocks.
+    """
     del rng, train  # No dropout in CLIP.
-    out = self.model.apply({"params": params}, batch["image"], batch["text"])
-    loss, m = contrastive.info_nce(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+    m_cfg = self.config.model
+    chunks, blocks = m_cfg.get("encode_chunks", 1), m_cfg.get("loss_blocks", 1)
+    variables = {"params": params}
+    img = contrastive.map_in_chunks(
+        lambda x: self.model.apply(variables, x, method=self.model.encode_images),
+        batch["image"], num_chunks=chunks)
+    txt = contrastive.map_in_chunks(
+        lambda x: self.model.apply(variables, x, method=self.model.encode_texts),
+        batch["text"], num_chunks=chunks)
+    scale = self.model.apply(variables, method=self.model.logit_scale)
+    loss, m = contrastive.info_nce(img, txt, scale, num_blocks=blocks)
     return loss, {"loss": loss, "i2t_acc": m["a2b_acc"], "t2i_acc": m["b2a_acc"],
-                  "logit_scale": out["logit_scale"]}
+                  "logit_scale": scale}
 
   # --- two-tower interface (evaluators, product search) -------------------------------------
   def embed_images(self, params, images: jax.Array) -> jax.Array:

@@ -1,0 +1,197 @@
+r"""Measured train-step time, samples/s and model FLOPs utilisation of every system.
+
+For each system the trainer's own step is built (train/state.py + train/step.py: the config's
+optimizer, donation, sharding rules) on a data-parallel mesh over the devices present, fed a
+fixed batch of the system's shapes (`dummy_batch`, zeros: the step's cost does not depend on
+the values), compiled, run `--warmup` times, then timed `--repeats` times (each step ended by
+`block_until_ready`); the median is reported.
+
+FLOPs per step: analytic model FLOPs for CLIP-family systems (launch/benchmark_model.py:
+matmuls, forward x 3); otherwise XLA's cost analysis of the compiled step, which is exact for
+the unscanned configs benchmarked here but also counts elementwise and optimizer work.
+MFU = FLOPs per step / step time / (devices x peak). Peak: --peak_tflops, else the device kind's
+dense peak from benchmark_model.PEAK_TFLOPS (GPU/TPU), else on a CPU the measured float32
+throughput of a large matmul on one device (`--peak_tflops=0` keeps that), so the same command
+runs unchanged on a GPU.
+
+COMMANDS
+  python -m launch.benchmark --json=/tmp/bench.json --markdown=/tmp/bench.md   # CPU, smoke
+  python -m launch.benchmark --systems=fashionclip --variant=base --batch=256 \
+      --set model.dtype='"bfloat16"'                                          # a GPU
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from fashion_jax import systems
+from fashion_jax.parallel import mesh as mesh_lib
+from fashion_jax.parallel import sharding as sharding_lib
+from fashion_jax.train import config_check
+from fashion_jax.train import optimizer as optimizer_lib
+from fashion_jax.train import state as state_lib
+from fashion_jax.train import step as step_lib
+from launch import benchmark_model
+from launch import plan
+
+SYSTEMS = {  # system -> config file; the variant is --variant (default smoke).
+    "fashionclip": "configs/fashionclip.py",
+    "e2": "configs/e2.py",
+    "fashionvil": "configs/fashionvil.py",
+    "fashionbert": "configs/fashionbert.py",
+}
+
+
+def measured_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
+  """float32 TFLOP/s of an [n, n] @ [n, n] matmul on device 0 (median of `repeats`)."""
+  x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def device_peak(dtype: str, override_tflops: float) -> tuple[float, str]:
+  """(peak TFLOP/s per device, where it comes from)."""
+  if override_tflops:
+    return override_tflops, "given"
+  peak = benchmark_model.peak_flops(dtype, 0.0)
+  if peak:
+    return peak / 1e12, f"{jax.devices()[0].device_kind} table"
+  return measured_matmul_tflops(), "measured f32 matmul"
+
+
+def _fill_system_files(config, workdir: str) -> None:
+  """FashionViL's PAC and MPFC need a vocabulary / code file path: only their sizes matter."""
+  data = config.data
+  if "attributes" in data and not data.attributes:
+    path = os.path.join(workdir, "attributes.txt")
+    with open(path, "w") as f:
+      f.write("".join(f"attribute{i}\n" for i in range(64)))
+    data.attributes = path
+  if "vq_codes" in data and not data.vq_codes:
+    data.vq_codes = "unused-by-the-step.npz"
+
+
+def time_step(step, state, batch, warmup: int, repeats: int) -> tuple[list[float], float]:
+  """(step times in s, first call's time in s); `step` is donated-state compiled step."""
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t0)
+  return times, first
+
+
+def bench_system(name: str, variant: str, overrides: list[str], batch_size: int, warmup: int,
+                 repeats: int, peak_tflops: float) -> dict:
+  config = plan.load_config(f"{SYSTEMS[name]}:{variant}", overrides)
+  with tempfile.TemporaryDirectory() as tmp:
+    _fill_system_files(config, tmp)
+    if batch_size:
+      config.batch_size = batch_size
+    n = len(jax.devices())
+    config.mesh = dict(data=n, fsdp=1, tensor=1)
+    mesh = mesh_lib.create_mesh(config.mesh)
+    full = config_check.with_defaults(config)
+    rules = sharding_lib.logical_rules(full.sharding_rules)
+    system = systems.get_system(full)
+    shapes = state_lib.abstract_params(system, mesh, rules, full.seed)
+    tx, schedule = optimizer_lib.make_optimizer(full.optimizer, shapes.params,
+                                                full.total_steps or 1000)
+    _, state_sh = state_lib.abstract_state(system, tx, mesh, rules, full.seed, shapes)
+    state = state_lib.create_train_state(system, tx, mesh, rules, full.seed, state_sh, shapes)
+    step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_sh,
+                                    full.grad_accum_steps)
+    batch = sharding_lib.global_batch(system.dummy_batch(full.batch_size), mesh)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times, first = time_step(compiled, state, batch, warmup, repeats)
+  flops = plan.analytic_flops(system, full.batch_size)
+  source = "analytic"
+  if flops is None:
+    flops, source = plan.xla_flops(compiled) * n, "xla"
+  dtype = str(full.model.get("dtype", "float32"))
+  peak, peak_source = device_peak(dtype, peak_tflops)
+  sec = statistics.median(times)
+  return dict(system=name, variant=variant, levers=plan.levers(full), devices=n,
+              device_kind=jax.devices()[0].device_kind, batch_size=int(full.batch_size),
+              params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.params))),
+              step_s=sec, step_s_all=times, compile_s=compile_s, first_step_s=first,
+              samples_per_s=full.batch_size / sec, flops_per_step=flops, flops_source=source,
+              tflops_per_s=flops / sec / 1e12, peak_tflops=peak, peak_source=peak_source,
+              mfu=flops / sec / (n * peak * 1e12), warmup=warmup, repeats=repeats)
+
+
+def markdown(rows: list[dict]) -> str:
+  head = ["system", "variant", "levers", "params", "batch", "step ms (median)", "samples/s",
+          "TFLOP/step", "TFLOP/s", "MFU"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    lines.append("| " + " | ".join([
+        r["system"], r["variant"], r["levers"], f"{r['params'] / 1e6:.1f}M",
+        str(r["batch_size"]), f"{r['step_s'] * 1e3:.0f}", f"{r['samples_per_s']:.1f}",
+        f"{r['flops_per_step'] / 1e12:.4g}" + ("" if r["flops_source"] == "analytic" else "*"),
+        f"{r['tflops_per_s']:.3f}", f"{r['mfu']:.1%}"]) + " |")
+  if rows:
+    r = rows[0]
+    lines.append(f"\nDevices: {r['devices']} x {r['device_kind']!r}; peak {r['peak_tflops']:.3g} "
+                 f"TFLOP/s per device ({r['peak_source']}); median of {r['repeats']} steps "
+                 f"after {r['warmup']} warm-up steps. * = XLA's FLOP count of the compiled step.")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--systems", default=",".join(SYSTEMS))
+  parser.add_argument("--variant", default="smoke")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (default: config's)")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="peak per device; 0 = detect (table, or a CPU matmul)")
+  parser.add_argument("--json", default="")
+  parser.add_argument("--markdown", default="")
+  args = parser.parse_args(argv)
+  print(benchmark_model.machine_info(), flush=True)
+  rows = []
+  for name in args.systems.split(","):
+    if name not in SYSTEMS:
+      parser.error(f"--systems: unknown system {name!r}; known: {', '.join(SYSTEMS)}.")
+    row = bench_system(name, args.variant, args.set, args.batch, args.warmup, args.repeats,
+                       args.peak_tflops)
+    rows.append(row)
+    print(markdown([row]).splitlines()[2], flush=True)
+  table = markdown(rows)
+  print(table)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(machine=benchmark_model.machine_info(), rows=rows), f, indent=1)
+  if args.markdown:
+    with open(args.markdown, "w") as f:
+      f.write(benchmark_model.machine_info() + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+  main()
