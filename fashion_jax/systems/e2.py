@@ -79,10 +79,11 @@ def _flat(tree) -> dict[str, Any]:
 def _read_checkpoint(workdir: str) -> dict[str, np.ndarray]:
   """'/'-joined path -> numpy array of every param of the newest checkpoint of `workdir`.
 
-  Restored as numpy (orbax restore_type=np.ndarray), not jax.Arrays: this runs while the init is
-  being traced, where no concrete device array may be created.
+  Restored as numpy (ShapeDtypeStructs without a sharding restore as np.ndarray), not
+  jax.Arrays, and verified against the checkpoint's fingerprints (Checkpointer.restore_params)
+  under jax.ensure_compile_time_eval: this runs while the init is being traced, where a jnp
+  computation would otherwise be staged instead of run.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, use_async=False)
   try:
@@ -90,14 +91,13 @@ def _read_checkpoint(workdir: str) -> dict[str, np.ndarray]:
     if step is None:
       raise FileNotFoundError(f"init.checkpoint={workdir!r} holds no checkpoint "
                               f"(looked in {ckpt.directory}).")
-    meta = {"params": ckpt.state_metadata(step)["params"]}
-    item = jax.tree.map(lambda m: np.zeros((), m.dtype), meta)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True)))
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                            ckpt.state_metadata(step)["params"])
+    with jax.ensure_compile_time_eval():
+      params = ckpt.restore_params(step, abstract)
   finally:
     ckpt.close()
-  return {k: np.asarray(v) for k, v in _flat(out["state"]["params"]).items()}
+  return {k: np.asarray(v) for k, v in _flat(params).items()}
 
 
 class System:
