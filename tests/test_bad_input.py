@@ -5,6 +5,7 @@ the fraction and examples), and a missing manual file names itself and where it 
 import io
 import json
 import os
+import re
 import struct
 import zlib
 
@@ -382,3 +383,102 @@ def test_wrong_h5_names_its_missing_fields(tmp_path):
       f.create_dataset("input_image", data=np.zeros((1, 8, 8, 3), np.uint8))
   with pytest.raises(ValueError, match=r"lacks the field\(s\) \['input_productID', 'input_pose'"):
     F.build(fashiongen.Fashiongen, manual, tmp_path / "data")
+
+
+# ----------------------------------------------------------------------------------------------
+# A large catalog with 1% bad records of every kind, built AND trained on.
+# ----------------------------------------------------------------------------------------------
+CAPTION_CASES = {  # product id -> (raw title bytes in the CSV, the title the dataset must hold)
+    "long": (b"x" * 100_000, "x" * 100_000),                    # 100k characters, one "word"
+    "emoji": ("Summer dress \U0001F457\U0001F525 with \U0001F338 print".encode(),
+              "Summer dress \U0001F457\U0001F525 with \U0001F338 print"),
+    "rtl": ("\u05e9\u05de\u05dc\u05d4 \u05d0\u05d3\u05d5\u05de\u05d4 \u0641\u0633\u062a\u0627\u0646"
+            .encode(), "\u05e9\u05de\u05dc\u05d4 \u05d0\u05d3\u05d5\u05de\u05d4 "
+            "\u0641\u0633\u062a\u0627\u0646"),                    # Hebrew + Arabic, right-to-left
+    "badutf8": (b"Caf\xe9 \xff\xfe shirt", "Caf\u00e9 \u00ff\u00fe shirt"),  # invalid UTF-8
+}
+
+
+def _one_percent_catalog(root, n):
+  """n rows, 12 of them bad (1%): 3 undecodable images (corrupt, truncated, zero-byte) and one
+  empty caption are skipped; a 10000 x 10000 image, grayscale, CMYK, 16-bit, a 100k-character
+  caption, emoji, right-to-left text and invalid UTF-8 are converted or kept as they are."""
+  arr = F.image_array(7)
+  special_images = {
+      "corrupt": b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 256, 2000,
+                                                                             dtype=np.uint8)),
+      "truncated": F.encode(Image.fromarray(arr), "JPEG")[:300],
+      "zero": b"",
+      "huge": F.encode(Image.new("RGB", (10000, 10000), (200, 30, 30)), "JPEG", quality=80),
+      "gray": F.encode(Image.fromarray(arr[..., 0]), "PNG"),
+      "cmyk": F.encode(Image.fromarray(arr).convert("CMYK"), "JPEG"),
+      "deep": F.encode(Image.fromarray(arr[..., 1].astype(np.uint16) * 257), "PNG"),
+  }
+  rows = [b"id,image,title,description"]
+  for pid, data in special_images.items():
+    F.write_bytes(os.path.join(root, "img", f"{pid}.img"), data)
+    rows.append(f"{pid},img/{pid}.img,Product {pid},special image".encode())
+  for pid, (title, _) in CAPTION_CASES.items():
+    F.write_jpeg(os.path.join(root, "img", f"{pid}.jpg"), len(rows))
+    rows.append(f"{pid},img/{pid}.jpg,".encode() + title + b",")
+  F.write_jpeg(os.path.join(root, "img", "empty.jpg"), 1)
+  rows.append(b"empty,img/empty.jpg,,")
+  good = [f"g{i}" for i in range(n - len(rows) + 1)]
+  for i, pid in enumerate(good):
+    F.write_jpeg(os.path.join(root, "img", f"{pid}.jpg"), 1000 + i)
+    rows.append(f"{pid},img/{pid}.jpg,Good item {i},A plain product".encode())
+  F.write_bytes(os.path.join(root, "catalog.csv"), b"\n".join(rows) + b"\n")
+  return good
+
+
+@pytest.mark.slow
+def test_one_percent_bad_catalog_builds_names_every_bad_record_and_trains(tmp_path):
+  n = 1200
+  good = _one_percent_catalog(tmp_path / "shop", n)
+  config = itf.ImageTextFolderConfig(name="onepct", split_fractions=(1.0, 0.0, 0.0))
+  builder = F.build(itf.ImageTextFolder, tmp_path / "shop", tmp_path / "data", config=config,
+                    max_bad_fraction=0.01)
+  got = {e["product_id"]: e for e in F.read(builder, "train")}
+  skipped = {"corrupt", "truncated", "zero", "empty"}
+  # Nothing but the 4 unusable records is dropped.
+  assert sorted(got) == sorted(set(good) | {"huge", "gray", "cmyk", "deep"} | set(CAPTION_CASES))
+  assert len(got) == n - len(skipped)
+  for pid, (_, title) in CAPTION_CASES.items():
+    assert got[pid]["title"] == title, pid
+  assert max(got["huge"]["images"].shape[1:3]) == 1024
+  rep = F.bad_report(builder)
+  reasons = {s["ref"]: s["reason"] for s in rep["skipped"]}
+  assert reasons["img/zero.img"] == "zero-byte file"
+  assert reasons["img/truncated.img"].startswith("truncated image")
+  assert re.match(r"corrupt image|not a recognised image format|truncated image",
+                  reasons["img/corrupt.img"])
+  assert any(ref.startswith("catalog.csv row") and "empty title and description" in reason
+             for ref, reason in reasons.items())
+  assert {r.split()[1] for r in reasons if r.startswith("product ")} == {
+      "corrupt", "truncated", "zero"}
+  assert rep["splits"]["catalog"]["record"]["skipped"] == 1
+  assert rep["splits"]["train"]["image"]["skipped"] == 3
+  converted = {(c["ref"], c["reason"]) for c in rep["converted"]}
+  assert {("img/huge.img", "downscaled 10000x10000->1024x1024"),
+          ("img/gray.img", "grayscale->RGB"), ("img/cmyk.img", "CMYK->RGB"),
+          ("img/deep.img", "16-bit grayscale->8-bit RGB")} <= converted
+  assert any(reason == "non-UTF-8 text decoded as cp1252" for _, reason in converted)
+
+  # Train on it: the input pipeline reads every record (one full epoch), then a few steps.
+  from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from tests.test_fashionclip_system import tiny_config  # pylint: disable=g-import-not-at-top
+  train_config = tiny_config()
+  train_config.data.name = "image_text_folder/onepct"
+  train_config.data.data_dir = str(tmp_path / "data")
+  train_config.data.shuffle_buffer = 64
+  train_config.total_steps = 3
+  train_config.log_every_steps = 1
+  it = pipeline.make_train_iterator(train_config, start_step=0, process_index=0,
+                                    process_count=1)
+  assert it.num_examples == n - len(skipped)
+  for _ in range(-(-it.num_examples // train_config.batch_size)):
+    batch = next(it)
+    assert batch["image"].shape == (16, 32, 32, 3) and batch["text"].shape == (16, 16)
+  result = loop.train_and_evaluate(train_config, str(tmp_path / "run"))
+  assert int(result.state.step) == 3 and np.isfinite(result.metrics["train/loss"])

@@ -40,7 +40,7 @@ def _set(config, dotted, value):
     ("checkpoint.async", 1, r"config.checkpoint.async=1 has type int; expected bool"),
     ("optimizer.schedule.kind", "linear", r"config.optimizer.schedule.kind='linear' is not one"),
     ("checkpoint.best_mode", "lowest", r"config.checkpoint.best_mode='lowest' is not one"),
-    ("nan_policy", "ignore", r"config.nan_policy='ignore' is not one of \('stop',\)"),
+    ("nan_policy", "ignore", r"config.nan_policy='ignore' is not one of \('stop', 'skip'\)"),
     ("total_steps", 0, r"config.total_steps=0 must be >= 1"),
     ("optimizer.schedule.warmup_steps", 7, r"warmup_steps=7 must lie in \[0, total_steps=6\]"),
     ("num_epochs", 2, r"Both config.total_steps=6 and config.num_epochs=2"),
@@ -97,9 +97,19 @@ def no_compile(monkeypatch):
   monkeypatch.setattr(step_lib, "make_train_step", fail)
 
 
-def test_loop_rejects_bad_config_before_compiling(tmp_path, toy_config, no_compile):
-  toy_config.batch_size = 12
-  with pytest.raises(config_check.ConfigError, match="batch_size=12"):
+@pytest.mark.parametrize("key,value,match", [
+    ("batch_size", 12, r"config.batch_size=12 is not divisible"),
+    ("optimizer.lrr", 1e-3, r"Unknown config key optimizer.'lrr'"),
+    ("log_every_steps", 2.5, r"config.log_every_steps=2.5 has type float; expected int"),
+    ("mesh.tensor", 3, r"\(3\) does not divide the 8 devices"),
+    ("evals", {"x": {"type": "no_such_evaluator"}}, r"config.evals.x.type='no_such_evaluator'"),
+    ("nan_policy", "ignore", r"config.nan_policy='ignore' is not one of"),
+])
+def test_loop_rejects_bad_config_before_compiling(tmp_path, toy_config, no_compile, key, value,
+                                                  match):
+  """Through the trainer itself: the error comes before any step is built or config written."""
+  _set(toy_config, key, value)
+  with pytest.raises(config_check.ConfigError, match=match):
     loop.train_and_evaluate(toy_config, str(tmp_path), iterator_factory=toy_system.make_iterator)
   assert not os.path.exists(tmp_path / "config.json")
 
