@@ -7,6 +7,7 @@ so the notebook and the tests assert on the numbers.
   zero_shot(fclip, images, labels)               -> (figure, probabilities [N, K])
   heat_maps(encoder, images, texts, patch, stride) -> (figure, pixel maps [N, S, S])
   embedding_map(embeddings, labels, method)      -> (figure, silhouette score)
+  as_png(figure)                                 -> an IPython PNG image (notebook display)
 
 Colours: `attribute_precision(hits, word, field='title')` is the fraction of the returned
 products whose field mentions `word` (what a colour query should return).
@@ -23,6 +24,17 @@ from fashion_jax.search import sheet
 def _plt():
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
+
+
+def as_png(fig, dpi: int = 90):
+  """A matplotlib figure -> IPython.display.Image (PNG bytes), closing the figure: shown the
+  same way by every notebook front end and by nbclient, whatever the matplotlib backend."""
+  import io  # pylint: disable=g-import-not-at-top
+  from IPython.display import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  _plt().close(fig)
+  return Image(data=buf.getvalue(), format="png")
 
 
 def text_to_image(index, encoder, queries: Sequence[str], k: int = 6, cell: int = 80):

@@ -54,7 +54,7 @@ def results_png(queries: Sequence[dict], results: Sequence[Sequence], thumbs: np
         sheet.paste(Image.fromarray(thumbs[hit.row]).resize((cell, cell), Image.NEAREST), (x, y))
       if correct is not None and hit.row in correct[qi]:
         d.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=(0, 170, 0), width=3)
-      lines = [f"#{hit.rank} {hit.score:.3f}"] + textwrap.wrap(
+      lines = [f"#{hit.rank}  score {hit.score:.3f}"] + textwrap.wrap(
           hit.product.get("title", hit.product.get("product_id", "")), width=cell // 6)[:2]
       for li, line in enumerate(lines):
         d.text((x, y + cell + 2 + 12 * li), line, fill=(0, 0, 0) if li else (110, 110, 110),
