@@ -338,13 +338,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = None
   previous_sigterm = None
   try:
-    # From here on SIGTERM (preemption) means: finish the step, save, return.
+    # From here on SIGTERM (preemption) means: finish the step, save, return. With several
+    # processes JAX's own SIGTERM notifier (installed by jax.distributed.initialize) must keep
+    # the signal: `reached_preemption_sync_point` then makes EVERY process stop after the same
+    # step, even when only one was signalled. A Python handler would replace it, and processes
+    # that stopped at different steps would wait for each other in a collective.
     sigterm = {"received": False}
     def on_sigterm(signum, frame):
       del signum, frame
       logging.warning("SIGTERM: finishing the current step, saving a checkpoint, exiting.")
       sigterm["received"] = True
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     check_workdir(workdir, config, ckpt, shapes.params)
     if is_chief:
@@ -463,7 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         action(step)
 
       if jax.process_count() > 1:
-        preempted = multihost_utils.reached_preemption_sync_point(step) or sigterm["received"]
+        preempted = multihost_utils.reached_preemption_sync_point(step)
       else:
         preempted = sigterm["received"]
       last = step == total_steps
