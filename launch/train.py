@@ -11,7 +11,14 @@ fashion_jax.train.config_check before anything compiles.
 Multi-host: set `config.distributed=True` (or --config.distributed=True) and either run under a
 cluster JAX auto-detects (Cloud TPU, SLURM, Open MPI) or give --coordinator_address,
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).
-Every process runs the same command with the same --workdir (a shared filesystem).
+Every process runs the same command with the same --workdir (a shared filesystem: orbax
+checkpoints are written and read by all processes; config.json, TensorBoard events and this
+script's summary come from process 0 only). Launchers: launch/tpu_pod.sh, launch/slurm_gpu.sbatch.
+
+Bounded failure (fashion_jax/parallel/distributed.py): a dead process stops the others after
+--heartbeat_timeout_s; a missing one fails start-up after --initialization_timeout_s; a failing
+one waits --shutdown_timeout_s for the others at exit; a step (with its evaluations and save)
+that makes no progress for --step_timeout_s stops the process with status 75.
 """
 
 from absl import app
@@ -25,6 +32,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout_s", 300, "Multi-host: seconds to wait for every process to connect.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "Multi-host: a process silent this long is declared dead and "
+    "every other process terminates.")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout_s", 300, "Multi-host: seconds a finishing or failing process waits for the "
+    "others before terminating.")
+_STEP_TIMEOUT = flags.DEFINE_integer(
+    "step_timeout_s", 1800, "Multi-host: stop (exit status 75) when a step, with its evaluations "
+    "and checkpoint save, makes no progress for this long (a hung collective); 0 = off. The "
+    "first step (compilation) is not timed.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,11 +54,18 @@ def main(argv, *, iterator_factory=None):
   # Heavy imports here, so that flag errors come back in a fraction of a second.
   from fashion_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  distributed.initialize(bool(config.get("distributed", False)),
-                         coordinator_address=_COORDINATOR.value,
-                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  multihost = distributed.initialize(
+      bool(config.get("distributed", False)), coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+      initialization_timeout_s=_INIT_TIMEOUT.value, heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+      shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value)
+  import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
-  result = loop.train_and_evaluate(config, _WORKDIR.value, iterator_factory=iterator_factory)
+  with distributed.Watchdog(_STEP_TIMEOUT.value if multihost else 0) as watchdog:
+    result = loop.train_and_evaluate(config, _WORKDIR.value, iterator_factory=iterator_factory,
+                                     on_progress=watchdog.kick)
+  if jax.process_index() != 0:
+    return
   step = int(result.state.step)
   if result.preempted:
     logging.warning("Preempted at step %d; checkpoint saved. Rerun the command to resume.", step)
@@ -49,7 +75,6 @@ def main(argv, *, iterator_factory=None):
         ", ".join(f"{k}={v:.4g}" for k, v in sorted(train.items())), flush=True)
   if evals:
     print(loop.format_table(evals), flush=True)
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:  # Learning curves + eval metrics over steps, as one PNG.
     from fashion_jax.train import plots  # pylint: disable=g-import-not-at-top
     try:
