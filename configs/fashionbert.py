@@ -53,7 +53,7 @@ def get_config(arg: str = "smoke"):
       text_fields=("title", "description"), tokenizer=dict(kind="bert", path=""), max_len=48,
       views=1, augment=dict(crop_scale=(0.8, 1.0), flip=False), mlm_prob=0.15,
       patch_mask=dict(grid=8, count=5, min_block=1, max_block=1), shuffle_buffer=4096,
-      prefetch=2)
+      prefetch=2, patch_features="")
 
   # --- model / init / objective: fashion_jax/systems/fashionbert.py --------------------------
   c.model = dict(bert_variant="tiny", bert=dict(dropout_rate=0.1, attention_dropout_rate=0.1),

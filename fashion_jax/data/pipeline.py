@@ -11,7 +11,8 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
   mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
   Optional: patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off),
   attributes ('' = off; a pseudo-attribute vocabulary, data/attributes.py), vq_codes ('' = off;
-  an npz of cached VQ codes, systems/vqvae.py cache_codes).
+  an npz of cached VQ codes, systems/vqvae.py cache_codes), patch_features ('' = off; an npz of
+  cached patch features, launch/precompute_patches.py).
 
 Training batch (b = batch_size // process_count):
   image        uint8 [b, S, S, 3]  random resized crop (area crop_scale, aspect 3/4..4/3) of a
@@ -32,6 +33,11 @@ Training batch (b = batch_size // process_count):
                                    describe the whole view, so augment must be crop_scale (1, 1)
                                    without flip (checked); a product missing from the file is an
                                    error.
+  patch_features float32 [b, P, F]  patch_features set: the cached patch features of the view in
+                                   `image` (FashionBERT's frozen CNN, read in place of running
+                                   it); like vq_codes they describe the whole unflipped view
+                                   (checked), and a missing product is an error. The table is
+                                   held in host memory: N x V x P x F x 2 bytes (float16 file).
   product_key, subcategory_key  int32 [b]  hashes of product_id / subcategory: equal iff the
                                    strings are equal (for same-product / same-subcategory logic).
 
@@ -252,11 +258,12 @@ def _check_data_config(data):
     raise ValueError(f"config.data.image_size={data.image_size} must be positive.")
   if not data.text_fields:
     raise ValueError("config.data.text_fields is empty.")
-  if data.get("vq_codes") and (tuple(data.augment.crop_scale) != (1.0, 1.0) or data.augment.flip):
-    raise ValueError(
-        f"config.data.vq_codes={data.vq_codes!r} holds codes of whole, unflipped views, but "
-        f"augment is crop_scale={tuple(data.augment.crop_scale)}, flip={data.augment.flip}: "
-        "use crop_scale=(1.0, 1.0) and flip=False.")
+  for key in ("vq_codes", "patch_features"):
+    if data.get(key) and (tuple(data.augment.crop_scale) != (1.0, 1.0) or data.augment.flip):
+      raise ValueError(
+          f"config.data.{key}={data[key]!r} holds values of whole, unflipped views, but "
+          f"augment is crop_scale={tuple(data.augment.crop_scale)}, flip={data.augment.flip}: "
+          "use crop_scale=(1.0, 1.0) and flip=False.")
 
 
 def _load_vq_codes(path, image_size):
@@ -271,6 +278,20 @@ def _load_vq_codes(path, image_size):
       tf.lookup.KeyValueTensorInitializer(tf.constant([str(i) for i in ids]),
                                           tf.range(len(ids), dtype=tf.int64)), default_value=-1)
   return table, tf.constant(codes)
+
+
+def _load_patch_features(path, image_size):
+  """(product_id -> row table, features [N, V, P, F]) from launch/precompute_patches.py."""
+  with np.load(path) as f:
+    ids, features = f["product_id"], f["features"]
+    size = int(f["image_size"])
+  if size != image_size:
+    raise ValueError(f"config.data.patch_features={path!r} was cached at {size} px but "
+                     f"data.image_size={image_size}.")
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant([str(i) for i in ids]),
+                                          tf.range(len(ids), dtype=tf.int64)), default_value=-1)
+  return table, tf.constant(features)
 
 
 class TrainIterator:
@@ -333,6 +354,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     from fashion_jax.data import attributes  # pylint: disable=g-import-not-at-top
     matcher = attributes.Matcher(attributes.load_vocabulary(data.attributes))
   vq = _load_vq_codes(data.vq_codes, size) if data.get("vq_codes") else None
+  cached = (_load_patch_features(data.patch_features, size) if data.get("patch_features")
+            else None)
   crop_scale, flip = tuple(data.augment.crop_scale), bool(data.augment.flip)
 
   builder = _builder(data)
@@ -374,6 +397,12 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       tf.debugging.assert_non_negative(
           row, message="config.data.vq_codes has no codes for a product of the train split")
       out["vq_codes"] = tf.gather(vq[1][tf.maximum(row, 0)], v1)
+    if cached is not None:
+      row = cached[0].lookup(ex["product_id"])
+      tf.debugging.assert_non_negative(
+          row, message="config.data.patch_features has no features for a product of the train "
+          "split")
+      out["patch_features"] = tf.cast(tf.gather(cached[1][tf.maximum(row, 0)], v1), tf.float32)
     return out
 
   def host_fn(step, texts, tags):

@@ -92,10 +92,14 @@ def model_config(config) -> fb_lib.FashionBert:
   return fb_lib.FashionBert(bert=bert, cnn=cnn, grid=int(m.grid))
 
 
-def _training_pass(module: fb_lib.FashionBert, ids, text_mask, images, patch_mask,
+def _training_pass(module: fb_lib.FashionBert, ids, text_mask, images, features, patch_mask,
                    deterministic: bool):
-  """(features [B, P, F], hidden [B, L + P, D], align logits [B, 2]) in one bound call."""
-  features = module.patch_features(images)
+  """(features [B, P, F], hidden [B, L + P, D], align logits [B, 2]) in one bound call.
+
+  `features` (cached patch features, launch/precompute_patches.py) replace the CNN over `images`
+  when given."""
+  if features is None:
+    features = module.patch_features(images)
   hidden = module.encode(ids, text_mask, features, patch_mask, deterministic)
   return features, hidden, module.align_logits(hidden)
 
@@ -209,8 +213,10 @@ class System:
 
     # 2. One forward pass.
     patch_mask = batch["patch_mask"] if self.use_mpm else None
+    cached = batch.get("patch_features")
     features, hidden, align_logits = model.apply(
-        params, ids, text_mask, batch["image"], patch_mask, not train,
+        params, ids, text_mask, None if cached is not None else batch["image"],
+        None if cached is None else cached.astype(jnp.float32), patch_mask, not train,
         method=_training_pass, rngs={"dropout": drop_rng})
 
     # 3. Task losses.
