@@ -177,3 +177,26 @@ def test_search_cli_query_writes_a_sheet(trained, tmp_path):
     assert im.size[0] > 3 * 96
   with open(os.path.join(idx_dir, "meta.json")) as f:
     assert json.load(f)["num_products"] == 8
+
+
+def test_fashionvil_tgir_query_is_the_mean_fused_image_positions(tmp_path):
+  """The text-modified image query of a FashionViL run: normalize(mean_n fuse([t ; u])[L + n]),
+  computed in batches (the last one padded) like the model's own methods give it."""
+  from fashion_jax.models import fashionvil as fvil  # pylint: disable=g-import-not-at-top
+  from fashion_jax.search import encoders  # pylint: disable=g-import-not-at-top
+  from fashion_jax.systems import fashionvil as system_lib  # pylint: disable=g-import-not-at-top
+  from tests import test_fashionvil as tf  # pylint: disable=g-import-not-at-top
+  system = system_lib.System(tf.tiny_config(tmp_path))
+  batch = tf.make_batch(system)
+  params = tf.init(system, batch)
+  images, text, mask = batch["image"], batch["text"], batch["text_mask"]
+  assert system.tokenizer.pad_token_id == 0 and not np.any(text[~mask])
+  tokens = system.model.apply(params, images, method=fvil.FashionViL.image_tokens)
+  hidden = system.model.apply(params, text, mask, tokens, method=fvil.FashionViL.fuse)
+  want = np.asarray(hidden)[:, text.shape[1]:].mean(1)
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  rows = {f"q{i}": text[i] for i in range(len(text))}
+  tokenize = lambda strings: np.stack([rows[s] for s in strings])
+  composed = encoders._fashionvil_composed(system, params, tokenize, batch_size=3)  # pylint: disable=protected-access
+  got = composed(images, [f"q{i}" for i in range(len(text))])
+  np.testing.assert_allclose(got, want, atol=1e-5)
