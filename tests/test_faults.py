@@ -137,7 +137,8 @@ def test_fingerprint_detects_one_flipped_bit_and_swaps_and_ignores_the_mesh():
   assert fp[0] == base["w"][0] and fp[1] != base["w"][1]  # Same sum, other positions.
   # Sharded over 8 devices (2 x 4 mesh): the same numbers (exact integer sums in any order).
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
-  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("b", "a")))
+  spec = jax.sharding.PartitionSpec("b", "a")
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
   assert checkpoint_lib.fingerprint({"w": sharded})["w"] == base["w"]
   # Independent reference: float32 bits as uint32, flat index i, sums mod 2^32.
   w = x.view(np.uint32).ravel().astype(np.uint64)
