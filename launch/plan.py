@@ -34,6 +34,7 @@ reads it once, at backend start), so call it from a fresh shell, not from a runn
 
 import argparse
 import ast
+import contextlib
 import importlib.util
 import json
 import math
@@ -83,17 +84,9 @@ def load_config(spec: str, overrides: list[str]):
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
-    with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+    with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
       node[leaf] = value
   return config
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def analytic_flops(system, batch_size: int) -> float | None:
