@@ -205,6 +205,11 @@ def plan(config, strategy: str, devices: int, tensor: int, peak_tflops: float, m
 GiB = 1024 ** 3
 
 
+def _tflop(flops: float) -> str:
+  t = flops / 1e12
+  return f"{t:,.0f}" if t >= 100 else f"{t:.3g}"
+
+
 def render(rows: list[dict[str, Any]], hbm_gib: float | None = None) -> str:
   """Markdown table of plan rows."""
   head = ["model", "global batch", "chips", "strategy (mesh)", "levers", "args GiB",
@@ -218,7 +223,7 @@ def render(rows: list[dict[str, Any]], hbm_gib: float | None = None) -> str:
         r["name"], f"{r['batch_size']:,}", str(r["devices"]), f"{r['strategy']} ({mesh})",
         r["levers"], f"{r['argument_bytes'] / GiB:.2f}", f"{r['temp_bytes'] / GiB:.2f}",
         f"{r['peak_bytes'] / GiB:.2f}", fits,
-        f"{r['flops_per_step'] / 1e12:,.4g}" + ("" if r["flops_source"] == "analytic" else "*"),
+        _tflop(r["flops_per_step"]) + ("" if r["flops_source"] == "analytic" else "*"),
         f"{r['step_s']:.3g}", f"{r['samples_per_s']:,.0f}"]) + " |")
   return "\n".join(lines)
 
