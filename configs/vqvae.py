@@ -10,6 +10,14 @@ smoke: 64 px synthetic catalog images -> 4 x 4 codes (the patch grid of
       --workdir=runs/vqvae_smoke --out=runs/vqvae_smoke/codes.npz \
       --picture=runs/vqvae_smoke/recon.png
   Reports validation recon_mse / psnr / perplexity / dead_frac (fashion_jax/systems/vqvae.py).
+  Compare runs and draw originals beside reconstructions:
+  python -m launch.vq_report --run=ema=runs/vqvae_smoke \
+      --run=gradient=runs/vqvae_smoke_grad --picture=docs/vq_reconstructions.png
+  (the gradient-codebook run: --config.model.codebook=gradient --config.model.restart_below=0).
+
+Codebook (models/vqvae.py): EMA (decay 0.99) with dead-code restarts below an EMA count of
+0.03 (a code unused for ~350 steps is re-seated on a badly quantised batch vector), the
+default; `codebook='gradient'` learns it by VQ-VAE's codebook loss instead.
 
 base: 224 px -> 7 x 7 codes, the grid of ResNet-50 in configs/fashionvil.py:base.
 """
@@ -30,7 +38,7 @@ def get_config(arg: str = "smoke"):
       patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2)
   # 4 stride-2 stages: 64 px -> 4 x 4 codes.
   c.model = dict(widths=(16, 32, 64, 64, 64), num_res=1, code_dim=32, num_codes=1024,
-                 beta=0.25, grid=4)
+                 beta=0.25, codebook="ema", ema_decay=0.99, restart_below=0.03, grid=4)
   c.init = dict()
   c.objective = dict()
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
@@ -47,7 +55,8 @@ def get_config(arg: str = "smoke"):
     c.data.name = "synthetic_catalog/base"
     c.data.image_size = 224
     c.model = dict(widths=(64, 128, 128, 256, 256, 256), num_res=2, code_dim=32,
-                   num_codes=1024, beta=0.25, grid=7)
+                   num_codes=1024, beta=0.25, codebook="ema", ema_decay=0.99,
+                   restart_below=0.03, grid=7)
     c.batch_size = 128
     c.total_steps = 20000
     c.optimizer.schedule = dict(kind="cosine", warmup_steps=500)

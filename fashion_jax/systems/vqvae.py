@@ -6,11 +6,18 @@ Train (any trainer config; configs/vqvae.py), then cache the codes MPFC needs:
       --out=runs/vqvae_smoke/codes.npz [--picture=runs/vqvae_smoke/recon.png]
 
 Config keys this system reads: model.widths, model.num_res, model.code_dim, model.num_codes,
-model.beta, model.grid (the code grid g; must equal data.image_size / 2^(len(widths) - 1) and
-the FashionViL run's patch grid), data.image_size.
+model.beta, model.codebook ('ema' | 'gradient'), model.ema_decay, model.restart_below,
+model.grid (the code grid g; must equal data.image_size / 2^(len(widths) - 1) and the
+FashionViL run's patch grid), data.image_size.
 
-Loss and metrics (models/vqvae.py): loss = recon + codebook + beta commit; metrics recon_mse
-(in [-1, 1] pixel units), codebook, commit, and the batch's code perplexity / dead share.
+Params: the model's variables, {'params': ...} and, with the EMA codebook, 'vq_ema':
+{count [K], sum [K, E]}, declared in `mutable_collections`: the trainer writes the state the
+loss returns after each step (fashion_jax/train/step.py), so it is sharded, checkpointed and
+restored with the parameters.
+
+Loss and metrics (models/vqvae.py): loss = recon + beta commit (+ codebook for 'gradient');
+metrics recon_mse (in [-1, 1] pixel units), codebook (the quantisation error), commit, the
+batch's code perplexity / dead share, and with EMA `restarted` (codes re-seated this step).
 
 Cached codes (`cache_codes`): every view of every product of a split, decoded and resized
 EXACTLY as the training pipeline does with crop_scale (1, 1) and no flip (the whole view,
@@ -43,7 +50,10 @@ class System:
     m = config.model
     self.model = vqvae_lib.VQVAE(widths=tuple(m.widths), num_res=int(m.num_res),
                                  code_dim=int(m.code_dim), num_codes=int(m.num_codes),
-                                 beta=float(m.beta))
+                                 beta=float(m.beta), codebook=m.get("codebook", "ema"),
+                                 ema_decay=float(m.get("ema_decay", 0.99)),
+                                 restart_below=float(m.get("restart_below", 0.0)))
+    self.mutable_collections = ("vq_ema",) if self.model.codebook == "ema" else ()
     size, down = int(config.data.image_size), 2 ** (len(m.widths) - 1)
     if size % down or size // down != int(m.grid):
       raise ValueError(f"model.grid={m.grid} but data.image_size={size} with "
@@ -56,25 +66,34 @@ class System:
     return {"image": np.zeros((batch_size, s, s, 3), np.uint8)}
 
   def init(self, rng, batch):
-    return self.model.init(rng, batch["image"])["params"]
+    """The variables dict: {'params': ...} (+ 'vq_ema' for the EMA codebook)."""
+    return dict(self.model.init(rng, batch["image"]))
 
   def loss(self, params, batch, rng, train: bool = True):
-    del rng, train
-    out = self.model.apply({"params": params}, batch["image"])
+    """(loss, metrics), or (loss, (metrics, {'vq_ema': new state})) when training with EMA."""
+    del rng  # Quantisation and restarts are deterministic.
+    update = train and bool(self.mutable_collections)
+    if update:
+      out, new_state = self.model.apply(params, batch["image"], update_codebook=True,
+                                        mutable=list(self.mutable_collections))
+    else:
+      out = self.model.apply(params, batch["image"])
     usage = vqvae_lib.code_usage(out["codes"], self.model.num_codes)
     metrics = {k: out[k] for k in ("recon_mse", "codebook", "commit")}
     metrics.update({f"batch_{k}": v for k, v in usage.items()})
-    return out["loss"], metrics
+    if not update:
+      return out["loss"], metrics
+    metrics["restarted"] = out["restarted"]
+    return out["loss"], (metrics, dict(new_state))
 
   def encode(self, params, images: jax.Array) -> jax.Array:
     """uint8 [B, S, S, 3] -> codes int32 [B, g * g]."""
-    return self.model.apply({"params": params}, images, method=vqvae_lib.VQVAE.encode)
+    return self.model.apply(params, images, method=vqvae_lib.VQVAE.encode)
 
   def reconstruct(self, params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """uint8 [B, S, S, 3] -> (reconstruction uint8 [B, S, S, 3], codes [B, g * g])."""
     codes = self.encode(params, images)
-    rec = self.model.apply({"params": params}, codes, self.grid,
-                           method=vqvae_lib.VQVAE.decode_codes)
+    rec = self.model.apply(params, codes, self.grid, method=vqvae_lib.VQVAE.decode_codes)
     return jnp.clip(jnp.round((rec + 1.0) * 127.5), 0, 255).astype(jnp.uint8), codes
 
 
@@ -90,7 +109,7 @@ class Evaluator:
   def run(self, params) -> dict[str, float]:
     from fashion_jax.evaluate import common  # pylint: disable=g-import-not-at-top
     params = jax.device_get(params)
-    f = jax.jit(lambda p, x: self.system.model.apply({"params": p}, x))
+    f = jax.jit(lambda p, x: self.system.model.apply(p, x))
     se, n, codes = 0.0, 0, []
     for batch in common.eval_batches(self.config, self.split, batch_size=self.batch_size,
                                      dataset_fn=self.dataset_fn, single_process=True):
@@ -173,16 +192,39 @@ def cache_codes(system, params, config, out_path: str, split: str = "train",
   return out
 
 
+def first_images(config, split: str = "validation", num: int = 8) -> np.ndarray:
+  """The first `num` eval images (resize + centre crop) of `split`: uint8 [num, S, S, 3]."""
+  from fashion_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+  batch = next(iter(common.eval_batches(config, split, batch_size=num, single_process=True)))
+  return np.asarray(batch["image"])[:num]
+
+
+def picture(rows: list[np.ndarray], labels: list[str] | None = None) -> np.ndarray:
+  """Image rows [n, S, S, 3] (originals first, then reconstructions) -> one uint8 sheet.
+
+  With labels, a white margin on the left names each row (PIL's default font).
+  """
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  sheet = np.concatenate([np.concatenate(list(np.asarray(r)), 1) for r in rows], 0)
+  if not labels:
+    return sheet
+  if len(labels) != len(rows):
+    raise ValueError(f"{len(labels)} labels for {len(rows)} rows.")
+  s, margin = rows[0].shape[1], 8 + 7 * max(len(l) for l in labels)
+  canvas = Image.new("RGB", (margin + sheet.shape[1], sheet.shape[0]), "white")
+  canvas.paste(Image.fromarray(sheet), (margin, 0))
+  draw = ImageDraw.Draw(canvas)
+  for i, label in enumerate(labels):
+    draw.text((4, i * s + s // 2 - 6), label, fill="black")
+  return np.asarray(canvas)
+
+
 def save_picture(system, params, config, path: str, split: str = "validation", num: int = 8):
   """A PNG: `num` originals (top row) above their reconstructions from codes (bottom row)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from fashion_jax.evaluate import common  # pylint: disable=g-import-not-at-top
-  batch = next(iter(common.eval_batches(config, split, batch_size=num, single_process=True)))
-  images = np.asarray(batch["image"])[:num]
+  images = first_images(config, split, num)
   rec, _ = system.reconstruct(jax.device_get(params), images)
-  grid = np.concatenate([np.concatenate(list(images), 1), np.concatenate(list(np.asarray(rec)),
-                                                                         1)], 0)
-  Image.fromarray(grid).save(path)
+  Image.fromarray(picture([images, np.asarray(rec)])).save(path)
   return path
 
 
