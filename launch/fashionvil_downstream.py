@@ -75,10 +75,44 @@ def task_config(task: str, variant: str, pretrained: str, data_dir: str = "",
   return adopt_pretrained(config, pretrained)
 
 
-def run_task(config, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) and evaluates one task; returns the final evaluation metrics."""
-  from fashion_jax.data import downstream  # pylint: disable=g-import-not-at-top
+def evaluate(config, workdir: str) -> dict[str, float]:
+  """Runs config.evals on the newest checkpoint of `workdir` (a finished run)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from fashion_jax import systems  # pylint: disable=g-import-not-at-top
+  from fashion_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from fashion_jax.train import config_check  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = config_check.with_defaults(config)
+  params, _, mesh = loop.load_params(config, workdir)
+  system = systems.get_system(config)
+  out = {}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(config.sharding_rules)):
+    for spec in config.evals.values():
+      module = importlib.import_module(config_check.evaluator_module_name(spec.type))
+      kwargs = {k: v for k, v in spec.items() if k not in ("type", "every")}
+      out.update(module.Evaluator(system=system, config=config, mesh=mesh, **kwargs).run(params))
+  return {k: float(v) for k, v in out.items()}
+
+
+def run_task(config, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) and evaluates one task; returns the final evaluation metrics.
+
+  A workdir that already holds the final checkpoint is only evaluated (so rerunning the driver
+  after an interruption rebuilds the whole row).
+  """
+  from fashion_jax.data import downstream  # pylint: disable=g-import-not-at-top
+  from fashion_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    ckpt = checkpoint.Checkpointer(workdir, keep=1, use_async=False)
+    try:
+      done = ckpt.latest_step() == config.total_steps
+    finally:
+      ckpt.close()
+    if done:
+      return evaluate(config, workdir)
   result = loop.train_and_evaluate(config, workdir,
                                    iterator_factory=downstream.make_train_iterator)
   return {k: v for k, v in result.metrics.items() if not k.startswith("train/")}
