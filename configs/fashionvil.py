@@ -53,7 +53,8 @@ def get_config(arg: str = "smoke"):
                            attention_dropout_rate=0.1),
                  share=True, num_codes=1024, dtype="float32")
   c.objective = dict(mode="sample", tasks=dict(TASKS), itm_neg_prob=0.5, mvc_drop=0.25)
-  c.init = dict()
+  # Local HF directories to start from (systems/fashionvil.py): '' = random init.
+  c.init = dict(hf_bert_dir="", hf_resnet_dir="")
 
   # --- trainer --------------------------------------------------------------------------------
   c.mesh = dict(data=-1, fsdp=1, tensor=1)

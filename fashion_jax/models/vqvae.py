@@ -128,13 +128,17 @@ class VQVAE(nn.Module):
   def num_down(self) -> int:
     return len(self.widths) - 1
 
-  def setup(self):
+  def __post_init__(self):
+    # Checked at construction (a System built from a bad config fails at once, not at init).
     if self.codebook not in ("ema", "gradient"):
       raise ValueError(f"VQVAE codebook={self.codebook!r}: use 'ema' or 'gradient'.")
     if self.codebook == "gradient" and self.restart_below:
       raise ValueError("restart_below is for the 'ema' codebook only.")
     if not 0.0 < self.ema_decay < 1.0:
       raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1).")
+    super().__post_init__()
+
+  def setup(self):
     shape = (self.num_codes, self.code_dim)
     if self.codebook == "gradient":
       self.codebook_param = self.param(

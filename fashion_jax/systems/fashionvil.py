@@ -15,6 +15,15 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
   objective.tasks        {itc, mlm, mpfc, itm, mvc, pac: weight >= 0}; 0 = task off
   objective.itm_neg_prob probability of swapping in the hardest negative text (0.5)
   objective.mvc_drop     fraction of text tokens and of patches dropped from attention (0.25)
+  init.hf_bert_dir       '' or a local HF BERT directory (BertModel, BertForMaskedLM, ...): the
+                         BERT's architecture and weights (both BERTs without sharing); the
+                         tokenizer (data.tokenizer.path) must have its vocabulary. Of model.bert
+                         only the dropout rates apply then (variant and sizes are the
+                         checkpoint's). Visual position / type embeddings start from BERT's
+                         position rows 0..N-1 and type row 1, as the reference.
+  init.hf_resnet_dir     '' or a local HF ResNetModel / ResNetForImageClassification directory:
+                         the image encoder's architecture, weights and BN statistics
+                         (model.resnet_variant / model.resnet are then ignored).
 
 Data this system needs, by task (the pipeline provides them, see data/pipeline.py):
   all: image uint8 [B, S, S, 3], text int32 [B, L], text_mask bool [B, L]
@@ -34,10 +43,16 @@ its log window, so the mean loss of a task over a window is `<task>/loss / task/
 
 Parameters: the model's variables dict, {'params': ..., 'batch_stats': ...} with a ResNet
 (its BatchNorm statistics are used frozen: the config must freeze 'batch_stats/.*', checked
-here), {'params': ...} with a ViT.
+here), {'params': ...} with a ViT. Frozen inference-mode BN (not `mutable_collections`) is
+deliberate: the reference fine-tunes an ImageNet ResNet-50 with small per-device batches, where
+batch statistics would be noisy; there is no BN state to update.
+
+Export (`export`, launch/export.py): interop/fashionvil_torch.py writes the BERT as a
+transformers BertModel, the ResNet as a ResNetModel, the rest as safetensors, and its torch
+module reproduces the forward.
 """
 
-import functools
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -53,6 +68,10 @@ from fashion_jax.models import fashionvil as fvil
 from fashion_jax.models import resnet as resnet_lib
 
 CONFIG_KEYS = ("model", "data", "init", "objective")
+# model.bert keys that still apply when the architecture comes from init.hf_bert_dir.
+_BERT_RUNTIME_KEYS = ("dropout_rate", "attention_dropout_rate")
+_RESNET_FIELDS = ("depths", "widths", "stem_width", "block", "downsample_in_first_stage",
+                  "downsample_in_bottleneck")
 
 # Metrics each task reports (besides '<task>/loss').
 TASK_METRICS = {
@@ -85,18 +104,45 @@ class System:
     self.tokenizer = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path,
                                               data.max_len)
     dtype = _dtype(m.dtype)
+    init = config.get("init", {})
+    resnet_overrides = m.get("resnet")
+    if init.get("hf_resnet_dir"):
+      if m.image_encoder != "resnet":
+        raise ValueError(f"init.hf_resnet_dir needs model.image_encoder='resnet', got "
+                         f"{m.image_encoder!r}.")
+      from fashion_jax.interop import hf_io, hf_resnet  # pylint: disable=g-import-not-at-top
+      hf_config, _ = hf_io.load_hf_config(init.hf_resnet_dir)
+      cnn = hf_resnet.resnet_from_hf_config(hf_config)
+      resnet_overrides = {f: getattr(cnn, f) for f in _RESNET_FIELDS}
     image_encoder, n = fvil.make_image_encoder(
         m.image_encoder, resnet_variant=m.get("resnet_variant", "resnet50"),
-        resnet=m.get("resnet"), vit=m.get("vit"), image_size=data.image_size, dtype=dtype)
+        resnet=resnet_overrides, vit=m.get("vit"), image_size=data.image_size, dtype=dtype)
     self.num_patches = n
     bert_kw = dict(m.bert)
     variant = bert_kw.pop("variant", "base")
-    bert_kw.update(vocab_size=self.tokenizer.vocab_size,
-                   pad_token_id=self.tokenizer.pad_token_id, dtype=dtype)
-    if data.max_len > bert_kw.get("max_position", 512):
-      raise ValueError(f"data.max_len={data.max_len} exceeds BERT's max_position.")
-    text_bert = bert_lib.bert(variant, **bert_kw)
-    fusion_bert = None if m.share else bert_lib.bert(variant, **bert_kw)
+    if init.get("hf_bert_dir"):
+      from fashion_jax.interop import hf_bert, hf_io  # pylint: disable=g-import-not-at-top
+      hf_config, _ = hf_io.load_hf_config(init.hf_bert_dir)
+      ignored = sorted(k for k in bert_kw if k not in _BERT_RUNTIME_KEYS)
+      if ignored:
+        logging.info("init.hf_bert_dir: model.bert keys %s are taken from the checkpoint.",
+                     ignored)
+      make_bert = lambda: hf_bert.bert_from_hf_config(
+          hf_config, dtype=dtype, **{k: bert_kw[k] for k in _BERT_RUNTIME_KEYS if k in bert_kw})
+    else:
+      bert_kw.update(vocab_size=self.tokenizer.vocab_size,
+                     pad_token_id=self.tokenizer.pad_token_id, dtype=dtype)
+      make_bert = lambda: bert_lib.bert(variant, **bert_kw)
+    text_bert = make_bert()
+    fusion_bert = None if m.share else make_bert()
+    if text_bert.vocab_size != self.tokenizer.vocab_size:
+      raise ValueError(f"init.hf_bert_dir={init.hf_bert_dir!r} has {text_bert.vocab_size} word "
+                       f"embeddings but data.tokenizer (path={data.tokenizer.path!r}) has "
+                       f"{self.tokenizer.vocab_size} tokens: point data.tokenizer.path at the "
+                       "checkpoint.")
+    if data.max_len > text_bert.max_position:
+      raise ValueError(f"data.max_len={data.max_len} exceeds BERT's max_position "
+                       f"{text_bert.max_position}.")
     self.num_attributes = 0
     if "pac" in self.tasks:
       if not data.get("attributes"):
@@ -150,6 +196,37 @@ class System:
   def init(self, rng: jax.Array, batch) -> Any:
     variables = self.model.init(rng, batch["image"], batch["text"], batch["text_mask"])
     return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+
+  def pretrained_params(self, rng: jax.Array | None = None):
+    """Variables with the BERT(s) from init.hf_bert_dir and the ResNet from init.hf_resnet_dir,
+    the rest freshly initialised from `rng` (default key(config.seed)); None when neither is set.
+
+    A BERT checkpoint without an MLM head or pooler gets fresh ones (hf_bert logs it); the
+    visual position / type embeddings are copied from the imported BERT's.
+    """
+    init = self.config.get("init", {})
+    if not (init.get("hf_bert_dir") or init.get("hf_resnet_dir")):
+      return None
+    rng = jax.random.key(self.config.seed) if rng is None else rng
+    variables = jax.device_get(nn.unbox(jax.jit(self.init)(rng, self.dummy_batch(1))))
+    variables = {k: dict(v) for k, v in variables.items()}
+    params = variables["params"]
+    if init.get("hf_bert_dir"):
+      from fashion_jax.interop import hf_bert, hf_io  # pylint: disable=g-import-not-at-top
+      _, state = hf_io.load_hf_checkpoint(init.hf_bert_dir)
+      params["text_bert"] = hf_bert.convert_hf_bert_state(state, self.model.text_bert,
+                                                          jax.random.fold_in(rng, 1))
+      if self.model.fusion_bert is not None:
+        params["fusion_bert"] = hf_bert.convert_hf_bert_state(state, self.model.fusion_bert,
+                                                              jax.random.fold_in(rng, 2))
+      variables["params"] = jax.device_get(
+          fvil.init_visual_embeddings_from_bert(params, params["text_bert"]))
+    if init.get("hf_resnet_dir"):
+      from fashion_jax.interop import hf_resnet  # pylint: disable=g-import-not-at-top
+      _, cnn_vars = hf_resnet.load_hf_resnet(init.hf_resnet_dir)
+      variables["params"]["image_encoder"] = cnn_vars["params"]
+      variables["batch_stats"]["image_encoder"] = cnn_vars["batch_stats"]
+    return variables
 
   def _apply(self, params, *args, method, rng=None):
     rngs = {} if rng is None else {"dropout": rng}
@@ -271,3 +348,12 @@ class System:
 
   def logit_scale(self, params) -> jax.Array:
     return jnp.square(params["params"]["itc_scale"])
+
+  # --- export ---------------------------------------------------------------------------------
+  def export(self, params, out_dir: str, overwrite: bool = False):
+    """BertModel + ResNetModel directories, safetensors and metadata for FashionViLTorch
+    (interop/fashionvil_torch.py)."""
+    from fashion_jax.interop import fashionvil_torch  # pylint: disable=g-import-not-at-top
+    return fashionvil_torch.export_fashionvil(params, self.model, out_dir,
+                                              image_size=int(self.config.data.image_size),
+                                              tokenizer=self.tokenizer.hf, overwrite=overwrite)
