@@ -88,7 +88,9 @@ def test_planned_memory_equals_real_arrays_on_8_devices():
   assert row["argument_bytes"] == _device0_bytes((state, batch)) == real["argument_bytes"]
   assert row["temp_bytes"] == real["temp_bytes"]
   out = step(state, batch)
-  assert row["output_bytes"] == _device0_bytes(out) == real["output_bytes"]
+  assert row["output_bytes"] == real["output_bytes"]
+  # XLA also counts the output tuple's index table: one 8-byte pointer per output buffer.
+  assert 0 <= row["output_bytes"] - _device0_bytes(out) <= 8 * len(jax.tree.leaves(out))
   # Sharding works: each device holds a fraction of the params (fsdp x tensor = 8 ways,
   # small or indivisible leaves replicated).
   total = sum(x.nbytes for x in jax.tree.leaves(out[0].params))
@@ -103,7 +105,7 @@ def test_planned_memory_equals_real_arrays_on_8_devices():
          "--set", f"model.text={ {k: v for k, v in TINY.items() if k != 'patch_size'}!r}",
          "--set", "model.scan=True", "--set", "model.remat_policy='nothing_saveable'",
          "--set", "batch_size=32"]
-  res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-2000:]
   cli = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("{")))
   for key in ("argument_bytes", "output_bytes", "temp_bytes", "flops_per_step", "params"):
@@ -155,7 +157,7 @@ def test_blockwise_info_nce_sharded_over_8_devices_equals_one_device():
   (loss, _), grads = _value_and_grads(a, b, jnp.float32(10.0), 1)
   rules = sharding_lib.logical_rules(None)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     (loss_s, _), grads_s = _value_and_grads(jax.device_put(a, sh), jax.device_put(b, sh),
                                             jnp.float32(10.0), 4)
   np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
@@ -176,7 +178,8 @@ def test_map_in_chunks_equals_direct_call_and_checks_sizes():
   for chunks in (2, 4, 24):
     np.testing.assert_allclose(jax.grad(loss)(w, chunks), g1, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(
-      contrastive.map_in_chunks(lambda x: enc(x, w), a, num_chunks=3), enc(a, w), rtol=1e-6)
+      contrastive.map_in_chunks(lambda x: enc(x, w), a, num_chunks=3), enc(a, w), rtol=1e-5,
+      atol=1e-6)
   with pytest.raises(ValueError, match="num_chunks=5 does not divide the batch of 24"):
     contrastive.map_in_chunks(lambda x: x, a, num_chunks=5)
   with pytest.raises(ValueError, match="num_blocks=0 must be a positive int"):
