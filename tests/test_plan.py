@@ -62,7 +62,7 @@ def _device0_bytes(tree):
 
 
 @pytest.mark.slow
-def test_planned_memory_equals_real_arrays_on_8_devices():
+def test_planned_memory_equals_real_arrays_on_8_devices(tmp_path):
   config = tiny_config(scan=True)
   config.model.remat_policy = "nothing_saveable"
   row = plan.plan(config, "fsdp_tensor", devices=8, tensor=2, peak_tflops=100.0, mfu=0.5,
@@ -100,14 +100,14 @@ def test_planned_memory_equals_real_arrays_on_8_devices():
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   cmd = [sys.executable, "-m", "launch.plan", "--config=configs/fashionclip.py:smoke",
          "--devices=8", "--tensor=2", "--strategies=fsdp_tensor", "--name=tiny",
-         "--jsonl=/dev/stdout", "--set", "data.image_size=32", "--set", "data.max_len=16",
+         f"--jsonl={tmp_path / 'plan.jsonl'}", "--set", "data.image_size=32", "--set", "data.max_len=16",
          "--set", "model.projection_dim=64", "--set", f"model.vision={TINY!r}",
          "--set", f"model.text={ {k: v for k, v in TINY.items() if k != 'patch_size'}!r}",
          "--set", "model.scan=True", "--set", "model.remat_policy='nothing_saveable'",
          "--set", "batch_size=32"]
   res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-2000:]
-  cli = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("{")))
+  cli = json.loads((tmp_path / "plan.jsonl").read_text())
   for key in ("argument_bytes", "output_bytes", "temp_bytes", "flops_per_step", "params"):
     assert cli[key] == row[key], key
 
