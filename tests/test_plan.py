@@ -100,7 +100,8 @@ def test_planned_memory_equals_real_arrays_on_8_devices(tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   cmd = [sys.executable, "-m", "launch.plan", "--config=configs/fashionclip.py:smoke",
          "--devices=8", "--tensor=2", "--strategies=fsdp_tensor", "--name=tiny",
-         f"--jsonl={tmp_path / 'plan.jsonl'}", "--set", "data.image_size=32", "--set", "data.max_len=16",
+         f"--jsonl={tmp_path / 'plan.jsonl'}", "--set", "data.image_size=32",
+         "--set", "data.max_len=16",
          "--set", "model.projection_dim=64", "--set", f"model.vision={TINY!r}",
          "--set", f"model.text={ {k: v for k, v in TINY.items() if k != 'patch_size'}!r}",
          "--set", "model.scan=True", "--set", "model.remat_policy='nothing_saveable'",
