@@ -13,6 +13,12 @@ large n_j, which shrinks every OTHER task's weight, so the weight moves towards 
 currently lagging (the paper: "FashionBERT shifts its attention on different tasks during the
 training procedure"). Equal losses give equal weights 1/K.
 
+How far the weights can move: w_i / w_k = (K - n_k) / (K - n_i) and every n_j lies in (0, 1),
+so w_i / w_k is within ((K-1)/K, K/(K-1)); for K = 3 each weight lies in [6/21, 9/21] =
+[0.286, 0.429] (reached when one loss dominates the softmax). The scheme is 1/K +- a bounded
+tilt towards the task with the largest RAW loss, so it follows loss scale (an MLM cross entropy
+over a 30k vocabulary is larger than a 2-way CE) as much as "lagging".
+
 Gradient through the weights (the choice is `weight_grad`):
   * 'through' (the reference: its TF graph computes w from the loss tensors without a
     stop_gradient): dL/dtheta = sum_i w_i dL_i/dtheta + sum_i L_i dw_i/dtheta. The second term
