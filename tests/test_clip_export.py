@@ -98,8 +98,24 @@ def test_export_refuses_non_empty_dir_unless_overwrite(tmp_path):
   with pytest.raises(FileExistsError, match="not empty"):
     hf_clip.save_clip(str(target), config, params)
   assert not (target / "model.safetensors").exists()
+  (target / "pytorch_model.bin").write_bytes(b"stale weights of an older export")
   hf_clip.save_clip(str(target), config, params, overwrite=True)
   assert (target / "model.safetensors").exists()
+  # Overwrite replaces the contents: no stale file of the previous export is left behind.
+  assert not (target / "pytorch_model.bin").exists()
+  assert not (target / "notes.txt").exists()
+
+
+def test_overwrite_never_deletes_what_no_export_writes(tmp_path):
+  tok = make_tokenizer(tmp_path / "tok")
+  config = _our_config(tok)
+  params = _zero_params(config)
+  target = tmp_path / "data"
+  (target / "images").mkdir(parents=True)
+  (target / "images" / "shoe.jpg").write_bytes(b"jpeg")
+  with pytest.raises(FileExistsError, match=r"shoe\.jpg, which no export writes"):
+    hf_clip.save_clip(str(target), config, params, overwrite=True)
+  assert (target / "images" / "shoe.jpg").read_bytes() == b"jpeg"
 
 
 def test_export_refuses_params_that_are_not_plain_clip(tmp_path):

@@ -9,6 +9,7 @@ never a silent partial load.
 import json
 import os
 import pathlib
+import shutil
 from typing import Mapping
 
 import numpy as np
@@ -104,12 +105,38 @@ def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, np.
                                   f"{shown}{more}")
 
 
+# What an export writes (weights, configs, tokenizer and processor files). `overwrite` only
+# deletes a directory made of these, so a mistyped --out never wipes someone's data.
+EXPORT_SUFFIXES = frozenset({".safetensors", ".bin", ".json", ".txt", ".model", ".npz", ".pt",
+                             ".pth", ".md"})
+
+
 def prepare_export_dir(out_dir: str, overwrite: bool = False) -> pathlib.Path:
-  """Creates `out_dir`; refuses a non-empty one unless `overwrite`."""
+  """Creates `out_dir` empty; refuses a non-empty one unless `overwrite`.
+
+  With `overwrite`, the old contents are deleted first, so no stale file of a previous export
+  (a `pytorch_model.bin` next to a new `model.safetensors`, which transformers would prefer to
+  load in some versions) survives. Only a directory whose files all have export suffixes
+  (EXPORT_SUFFIXES) is deleted; anything else raises FileExistsError naming the first such file.
+  """
   out = pathlib.Path(out_dir)
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise FileExistsError(f"Export directory {out} is not empty; pass overwrite=True "
-                          "(--overwrite) to replace its contents.")
+  if out.exists() and not out.is_dir():
+    raise NotADirectoryError(f"Export path {out} exists and is not a directory.")
+  if out.exists() and any(out.iterdir()):
+    if not overwrite:
+      raise FileExistsError(f"Export directory {out} is not empty; pass overwrite=True "
+                            "(--overwrite) to replace its contents.")
+    foreign = [p for p in sorted(out.rglob("*"))
+               if not p.is_dir() and p.suffix.lower() not in EXPORT_SUFFIXES]
+    if foreign:
+      raise FileExistsError(
+          f"Export directory {out} holds {foreign[0]}, which no export writes; refusing to "
+          "delete it with --overwrite. Choose another --out or remove the directory yourself.")
+    for child in out.iterdir():
+      if child.is_dir() and not child.is_symlink():
+        shutil.rmtree(child)
+      else:
+        child.unlink()
   out.mkdir(parents=True, exist_ok=True)
   return out
 
