@@ -63,8 +63,10 @@ def get_config(arg: str = "smoke"):
       prefetch=2, patch_features="")
 
   # --- model / init / objective: fashion_jax/systems/fashionbert.py --------------------------
+  # smoke's patch features are pooled pixels (no CNN, nothing to freeze): see the docstring.
   c.model = dict(bert_variant="tiny", bert=dict(dropout_rate=0.1, attention_dropout_rate=0.1),
-                 cnn_variant="tiny", grid=8, dtype="float32", scan=False, remat_policy="none")
+                 cnn_variant="pixels", pixel_pool=4, grid=8, dtype="float32", scan=False,
+                 remat_policy="none")
   c.init = dict(hf_bert_dir="", hf_resnet_dir="")
   c.objective = dict(weighting="adaptive", weight_grad="stop", neg_prob=0.5,
                      mlm_max_predictions=0)
@@ -75,7 +77,7 @@ def get_config(arg: str = "smoke"):
   c.total_steps = 600
   c.optimizer = dict(name="adamw", lr=5e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
                      clip_norm=1.0, schedule=dict(kind="cosine", warmup_steps=60),
-                     freeze=FREEZE_CNN)
+                     freeze=())
   c.checkpoint = dict(every_steps=200, keep=2, best_metric=None, best_mode="max")
   c.log_every_steps = 25
   c.evals = dict(xenc_test=_evals("test", every=0, num_queries=200, pair_batch=1024))

@@ -22,6 +22,8 @@ L, S, GRID = 12, 32, 4
 
 def _config(**objective):
   c = fb_config.get_config("smoke")
+  # The ResNet patch path (smoke itself runs on pooled pixels: tests/test_fashionbert_pixels.py).
+  c.model.cnn_variant, c.optimizer.freeze = "tiny", fb_config.FREEZE_CNN
   c.data.image_size, c.data.max_len = S, L
   c.data.patch_mask = dict(grid=GRID, count=3, min_block=1, max_block=1)
   c.model.grid = GRID

@@ -21,6 +21,7 @@ def data_dir(tmp_path_factory):
 
 def _config(data_dir):
   c = fb_config.get_config("smoke")
+  c.model.cnn_variant, c.optimizer.freeze = "tiny", fb_config.FREEZE_CNN   # the CNN path
   c.data.name, c.data.data_dir = "pipeline_test_products", data_dir
   c.data.image_size, c.data.max_len, c.batch_size = 16, 16, 8
   c.data.augment = dict(crop_scale=(1.0, 1.0), flip=False)

@@ -9,6 +9,13 @@ from the BERT tokenizer, which already holds [CLS] ... [SEP] [PAD]...):
              for smoke runs), inference-mode BatchNorm, FROZEN: the paper extracts the patch
              features once with a pretrained network, which is also what lets
              launch/precompute_patches.py cache them for the cross-encoder evaluation.
+             cnn = None ('pixels', a smoke-scale choice, NOT the paper's): each normalised
+             patch average-pooled to q x q cells (q = pixel_pool; p % q == 0), flattened in
+             (row, col, channel) order, F = 3 q^2. No parameters, so it is frozen and the MPM
+             target is well defined; unlike a randomly initialised ResNet (whose
+             inference-mode BatchNorm with untrained statistics gives nearly constant
+             features: across-image std 0.04-0.07 around 0.3) it keeps the patch's colours and
+             coarse layout, the information a pretrained ResNet-50 would carry at this scale.
   masking:   f_bp <- 0 where patch_mask[b, p] (masked patch modelling zeroes masked features)
   patch emb: e_img = Dense(f) + patch_position[p] + segment[1]                     [B, P, D]
   text emb:  e_txt = word[ids] + position[t] + segment[0]  (BERT's own tables)      [B, L, D]
@@ -26,7 +33,8 @@ Images are normalised with ImageNet statistics (what torchvision / HF ResNets we
 
 Parameter tree (variables; `params` and the CNN's `batch_stats`):
   params/bert/...              the Bert of models/bert.py (pooler and MLM head included)
-  params/cnn/...               the ResNet of models/resnet.py; batch_stats/cnn/...
+  params/cnn/...               the ResNet of models/resnet.py; batch_stats/cnn/... (neither
+                               exists when cnn is None: pooled pixels have no parameters)
   params/patch_proj/{kernel [F, D], bias [D]}, params/patch_position/embedding [P, D]
   params/mpm_head/{kernel [D, F], bias [F]}, params/align_head/{kernel [D, 2], bias [2]}
 The CNN receives no gradient (stop_gradient on its output); configs also freeze it in the
@@ -64,12 +72,14 @@ class FashionBert(nn.Module):
 
   Attributes:
     bert: the Bert (with pooler and MLM head) used as the single-stream encoder.
-    cnn: the ResNet patch network.
+    cnn: the ResNet patch network, or None for pooled pixels (see the module docstring).
     grid: patches per side (8 in the paper; the reference extraction script used 4).
+    pixel_pool: q, the pooled cells per patch side when cnn is None (F = 3 q^2).
   """
   bert: bert_lib.Bert
-  cnn: resnet_lib.ResNet
+  cnn: Optional[resnet_lib.ResNet]
   grid: int = 8
+  pixel_pool: int = 4
 
   @property
   def num_patches(self) -> int:
@@ -77,7 +87,7 @@ class FashionBert(nn.Module):
 
   @property
   def feature_dim(self) -> int:
-    return self.cnn.widths[-1]
+    return 3 * self.pixel_pool ** 2 if self.cnn is None else self.cnn.widths[-1]
 
   def setup(self):
     if self.bert.type_vocab_size < 2:
@@ -108,6 +118,13 @@ class FashionBert(nn.Module):
     x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
     patches = split_patches(x, self.grid)
     b, p = patches.shape[:2]
+    if self.cnn is None:
+      side, q = patches.shape[2], self.pixel_pool
+      if q < 1 or side % q:
+        raise ValueError(f"pixel_pool={q} must divide the patch side {side} (image side "
+                         f"{images.shape[1]} / grid {self.grid}).")
+      cells = patches.reshape(b, p, q, side // q, q, side // q, 3).mean(axis=(3, 5))
+      return jax.lax.stop_gradient(cells.reshape(b, p, 3 * q * q))
     pooled = self.cnn(patches.reshape((b * p,) + patches.shape[2:]), train=False)["pooled"]
     return jax.lax.stop_gradient(pooled.astype(jnp.float32).reshape(b, p, -1))
 
@@ -169,9 +186,20 @@ class FashionBert(nn.Module):
     return out
 
 
+PIXELS = "pixels"
+
+
 def fashionbert(bert_variant: str = "base", cnn_variant: str = "resnet50", grid: int = 8, *,
-                bert: Optional[dict[str, Any]] = None, cnn: Optional[dict[str, Any]] = None
-                ) -> FashionBert:
-  """FashionBert from named BERT / ResNet variants with per-part field overrides."""
-  return FashionBert(bert=bert_lib.bert(bert_variant, **(bert or {})),
-                     cnn=resnet_lib.resnet(cnn_variant, **(cnn or {})), grid=grid)
+                bert: Optional[dict[str, Any]] = None, cnn: Optional[dict[str, Any]] = None,
+                pixel_pool: int = 4) -> FashionBert:
+  """FashionBert from named BERT / ResNet variants with per-part field overrides.
+
+  cnn_variant='pixels' uses pooled pixels (pixel_pool^2 cells per patch) instead of a ResNet."""
+  if cnn_variant == PIXELS:
+    if cnn:
+      raise ValueError(f"cnn_variant='pixels' has no CNN to override; got cnn={cnn}.")
+    net = None
+  else:
+    net = resnet_lib.resnet(cnn_variant, **(cnn or {}))
+  return FashionBert(bert=bert_lib.bert(bert_variant, **(bert or {})), cnn=net, grid=grid,
+                     pixel_pool=pixel_pool)

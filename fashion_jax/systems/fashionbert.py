@@ -3,7 +3,10 @@
 Config keys this system reads (besides the trainer's and the pipeline's `data`):
   model.bert_variant    'tiny' | 'mini' | 'base' | 'large' (models/bert.py), unless init.hf_bert_dir
   model.bert            Bert field overrides (e.g. dropout_rate, num_layers)
-  model.cnn_variant     'tiny' | 'resnet50' | ... (models/resnet.py), unless init.hf_resnet_dir
+  model.cnn_variant     'tiny' | 'resnet50' | ... (models/resnet.py), unless init.hf_resnet_dir;
+                        or 'pixels': no CNN, each patch's pixels average-pooled to
+                        model.pixel_pool^2 cells (smoke scale only; models/fashionbert.py)
+  model.pixel_pool      cells per patch side for cnn_variant='pixels' (default 4: F = 48)
   model.grid            patches per side (8 as the paper); data.image_size % grid == 0
   model.dtype, model.scan, model.remat_policy
   init.hf_bert_dir      '' or a local HF BERT directory: architecture and weights of the BERT
@@ -83,13 +86,23 @@ def model_config(config) -> fb_lib.FashionBert:
   if data.max_len > bert.max_position:
     raise ValueError(f"data.max_len={data.max_len} exceeds the BERT's max_position "
                      f"{bert.max_position}.")
-  if init.get("hf_resnet_dir"):
+  pixel_pool = int(m.get("pixel_pool", 4))
+  if m.cnn_variant == fb_lib.PIXELS:
+    if init.get("hf_resnet_dir"):
+      raise ValueError(f"model.cnn_variant='pixels' has no CNN, but init.hf_resnet_dir="
+                       f"{init.hf_resnet_dir!r} is set: pick one.")
+    patch_side = data.image_size // int(m.grid)
+    if pixel_pool < 1 or patch_side % pixel_pool:
+      raise ValueError(f"model.pixel_pool={pixel_pool} must divide the patch side "
+                       f"{patch_side} (data.image_size={data.image_size} / model.grid={m.grid}).")
+    cnn = None
+  elif init.get("hf_resnet_dir"):
     from fashion_jax.interop import hf_io, hf_resnet  # pylint: disable=g-import-not-at-top
     hf_config, _ = hf_io.load_hf_config(init.hf_resnet_dir)
     cnn = hf_resnet.resnet_from_hf_config(hf_config, dtype=_dtype(m.dtype))
   else:
     cnn = resnet_lib.resnet(m.cnn_variant, dtype=_dtype(m.dtype))
-  return fb_lib.FashionBert(bert=bert, cnn=cnn, grid=int(m.grid))
+  return fb_lib.FashionBert(bert=bert, cnn=cnn, grid=int(m.grid), pixel_pool=pixel_pool)
 
 
 def _training_pass(module: fb_lib.FashionBert, ids, text_mask, images, features, patch_mask,
@@ -144,7 +157,7 @@ class System:
     if obj.mlm_max_predictions < 0:
       raise ValueError(f"objective.mlm_max_predictions={obj.mlm_max_predictions} must be >= 0.")
     freeze = [re.compile(r) for r in (config.get("optimizer", {}).get("freeze", ()) or ())]
-    if "optimizer" in config:
+    if "optimizer" in config and self.model.cnn is not None:
       uncovered = [p for p in _CNN_PROBES if not any(r.fullmatch(p) for r in freeze)]
       if uncovered:
         raise ValueError(
