@@ -164,3 +164,81 @@ def test_driver_row_columns():
   assert r["Meta-sum"] == pytest.approx(20 + 20 + 25 + 80 + 30)
   assert "ITR_full" not in r
   assert "| 20.00 |" in driver.format_row("x", r)
+
+
+def _tiny_classifier(readout, num_classes=5):
+  """A from-scratch smoke-size FashionViL (32 px, 2 x 2 grid) under a cls head."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import fashionvil as pre_config  # pylint: disable=g-import-not-at-top
+  from fashion_jax.models import fashionvil_downstream as heads  # pylint: disable=g-import-not-at-top
+  from fashion_jax.systems import fashionvil as fvil_system  # pylint: disable=g-import-not-at-top
+  c = pre_config.get_config("smoke")
+  c.data.image_size, c.data.max_len = 32, 12
+  c.data.patch_mask = ml_collections.ConfigDict(dict(grid=2, count=1, min_block=1))
+  c.objective.tasks = ml_collections.ConfigDict({"itc": 1.0})
+  backbone = fvil_system.System(c).model
+  return heads.FashionViLDownstream(vil=backbone, task="cls", num_classes=(num_classes,),
+                                    cls_readout=readout)
+
+
+def _class_batches(n, b=16, k=5, l=12, seed=0):
+  """Text [CLS] w w w <class word> w ... [SEP]: the label is which of k words the text holds."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    y = rng.integers(0, k, b)
+    ids = rng.integers(200, 400, (b, l))
+    ids[:, 0], ids[:, -1] = 2, 3
+    ids[np.arange(b), rng.integers(1, l - 1, b)] = 1000 + y
+    images = rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8)
+    out.append((jnp.asarray(images), jnp.asarray(ids, jnp.int32), jnp.ones((b, l), bool),
+                jnp.asarray(y, jnp.int32)))
+  return out
+
+
+def _readout_spread(model, params, batch):
+  """mean_d std_b(r) / (mean_b |r| / sqrt(D)) of the head's input r [B, D]: 0 = r ignores x."""
+
+  def feature(mod, images, ids, mask):
+    hidden, _ = mod.fused(images, ids, mask)
+    return hidden[:, 0] if mod.cls_readout == "cls" else jnp.mean(hidden, axis=1)
+
+  r = model.apply(params, *batch[:3], method=feature)
+  return float(jnp.std(r, 0).mean() / jnp.linalg.norm(r, axis=-1).mean() * np.sqrt(r.shape[-1]))
+
+
+def test_cls_readout_depends_on_the_input_head_gets_gradient_and_loss_falls():
+  """Regression: SCR stayed at chance (CE = ln K, one class predicted) with the [CLS] readout.
+
+  A from-scratch BERT's fusion [CLS] is nearly the same vector for every input (spread 0.008
+  measured), so the head cannot tell examples apart; the 'mean' readout spreads ~25x more.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  batch = _class_batches(1)[0]
+  spreads = {}
+  for readout in ("cls", "mean"):
+    model = _tiny_classifier(readout)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), *batch[:3]))
+    spreads[readout] = _readout_spread(model, params, batch)
+  assert spreads["cls"] < 0.05 and spreads["mean"] > 5 * spreads["cls"], spreads
+
+  def loss_fn(p):
+    (z,) = model.apply(p, *batch[:3], method=type(model).classify)
+    return dl.classification_loss(z, batch[3])[0]
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss_fn))
+  loss0, grads = value_and_grad(params)
+  assert float(loss0) == pytest.approx(np.log(5), abs=0.3)
+  head = {jax.tree_util.keystr(path): float(jnp.linalg.norm(g))
+          for path, g in jax.tree_util.tree_leaves_with_path(grads)
+          if "cls_0" in jax.tree_util.keystr(path) or "pooler" in jax.tree_util.keystr(path)}
+  assert len(head) == 8 and min(head.values()) > 0, head
+  opt = optax.adam(3e-3)
+  state = opt.init(params)
+  for _ in range(3):
+    updates, state = opt.update(value_and_grad(params)[1], state, params)
+    params = optax.apply_updates(params, updates)
+  assert float(value_and_grad(params)[0]) < float(loss0) - 0.1
+  with pytest.raises(ValueError, match="cls_readout='first'"):
+    _tiny_classifier("first").init(jax.random.PRNGKey(0), *batch[:3])

@@ -18,6 +18,8 @@ Config keys this system reads (besides the trainer's):
   objective.task         'retrieval' | 'tgir' | 'cls' | 'ocir'
   objective.label_fields cls: ('subcategory',) = SCR, ('category',) = CR, both = one model, two
                          heads, loss = sum of the two CEs
+  objective.readout      cls: 'cls' (fusion [CLS], the paper) or 'mean' (mean of the fused
+                         outputs; models/fashionvil_downstream.py says why smoke uses it)
   objective.max_items    ocir: M, query items per outfit (the blank excluded)
   objective.num_masks    ocir: K subspace masks
 
@@ -98,6 +100,7 @@ class System:
                          "('category',).")
       self.vocabularies = {f: data_lib.label_vocabulary(config, f) for f in self.label_fields}
       kwargs["num_classes"] = tuple(len(self.vocabularies[f]) for f in self.label_fields)
+      kwargs["cls_readout"] = obj.get("readout", "cls")
     elif self.task == "ocir":
       self.categories = data_lib.category_vocabulary(config)
       kwargs.update(num_categories=len(self.categories), num_masks=int(obj.num_masks))
