@@ -14,8 +14,9 @@ and VARIANT smoke (CPU minutes: the smoke backbone of configs/fashionvil.py, 64 
 projection and heads). `init.checkpoint` names the pretrained FashionViL workdir ('' = no
 pretraining); `model` must equal that run's (launch/fashionvil_downstream.py copies it).
 
-These tasks read their own data (data/downstream.py), so they run through the driver, which
-passes the trainer the matching input:
+These tasks read their own data (`input = 'fashion_jax.data.downstream'`), so the trainer runs
+them directly (`python -m launch.train --config=configs/fashionvil_downstream.py:scr_smoke
+--config.init.checkpoint=PRETRAINED ...`); the driver adds the pretrained run's model section:
   # data (smoke): the synthetic catalog and the FashionIQ / Polyvore sets derived from it
   python -m launch.build_data --dataset=synthetic_catalog/smoke --data_dir=/tmp/tfds
   python -m launch.build_data --write_derived=fashioniq --out=/tmp/fiq
@@ -76,6 +77,7 @@ def get_config(arg: str = "tgir_smoke"):
   c = ml_collections.ConfigDict()
   c.system = "fashionvil_downstream"
   c.seed = 0
+  c.input = "fashion_jax.data.downstream"  # the trainer's input: this task's batches
   c.model = pre.model.to_dict()
   c.init = dict(checkpoint="")
 

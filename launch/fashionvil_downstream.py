@@ -102,7 +102,6 @@ def run_task(config, workdir: str) -> dict[str, float]:
   A workdir that already holds the final checkpoint is only evaluated (so rerunning the driver
   after an interruption rebuilds the whole row).
   """
-  from fashion_jax.data import downstream  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -113,8 +112,7 @@ def run_task(config, workdir: str) -> dict[str, float]:
       ckpt.close()
     if done:
       return evaluate(config, workdir)
-  result = loop.train_and_evaluate(config, workdir,
-                                   iterator_factory=downstream.make_train_iterator)
+  result = loop.train_and_evaluate(config, workdir)  # config.input: data/downstream.py
   return {k: v for k, v in result.metrics.items() if not k.startswith("train/")}
 
 

@@ -242,3 +242,19 @@ def test_cls_readout_depends_on_the_input_head_gets_gradient_and_loss_falls():
   assert float(value_and_grad(params)[0]) < float(loss0) - 0.1
   with pytest.raises(ValueError, match="cls_readout='first'"):
     _tiny_classifier("first").init(jax.random.PRNGKey(0), *batch[:3])
+
+
+def test_trainer_input_hook_unknown_module_is_named_before_compiling(tmp_path):
+  from fashion_jax.train import config_check  # pylint: disable=g-import-not-at-top
+  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from fashion_jax.data import downstream  # pylint: disable=g-import-not-at-top
+  config = ds_config.get_config("scr_smoke")
+  assert config_check.input_factory(config.input) is downstream.make_train_iterator
+  with config.unlocked():
+    config.input = "fashion_jax.data.no_such_input"
+  # Raised by the config check: no dataset is read (data_dir is empty), nothing compiles.
+  with pytest.raises(config_check.ConfigError, match=r"config.input='fashion_jax.data.no_such"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+  config.input = "fashion_jax.losses.fashionvil_downstream"  # a module without the function
+  with pytest.raises(config_check.ConfigError, match="has no make_train_iterator"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))

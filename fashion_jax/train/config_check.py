@@ -49,6 +49,9 @@ _MAP = (Mapping, ml_collections.ConfigDict)
 SCHEMA = {
     "system": Key((str,), required=True),
     "seed": Key((int,), 0),
+    # Module exposing make_train_iterator(config, *, start_step, process_index, process_count)
+    # (loop.py's input plug-in), e.g. 'fashion_jax.data.downstream' for FashionViL fine-tuning.
+    "input": Key((str,), "fashion_jax.data.pipeline"),
     "batch_size": Key((int,), required=True),
     "total_steps": Key((int, _NONE), None),
     "num_epochs": Key(_NUM + (_NONE,), None),
@@ -174,6 +177,22 @@ def check_evals(evals: Mapping[str, Any]) -> None:
                         f"module {module}.")
 
 
+def input_factory(module_name: str):
+  """config.input -> its make_train_iterator; ConfigError naming a missing module / function."""
+  try:
+    found = importlib.util.find_spec(module_name) is not None
+  except (ImportError, ValueError):
+    found = False
+  if not found:
+    raise ConfigError(f"config.input={module_name!r}: there is no module {module_name}.")
+  factory = getattr(importlib.import_module(module_name), "make_train_iterator", None)
+  if not callable(factory):
+    raise ConfigError(f"config.input={module_name!r}: module {module_name} has no "
+                      "make_train_iterator(config, *, start_step, process_index, "
+                      "process_count).")
+  return factory
+
+
 def evaluator_module_name(eval_type: str) -> str:
   """'retrieval' -> 'fashion_jax.evaluate.retrieval'; a dotted name is a full module path."""
   return eval_type if "." in eval_type else f"fashion_jax.evaluate.{eval_type}"
@@ -221,6 +240,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
   if ckpt.get("every_steps", 1) < 1 or ckpt.get("keep", 1) < 1:
     raise ConfigError(f"config.checkpoint.every_steps={ckpt.get('every_steps')} and "
                       f"config.checkpoint.keep={ckpt.get('keep')} must be >= 1.")
+  input_factory(config.get("input", SCHEMA["input"].default))
   evals = config.get("evals") or {}
   check_evals(evals)
   if ckpt.get("best_metric") and not evals:

@@ -42,8 +42,9 @@ Plug-ins:
     iterator of host-local numpy dict batches ([batch_size // process_count, ...]) starting at
     global step `start_step`, optionally with `.position` (JSON-able; saved in checkpoints and
     compared on resume: an iterator created with start_step=k must report the position the
-    original iterator had after k batches) and `.num_examples`. Default:
-    `fashion_jax.data.pipeline.make_train_iterator`.
+    original iterator had after k batches) and `.num_examples`. Default: the
+    `make_train_iterator` of the module `config.input` (default 'fashion_jax.data.pipeline',
+    the TFDS pipeline; checked with the config, before anything compiles).
   * Evaluation: for each `config.evals` entry, `fashion_jax.evaluate.<type>.Evaluator(system=,
     config=, mesh=, **kwargs)` (a dotted `type` is a full module path) is built once; `run(params)`
     returns flat float metrics named '<split>/<protocol>/<metric>', run every `every` steps and
@@ -164,8 +165,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict,
 
 
 def _default_iterator_factory(config, **kwargs):
-  from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.make_train_iterator(config, **kwargs)
+  return config_check.input_factory(config.input)(config, **kwargs)
 
 
 def _total_steps(config, train_iter) -> int:
