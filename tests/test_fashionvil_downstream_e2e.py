@@ -1,9 +1,11 @@
 """FashionViL downstream end to end on tiny fixtures, as the driver runs them.
 
-One tiny FashionViL pretraining run (ITC only, 1 step) gives the pretrained workdir; each
-downstream task then fine-tunes from it for 2 steps through `train_and_evaluate` with its own
-input (data/downstream.py) and evaluator, on synthetic_catalog/tiny and on FashionIQ / Polyvore
-sets derived in the real on-disk formats and built with the real builders.
+One tiny FashionViL pretraining run (ITC only, 1 step) gives the pretrained workdir, shared by
+the whole module; each downstream task then fine-tunes from it for 1 step through
+`train_and_evaluate` with its own input (config.input = data/downstream.py) and evaluator, on
+synthetic_catalog/tiny and on FashionIQ / Polyvore sets derived in the real on-disk formats and
+built with the real builders. Cost is compile time, so every run uses a 1-device mesh (the
+8-device sharded step is covered by the trainer's and FashionViL's sharding tests) and one step.
 """
 
 import flax.linen as nn
@@ -57,6 +59,7 @@ def pretrained(tmp_path_factory, data_dir):
   c.data.patch_mask = dict(grid=0, count=0)
   c.objective.tasks = dict(itc=1.0)
   c.batch_size, c.total_steps, c.log_every_steps = 8, 1, 1
+  c.mesh = dict(data=1, fsdp=1, tensor=1)
   c.optimizer.schedule.warmup_steps = 0
   c.checkpoint = dict(every_steps=1, keep=1, best_metric=None, best_mode="max")
   c.evals = {}
@@ -66,9 +69,10 @@ def pretrained(tmp_path_factory, data_dir):
 
 
 def task_config(task, pretrained, data_dir):
-  c = driver.task_config(task, "smoke", pretrained, data_dir, steps=2)
+  c = driver.task_config(task, "smoke", pretrained, data_dir, steps=1)
   c.data.max_len = L
   c.batch_size, c.log_every_steps = 8, 1
+  c.mesh = dict(data=1, fsdp=1, tensor=1)
   if task in ("retrieval", "scr"):
     c.data.name = "synthetic_catalog/tiny"
   if task == "retrieval":
