@@ -9,9 +9,9 @@ Arms (same config, seed, data order, steps and evaluation; only the loss combina
                     graph; losses/weighting.py)
   adaptive_stop     the same weights treated as constants of the step (our default)
   equal             fixed w = 1/3 each
-Each arm trains configs/fashionbert.py:smoke with the SCHEDULE below (the patch CNN's features
-precomputed once by launch/precompute_patches.py and read by the pipeline, so the arms spend
-their compute on the BERT) and ends with the config's cross-encoder evaluation on the test split:
+Each arm trains configs/fashionbert.py:smoke with the SCHEDULE below (the frozen patch
+features, pooled pixels in smoke, precomputed once by launch/precompute_patches.py and read by
+the pipeline, so the arms spend their compute on the BERT) and ends with the config's cross-encoder evaluation on the test split:
 sample-100 (each query against its positive and 100 negatives of the same sub-category, both
 directions, pessimistic ties), alignment accuracy on a balanced positive/negative set, ROC-AUC
 over every scored pair, and pairs/s of the scoring loop. Arms run one after the other by default
@@ -42,8 +42,8 @@ ARMS = {
 SCHEDULE = {
     "model.grid": 4, "data.patch_mask.grid": 4, "data.patch_mask.count": 2,
     "data.max_len": 32, "objective.mlm_max_predictions": 8,
-    "total_steps": 500, "batch_size": 64,
-    "optimizer.lr": 2e-3, "optimizer.schedule.warmup_steps": 50,
+    "total_steps": 1000, "batch_size": 64,
+    "optimizer.lr": 1e-3, "optimizer.schedule.warmup_steps": 50,
     "log_every_steps": 50,
 }
 

@@ -15,6 +15,9 @@ once). This job runs exactly that network over every view of every product of `-
   features  system.patch_features: the image cut into model.grid^2 patches, ImageNet-normalised,
             the CNN's pooled output per patch, float32 [P, F]; stored as --dtype (float16 halves
             the file; float32 keeps the cached path numerically identical to the live one).
+With model.cnn_variant='pixels' (configs/fashionbert.py:smoke) there is no CNN: the features
+are the patches' pooled pixels, which cost nothing to compute live; caching them still works
+(same file format) and keeps the cached and live paths interchangeable.
 The CNN's weights are the ones the trainer would start from: init.hf_resnet_dir when set
 (e.g. ResNet-50), else the random init of the trainer's parameter key (train/state.py:
 split(key(seed))[0]); or, with --workdir, the CNN of that run's newest checkpoint. Since the CNN

@@ -94,8 +94,8 @@ def test_alignment_head_uses_the_image():
   pair and misaligned in three, so no rule that looks at one modality beats 12/16 (always 'no').
   Beating it needs the image to reach the [CLS] head, and pairing every text with image 0 must
   then fall back to 12/16. (Measured: a 1-layer model reaches 13/16 by step 200 and stays there
-  to step 500 at lr 3e-3; at 1e-2 it collapses to 'always no'. Binding words to patches from
-  scratch is slow even on 16 pairs, which is why the smoke TIA sits at chance.)"""
+  to step 500 at lr 3e-3; at 1e-2 it collapses to 'always no'. In layer 1 the [CLS] query has
+  no content yet; tests/test_fashionbert_pixels.py shows 2 layers solving such a pairing.)"""
   import optax  # pylint: disable=g-import-not-at-top
   from fashion_jax.losses import matching  # pylint: disable=g-import-not-at-top
   c = fb_config.get_config("smoke")
