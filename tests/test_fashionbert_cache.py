@@ -99,6 +99,7 @@ def test_alignment_head_uses_the_image():
   import optax  # pylint: disable=g-import-not-at-top
   from fashion_jax.losses import matching  # pylint: disable=g-import-not-at-top
   c = fb_config.get_config("smoke")
+  c.model.cnn_variant, c.optimizer.freeze = "tiny", fb_config.FREEZE_CNN   # F = 64 as measured
   c.data.image_size, c.data.max_len = 8, 4
   c.data.patch_mask = dict(grid=2, count=1, min_block=1, max_block=1)
   c.model.grid = 2
