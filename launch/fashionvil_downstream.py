@@ -29,16 +29,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "One task's config (optional).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (one subfolder per task).")
-_PRETRAINED = flags.DEFINE_string("pretrained", None,
-                                  "Pretrained FashionViL workdir; '' = no pretraining.")
-_VARIANT = flags.DEFINE_enum("variant", "smoke", ["smoke", "base"], "Config variant.")
-_TASKS = flags.DEFINE_list("tasks", ["retrieval", "tgir", "scr", "ocir"], "Tasks to run.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir of every task's data.")
-_STEPS = flags.DEFINE_integer("steps", None, "Override total_steps of every task.")
-flags.mark_flags_as_required(["workdir"])
 
 COLUMNS = ("ITR", "TIR", "ITR_full", "TIR_full", "TGIR", "SCR", "CR", "OCIR", "Meta-sum")
 
@@ -181,4 +171,16 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a script: the tests import this module for its
+  # functions next to other launch modules, and absl refuses a flag defined twice.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "One task's config (optional).",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (one subfolder per task).")
+  _PRETRAINED = flags.DEFINE_string("pretrained", None,
+                                    "Pretrained FashionViL workdir; '' = no pretraining.")
+  _VARIANT = flags.DEFINE_enum("variant", "smoke", ["smoke", "base"], "Config variant.")
+  _TASKS = flags.DEFINE_list("tasks", ["retrieval", "tgir", "scr", "ocir"], "Tasks to run.")
+  _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir of every task's data.")
+  _STEPS = flags.DEFINE_integer("steps", None, "Override total_steps of every task.")
+  flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -34,14 +34,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/fashionbert.py[:variant].",
-                                          lock_config=True)
-_SPLIT = flags.DEFINE_string("split", "train", "Split to encode.")
-_OUT = flags.DEFINE_string("out", None, "Output .npz path.")
-_WORKDIR = flags.DEFINE_string("workdir", "", "Take the CNN from this run's newest checkpoint.")
-_DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Stored dtype.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Views per forward pass.")
-flags.mark_flags_as_required(["config", "out"])
 
 
 def cnn_variables(system, config, workdir: str = ""):
@@ -140,4 +132,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a script: the tests import this module for its
+  # functions next to other launch modules, and absl refuses a flag defined twice.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/fashionbert.py[:variant].",
+                                            lock_config=True)
+  _SPLIT = flags.DEFINE_string("split", "train", "Split to encode.")
+  _OUT = flags.DEFINE_string("out", None, "Output .npz path.")
+  _WORKDIR = flags.DEFINE_string("workdir", "", "Take the CNN from this run's newest checkpoint.")
+  _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Stored dtype.")
+  _BATCH = flags.DEFINE_integer("batch_size", 64, "Views per forward pass.")
+  flags.mark_flags_as_required(["config", "out"])
   app.run(main)
