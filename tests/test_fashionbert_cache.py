@@ -32,6 +32,7 @@ def _config(data_dir):
   return c
 
 
+@pytest.mark.slow  # heavy: the separate slow job (README, Tests)
 def test_cached_features_give_the_on_the_fly_loss(data_dir, tmp_path):
   config = _config(data_dir)
   system = fb_system.System(config)

@@ -65,6 +65,7 @@ def init(system, batch, seed=0):
   return nn.unbox(system.init(jax.random.key(seed), batch))
 
 
+@pytest.mark.slow  # heavy: the separate slow job (README, Tests)
 def test_shared_bert_serves_text_and_fusion_and_the_ablation_separates_them(tmp_path):
   c = tiny_config(tmp_path, itc=1.0, mlm=1.0)
   shared = system_lib.System(c)

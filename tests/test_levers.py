@@ -129,6 +129,7 @@ def _one_step(config, mesh_config, b):
   return float(metrics["train/loss"]), float(metrics["train/grad_norm"]), params
 
 
+@pytest.mark.slow  # heavy: the separate slow job (README, Tests)
 def test_fsdp_and_tensor_sharding_with_levers_equal_one_device():
   # The scanned init draws other random values than the unrolled one (one key per stacked
   # layer), so the one-device reference uses the same levers; the levers themselves are

@@ -377,6 +377,7 @@ def killed_run(tmp_path_factory):
   return workdir, killed_at, results
 
 
+@pytest.mark.slow  # heavy: the separate slow job (README, Tests)
 def test_killing_one_process_stops_the_other_with_a_clear_error(killed_run):
   _, killed_at, results = killed_run
   assert results[1][0] == -signal.SIGKILL
@@ -391,6 +392,7 @@ def test_killing_one_process_stops_the_other_with_a_clear_error(killed_run):
   assert detection_s < HEARTBEAT_S + 60  # Bounded: the heartbeat timeout plus start-up slack.
 
 
+@pytest.mark.slow  # heavy: the separate slow job (README, Tests)
 def test_restart_after_a_death_resumes_from_the_last_checkpoint(killed_run, tmp_path,
                                                                 tmp_path_factory):
   workdir = killed_run[0]

@@ -80,6 +80,11 @@ def export_fashionbert(variables, model: fb_lib.FashionBert, out_dir: Union[str,
     tokenizer: optional tokenizer (object with save_pretrained, or a directory) saved in bert/.
   """
   import transformers  # pylint: disable=g-import-not-at-top
+  if model.cnn is None:
+    raise NotImplementedError(
+        "This FashionBERT uses model.cnn_variant='pixels' (parameter-free pooled pixels, the smoke "
+        "configs' stand-in for ResNet-50); the torch module of this export needs a CNN. Export a "
+        "model trained with a ResNet (cnn_variant='tiny', 'resnet50' or init.hf_resnet_dir).")
   if image_size % model.grid:
     raise ValueError(f"image_size={image_size} is not divisible by grid={model.grid}.")
   if model.bert.scan:
