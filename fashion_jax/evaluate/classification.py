@@ -20,20 +20,12 @@ import numpy as np
 from fashion_jax.data import downstream as data_lib
 from fashion_jax.evaluate import batched
 from fashion_jax.evaluate import common
+from fashion_jax.evaluate import zeroshot
 
 
 def macro_f1(y_true, y_pred) -> float:
   """Unweighted mean of per-class F1 over the classes in y_true or y_pred (1-D, any dtype)."""
-  y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-  if y_true.shape != y_pred.shape or y_true.ndim != 1 or y_true.size == 0:
-    raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D, "
-                     "non-empty.")
-  classes, inv = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
-  t, p = inv[:len(y_true)], inv[len(y_true):]
-  c = len(classes)
-  tp = np.bincount(t[t == p], minlength=c).astype(np.float64)
-  denom = np.bincount(t, minlength=c) + np.bincount(p, minlength=c)  # 2 TP + FP + FN
-  return float(np.mean(np.divide(2 * tp, denom, out=np.zeros(c), where=denom > 0)))
+  return float(np.mean(zeroshot.per_class_f1(y_true, y_pred)[0]))
 
 
 class Evaluator:

@@ -27,12 +27,9 @@ from fashion_jax.evaluate import common
 DEFAULT_TEMPLATES = ("a photo of a {}",)
 
 
-def weighted_f1(y_true, y_pred) -> float:
-  """sklearn f1_score(y_true, y_pred, average='weighted') for 1-D label arrays (any dtype).
-
-  F1_k = 2 TP_k / (2 TP_k + FP_k + FN_k) (0 when the denominator is 0), weighted by the support
-  of class k in y_true.
-  """
+def per_class_f1(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+  """F1_k = 2 TP_k / (2 TP_k + FP_k + FN_k) (0 when the denominator is 0) and the support of k
+  in y_true, over the classes present in y_true or y_pred (1-D label arrays, any dtype)."""
   y_true = np.asarray(y_true)
   y_pred = np.asarray(y_pred)
   if y_true.shape != y_pred.shape or y_true.ndim != 1 or y_true.size == 0:
@@ -45,7 +42,12 @@ def weighted_f1(y_true, y_pred) -> float:
   support = np.bincount(t, minlength=c).astype(np.float64)
   predicted = np.bincount(p, minlength=c).astype(np.float64)
   denom = support + predicted  # = 2 TP + FP + FN
-  f1 = np.divide(2 * tp, denom, out=np.zeros(c), where=denom > 0)
+  return np.divide(2 * tp, denom, out=np.zeros(c), where=denom > 0), support
+
+
+def weighted_f1(y_true, y_pred) -> float:
+  """sklearn f1_score(y_true, y_pred, average='weighted'): per_class_f1 weighted by support."""
+  f1, support = per_class_f1(y_true, y_pred)
   return float(np.sum(f1 * support) / support.sum())
 
 

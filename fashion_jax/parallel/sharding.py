@@ -37,6 +37,27 @@ def path_str(path) -> str:
   return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
+def fill_from_host(boxed: Any, src: Mapping[str, np.ndarray]) -> Any:
+  """Replaces every leaf of `boxed` whose path_str is in `src` by that host array, cast to the
+  leaf's dtype; other leaves are kept. Used inside a system's traced init (pretrained weights):
+  each array enters through `jax.pure_callback`, so `jit(init, out_shardings=...)` builds every
+  shard where it lives and nothing is materialised on one device. LogicallyPartitioned boxes
+  keep their axis names.
+  """
+
+  def load(path, leaf):
+    name = path_str(path)
+    if name not in src:
+      return leaf
+    value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+    arr = np.asarray(src[name], value.dtype)
+    new = jax.pure_callback(lambda: arr, jax.ShapeDtypeStruct(arr.shape, arr.dtype))
+    return leaf.replace_boxed(new) if isinstance(leaf, nn.Partitioned) else new
+
+  return jax.tree_util.tree_map_with_path(
+      load, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def logical_rules(rules: Sequence[Sequence[Any]] | None) -> Rules:
   """Validates `config.sharding_rules` and returns it as a tuple of (logical, mesh axes) pairs.
 

@@ -174,17 +174,7 @@ class System:
       raise ValueError(f"The pretrained source lacks CLIP parameters {missing[:8]}: it is not "
                        "this CLIP architecture.")
 
-    def load(path, leaf):
-      name = sharding_lib.path_str(path)
-      if name not in src:
-        return leaf
-      value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
-      arr = np.asarray(src[name], value.dtype)
-      new = jax.pure_callback(lambda: arr, jax.ShapeDtypeStruct(arr.shape, arr.dtype))
-      return leaf.replace_boxed(new) if isinstance(leaf, nn.Partitioned) else new
-
-    return jax.tree_util.tree_map_with_path(
-        load, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return sharding_lib.fill_from_host(boxed, src)
 
   # --- trainer interface --------------------------------------------------------------------
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
