@@ -43,6 +43,8 @@ _K = flags.DEFINE_integer("k", 10, "Results per query.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as a contact sheet (.png / .html).")
 _FIELDS = flags.DEFINE_list("fields", None, "evaluate: product fields joined into the query "
                             "(default: the model's text fields, as the evaluator).")
+_MAX_QUERIES = flags.DEFINE_integer("max_queries", None, "evaluate: the texts of this many "
+                                    "products (drawn with seed 0) are the queries (default: all).")
 _RECALL = flags.DEFINE_bool("recall_vs_exact", False, "evaluate: also the IVF recall@k "
                             "against exact search, for the same queries.")
 
@@ -106,17 +108,26 @@ def evaluate():
   from fashion_jax.search import products  # pylint: disable=g-import-not-at-top
   index = products.ProductIndex.load(_INDEX_DIR.value)
   enc = _encoder(index)
-  out = {"protocol": f"full ({index.meta['split']}, {len(index)} products, {index.meta['kind']})"}
-  out.update(index.text_query_hits(enc, _K.value, _FIELDS.value))
-  if _RECALL.value:
+  if _RECALL.value and index.meta["kind"] != "ivf":
+    raise app.UsageError("--recall_vs_exact needs an IVF index.")
+  kw = {}
+  if _NPROBE.value:
     if index.meta["kind"] != "ivf":
-      raise app.UsageError("--recall_vs_exact needs an IVF index.")
-    fields = _FIELDS.value or index.meta["text_fields"]
-    q = enc.embed_texts([products.join_text([p[f] for f in fields]) for p in index.products])
+      raise app.UsageError("--nprobe applies to an IVF index only.")
+    kw["nprobe"] = _NPROBE.value
+  rows = index.sample_rows(_MAX_QUERIES.value)
+  kind = index.meta["kind"]
+  if kind == "ivf":
+    kind += f", nprobe {kw.get('nprobe', index.index.nprobe)}"
+  out = {"protocol": f"full ({index.meta['split']}, {len(index)} products, {kind}; queries: "
+                     f"{len(rows)} products' texts)"}
+  out.update(index.text_query_hits(enc, _K.value, _FIELDS.value, rows=rows, **kw))
+  if _RECALL.value:
+    q = enc.embed_texts(index.query_texts(_FIELDS.value, rows))
     k = min(_K.value, len(index))
     exact = index_lib.ExactIndex(index.index.vectors)
     _, ids_e, t_e = index_lib.timed_search(exact, q, k)
-    _, ids_a, t_a = index_lib.timed_search(index.index, q, k)
+    _, ids_a, t_a = index_lib.timed_search(index.index, q, k, **kw)
     out.update({f"recall@{k}_vs_exact": index_lib.recall_at_k(index.index.item_ids[ids_e], ids_a),
                 "exact_s": t_e, "ivf_s": t_a})
   print(json.dumps(out, indent=1))

@@ -142,6 +142,15 @@ def test_text_search_agrees_with_the_evaluator(trained, tmp_path):
   for k in (1, 3):
     got = pindex.text_query_hits(enc, k=k)
     assert got[f"HITS@{k}"] == pytest.approx(metrics[f"test/full/t2i_R@{k}"], abs=1e-9), k
+  # A sample of the products as queries (large catalogs): HITS over exactly those rows.
+  rows = pindex.sample_rows(5, seed=3)
+  assert len(set(rows.tolist())) == 5 and list(rows) == sorted(rows)
+  own = [r in [h.row for h in pindex.search_text(enc, [t], 3)[0]]
+         for r, t in zip(rows, pindex.query_texts(rows=rows))]
+  assert pindex.text_query_hits(enc, k=3, rows=rows)["HITS@3"] == pytest.approx(np.mean(own))
+  assert list(pindex.sample_rows(100)) == list(range(8))
+  with pytest.raises(ValueError, match="got 0"):
+    pindex.sample_rows(0)
   # Saved and loaded, the index answers the same; a product's own text ranks it by score.
   pindex.save(str(tmp_path / "idx"))
   back = products.ProductIndex.load(str(tmp_path / "idx"))

@@ -116,22 +116,42 @@ class ProductIndex:
     x = np.stack([encoders_lib.load_image(im, encoder.image_size) for im in images])
     return self.search(encoder.composed(x, texts), k, **kwargs)
 
-  def text_query_hits(self, encoder: encoders_lib.Encoder, k: int = 10,
-                      fields: Sequence[str] | None = None, **kwargs) -> dict[str, float]:
-    """Each product's text as a query; HITS@k = fraction whose own product is in the top k.
+  def query_texts(self, fields: Sequence[str] | None = None,
+                  rows: Sequence[int] | None = None) -> list[str]:
+    """The products' own texts (`fields` joined; default meta['text_fields']) as queries.
 
-    fields: the product fields joined into the query (default: the evaluator's text fields,
-    meta['text_fields']). Returns {'HITS@k', 'num_queries'}.
+    rows: which products (default all, in index order).
     """
     fields = tuple(fields or self.meta["text_fields"])
     missing = [f for f in fields if f not in self.products[0]]
     if missing:
       raise KeyError(f"fields {missing} are not stored in this index; it has "
                      f"{sorted(self.products[0])}.")
-    texts = [join_text([p[f] for f in fields]) for p in self.products]
-    _, rows = self.index.search(encoder.embed_texts(texts), min(k, len(self)), **kwargs)
-    hits = (rows == np.arange(len(self))[:, None]).any(axis=1)
-    return {f"HITS@{k}": float(hits.mean()), "num_queries": float(len(self))}
+    rows = range(len(self)) if rows is None else rows
+    return [join_text([self.products[r][f] for f in fields]) for r in rows]
+
+  def text_query_hits(self, encoder: encoders_lib.Encoder, k: int = 10,
+                      fields: Sequence[str] | None = None, rows: Sequence[int] | None = None,
+                      **kwargs) -> dict[str, float]:
+    """Each product's text as a query; HITS@k = fraction whose own product is in the top k.
+
+    fields: the product fields joined into the query (default: the evaluator's text fields,
+    meta['text_fields']); rows: the products whose texts are the queries (default all; a
+    subset for large catalogs, see `sample_rows`). Returns {'HITS@k', 'num_queries'}.
+    """
+    rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
+    texts = self.query_texts(fields, rows)
+    _, found = self.index.search(encoder.embed_texts(texts), min(k, len(self)), **kwargs)
+    hits = (found == rows[:, None]).any(axis=1)
+    return {f"HITS@{k}": float(hits.mean()), "num_queries": float(len(rows))}
+
+  def sample_rows(self, n: int | None, seed: int = 0) -> np.ndarray:
+    """n distinct product rows drawn with `seed`, sorted (all rows when n is None or >= size)."""
+    if n is None or n >= len(self):
+      return np.arange(len(self))
+    if n < 1:
+      raise ValueError(f"the number of query products must be >= 1, got {n}.")
+    return np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
 
 
 def _thumbnail(image: np.ndarray, size: int) -> np.ndarray:

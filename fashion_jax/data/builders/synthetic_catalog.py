@@ -78,6 +78,10 @@ class SyntheticCatalog(tfds.core.GeneratorBasedBuilder):
       SyntheticCatalogConfig(name="base", description="50k train products, 256 px",
                              image_size=256, num_train=50000, num_validation=2000, num_test=5000,
                              num_probe=1000),
+      SyntheticCatalogConfig(name="large", description="100k train products, 64 px (search "
+                             "benchmarks at catalog scale with the smoke models)",
+                             image_size=64, num_train=100000, num_validation=300, num_test=500,
+                             num_probe=250),
       SyntheticCatalogConfig(name="tiny", description="a few products per split, 64 px (tests)",
                              image_size=64, num_train=24, num_validation=8, num_test=8,
                              num_probe=6),
