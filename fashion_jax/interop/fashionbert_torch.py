@@ -37,14 +37,6 @@ from fashion_jax.interop import hf_resnet
 from fashion_jax.models import fashionbert as fb_lib
 
 
-def _hf_resnet_config(cnn) -> dict:
-  return dict(model_type="resnet", architectures=["ResNetModel"], num_channels=3,
-              embedding_size=cnn.stem_width, hidden_sizes=list(cnn.widths),
-              depths=list(cnn.depths), layer_type=cnn.block, hidden_act="relu",
-              downsample_in_first_stage=cnn.downsample_in_first_stage,
-              downsample_in_bottleneck=cnn.downsample_in_bottleneck)
-
-
 def extra_state(params, model: fb_lib.FashionBert) -> dict[str, np.ndarray]:
   """The non-BertModel, non-CNN arrays of `params` (the 'params' collection) in torch layout."""
   p = jax.device_get(nn.unbox(flax.core.unfreeze(params)))
@@ -96,7 +88,7 @@ def export_fashionbert(variables, model: fb_lib.FashionBert, out_dir: Union[str,
                          tokenizer=tokenizer, architecture="BertModel", overwrite=overwrite)
   cnn_vars = {"params": variables["params"]["cnn"], "batch_stats": variables["batch_stats"]["cnn"]}
   hf_io.prepare_export_dir(str(out / "cnn"), overwrite)
-  transformers.ResNetConfig(**_hf_resnet_config(model.cnn)).save_pretrained(str(out / "cnn"))
+  transformers.ResNetConfig(**hf_resnet.hf_config_dict(model.cnn)).save_pretrained(str(out / "cnn"))
   hf_io.save_safetensors(hf_resnet.export_resnet_state(cnn_vars, model.cnn),
                          out / "cnn" / "model.safetensors")
   hf_io.save_safetensors(extra_state(variables["params"], model), out / "fashionbert.safetensors")

@@ -39,7 +39,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from fashion_jax.interop import fashionbert_torch
 from fashion_jax.interop import hf_bert
 from fashion_jax.interop import hf_io
 from fashion_jax.interop import hf_resnet
@@ -108,8 +107,7 @@ def export_fashionvil(variables, model: fvil.FashionViL, out_dir: Union[str, os.
                            architecture="BertModel", overwrite=overwrite)
   cnn = model.image_encoder
   hf_io.prepare_export_dir(str(out / "cnn"), overwrite)
-  # fashionbert_torch's helper: the HF ResNetConfig of one of our ResNets.
-  transformers.ResNetConfig(**fashionbert_torch._hf_resnet_config(cnn)).save_pretrained(  # pylint: disable=protected-access
+  transformers.ResNetConfig(**hf_resnet.hf_config_dict(cnn)).save_pretrained(
       str(out / "cnn"))
   cnn_vars = {"params": params["image_encoder"],
               "batch_stats": variables["batch_stats"]["image_encoder"]}

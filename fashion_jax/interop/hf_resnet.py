@@ -50,6 +50,15 @@ def resnet_from_hf_config(config: Mapping[str, Any], **overrides) -> resnet_lib.
   return resnet_lib.ResNet(**kw)
 
 
+def hf_config_dict(model: resnet_lib.ResNet) -> dict:
+  """transformers.ResNetConfig fields of `model` (the inverse of `resnet_from_hf_config`)."""
+  return dict(model_type="resnet", architectures=["ResNetModel"], num_channels=3,
+              embedding_size=model.stem_width, hidden_sizes=list(model.widths),
+              depths=list(model.depths), layer_type=model.block, hidden_act="relu",
+              downsample_in_first_stage=model.downsample_in_first_stage,
+              downsample_in_bottleneck=model.downsample_in_bottleneck)
+
+
 def _hf_module_name(path: tuple[str, ...]) -> str:
   """('stage1_block2', 'bn_0') -> 'encoder.stages.1.layers.2.layer.0.normalization'."""
   if path == ("stem_conv",):
