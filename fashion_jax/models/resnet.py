@@ -28,12 +28,20 @@ Parameter tree (per block, `stage{s}_block{j}`): conv_{k} {kernel [kh, kw, in, o
 bn_{k} {scale, bias} (+ batch_stats {mean, var}), and when there is a projection shortcut,
 proj_conv / proj_bn. Stem: stem_conv, stem_bn. Kernels carry the logical axes
 (None, None, 'conv_in', 'conv_out'), BN vectors ('norm',).
+
+`remat_policy` ('none' or a jax.checkpoint_policies name, as layers.Encoder) rematerialises
+each residual block: the backward pass recomputes the block's activations instead of storing
+them. Same parameter tree and the same numbers up to rounding (a memory lever for a trained CNN,
+e.g. FashionViL's image encoder).
 """
 
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from fashion_jax.models import layers
 
 # (block type, stem width, stage widths (block output channels), blocks per stage).
 VARIANTS = {
@@ -119,6 +127,7 @@ class ResNet(nn.Module):
     zero_init_last_bn: initialise the last BN scale of every block to 0 (each block starts as the
       identity; Goyal et al. 2017). Only affects initialisation.
     dtype: compute dtype; parameters and batch statistics stay float32.
+    remat_policy: 'none' or a jax.checkpoint_policies name: rematerialise each residual block.
   """
   depths: Sequence[int] = (3, 4, 6, 3)
   widths: Sequence[int] = (256, 512, 1024, 2048)
@@ -128,6 +137,7 @@ class ResNet(nn.Module):
   downsample_in_bottleneck: bool = False
   zero_init_last_bn: bool = False
   dtype: Any = jnp.float32
+  remat_policy: str = "none"
 
   def _validate(self):
     if self.block not in ("bottleneck", "basic"):
@@ -135,6 +145,9 @@ class ResNet(nn.Module):
     if len(self.depths) != len(self.widths) or not self.depths:
       raise ValueError(f"depths {tuple(self.depths)} and widths {tuple(self.widths)} must be "
                        "non-empty and of the same length")
+    if self.remat_policy != "none" and self.remat_policy not in layers.REMAT_POLICIES:
+      raise ValueError(f"Unknown remat_policy {self.remat_policy!r}: expected 'none' or one of "
+                       f"{', '.join(layers.REMAT_POLICIES)}.")
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -149,13 +162,17 @@ class ResNet(nn.Module):
     x = _conv_bn(x, self.stem_width, 7, 2, relu=True, train=train, dtype=self.dtype,
                  conv_name="stem_conv", bn_name="stem_bn")
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    block_cls = ResidualBlock
+    if self.remat_policy != "none":  # static_argnums counts `self` as 0: `train` is 2.
+      block_cls = nn.remat(ResidualBlock, static_argnums=(2,),
+                           policy=getattr(jax.checkpoint_policies, self.remat_policy))
     for s, (depth, width) in enumerate(zip(self.depths, self.widths)):
       for j in range(depth):
         stride = 2 if j == 0 and (s > 0 or self.downsample_in_first_stage) else 1
-        x = ResidualBlock(width, stride, block=self.block,
-                          downsample_in_bottleneck=self.downsample_in_bottleneck,
-                          zero_init_last_bn=self.zero_init_last_bn, dtype=self.dtype,
-                          name=f"stage{s}_block{j}")(x, train)
+        x = block_cls(width, stride, block=self.block,
+                      downsample_in_bottleneck=self.downsample_in_bottleneck,
+                      zero_init_last_bn=self.zero_init_last_bn, dtype=self.dtype,
+                      name=f"stage{s}_block{j}")(x, train)
     grid = nn.with_logical_constraint(x, ("act_batch", None, None, "act_embed"))
     pooled = jnp.mean(grid.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
     return {"grid": grid, "pooled": pooled}
