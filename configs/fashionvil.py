@@ -21,6 +21,23 @@ base: the paper's recipe: ResNet-50 at 224 px (7x7 grid, 8 of 49 patches masked)
   warmup 15k, x0.1 at 45k and 90k, 120k steps, tasks itm .15 pac .15 itc .2 mvc .2 mlm .15
   mpfc .15.
 
+Memory and speed levers (none changes the numbers beyond rounding: tests/test_levers_systems.py;
+the defaults are all off). Each is a --config override:
+  --config.model.remat_policy=nothing_saveable   (or dots_saveable,
+      dots_with_no_batch_dims_saveable): rematerialise every BERT block and every ResNet block
+  --config.model.scan=True        nn.scan over the BERT layers (one compiled block; works with
+                                  init.hf_bert_dir and with export)
+  --config.model.dtype=bfloat16   bf16 compute, float32 params and AdamW state (master weights)
+  --config.mesh.fsdp=N --config.mesh.tensor=T   params, gradients and optimizer state sharded
+                                  (fsdp: the model dimension; tensor: MLP / heads / vocabulary)
+  --config.grad_accum_steps=A     exact only for per-example tasks (MPFC, PAC) with
+                                  objective.mode=sum; see systems/fashionvil.py
+  Planned per-chip memory at global batch 4096 on 64 chips (no chips needed, a CPU compile):
+  python -m launch.plan --config=configs/fashionvil.py:base --devices=64 --batch=4096 \
+      --set data.attributes='"/tmp/fvil_attrs.txt"' --set model.remat_policy='"nothing_saveable"' \
+      --set model.dtype='"bfloat16"' --jsonl=/tmp/plan_fashionvil.jsonl
+  (data.attributes: any pseudo-attribute vocabulary file, only its length matters for a plan.)
+
 Augmentation note: MPFC's cached codes describe the WHOLE (uncropped, unflipped) view, so every
 variant here trains with crop_scale (1, 1) and no flip; the pipeline refuses cached codes with
 any other augmentation.
@@ -51,7 +68,7 @@ def get_config(arg: str = "smoke"):
                  resnet=dict(depths=(1, 1, 1), widths=(16, 32, 64)), vit=None,
                  bert=dict(variant="tiny", max_position=64, dropout_rate=0.1,
                            attention_dropout_rate=0.1),
-                 share=True, num_codes=1024, dtype="float32")
+                 share=True, num_codes=1024, dtype="float32", scan=False, remat_policy="none")
   c.objective = dict(mode="sample", tasks=dict(TASKS), itm_neg_prob=0.5, mvc_drop=0.25)
   # Local HF directories to start from (systems/fashionvil.py): '' = random init.
   c.init = dict(hf_bert_dir="", hf_resnet_dir="")

@@ -229,15 +229,19 @@ class FashionViL(nn.Module):
 
 def make_image_encoder(kind: str, *, resnet_variant: str = "resnet50",
                        resnet: Optional[dict] = None, vit: Optional[dict] = None,
-                       image_size: int = 224, dtype: Any = jnp.float32) -> tuple[nn.Module, int]:
+                       image_size: int = 224, dtype: Any = jnp.float32, scan: bool = False,
+                       remat_policy: str = "none") -> tuple[nn.Module, int]:
   """(image encoder, N tokens per image) for kind 'resnet' (grid) or 'vit' (patch tokens).
 
   resnet: overrides of the named variant (e.g. depths=(1, 1, 1), widths=(8, 16, 32) for a
   3-stage CPU smoke trunk). The grid stride is 4 * 2^(stages - 1): 32 for the usual 4 stages
   (224 px -> 7 x 7), 16 for 3 stages (64 px -> 4 x 4).
+  remat_policy rematerialises each residual block (ResNet) or transformer block (ViT); scan
+  applies to the ViT's layers only (a ResNet's blocks differ in shape, there is nothing to scan).
   """
   if kind == "resnet":
-    encoder = resnet_lib.resnet(resnet_variant, dtype=dtype, **dict(resnet or {}))
+    encoder = resnet_lib.resnet(resnet_variant, dtype=dtype, remat_policy=remat_policy,
+                                **dict(resnet or {}))
     stride = 4 * 2 ** (len(encoder.depths) - 1 + int(encoder.downsample_in_first_stage))
     if image_size % stride:
       raise ValueError(f"image_size={image_size} must be a multiple of the ResNet grid stride "
@@ -247,7 +251,8 @@ def make_image_encoder(kind: str, *, resnet_variant: str = "resnet50",
     vit = dict(vit or {})
     variant = vit.pop("variant", "B/16")
     cfg = vit_lib.vit_config(variant, image_size=image_size, **vit)
-    return vit_lib.VisionTransformer(cfg, output_dim=None, dtype=dtype), cfg.num_patches
+    return vit_lib.VisionTransformer(cfg, output_dim=None, dtype=dtype, scan=scan,
+                                     remat_policy=remat_policy), cfg.num_patches
   raise ValueError(f"Unknown image encoder {kind!r}; use 'resnet' or 'vit'.")
 
 

@@ -8,7 +8,16 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
   model.bert             {variant: 'base' | 'tiny' | ..., <Bert attribute overrides>}
   model.share            True = one BERT for text and fusion (FashionViL); False = ablation
   model.num_codes        VQ codebook size (MPFC classes), 1024; must equal the tokenizer's
-  model.dtype            compute dtype
+  model.dtype            compute dtype ('float32' | 'bfloat16'); parameters, gradients and the
+                         optimizer state stay float32 (master weights) either way
+  model.scan             True = nn.scan over the layers of each BERT (and of a ViT image
+                         encoder): one compiled block, params under encoder/layers with a
+                         leading [num_layers] axis (layers.stack_layers converts). Works with
+                         init.hf_bert_dir (the import stacks the layers) and with `export` (which
+                         unstacks them)
+  model.remat_policy     'none' | a jax.checkpoint_policies name (layers.REMAT_POLICIES):
+                         rematerialise every BERT block and every image-encoder block (ResNet
+                         residual block or ViT block); same parameter tree
   objective.mode         'sample': one task per step, drawn with probabilities proportional to
                          objective.tasks (the reference); 'sum': loss = sum_t tasks[t] * L_t
                          (every task every step)
@@ -19,7 +28,8 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
                          BERT's architecture and weights (both BERTs without sharing); the
                          tokenizer (data.tokenizer.path) must have its vocabulary. Of model.bert
                          only the dropout rates apply then (variant and sizes are the
-                         checkpoint's). Visual position / type embeddings start from BERT's
+                         checkpoint's); model.dtype, scan and remat_policy apply as without
+                         it. Visual position / type embeddings start from BERT's
                          position rows 0..N-1 and type row 1, as the reference.
   init.hf_resnet_dir     '' or a local HF ResNetModel / ResNetForImageClassification directory:
                          the image encoder's architecture, weights and BN statistics
@@ -47,6 +57,16 @@ here), {'params': ...} with a ViT. Frozen inference-mode BN (not `mutable_collec
 deliberate: the reference fine-tunes an ImageNet ResNet-50 with small per-device batches, where
 batch statistics would be noisy; there is no BN state to update.
 
+Memory and speed levers (each changes the loss and gradients only by rounding; proved in
+tests/test_levers_systems.py): model.scan, model.remat_policy, model.dtype='bfloat16' (float32
+master weights), mesh.fsdp / mesh.tensor (params and optimizer state sharded by their logical
+axes), grad_accum_steps. Gradient accumulation is exact only for per-example losses: in
+objective.mode='sum' with tasks whose loss is a mean over a fixed number of terms per example
+(MPFC: a fixed count of masked patches per image; PAC: every row with attributes). ITC, MVC and
+ITM see only the micro-batch's negatives, MLM averages over the micro-batch's masked tokens, and
+in mode='sample' every micro-batch draws its own task (the step gives micro-batch i the key
+fold_in(key, i)), so one step mixes up to A tasks: the same expected objective, other numbers.
+
 Export (`export`, launch/export.py): interop/fashionvil_torch.py writes the BERT as a
 transformers BertModel, the ResNet as a ResNetModel, the rest as safetensors, and its torch
 module reproduces the forward.
@@ -65,11 +85,14 @@ from fashion_jax.data import tokenizers
 from fashion_jax.losses import fashionvil as losses
 from fashion_jax.models import bert as bert_lib
 from fashion_jax.models import fashionvil as fvil
+from fashion_jax.models import layers
 from fashion_jax.models import resnet as resnet_lib
 
 CONFIG_KEYS = ("model", "data", "init", "objective")
 # model.bert keys that still apply when the architecture comes from init.hf_bert_dir.
 _BERT_RUNTIME_KEYS = ("dropout_rate", "attention_dropout_rate")
+# Levers set once for the whole model (model.<key>), never per BERT (model.bert.<key>).
+_MODEL_LEVERS = ("dtype", "scan", "remat_policy")
 _RESNET_FIELDS = ("depths", "widths", "stem_width", "block", "downsample_in_first_stage",
                   "downsample_in_bottleneck")
 
@@ -104,6 +127,7 @@ class System:
     self.tokenizer = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path,
                                               data.max_len)
     dtype = _dtype(m.dtype)
+    scan, remat_policy = bool(m.get("scan", False)), str(m.get("remat_policy", "none"))
     init = config.get("init", {})
     resnet_overrides = m.get("resnet")
     if init.get("hf_resnet_dir"):
@@ -116,10 +140,16 @@ class System:
       resnet_overrides = {f: getattr(cnn, f) for f in _RESNET_FIELDS}
     image_encoder, n = fvil.make_image_encoder(
         m.image_encoder, resnet_variant=m.get("resnet_variant", "resnet50"),
-        resnet=resnet_overrides, vit=m.get("vit"), image_size=data.image_size, dtype=dtype)
+        resnet=resnet_overrides, vit=m.get("vit"), image_size=data.image_size, dtype=dtype,
+        scan=scan, remat_policy=remat_policy)
     self.num_patches = n
     bert_kw = dict(m.bert)
     variant = bert_kw.pop("variant", "base")
+    misplaced = sorted(k for k in bert_kw if k in _MODEL_LEVERS)
+    if misplaced:
+      raise ValueError(f"model.bert.{misplaced[0]} is set: {', '.join(_MODEL_LEVERS)} are "
+                       f"model-wide levers, set model.{misplaced[0]} instead.")
+    levers = dict(dtype=dtype, scan=scan, remat_policy=remat_policy)
     if init.get("hf_bert_dir"):
       from fashion_jax.interop import hf_bert, hf_io  # pylint: disable=g-import-not-at-top
       hf_config, _ = hf_io.load_hf_config(init.hf_bert_dir)
@@ -128,10 +158,10 @@ class System:
         logging.info("init.hf_bert_dir: model.bert keys %s are taken from the checkpoint.",
                      ignored)
       make_bert = lambda: hf_bert.bert_from_hf_config(
-          hf_config, dtype=dtype, **{k: bert_kw[k] for k in _BERT_RUNTIME_KEYS if k in bert_kw})
+          hf_config, **levers, **{k: bert_kw[k] for k in _BERT_RUNTIME_KEYS if k in bert_kw})
     else:
       bert_kw.update(vocab_size=self.tokenizer.vocab_size,
-                     pad_token_id=self.tokenizer.pad_token_id, dtype=dtype)
+                     pad_token_id=self.tokenizer.pad_token_id, **levers)
       make_bert = lambda: bert_lib.bert(variant, **bert_kw)
     text_bert = make_bert()
     fusion_bert = None if m.share else make_bert()
@@ -354,6 +384,12 @@ class System:
     """BertModel + ResNetModel directories, safetensors and metadata for FashionViLTorch
     (interop/fashionvil_torch.py)."""
     from fashion_jax.interop import fashionvil_torch  # pylint: disable=g-import-not-at-top
-    return fashionvil_torch.export_fashionvil(params, self.model, out_dir,
+    model = self.model
+    if model.text_bert.scan:  # The export maps per-layer params: unstack a scanned model.
+      params = layers.unstack_layers(jax.device_get(nn.unbox(params)))
+      model = model.clone(text_bert=model.text_bert.clone(scan=False),
+                          fusion_bert=None if model.fusion_bert is None
+                          else model.fusion_bert.clone(scan=False))
+    return fashionvil_torch.export_fashionvil(params, model, out_dir,
                                               image_size=int(self.config.data.image_size),
                                               tokenizer=self.tokenizer.hf, overwrite=overwrite)

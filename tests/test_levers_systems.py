@@ -1,0 +1,291 @@
+"""Memory/speed levers of E2, FashionViL and FashionBERT change the numbers only by rounding.
+
+tests/test_levers.py proves the levers for FashionCLIP; this file proves them for the other three
+systems, at tiny sizes on the CPU in float32, through each system's whole training loss:
+
+  * remat_policy (each block rematerialised) and scan (the BERT / ViT layers under nn.scan; E2's
+    vision tower refuses it with an error naming the alternative): loss within 1e-6 and
+    gradients within 1e-4 relative of the plain model with the same parameters;
+  * dtype='bfloat16': parameters, gradients and the AdamW state stay float32 (master weights),
+    the loss moves by bf16 rounding only and the gradient keeps its direction;
+  * grad_accum_steps (FashionViL's per-example tasks, MPFC and PAC): a whole train step with
+    A = 2 micro-batches equals the step on the full batch;
+  * fsdp / fsdp x tensor: a whole train step (levers on) with params and optimizer state sharded
+    over 8 devices, fsdp=8 and fsdp=2 x tensor=4, equals one device within 1e-5, and most of the
+    parameter elements are really split.
+Where a lever is not exact it is documented in the system's docstring instead (grad
+accumulation for InfoNCE, in-batch negatives, token means and adaptive weights).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fashion_jax import systems
+from fashion_jax.models import layers
+from fashion_jax.parallel import mesh as mesh_lib
+from fashion_jax.parallel import sharding as sharding_lib
+from fashion_jax.train import config_check
+from fashion_jax.train import optimizer as optimizer_lib
+from fashion_jax.train import state as state_lib
+from fashion_jax.train import step as step_lib
+from tests import test_e2_system as e2_tests
+from tests import test_fashionbert as fb_tests
+from tests import test_fashionvil as fvil_tests
+from tests.test_levers import _close
+
+REMAT = "dots_with_no_batch_dims_saveable"
+MESHES = (dict(data=1, fsdp=8, tensor=1), dict(data=1, fsdp=2, tensor=4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny configs and batches of each system (built by the systems' own test helpers).
+# ------------------------------------------------------------------------------------------------
+
+def e2_config(**model):
+  c = e2_tests._config()  # 3-block vision tower, fusion after blocks 1 and 2, batch 8.
+  c.model.update(model)
+  return c
+
+
+def e2_batch(system, seed=0):
+  return e2_tests._batch(system, seed, batch_size=system.config.batch_size)
+
+
+def fvil_config(tmp_path, dropout=0.0, **model):
+  # mode 'sum': the text pass, the fusion pass and the image encoder all in one loss.
+  c = fvil_tests.tiny_config(tmp_path, itc=1.0, mlm=1.0, mpfc=1.0)
+  c.objective.mode = "sum"
+  c.model.bert.update(num_layers=2, dropout_rate=dropout, attention_dropout_rate=dropout)
+  c.model.update(model)
+  c.batch_size = fvil_tests.B
+  c.optimizer.schedule.warmup_steps = 0
+  return config_check.with_defaults(c)
+
+
+def fvil_batch(system, seed=0):
+  return fvil_tests.make_batch(system, seed)
+
+
+def fb_config(dropout=0.0, **model):
+  c = fb_tests._config()
+  c.model.bert = dict(num_layers=2, dropout_rate=dropout, attention_dropout_rate=dropout)
+  c.model.update(model)
+  c.batch_size = 16
+  c.optimizer.schedule.warmup_steps = 0
+  return config_check.with_defaults(c)
+
+
+def fb_batch(system, seed=0):
+  return fb_tests._batch(system, b=16, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers.
+# ------------------------------------------------------------------------------------------------
+
+def _init(system, batch):
+  return jax.device_get(nn.unbox(jax.jit(system.init)(jax.random.key(0), batch)))
+
+
+def _loss_and_grads(config, params, batch, scan=False):
+  """Training loss (train=True, fixed key) and gradients; `params` in the unscanned layout."""
+  system = systems.get_system(config)
+  if scan:
+    params = layers.stack_layers(params)
+  fn = jax.jit(jax.value_and_grad(lambda p, b: system.loss(p, b, jax.random.key(7)),
+                                  has_aux=True))
+  (loss, _), grads = fn(params, batch)
+  if scan:
+    grads = layers.unstack_layers(grads)
+  return float(loss), jax.device_get(grads)
+
+
+def _check_levers(config_fn, batch_fn, levers):
+  """Each lever dict against the plain model: same params, loss 1e-6, grads 1e-4 relative."""
+  plain = config_fn()
+  system = systems.get_system(plain)
+  batch = batch_fn(system)
+  params = _init(system, batch)
+  loss0, grads0 = _loss_and_grads(plain, params, batch)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads0)) > 1e-3
+  for lever in levers:
+    loss, grads = _loss_and_grads(config_fn(**lever), params, batch, scan=lever.get("scan"))
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6, atol=1e-6, err_msg=str(lever))
+    _close(grads, grads0, rtol=1e-4, atol=2e-6)
+  return system, batch, params, loss0, grads0
+
+
+def _check_bf16(config_fn, reference):
+  """bf16 compute: float32 params, gradients and AdamW state; loss and gradient direction kept."""
+  _, batch, params, loss0, grads0 = reference
+  config = config_fn(dtype="bfloat16")
+  loss, grads = _loss_and_grads(config, params, batch)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  np.testing.assert_allclose(loss, loss0, rtol=2e-2)  # bf16 keeps 8 mantissa bits.
+  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  g, g0 = flat(grads), flat(grads0)
+  cosine = g @ g0 / np.linalg.norm(g) / np.linalg.norm(g0)
+  assert cosine > 0.99, cosine
+  # The train state the trainer would create: params and both Adam moments float32.
+  system = systems.get_system(config)
+  mesh = mesh_lib.create_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  rules = sharding_lib.logical_rules(None)
+  shapes = state_lib.abstract_params(system, mesh, rules, 0)
+  tx, _ = optimizer_lib.make_optimizer(config.optimizer, shapes.params, 10)
+  abstract, _ = state_lib.abstract_state(system, tx, mesh, rules, 0, shapes)
+  floats = [x.dtype for x in jax.tree.leaves((abstract.params, abstract.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(d == jnp.float32 for d in floats), set(floats)
+
+
+def _one_step(config, mesh_config, batch, grad_accum_steps=1):
+  """(loss, grad_norm, params after one train step, sharded fraction of param elements)."""
+  system = systems.get_system(config)
+  mesh = mesh_lib.create_mesh(mesh_config, jax.devices()[:8])
+  rules = sharding_lib.logical_rules(None)
+  shapes = state_lib.abstract_params(system, mesh, rules, 0)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, shapes.params, 10)
+  _, state_sh = state_lib.abstract_state(system, tx, mesh, rules, 0, shapes)
+  state = state_lib.create_train_state(system, tx, mesh, rules, 0, state_sh, shapes)
+  step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_sh, grad_accum_steps)
+  state, metrics = step(state, sharding_lib.global_batch(batch, mesh))
+  leaves = jax.tree.leaves(state.params)
+  split = sum(x.size for x in leaves if x.addressable_shards[0].data.size < x.size)
+  # Adam's moments are sharded like the params they belong to.
+  mu = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 1]
+  split_mu = sum(x.size for x in mu if x.addressable_shards[0].data.size < x.size)
+  params = jax.device_get(state.params)
+  if config.model.get("scan"):
+    params = layers.unstack_layers(params)
+  return (float(metrics["train/loss"]), float(metrics["train/grad_norm"]), params,
+          split / sum(x.size for x in leaves), split_mu / max(sum(x.size for x in mu), 1))
+
+
+def _check_sharded(config, batch, min_split):
+  want = _one_step(config, dict(data=1, fsdp=1, tensor=1), batch)
+  for mesh in MESHES:
+    got = _one_step(config, mesh, batch)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5, err_msg=str(mesh))
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5, err_msg=str(mesh))
+    _close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    assert got[3] > min_split and got[4] > min_split, (mesh, got[3], got[4])
+
+
+# ------------------------------------------------------------------------------------------------
+# E2: remat per block (the vision tower is cut by fusion blocks and never scanned).
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def e2_reference():
+  return _check_levers(e2_config, e2_batch,
+                       [dict(remat_policy=REMAT), dict(remat_policy="nothing_saveable")])
+
+
+def test_e2_remat_changes_loss_and_grads_only_by_rounding(e2_reference):
+  assert np.isfinite(e2_reference[3])
+
+
+def test_e2_refuses_scan_and_names_remat():
+  with pytest.raises(ValueError, match=r"model.scan=True.*set scan=False and use remat_policy"):
+    systems.get_system(e2_config(scan=True))
+
+
+def test_e2_bf16_keeps_float32_master_weights(e2_reference):
+  _check_bf16(e2_config, e2_reference)
+
+
+@pytest.mark.slow  # heavy: the separate slow job (README, Tests)
+def test_e2_sharded_step_with_remat_equals_one_device():
+  config = e2_config(remat_policy="nothing_saveable")
+  system = systems.get_system(config)
+  _check_sharded(config, e2_batch(system, 1), min_split=0.9)
+
+
+# ------------------------------------------------------------------------------------------------
+# FashionViL: remat (BERT + ResNet blocks), scan (BERT layers), bf16, grad accumulation.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fvil_tmp(tmp_path_factory):
+  return tmp_path_factory.mktemp("fvil_levers")
+
+
+@pytest.fixture(scope="module")
+def fvil_reference(fvil_tmp):
+  return _check_levers(lambda **kw: fvil_config(fvil_tmp, **kw), fvil_batch,
+                       [dict(remat_policy=REMAT),
+                        dict(scan=True, remat_policy="nothing_saveable")])
+
+
+def test_fashionvil_remat_and_scan_change_loss_and_grads_only_by_rounding(fvil_reference):
+  _, _, params, _, _ = fvil_reference
+  # Both BERT layers and the ResNet blocks took part (scan stacked two layers).
+  assert {"layers_0", "layers_1"} <= set(params["params"]["text_bert"]["encoder"])
+
+
+def test_fashionvil_bf16_keeps_float32_master_weights(fvil_tmp, fvil_reference):
+  _check_bf16(lambda **kw: fvil_config(fvil_tmp, **kw), fvil_reference)
+
+
+def test_fashionvil_levers_belong_to_the_model_not_the_bert(fvil_tmp):
+  c = fvil_config(fvil_tmp)
+  c.model.bert.scan = True
+  with pytest.raises(ValueError, match=r"model.bert.scan is set.*set model.scan instead"):
+    systems.get_system(c)
+
+
+def test_fashionvil_grad_accumulation_of_per_example_tasks_equals_the_full_batch(fvil_tmp):
+  # MPFC (one masked patch per image) and PAC (every row has attributes) are means over a fixed
+  # number of terms per example, so 2 micro-batches of 4 give the full batch's gradient.
+  c = fvil_tests.tiny_config(fvil_tmp, mpfc=1.0, pac=1.0)
+  c.objective.mode = "sum"
+  c.model.bert.update(dropout_rate=0.0, attention_dropout_rate=0.0)
+  c.batch_size = fvil_tests.B
+  c.optimizer.schedule.warmup_steps = 0
+  c.optimizer.eps = 1.0  # Adam's first step is then ~ -lr g: rounding stays rounding.
+  c = config_check.with_defaults(c)
+  system = systems.get_system(c)
+  batch = fvil_batch(system, 2)
+  batch["attributes"][:, 0] = True
+  one = dict(data=1, fsdp=1, tensor=1)
+  want = _one_step(c, one, batch)
+  got = _one_step(c, one, batch, grad_accum_steps=2)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+  _close(got[2], want[2], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow  # heavy: the separate slow job (README, Tests)
+def test_fashionvil_sharded_step_with_levers_equals_one_device(fvil_tmp):
+  config = fvil_config(fvil_tmp, dropout=0.1, scan=True, remat_policy="nothing_saveable")
+  system = systems.get_system(config)
+  _check_sharded(config, fvil_batch(system, 1), min_split=0.8)
+
+
+# ------------------------------------------------------------------------------------------------
+# FashionBERT: remat and scan of the BERT; the patch CNN is frozen (stop_gradient), so it holds
+# no activations for the backward pass and has nothing to rematerialise.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fb_reference():
+  return _check_levers(fb_config, fb_batch,
+                       [dict(remat_policy=REMAT), dict(scan=True, remat_policy="nothing_saveable")])
+
+
+def test_fashionbert_remat_and_scan_change_loss_and_grads_only_by_rounding(fb_reference):
+  assert np.isfinite(fb_reference[3])
+
+
+def test_fashionbert_bf16_keeps_float32_master_weights(fb_reference):
+  _check_bf16(fb_config, fb_reference)
+
+
+@pytest.mark.slow  # heavy: the separate slow job (README, Tests)
+def test_fashionbert_sharded_step_with_levers_equals_one_device():
+  config = fb_config(dropout=0.1, scan=True, remat_policy="nothing_saveable")
+  system = systems.get_system(config)
+  _check_sharded(config, fb_batch(system, 1), min_split=0.8)
