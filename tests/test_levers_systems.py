@@ -74,6 +74,8 @@ def fb_config(dropout=0.0, **model):
   c = fb_tests._config()
   c.model.bert = dict(num_layers=2, dropout_rate=dropout, attention_dropout_rate=dropout)
   c.model.update(model)
+  if c.model.cnn_variant == "pixels":
+    c.optimizer.freeze = ()  # No CNN to freeze.
   c.batch_size = 16
   c.optimizer.schedule.warmup_steps = 0
   return config_check.with_defaults(c)
@@ -292,6 +294,29 @@ def test_fashionvil_grad_accumulation_of_per_example_tasks_equals_the_full_batch
 
 
 @pytest.mark.slow  # heavy: the separate slow job (README, Tests)
+def test_fashionvil_scan_and_remat_with_hf_bert_import_and_export(tmp_path):
+  """init.hf_bert_dir with model.scan / remat_policy: the import stacks the checkpoint's layers,
+  and `export` of the scanned model writes the same BertModel the checkpoint was."""
+  from tests import test_fashionvil_export as export_tests  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  c = fvil_tests.tiny_config(tmp_path, mlm=1.0)
+  bert, _ = export_tests._save_hf(tmp_path, systems.get_system(c).tokenizer.vocab_size)
+  c.init.hf_bert_dir = str(tmp_path / "hf_bert")
+  c.model.update(scan=True, remat_policy="nothing_saveable")
+  system = systems.get_system(c)
+  assert system.model.text_bert.scan and system.model.text_bert.remat_policy == "nothing_saveable"
+  variables = system.pretrained_params()
+  stacked = variables["params"]["text_bert"]["encoder"]
+  assert set(stacked) == {"layers"}
+  want = bert.state_dict()["encoder.layer.0.intermediate.dense.weight"].numpy().T
+  np.testing.assert_array_equal(stacked["layers"]["mlp"]["fc1"]["kernel"], want[None])
+  out = system.export(variables, str(tmp_path / "export"))
+  exported = transformers.BertModel.from_pretrained(str(out / "bert")).state_dict()
+  for key, value in bert.state_dict().items():
+    np.testing.assert_array_equal(exported[key].numpy(), value.numpy(), err_msg=key)
+
+
+@pytest.mark.slow  # heavy: the separate slow job (README, Tests)
 def test_fashionvil_sharded_step_with_levers_equals_one_device(fvil_tmp):
   config = fvil_config(fvil_tmp, dropout=0.1, scan=True, remat_policy="nothing_saveable")
   system = systems.get_system(config)
@@ -322,7 +347,9 @@ def test_fashionbert_bf16_keeps_float32_master_weights():
 
 
 @pytest.mark.slow  # heavy: the separate slow job (README, Tests)
-def test_fashionbert_sharded_step_with_levers_equals_one_device():
-  config = fb_config(dropout=0.1, scan=True, remat_policy="nothing_saveable")
+@pytest.mark.parametrize("cnn_variant", ["tiny", "pixels"])
+def test_fashionbert_sharded_step_with_levers_equals_one_device(cnn_variant):
+  config = fb_config(dropout=0.1, scan=True, remat_policy="nothing_saveable",
+                     cnn_variant=cnn_variant)
   system = systems.get_system(config)
   _check_sharded(config, fb_batch(system, 1), min_split=0.8)
