@@ -46,6 +46,15 @@ base: the paper's recipe on CLIP ViT-B/32 (224 px) from a local HF CLIPModel dir
 
 pod: B/16 at 224 px, global batch 4096, bf16 compute, fsdp over the pod, rematerialised blocks
   (the E2 vision tower is not scanned), same two stages.
+
+Memory and speed levers (off by default in smoke and base; tests/test_levers_systems.py shows
+each changes the numbers only by rounding), as --config overrides:
+  --config.model.remat_policy=nothing_saveable  (or dots_saveable,
+      dots_with_no_batch_dims_saveable): rematerialise every transformer block of both towers
+  --config.model.dtype=bfloat16     bf16 compute, float32 params and AdamW state
+  --config.mesh.fsdp=N --config.mesh.tensor=T   shard params, gradients and optimizer state
+  model.scan=True is refused (fusion blocks split the vision stack; use remat_policy).
+  grad_accum_steps=A runs, but InfoNCE then sees B/A - 1 negatives: not the same objective.
 """
 
 import ml_collections

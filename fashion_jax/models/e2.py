@@ -31,8 +31,11 @@ Deliberate choices (the paper and its reference code leave these open or get the
     indexing bug).
   * The fusion projections have biases and no LayerNorm in front of them; the straight-through
     gradient is also used at evaluation (it only matters if someone differentiates there).
-  * The vision tower is never scanned (fusion blocks cut the stack into unequal pieces);
-    `remat_policy` still rematerialises each block. The text tower honours `clip.scan`.
+  * Nothing is scanned (E2Config refuses clip.scan): fusion blocks cut the vision stack into
+    unequal pieces, and one per-layer layout for both towers keeps CLIP checkpoints (HF or a
+    FashionCLIP run) mapping 1:1. `clip.remat_policy` rematerialises every block of both
+    towers (the vision blocks one by one, between the fusion blocks) and `clip.dtype` sets
+    the compute dtype of both towers and of the fusion blocks (params stay float32).
 
 Parameter layout (the CLIP part has exactly CLIPModel's names, so interop/hf_clip.py maps it):
   vision/{patch_embed, class_embedding, pos_embedding, pre_norm, encoder/layers_i, post_norm,

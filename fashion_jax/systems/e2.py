@@ -26,6 +26,15 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
   In both cases the E2 additions missing from the source start fresh (from the seed); at most
   one of the two may be set.
 
+Memory and speed levers (tests/test_levers_systems.py proves each changes the loss and the
+gradients only by rounding): model.remat_policy (every block of both towers), model.dtype =
+'bfloat16' (float32 params, gradients and AdamW state), mesh.fsdp / mesh.tensor (params and
+optimizer state sharded by their logical axes; a train step on fsdp=8 or fsdp=2 x tensor=4
+equals one device). model.scan is refused (config error naming remat_policy): the fusion blocks
+split the vision stack. grad_accum_steps runs but is NOT the same objective: both InfoNCE terms
+see only the micro-batch's negatives and each micro-batch draws its own Gumbel noise
+(train/step.py); FashionCLIP's exact encode_chunks / loss_blocks are not implemented for E2.
+
 Pretrained weights are merged inside `init`: the host reads them once (cached), and each array
 enters the jitted, sharded init through `jax.pure_callback`, so the trainer needs no special
 path, every mesh gets the same values, and nothing is baked into the compiled program.
