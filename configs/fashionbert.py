@@ -37,6 +37,16 @@ base: the paper's recipe: BERT-base from a local HF directory (e.g. bert-base-un
       --config.init.hf_resnet_dir=/path/to/resnet-50
 
 pod: base at global batch 2048 in bf16, fsdp over the pod, scanned + rematerialised layers.
+
+Memory and speed levers (pod sets the first three; smoke and base leave them off; each changes
+the numbers only by rounding, tests/test_levers_systems.py), as --config overrides:
+  --config.model.scan=True          nn.scan over the BERT layers (works with init.hf_bert_dir)
+  --config.model.remat_policy=dots_with_no_batch_dims_saveable  (or nothing_saveable,
+      dots_saveable): rematerialise each BERT block (the frozen CNN needs none)
+  --config.model.dtype=bfloat16     bf16 compute, float32 params and AdamW state
+  --config.mesh.fsdp=N --config.mesh.tensor=T   shard params, gradients and optimizer state
+  grad_accum_steps=A runs, but negatives, token means and adaptive weights then become
+  per-micro-batch: not the same objective (systems/fashionbert.py).
 """
 
 import ml_collections

@@ -8,7 +8,13 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
                         model.pixel_pool^2 cells (smoke scale only; models/fashionbert.py)
   model.pixel_pool      cells per patch side for cnn_variant='pixels' (default 4: F = 48)
   model.grid            patches per side (8 as the paper); data.image_size % grid == 0
-  model.dtype, model.scan, model.remat_policy
+  model.dtype           compute dtype of the BERT, the heads and the CNN ('float32' |
+                        'bfloat16'); params, gradients and AdamW state stay float32
+  model.scan            nn.scan over the BERT layers (params under bert/encoder/layers with a
+                        leading [num_layers] axis; init.hf_bert_dir stacks the checkpoint's)
+  model.remat_policy    'none' | a jax.checkpoint_policies name: rematerialise each BERT block.
+                        The patch CNN is frozen behind stop_gradient, so the backward pass keeps
+                        none of its activations and it has nothing to rematerialise
   init.hf_bert_dir      '' or a local HF BERT directory: architecture and weights of the BERT
   init.hf_resnet_dir    '' or a local HF ResNet directory: the (frozen) patch CNN
   objective.weighting   'adaptive' (FashionBERT) | 'equal' (fixed 1/3 each, the baseline)
@@ -35,6 +41,13 @@ One training step (B = global batch):
      to ignore the other modality; the swapped rows' MLM labels are dropped);
   4. L = sum_i w_i L_i with adaptive or equal weights (losses/weighting.py).
 Dropout is active when train=True (keys from the step key).
+
+Memory and speed levers (tests/test_levers_systems.py): scan, remat_policy, bf16 compute and
+fsdp / fsdp x tensor sharding of params and optimizer state change the loss and gradients only
+by rounding (a train step on fsdp=8 or fsdp=2 x tensor=4 equals one device, CNN and pixel
+paths). grad_accum_steps runs but is NOT the same objective: negatives are drawn within each
+micro-batch (and with its own key), MLM averages over the micro-batch's masked tokens and the
+adaptive weights are a nonlinear function of each micro-batch's losses.
 """
 
 import re
