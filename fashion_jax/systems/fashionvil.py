@@ -57,10 +57,10 @@ here), {'params': ...} with a ViT. Frozen inference-mode BN (not `mutable_collec
 deliberate: the reference fine-tunes an ImageNet ResNet-50 with small per-device batches, where
 batch statistics would be noisy; there is no BN state to update.
 
-Memory and speed levers (each changes the loss and gradients only by rounding; proved in
-tests/test_levers_systems.py): model.scan, model.remat_policy, model.dtype='bfloat16' (float32
-master weights), mesh.fsdp / mesh.tensor (params and optimizer state sharded by their logical
-axes), grad_accum_steps. Gradient accumulation is exact only for per-example losses: in
+Memory and speed levers (tests/test_levers_systems.py): model.scan, model.remat_policy,
+model.dtype='bfloat16' (float32 master weights) and mesh.fsdp / mesh.tensor (params and
+optimizer state sharded by their logical axes) change the loss and gradients only by rounding.
+grad_accum_steps does so only for per-example losses: in
 objective.mode='sum' with tasks whose loss is a mean over a fixed number of terms per example
 (MPFC: a fixed count of masked patches per image; PAC: every row with attributes). ITC, MVC and
 ITM see only the micro-batch's negatives, MLM averages over the micro-batch's masked tokens, and
