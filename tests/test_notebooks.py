@@ -82,8 +82,8 @@ def _execute(name, tmp_path, monkeypatch, **params):
 
 @pytest.mark.slow
 def test_e2_executes(tmp_path, monkeypatch):
-  text, pngs = _execute("e2.ipynb", tmp_path, monkeypatch, steps=STEPS_E2, model="tiny", lr=2e-3,
-                        batch=64, figure_dir=tmp_path / "figures")
+  text, pngs = _execute("e2.ipynb", tmp_path, monkeypatch, steps=STEPS_E2, model="tiny",
+                        lr=2e-3, batch=64, figure_dir=tmp_path / "figures")
   assert "distinct patches chosen" in text and "notebook HITS@1" in text
   assert pngs >= 3, pngs  # selections, patch frequencies, tag retrieval grid
   assert sorted(os.listdir(tmp_path / "figures")) == ["e2_selections.png",
@@ -93,6 +93,8 @@ def test_e2_executes(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_fashionvil_executes(tmp_path, monkeypatch):
   text, pngs = _execute("fashionvil.ipynb", tmp_path, monkeypatch, steps=STEPS_FASHIONVIL,
-                        model="tiny", batch=32, train_triplets=100, val_triplets=40)
+                        model="tiny", batch=32, train_triplets=100, val_triplets=40,
+                        figure_dir=tmp_path / "figures")
   assert "search R@10" in text and "mean R@10" in text
   assert pngs >= 1, pngs  # the TGIR grid
+  assert os.listdir(tmp_path / "figures") == ["fashionvil_tgir.png"]
