@@ -45,7 +45,7 @@ setup(
     name="fashion_jax",
     version="0.1.0",
     description="Fashion vision-language pretraining in JAX/Flax",
-    packages=find_packages(include=["fashion_jax", "fashion_jax.*", "launch", "launch.*"]),
+    packages=find_packages(include=["fashion_jax", "fashion_jax.*", "launch", "launch.*", "configs"]),
     package_data={"fashion_jax": ["data/assets/**/*"]},
     include_package_data=True,
     python_requires=">=3.11",
