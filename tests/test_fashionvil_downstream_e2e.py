@@ -128,6 +128,18 @@ def test_task_fine_tunes_and_evaluates(task, pretrained, data_dir, tmp_path):
       assert metrics[f"validation/tgir/{cat}_R@10"] <= metrics[f"validation/tgir/{cat}_R@50"]
     assert r["TGIR"] == pytest.approx(50 * (metrics["validation/tgir/mean_R@10"]
                                             + metrics["validation/tgir/mean_R@50"]))
+    # Product search answers text-modified image queries of this run with its TGIR head.
+    from fashion_jax.evaluate import common  # pylint: disable=g-import-not-at-top
+    from fashion_jax.search import encoders  # pylint: disable=g-import-not-at-top
+    workdir = str(tmp_path / task)
+    enc = encoders.load_encoder(workdir, batch_size=2)
+    assert enc.supports_composed and enc.image_size == S
+    system, params, _ = loop.load_trained(workdir)
+    images = np.random.default_rng(0).integers(0, 256, (3, S, S, 3), np.uint8)
+    texts = ["is red", "has shorter sleeves and no pattern", "more casual"]
+    ids = common.tokenizer_from_config(loop.load_workdir_config(workdir))(texts)
+    want = system.tgir_query(params, images, ids, ids != system.tokenizer.pad_token_id)
+    np.testing.assert_allclose(enc.composed(images, texts), np.asarray(want), atol=1e-5)
   elif task == "scr":
     assert metrics["test/cls/subcategory_num_examples"] == 8
     assert 0 <= metrics["test/cls/subcategory_macro_f1"] <= metrics["test/cls/subcategory_acc"] + 1

@@ -19,7 +19,8 @@ Text-modified image queries (TGIR: "this dress but in red"): supported when the 
 embedding space, or is a FashionViL run: its query is FashionViL's TGIR feature, the mean of the
 fusion encoder's outputs over the image positions of [modification text ; reference image],
 scored against the unimodal image vectors (the paper's TGIR head; meaningful after TGIR
-fine-tuning). CLIP-style models have no such query and raise a ValueError naming the model.
+fine-tuning); a FashionViL run fine-tuned on TGIR (system fashionvil_downstream) answers with its
+trained TGIR head (`tgir_query`, the query evaluate/tgir.py scores). CLIP-style models have no such query and raise a ValueError naming the model.
 """
 
 import dataclasses
@@ -112,6 +113,8 @@ def _from_workdir(workdir: str, *, step, batch_size) -> Encoder:
                                       tokenize(list(s)), batch_size)
   elif config.system == "fashionvil":
     composed = _fashionvil_composed(system, params, tokenize, batch_size)
+  elif hasattr(system, "tgir_query"):  # A FashionViL run fine-tuned downstream (TGIR head).
+    composed = _tgir_head_composed(system, params, tokenize, batch_size)
   return Encoder(name=workdir, system=str(config.system), image_size=int(config.data.image_size),
                  data_config=config.data, embed_images=images, embed_texts=texts,
                  embed_composed=composed, batch_size=batch_size)
@@ -145,6 +148,16 @@ def _fashionvil_composed(system, params, tokenize, batch_size):
     return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
 
   fn = jax.jit(lambda p, x, ids: system.model.apply(p, x, ids, method=query))
+  return lambda x, s: _batched2(lambda a, b: fn(params, a, b), np.asarray(x, np.uint8),
+                                tokenize(list(s)), batch_size)
+
+
+def _tgir_head_composed(system, params, tokenize, batch_size):
+  """The fine-tuned TGIR query of a downstream FashionViL run (`system.tgir_query`): exactly
+  what evaluate/tgir.py scores against the gallery's image vectors."""
+  import jax  # pylint: disable=g-import-not-at-top
+  pad_id = system.tokenizer.pad_token_id
+  fn = jax.jit(lambda p, x, ids: system.tgir_query(p, x, ids, ids != pad_id))
   return lambda x, s: _batched2(lambda a, b: fn(params, a, b), np.asarray(x, np.uint8),
                                 tokenize(list(s)), batch_size)
 
