@@ -250,14 +250,24 @@ class Checkpointer:
     """Records a failed save, removes its temporary directory, re-reads the steps on disk."""
     step_name = "?" if step is None else str(step)
     self.failed_saves[-1 if step is None else step] = f"{type(error).__name__}: {error}"
-    if jax.process_index() == 0 and step is not None:
-      for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-        shutil.rmtree(tmp, ignore_errors=True)
+    self._remove_failed_tmp()
     self.manager.reload()
     logging.warning(
         "Checkpoint %s could not be written to %s (%s: %s). The checkpoints already there are "
         "intact (steps %s); training continues and the next save tries again.", step_name,
         self.directory, type(error).__name__, str(error)[:500], self.all_steps())
+
+  def _remove_failed_tmp(self) -> None:
+    """Deletes the temporary directories of EVERY failed save so far, not only the newest: an
+    asynchronous writer of a failed save can still be creating files in its directory while it
+    is first removed (seen under heavy load: rmtree then leaves it behind), so each later
+    failure and `close` sweep again."""
+    if jax.process_index() != 0:
+      return
+    for step in self.failed_saves:
+      if step >= 0:
+        for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+          shutil.rmtree(tmp, ignore_errors=True)
 
   def _wait_pending(self) -> None:
     try:
@@ -299,6 +309,7 @@ class Checkpointer:
   def close(self) -> None:
     self._wait_pending()
     self.manager.close()
+    self._remove_failed_tmp()
 
   # ---- Restoring. ------------------------------------------------------------------------------
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
