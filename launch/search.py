@@ -121,9 +121,9 @@ def evaluate():
     kind += f", nprobe {kw.get('nprobe', index.index.nprobe)}"
   out = {"protocol": f"full ({index.meta['split']}, {len(index)} products, {kind}; queries: "
                      f"{len(rows)} products' texts)"}
-  out.update(index.text_query_hits(enc, _K.value, _FIELDS.value, rows=rows, **kw))
+  q = enc.embed_texts(index.query_texts(_FIELDS.value, rows))
+  out.update(index.text_query_hits(enc, _K.value, rows=rows, queries=q, **kw))
   if _RECALL.value:
-    q = enc.embed_texts(index.query_texts(_FIELDS.value, rows))
     k = min(_K.value, len(index))
     exact = index_lib.ExactIndex(index.index.vectors)
     _, ids_e, t_e = index_lib.timed_search(exact, q, k)

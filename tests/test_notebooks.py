@@ -35,31 +35,6 @@ def test_committed_without_outputs(name):
       assert not cell.outputs and cell.execution_count is None, cell.source[:60]
 
 
-@pytest.mark.slow
-def test_quickstart_executes(tmp_path, monkeypatch):
-  # The kernel inherits this environment: one CPU device (not the suite's 8), no install.
-  monkeypatch.setenv("FJ_NB_INSTALL", "0")
-  monkeypatch.setenv("FJ_NB_STEPS", "120")
-  monkeypatch.setenv("FJ_NB_MODEL", "tiny")
-  monkeypatch.setenv("FJ_NB_BATCH", "32")
-  monkeypatch.setenv("FJ_NB_WORKDIR", str(tmp_path / "work"))
-  monkeypatch.setenv("FJ_NB_DATA_DIR", str(tmp_path / "tfds"))
-  monkeypatch.setenv("XLA_FLAGS", "")
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-  monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  nb = nbformat.read(os.path.join(ROOT, "notebooks", "quickstart.ipynb"), as_version=4)
-  NotebookClient(nb, timeout=900, kernel_name="python3",
-                 resources={"metadata": {"path": ROOT}}).execute()
-  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                 for o in c.outputs)
-  assert "colour precision@6" in text and "max |torch - jax| probability" in text
-  # The t2i grid and the figures were drawn (PNG outputs).
-  pngs = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
-             for o in c.outputs)
-  assert pngs >= 6, pngs
-
-
 def _execute(name, tmp_path, monkeypatch, **params):
   """Runs notebooks/<name> with FJ_NB_<KEY>=value for params; returns (stdout text, #PNGs)."""
   monkeypatch.setenv("FJ_NB_INSTALL", "0")
@@ -78,6 +53,16 @@ def _execute(name, tmp_path, monkeypatch, **params):
   text = "".join(o.get("text", "") for o in outputs)
   pngs = sum("image/png" in o.get("data", {}) for o in outputs)
   return text, pngs
+
+
+@pytest.mark.slow
+def test_quickstart_executes(tmp_path, monkeypatch):
+  # The kernel inherits this environment: one CPU device (not the suite's 8), no install.
+  text, pngs = _execute("quickstart.ipynb", tmp_path, monkeypatch, steps=120, model="tiny",
+                        batch=32)
+  assert "colour precision@6" in text and "max |torch - jax| probability" in text
+  # The t2i grid and the figures were drawn (PNG outputs).
+  assert pngs >= 6, pngs
 
 
 @pytest.mark.slow

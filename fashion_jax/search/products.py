@@ -132,16 +132,18 @@ class ProductIndex:
 
   def text_query_hits(self, encoder: encoders_lib.Encoder, k: int = 10,
                       fields: Sequence[str] | None = None, rows: Sequence[int] | None = None,
-                      **kwargs) -> dict[str, float]:
+                      queries: np.ndarray | None = None, **kwargs) -> dict[str, float]:
     """Each product's text as a query; HITS@k = fraction whose own product is in the top k.
 
     fields: the product fields joined into the query (default: the evaluator's text fields,
     meta['text_fields']); rows: the products whose texts are the queries (default all; a
-    subset for large catalogs, see `sample_rows`). Returns {'HITS@k', 'num_queries'}.
+    subset for large catalogs, see `sample_rows`); queries: their text embeddings when the
+    caller already has them (float [len(rows), D]). Returns {'HITS@k', 'num_queries'}.
     """
     rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
-    texts = self.query_texts(fields, rows)
-    _, found = self.index.search(encoder.embed_texts(texts), min(k, len(self)), **kwargs)
+    if queries is None:
+      queries = encoder.embed_texts(self.query_texts(fields, rows))
+    _, found = self.index.search(queries, min(k, len(self)), **kwargs)
     hits = (found == rows[:, None]).any(axis=1)
     return {f"HITS@{k}": float(hits.mean()), "num_queries": float(len(rows))}
 
