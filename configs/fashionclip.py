@@ -74,8 +74,8 @@ def get_config(arg: str = "smoke"):
   c.model = dict(variant="tiny", projection_dim=128,
                  vision=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512, patch_size=8),
                  text=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512),
-                 dtype="float32", scan=False, remat_policy="none", encode_chunks=1,
-                 loss_blocks=1)
+                 dtype="float32", scan=False, remat_policy="none", attention_impl="einsum",
+                 encode_chunks=1, loss_blocks=1)
   c.init = dict(hf_clip_dir="")
 
   # --- trainer -------------------------------------------------------------------------------
@@ -93,8 +93,8 @@ def get_config(arg: str = "smoke"):
     c.data.augment = dict(crop_scale=(0.8, 1.0), flip=False)
   if arg == "base":
     c.model = dict(variant="B/32", projection_dim=None, vision=None, text=None,
-                   dtype="float32", scan=False, remat_policy="none", encode_chunks=1,
-                   loss_blocks=1)
+                   dtype="float32", scan=False, remat_policy="none",
+                   attention_impl="einsum", encode_chunks=1, loss_blocks=1)
     c.init.hf_clip_dir = ""  # Required for the recipe: set it on the command line.
     c.batch_size = 256
     c.total_steps = 20000
@@ -108,7 +108,7 @@ def get_config(arg: str = "smoke"):
     # (9.8 GiB/chip). README "Memory plan" has the table.
     c.model = dict(variant="B/16", projection_dim=None, vision=None, text=None,
                    dtype="bfloat16", scan=True, remat_policy="nothing_saveable",
-                   encode_chunks=2, loss_blocks=8)
+                   attention_impl="einsum", encode_chunks=2, loss_blocks=8)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.batch_size = 32768
     c.total_steps = 10000

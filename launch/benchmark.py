@@ -2,9 +2,14 @@ r"""Measured train-step time, samples/s and model FLOPs utilisation of every sys
 
 For each system the trainer's own step is built (train/state.py + train/step.py: the config's
 optimizer, donation, sharding rules) on a data-parallel mesh over the devices present, fed a
-fixed batch of the system's shapes (`dummy_batch`, zeros: the step's cost does not depend on
-the values), compiled, run `--warmup` times, then timed `--repeats` times (each step ended by
-`block_until_ready`); the median is reported.
+fixed batch of the system's shapes (`dummy_batch`, zeros: its uint8 and float arrays filled with
+random values, since GEMMs on zeros run faster than on real data; integer ids stay as the system
+makes them), compiled, run `--warmup` times, then timed `--repeats` times (each step ended by
+`block_until_ready`); the median is reported. XLA_FLAGS in the environment is recorded per row.
+
+--profile_dir=DIR also traces `--profile_steps` more steps with jax.profiler into DIR/<system>
+and adds launch/profile_account.py's account of the device time (kernel categories, idle time,
+top kernels, the GEMM kernels' achieved TFLOP/s) to the row and the printout.
 
 FLOPs per step: analytic model FLOPs for CLIP-family systems (launch/benchmark_model.py:
 matmuls, forward x 3); otherwise XLA's cost analysis of the compiled step, which is exact for
@@ -18,6 +23,7 @@ COMMANDS
   python -m launch.benchmark --json=/tmp/bench.json --markdown=/tmp/bench.md   # CPU, smoke
   python -m launch.benchmark --systems=fashionclip --variant=base --batch=256 \
       --set model.dtype='"bfloat16"'                                          # a GPU
+  launch/gpu_mfu.sh   # the H100 runs in README "Accelerator efficiency" (variants + profiles)
 """
 
 import argparse
@@ -31,6 +37,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fashion_jax import systems
 from fashion_jax.parallel import mesh as mesh_lib
@@ -41,6 +48,7 @@ from fashion_jax.train import state as state_lib
 from fashion_jax.train import step as step_lib
 from launch import benchmark_model
 from launch import plan
+from launch import profile_account
 
 SYSTEMS = {  # system -> config file; the variant is --variant (default smoke).
     "fashionclip": "configs/fashionclip.py",
@@ -86,8 +94,21 @@ def _fill_system_files(config, workdir: str) -> None:
     data.vq_codes = "unused-by-the-step.npz"
 
 
-def time_step(step, state, batch, warmup: int, repeats: int) -> tuple[list[float], float]:
-  """(step times in s, first call's time in s); `step` is donated-state compiled step."""
+def random_batch(batch: dict, seed: int = 0) -> dict:
+  """`batch` with uint8 arrays uniform in [0, 255] and float arrays standard normal."""
+  rs = np.random.RandomState(seed)
+  out = {}
+  for k, x in batch.items():
+    if x.dtype == np.uint8:
+      x = rs.randint(0, 256, x.shape).astype(np.uint8)
+    elif np.issubdtype(x.dtype, np.floating):
+      x = rs.randn(*x.shape).astype(x.dtype)
+    out[k] = x
+  return out
+
+
+def time_step(step, state, batch, warmup: int, repeats: int):
+  """(step times in s, first call's time in s, the last state); `step` donates its state."""
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
@@ -101,11 +122,12 @@ def time_step(step, state, batch, warmup: int, repeats: int) -> tuple[list[float
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
-  return times, first
+  return times, first, state
 
 
 def bench_system(name: str, variant: str, overrides: list[str], batch_size: int, warmup: int,
-                 repeats: int, peak_tflops: float) -> dict:
+                 repeats: int, peak_tflops: float, profile_dir: str = "",
+                 profile_steps: int = 3) -> dict:
   config = plan.load_config(f"{SYSTEMS[name]}:{variant}", overrides)
   with tempfile.TemporaryDirectory() as tmp:
     _fill_system_files(config, tmp)
@@ -124,11 +146,16 @@ def bench_system(name: str, variant: str, overrides: list[str], batch_size: int,
     state = state_lib.create_train_state(system, tx, mesh, rules, full.seed, state_sh, shapes)
     step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_sh,
                                     full.grad_accum_steps)
-    batch = sharding_lib.global_batch(system.dummy_batch(full.batch_size), mesh)
+    batch = sharding_lib.global_batch(random_batch(system.dummy_batch(full.batch_size)), mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    times, first = time_step(compiled, state, batch, warmup, repeats)
+    times, first, state = time_step(compiled, state, batch, warmup, repeats)
+    trace_dir = ""
+    if profile_dir:
+      trace_dir = os.path.join(profile_dir, name)
+      with jax.profiler.trace(trace_dir):
+        time_step(compiled, state, batch, 0, profile_steps)
   flops = plan.analytic_flops(system, full.batch_size)
   source = "analytic"
   if flops is None:
@@ -136,13 +163,18 @@ def bench_system(name: str, variant: str, overrides: list[str], batch_size: int,
   dtype = str(full.model.get("dtype", "float32"))
   peak, peak_source = device_peak(dtype, peak_tflops)
   sec = statistics.median(times)
+  profile = None
+  if trace_dir:
+    profile = profile_account.account(trace_dir, profile_steps + 1, sec,
+                                      flops / n if source == "analytic" else None)
   return dict(system=name, variant=variant, levers=plan.levers(full), devices=n,
               device_kind=jax.devices()[0].device_kind, batch_size=int(full.batch_size),
               params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.params))),
               step_s=sec, step_s_all=times, compile_s=compile_s, first_step_s=first,
               samples_per_s=full.batch_size / sec, flops_per_step=flops, flops_source=source,
               tflops_per_s=flops / sec / 1e12, peak_tflops=peak, peak_source=peak_source,
-              mfu=flops / sec / (n * peak * 1e12), warmup=warmup, repeats=repeats)
+              mfu=flops / sec / (n * peak * 1e12), warmup=warmup, repeats=repeats,
+              xla_flags=os.environ.get("XLA_FLAGS", ""), profile=profile)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -175,16 +207,24 @@ def main(argv=None):
                       help="peak per device; 0 = detect (table, or a CPU matmul)")
   parser.add_argument("--json", default="")
   parser.add_argument("--markdown", default="")
+  parser.add_argument("--profile_dir", default="",
+                      help="trace --profile_steps extra steps here and account for device time")
+  parser.add_argument("--profile_steps", type=int, default=3)
   args = parser.parse_args(argv)
+  if args.profile_dir and jax.default_backend() == "cpu":
+    parser.error(f"--profile_dir={args.profile_dir!r}: the account reads a GPU/TPU's kernels and "
+                 "this run has only CPU devices.")
   print(benchmark_model.machine_info(), flush=True)
   rows = []
   for name in args.systems.split(","):
     if name not in SYSTEMS:
       parser.error(f"--systems: unknown system {name!r}; known: {', '.join(SYSTEMS)}.")
     row = bench_system(name, args.variant, args.set, args.batch, args.warmup, args.repeats,
-                       args.peak_tflops)
+                       args.peak_tflops, args.profile_dir, args.profile_steps)
     rows.append(row)
     print(markdown([row]).splitlines()[2], flush=True)
+    if row["profile"]:
+      print(profile_account.markdown(row["profile"]), flush=True)
   table = markdown(rows)
   print(table)
   if args.json:

@@ -161,6 +161,8 @@ def levers(config) -> str:
     parts.append("scan")
   if m.get("remat_policy", "none") != "none":
     parts.append(f"remat={m.remat_policy}")
+  if m.get("attention_impl", "einsum") != "einsum":
+    parts.append(f"attention={m.attention_impl}")
   if m.get("encode_chunks", 1) > 1:
     parts.append(f"encode_chunks={m.encode_chunks}")
   if m.get("loss_blocks", 1) > 1:

@@ -81,6 +81,7 @@ def _close(grads, want, rtol, atol):
     dict(scan=True, remat_policy="dots_with_no_batch_dims_saveable"),
     dict(encode_chunks=4),
     dict(loss_blocks=4),
+    dict(attention_impl="xla"),  # 'cudnn' (GPU only) is checked in test_layers.py.
     dict(scan=True, remat_policy="nothing_saveable", encode_chunks=2, loss_blocks=8),
 ])
 def test_lever_changes_loss_and_grads_only_by_rounding(reference, levers):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fashion_jax.models import layers
 from fashion_jax.models import text as text_lib
 from fashion_jax.models import vit as vit_lib
 
@@ -50,10 +51,17 @@ class CLIPConfig:
   dtype: str = "float32"  # Compute dtype; parameters are always float32.
   scan: bool = False  # nn.scan over each tower's layers (params get a leading 'layers' axis).
   remat_policy: str = "none"  # 'none' or a jax.checkpoint_policies name, see layers.Encoder.
+  # How both towers compute attention: 'einsum' | 'xla' | 'cudnn' (layers.ATTENTION_IMPLS; same
+  # parameters and function, 'cudnn' is the fused kernel for NVIDIA GPUs in bf16/fp16).
+  attention_impl: str = "einsum"
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype {self.dtype!r} not in {_DTYPES}.")
+    layers.check_attention_impl(self.attention_impl)
+    if self.attention_impl == "cudnn" and self.dtype == "float32":
+      raise ValueError("attention_impl='cudnn' needs dtype 'bfloat16' or 'float16', got "
+                       "'float32'.")
 
   def replace(self, **kw) -> "CLIPConfig":
     return dataclasses.replace(self, **kw)
@@ -143,7 +151,7 @@ def clip_config(variant: str = "B/32", *, projection_dim: Optional[int] = None,
   """CLIPConfig of a named variant ('tiny', 'S/16', 'B/32', 'B/16', 'L/14').
 
   `vision` / `text` override tower fields (e.g. vision=dict(image_size=96)); `runtime` sets
-  dtype, scan, remat_policy, logit_scale_init. OpenAI's projection widths: 768 for L/14,
+  dtype, scan, remat_policy, attention_impl, logit_scale_init. OpenAI's projection widths: 768 for L/14,
   512 for B, the text width otherwise.
   """
   v = vit_lib.vit_config(variant, **dict(vision or {}))
@@ -177,14 +185,16 @@ class CLIPModel(nn.Module):
   def make_vision(self, cfg: CLIPConfig, dtype: Any) -> nn.Module:
     """The vision tower; subclasses (E2) replace it, keeping the text tower and logit scale."""
     return vit_lib.VisionTransformer(cfg.vision, cfg.projection_dim, dtype=dtype,
-                                     scan=cfg.scan, remat_policy=cfg.remat_policy)
+                                     scan=cfg.scan, remat_policy=cfg.remat_policy,
+                                     attention_impl=cfg.attention_impl)
 
   def setup(self):
     cfg = self.clip_config()
     dtype = jnp.dtype(cfg.dtype)
     self.vision = self.make_vision(cfg, dtype)
     self.text = text_lib.TextTransformer(cfg.text, cfg.projection_dim, dtype=dtype,
-                                         scan=cfg.scan, remat_policy=cfg.remat_policy)
+                                         scan=cfg.scan, remat_policy=cfg.remat_policy,
+                                         attention_impl=cfg.attention_impl)
     self.log_scale = self.param(
         "logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32)

@@ -213,6 +213,7 @@ class _Blocks(nn.Module):
   dtype: Any
   param_dtype: Any
   remat_policy: str
+  attention_impl: str = "einsum"
 
   def setup(self):
     block_cls = layers.TransformerBlock
@@ -224,7 +225,8 @@ class _Blocks(nn.Module):
                            static_argnums=(3,))
     self.layers = [block_cls(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True,
                              layer_norm_eps=self.layer_norm_eps, act=self.act, dtype=self.dtype,
-                             param_dtype=self.param_dtype) for _ in range(self.num_layers)]
+                             param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+                   for _ in range(self.num_layers)]
 
   def __call__(self, x: jax.Array, start: int, stop: int, deterministic: bool = True):
     for i in range(start, stop):
@@ -265,7 +267,7 @@ class E2VisionTransformer(nn.Module):
     blocks = _Blocks(num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
                      layer_norm_eps=cfg.layer_norm_eps, act=cfg.act, dtype=self.dtype,
                      param_dtype=self.param_dtype, remat_policy=e2.clip.remat_policy,
-                     name="encoder")
+                     attention_impl=e2.clip.attention_impl, name="encoder")
     done, selections = 0, []
     for j, after in enumerate(e2.fusion_after):
       x = blocks(x, done, after, deterministic)

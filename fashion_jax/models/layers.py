@@ -6,7 +6,8 @@ BERT (post-LN, exact erf GELU, padding mask, eps 1e-12).
 API (all Flax linen; `dtype` is the compute dtype, `param_dtype` the storage dtype, float32 by
 default; every parameter carries logical axis names from fashion_jax.parallel.axes):
 
-  MultiHeadAttention(num_heads, head_dim=None, dropout_rate=0., dtype, param_dtype, kernel_init)
+  MultiHeadAttention(num_heads, head_dim=None, dropout_rate=0., dtype, param_dtype, kernel_init,
+                     attention_impl='einsum')
       (x [B, Lq, D], mask=None, *, kv=None [B, Lk, D], deterministic=True) -> [B, Lq, D]
     Sub-modules `query`, `key`, `value` (DenseGeneral, kernel [D, H, Dh] axes (embed, heads, kv),
     bias [H, Dh]) and `out` (kernel [H, Dh, D] axes (heads, kv, embed), bias [D]).
@@ -15,6 +16,19 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
     W.T.reshape(H, Dh, D). `mask` is boolean, True = may attend, broadcastable to
     [B, H, Lq, Lk] (the convention of flax.linen.make_attention_mask / make_causal_mask /
     combine_masks, which build it). Logits = q k^T / sqrt(Dh), softmax in float32.
+    attention_impl (ATTENTION_IMPLS) chooses how softmax(q k^T / sqrt(Dh)) v is computed; the
+    projections and parameters are the same for all three, so a checkpoint runs under any:
+      'einsum': two einsums around a float32 softmax, every intermediate materialised (the
+                default, and the only one with attention dropout);
+      'xla':    jax.nn.dot_product_attention(implementation='xla'): the same arithmetic through
+                JAX's API (runs anywhere; the CPU check that the API wiring and masks are right);
+      'cudnn':  jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's fused (flash)
+                attention on an NVIDIA GPU, bf16/fp16 compute only. The [B, H, Lq, Lk] logits
+                and probabilities never reach HBM, which is what makes it faster: at 197 tokens
+                attention is ~4% of a ViT-B/16's FLOPs but its float32 softmax traffic was a
+                large share of the step (README "Accelerator efficiency"). Its softmax is
+                computed in float32 inside the kernel; a boolean mask becomes an additive bias.
+      With attention dropout in training, 'xla' and 'cudnn' raise (their API has no dropout).
 
   Mlp(mlp_dim, act='quick_gelu', dropout_rate=0., ...)
       (x [B, L, D], deterministic=True) -> [B, L, D]
@@ -23,13 +37,14 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
     'gelu_tanh' (tanh approximation). Unknown names raise ValueError.
 
   TransformerBlock(num_heads, mlp_dim, pre_norm=True, layer_norm_eps=1e-5, act='quick_gelu',
-                   dropout_rate=0., attention_dropout_rate=0., ...)
+                   dropout_rate=0., attention_dropout_rate=0., attention_impl='einsum', ...)
       (x [B, L, D], mask=None, deterministic=True) -> [B, L, D]
     pre_norm (CLIP):  x = x + drop(attn(norm1(x)));  x = x + drop(mlp(norm2(x)))
     post_norm (BERT): x = norm1(x + drop(attn(x)));  x = norm2(x + drop(mlp(x)))
     Sub-modules `norm1`, `attn`, `norm2`, `mlp`.
 
   Encoder(num_layers, <TransformerBlock fields>, scan=False, remat_policy='none')
+    (attention_impl included: every block's attention uses it)
       (x [B, L, D], mask=None, deterministic=True) -> [B, L, D]
     scan=False: blocks `layers_0` ... `layers_{N-1}`.
     scan=True: one `layers` sub-tree whose leaves carry a leading [N] axis named 'layers'
@@ -58,6 +73,14 @@ HIDDEN_AXES = ("act_batch", "act_length", "act_embed")
 # Ready-made jax.checkpoint_policies (the others are factories that need arguments).
 REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+def check_attention_impl(impl: str) -> str:
+  """`impl` if it is one of ATTENTION_IMPLS, else ValueError naming it."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"Unknown attention_impl {impl!r}: expected one of {ATTENTION_IMPLS}.")
+  return impl
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -101,10 +124,16 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
+  attention_impl: str = "einsum"  # See ATTENTION_IMPLS and the module docstring.
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
                kv: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+    impl = check_attention_impl(self.attention_impl)
+    if impl != "einsum" and self.dropout_rate > 0 and not deterministic:
+      raise ValueError(f"attention_impl={impl!r} has no attention dropout but dropout_rate="
+                       f"{self.dropout_rate} in training: use attention_impl='einsum' or set the "
+                       "attention dropout to 0.")
     d_model = x.shape[-1]
     head_dim = self.head_dim or d_model // self.num_heads
     if self.head_dim is None and d_model % self.num_heads:
@@ -124,14 +153,22 @@ class MultiHeadAttention(nn.Module):
     k = nn.with_logical_constraint(proj("key")(kv), head_axes)     # [B, Lk, H, Dh]
     v = nn.with_logical_constraint(proj("value")(kv), head_axes)   # [B, Lk, H, Dh]
 
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(
-        jnp.float32(head_dim))
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if self.dropout_rate > 0 and not deterministic:
-      probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    if impl == "einsum":
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(
+          jnp.float32(head_dim))
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      if self.dropout_rate > 0 and not deterministic:
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    else:
+      if impl == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 compute, got dtype="
+                         f"{jnp.dtype(self.dtype).name}.")
+      if mask is not None:  # The API wants boolean [B|1, H|1, Lq, Lk] (flax's are float).
+        mask = jnp.reshape(mask.astype(bool), (1,) * (4 - mask.ndim) + mask.shape)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = nn.with_logical_constraint(out, head_axes)
     out = nn.Einsum(
         (self.num_heads, head_dim, d_model), "blhk,hkd->bld", dtype=self.dtype,
@@ -178,6 +215,7 @@ class TransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
+  attention_impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
@@ -187,7 +225,8 @@ class TransformerBlock(nn.Module):
     norm2 = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")
     attn = MultiHeadAttention(self.num_heads, dropout_rate=self.attention_dropout_rate,
                               dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=self.kernel_init, name="attn")
+                              kernel_init=self.kernel_init, attention_impl=self.attention_impl,
+                              name="attn")
     mlp = Mlp(self.mlp_dim, act=self.act, dropout_rate=self.dropout_rate, dtype=self.dtype,
               param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="mlp")
     drop = nn.Dropout(self.dropout_rate)
@@ -222,12 +261,14 @@ class Encoder(nn.Module):
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   scan: bool = False
   remat_policy: str = "none"
+  attention_impl: str = "einsum"
 
   def _block_kwargs(self):
     return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=self.pre_norm,
                 layer_norm_eps=self.layer_norm_eps, act=self.act, dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+                param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                attention_impl=self.attention_impl)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,

@@ -130,6 +130,7 @@ class VisionTransformer(nn.Module):
   param_dtype: Any = jnp.float32
   scan: bool = False
   remat_policy: str = "none"
+  attention_impl: str = "einsum"  # layers.ATTENTION_IMPLS.
 
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
@@ -141,7 +142,7 @@ class VisionTransformer(nn.Module):
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pre_norm=True,
         layer_norm_eps=cfg.layer_norm_eps, act=cfg.act, dtype=self.dtype,
         param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
-        name="encoder")(x, None, deterministic)
+        attention_impl=self.attention_impl, name="encoder")(x, None, deterministic)
     pooled = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype,
                                "post_norm")(x[:, 0])
     out = {"tokens": x.astype(jnp.float32), "pooled": pooled.astype(jnp.float32)}

@@ -6,6 +6,8 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
   model.vision / .text   per-tower field overrides (e.g. vision.image_size, text.num_layers)
   model.dtype            compute dtype ('float32' on CPU, 'bfloat16' on accelerators)
   model.scan, model.remat_policy
+  model.attention_impl   'einsum' (default) | 'xla' | 'cudnn' (fused attention on NVIDIA GPUs,
+                         bf16; same parameters and loss, layers.MultiHeadAttention)
   model.encode_chunks    1 | K: encode K row-chunks at a time, rematerialised (exact loss)
   model.loss_blocks      1 | K: blockwise [B, B] logits in K row blocks (exact loss)
   init.hf_clip_dir       '' = random init; else a local HF CLIPModel directory (or hub id)
@@ -35,7 +37,8 @@ def model_config(config) -> clip_lib.CLIPConfig:
   """The CLIPConfig a FashionCLIP run trains, from `config.model`, `config.data`, `config.init`."""
   m, data = config.model, config.data
   tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
-  runtime = dict(dtype=m.dtype, scan=m.scan, remat_policy=m.remat_policy)
+  runtime = dict(dtype=m.dtype, scan=m.scan, remat_policy=m.remat_policy,
+                 attention_impl=m.get("attention_impl", "einsum"))
   if config.init.hf_clip_dir:
     from fashion_jax.interop import hf_io  # pylint: disable=g-import-not-at-top
     hf_config, _ = hf_io.load_hf_config(config.init.hf_clip_dir)
