@@ -2,9 +2,9 @@ r"""Measured train-step time, samples/s and model FLOPs utilisation of every sys
 
 For each system the trainer's own step is built (train/state.py + train/step.py: the config's
 optimizer, donation, sharding rules) on a data-parallel mesh over the devices present, fed a
-fixed batch of the system's shapes (`dummy_batch`, zeros: its uint8 and float arrays filled with
-random values, since GEMMs on zeros run faster than on real data; integer ids stay as the system
-makes them), compiled, run `--warmup` times, then timed `--repeats` times (each step ended by
+fixed batch of the system's shapes (`dummy_batch`, zeros: its uint8 and float arrays and its
+token ids filled with random values: GEMMs on zeros run faster than on real data, and all-zero
+ids make the embedding gradient a contended scatter; other integer arrays stay as made), compiled, run `--warmup` times, then timed `--repeats` times (each step ended by
 `block_until_ready`); the median is reported. XLA_FLAGS in the environment is recorded per row.
 
 --profile_dir=DIR also traces `--profile_steps` more steps with jax.profiler into DIR/<system>
@@ -94,12 +94,19 @@ def _fill_system_files(config, workdir: str) -> None:
     data.vq_codes = "unused-by-the-step.npz"
 
 
-def random_batch(batch: dict, seed: int = 0) -> dict:
-  """`batch` with uint8 arrays uniform in [0, 255] and float arrays standard normal."""
+def random_batch(batch: dict, vocab_size: int = 0, seed: int = 0) -> dict:
+  """`batch` with uint8 arrays uniform in [0, 255], float arrays standard normal and the token
+  ids 'text' uniform in [0, vocab_size) when vocab_size is given.
+
+  Random ids matter beyond the GEMMs: all-zero ids make the token embedding's gradient a
+  scatter-add of every token into one row, which serialises on the GPU (10% of a B/16 step).
+  """
   rs = np.random.RandomState(seed)
   out = {}
   for k, x in batch.items():
-    if x.dtype == np.uint8:
+    if k == "text" and vocab_size and np.issubdtype(x.dtype, np.integer):
+      x = rs.randint(0, vocab_size, x.shape).astype(x.dtype)
+    elif x.dtype == np.uint8:
       x = rs.randint(0, 256, x.shape).astype(np.uint8)
     elif np.issubdtype(x.dtype, np.floating):
       x = rs.randn(*x.shape).astype(x.dtype)
@@ -146,7 +153,9 @@ def bench_system(name: str, variant: str, overrides: list[str], batch_size: int,
     state = state_lib.create_train_state(system, tx, mesh, rules, full.seed, state_sh, shapes)
     step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_sh,
                                     full.grad_accum_steps)
-    batch = sharding_lib.global_batch(random_batch(system.dummy_batch(full.batch_size)), mesh)
+    vocab = getattr(getattr(system, "tokenizer", None), "vocab_size", 0)
+    batch = sharding_lib.global_batch(
+        random_batch(system.dummy_batch(full.batch_size), vocab), mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

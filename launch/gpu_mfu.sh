@@ -36,7 +36,7 @@ COMMON=(--systems=fashionclip --variant=base --set model.variant=B/16
 
 variant() {  # name, then benchmark flags; XLA_FLAGS from the environment.
   local name=$1; shift
-  echo; echo "=== $name: XLA_FLAGS='${XLA_FLAGS:-}' $*"
+  echo; echo "=== $(date +%T) $name: XLA_FLAGS='${XLA_FLAGS:-}' $*"
   timeout "${VARIANT_TIMEOUT:-170}" $PY -m launch.benchmark "${COMMON[@]}" "$@" \
       --json="$RES/$name.json" 2>&1 | grep -v -E "^(WARNING|I0000|W0000)" | tail -45
 }

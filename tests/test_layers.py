@@ -159,19 +159,19 @@ def test_attention_impl_errors_name_the_value():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
-@pytest.mark.parametrize("causal", [False, True])
-def test_cudnn_attention_matches_einsum_on_gpu(causal):
-  """bf16 encoder, ViT-B-sized heads at 197 tokens: values and gradients within bf16 rounding."""
-  b, l, d, heads = 4, 197, 768, 12
-  rs = np.random.RandomState(int(causal))
-  x = jnp.asarray(rs.randn(b, l, d).astype(np.float32))
-  mask = jnp.asarray(np.tril(np.ones((l, l), bool))[None, None]) if causal else None
-  kw = dict(num_layers=2, num_heads=heads, mlp_dim=4 * d, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("length,causal", [(197, False), (77, True), (64, True)])
+def test_cudnn_attention_matches_einsum_on_gpu(length, causal):
+  """bf16 encoder, ViT-B-sized heads (odd lengths padded, even ones not): values and gradients
+  within bf16 rounding of the einsum implementation."""
+  b, d, heads = 4, 768, 12
+  rs = np.random.RandomState(length)
+  x = jnp.asarray(rs.randn(b, length, d).astype(np.float32))
+  kw = dict(num_layers=2, num_heads=heads, mlp_dim=4 * d, dtype=jnp.bfloat16, causal=causal)
   ref = layers.Encoder(**kw)
-  params = nn.unbox(ref.init(jax.random.PRNGKey(0), x, mask))["params"]
+  params = nn.unbox(ref.init(jax.random.PRNGKey(0), x))["params"]
   def run(impl):
     enc = layers.Encoder(**kw, attention_impl=impl)
-    f = lambda p, x: (enc.apply({"params": p}, x, mask).astype(jnp.float32) ** 2).mean()
+    f = lambda p, x: (enc.apply({"params": p}, x).astype(jnp.float32) ** 2).mean()
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
   (y0, (gp0, gx0)), (y1, (gp1, gx1)) = run("einsum"), run("cudnn")
   rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
@@ -180,3 +180,39 @@ def test_cudnn_attention_matches_einsum_on_gpu(causal):
   # All parameter gradients together (the key bias's own gradient is ~0: softmax ignores it).
   flat = lambda t: jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(t)])
   assert rel(flat(gp1), flat(gp0)) < 2e-2
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_causal_flag_equals_the_causal_mask(impl):
+  b, l = 2, 7
+  x = np.random.RandomState(0).randn(b, l, 16).astype(np.float32)
+  pad = jnp.asarray(np.array([[1] * l, [1] * 4 + [0] * 3], bool)[:, None, None, :])
+  causal = jnp.asarray(np.tril(np.ones((l, l), bool))[None, None])
+  kw = dict(num_layers=2, num_heads=4, mlp_dim=24)
+  explicit = layers.Encoder(**kw)
+  params = explicit.init(jax.random.PRNGKey(0), x, causal)
+  flagged = layers.Encoder(**kw, causal=True, attention_impl=impl)
+  np.testing.assert_allclose(flagged.apply(params, x), explicit.apply(params, x, causal),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flagged.apply(params, x, pad),
+                             explicit.apply(params, x, jnp.logical_and(causal, pad)),
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, False), (False, True)])
+def test_padding_odd_lengths_is_exact(causal, masked):
+  """The padding that cuDNN needs (odd lengths -> multiple of 8, masked by sequence lengths),
+  run through the XLA implementation on the CPU: values and gradients equal unpadded."""
+  rs = np.random.RandomState(0)
+  q, k, v = (jnp.asarray(rs.randn(2, 13, 3, 8).astype(np.float32)) for _ in range(3))
+  mask = jnp.asarray(rs.rand(2, 1, 13, 13) > 0.3) | jnp.eye(13, dtype=bool) if masked else None
+  def f(pad_odd):
+    out = lambda q, k, v: layers.fused_attention(q, k, v, mask, causal, "xla", pad_odd=pad_odd)
+    y = out(q, k, v)
+    g = jax.grad(lambda *a: (out(*a) * v).sum(), argnums=(0, 1, 2))(q, k, v)
+    return y, g
+  (y0, g0), (y1, g1) = f(False), f(True)
+  assert y1.shape == y0.shape
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
+  for a, b in zip(g1, g0):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

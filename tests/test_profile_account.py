@@ -53,3 +53,15 @@ def test_benchmark_profile_needs_an_accelerator(capsys):
   with pytest.raises(SystemExit):
     benchmark.main(["--systems=fashionclip", "--profile_dir=/tmp/nowhere"])
   assert "only CPU devices" in capsys.readouterr().err
+
+
+def test_benchmark_batch_is_random_where_values_matter():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  zeros = {"image": np.zeros((4, 8, 8, 3), np.uint8), "text": np.zeros((4, 16), np.int32),
+           "features": np.zeros((4, 5), np.float32), "label": np.zeros((4,), np.int32)}
+  b = benchmark.random_batch(zeros, vocab_size=100)
+  assert b["image"].dtype == np.uint8 and b["image"].std() > 50
+  assert b["text"].min() >= 0 and b["text"].max() < 100 and len(np.unique(b["text"])) > 20
+  assert b["features"].std() > 0.5
+  np.testing.assert_array_equal(b["label"], zeros["label"])  # Not token ids: left alone.
+  np.testing.assert_array_equal(benchmark.random_batch(zeros)["text"], zeros["text"])

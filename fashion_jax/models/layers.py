@@ -7,7 +7,7 @@ API (all Flax linen; `dtype` is the compute dtype, `param_dtype` the storage dty
 default; every parameter carries logical axis names from fashion_jax.parallel.axes):
 
   MultiHeadAttention(num_heads, head_dim=None, dropout_rate=0., dtype, param_dtype, kernel_init,
-                     attention_impl='einsum')
+                     attention_impl='einsum', causal=False)
       (x [B, Lq, D], mask=None, *, kv=None [B, Lk, D], deterministic=True) -> [B, Lq, D]
     Sub-modules `query`, `key`, `value` (DenseGeneral, kernel [D, H, Dh] axes (embed, heads, kv),
     bias [H, Dh]) and `out` (kernel [H, Dh, D] axes (heads, kv, embed), bias [D]).
@@ -15,7 +15,9 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
     bias = b.reshape(H, Dh); for the output projection (weight [D, H*Dh]) kernel =
     W.T.reshape(H, Dh, D). `mask` is boolean, True = may attend, broadcastable to
     [B, H, Lq, Lk] (the convention of flax.linen.make_attention_mask / make_causal_mask /
-    combine_masks, which build it). Logits = q k^T / sqrt(Dh), softmax in float32.
+    combine_masks, which build it). causal=True adds the causal mask (query i sees keys <= i)
+    to `mask`: the text tower's, given as a flag so that fused kernels use their causal mode
+    instead of a [Lq, Lk] bias. Logits = q k^T / sqrt(Dh), softmax in float32.
     attention_impl (ATTENTION_IMPLS) chooses how softmax(q k^T / sqrt(Dh)) v is computed; the
     projections and parameters are the same for all three, so a checkpoint runs under any:
       'einsum': two einsums around a float32 softmax, every intermediate materialised (the
@@ -28,6 +30,9 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
                 attention is ~4% of a ViT-B/16's FLOPs but its float32 softmax traffic was a
                 large share of the step (README "Accelerator efficiency"). Its softmax is
                 computed in float32 inside the kernel; a boolean mask becomes an additive bias.
+                cuDNN trains only on even sequence lengths, so odd ones (a ViT's 1 + 196
+                tokens, CLIP's 77) are padded to a multiple of 8 inside the call and the
+                padding excluded by cuDNN's sequence-length masking (exact), then sliced off.
       With attention dropout in training, 'xla' and 'cudnn' raise (their API has no dropout).
 
   Mlp(mlp_dim, act='quick_gelu', dropout_rate=0., ...)
@@ -37,14 +42,15 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
     'gelu_tanh' (tanh approximation). Unknown names raise ValueError.
 
   TransformerBlock(num_heads, mlp_dim, pre_norm=True, layer_norm_eps=1e-5, act='quick_gelu',
-                   dropout_rate=0., attention_dropout_rate=0., attention_impl='einsum', ...)
+                   dropout_rate=0., attention_dropout_rate=0., attention_impl='einsum',
+                   causal=False, ...)
       (x [B, L, D], mask=None, deterministic=True) -> [B, L, D]
     pre_norm (CLIP):  x = x + drop(attn(norm1(x)));  x = x + drop(mlp(norm2(x)))
     post_norm (BERT): x = norm1(x + drop(attn(x)));  x = norm2(x + drop(mlp(x)))
     Sub-modules `norm1`, `attn`, `norm2`, `mlp`.
 
   Encoder(num_layers, <TransformerBlock fields>, scan=False, remat_policy='none')
-    (attention_impl included: every block's attention uses it)
+    (attention_impl and causal included: every block's attention uses them)
       (x [B, L, D], mask=None, deterministic=True) -> [B, L, D]
     scan=False: blocks `layers_0` ... `layers_{N-1}`.
     scan=True: one `layers` sub-tree whose leaves carry a leading [N] axis named 'layers'
@@ -116,6 +122,31 @@ def _flat_init(init: Initializer, num_in_axes: int) -> Initializer:
   return wrapped
 
 
+def fused_attention(q, k, v, mask, causal: bool, implementation: str,
+                    pad_odd: Optional[bool] = None) -> jax.Array:
+  """jax.nn.dot_product_attention(implementation=...) on [B, L, H, Dh] q, k, v.
+
+  pad_odd (default: implementation == 'cudnn', which refuses odd lengths in training): odd
+  lengths are padded to a multiple of 8 and the padding masked by sequence lengths, so the
+  result equals unpadded attention; the padded query rows are sliced off.
+  """
+  if pad_odd is None:
+    pad_odd = implementation == "cudnn"
+  b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+  if not pad_odd or (lq % 2 == 0 and lk % 2 == 0):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        implementation=implementation)
+  pq, pk = -lq % 8, -lk % 8
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+  if mask is not None:  # Padded keys are masked by their length; padded query rows are dropped.
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pq), (0, pk)), constant_values=True)
+  out = jax.nn.dot_product_attention(
+      pad(q, pq), pad(k, pk), pad(v, pk), mask=mask, is_causal=causal,
+      query_seq_lengths=jnp.full((b,), lq, jnp.int32),
+      key_value_seq_lengths=jnp.full((b,), lk, jnp.int32), implementation=implementation)
+  return out[:, :lq]
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head (self- or cross-) attention with separate q/k/v/out projections and biases."""
   num_heads: int
@@ -125,6 +156,7 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   attention_impl: str = "einsum"  # See ATTENTION_IMPLS and the module docstring.
+  causal: bool = False  # Add the causal mask (see the module docstring).
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
@@ -154,6 +186,9 @@ class MultiHeadAttention(nn.Module):
     v = nn.with_logical_constraint(proj("value")(kv), head_axes)   # [B, Lk, H, Dh]
 
     if impl == "einsum":
+      if self.causal:
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(
           jnp.float32(head_dim))
       if mask is not None:
@@ -163,12 +198,12 @@ class MultiHeadAttention(nn.Module):
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     else:
+      if mask is not None:  # The API wants boolean [B|1, H|1, Lq, Lk] (flax's are float).
+        mask = jnp.reshape(mask.astype(bool), (1,) * (4 - mask.ndim) + mask.shape)
       if impl == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 compute, got dtype="
                          f"{jnp.dtype(self.dtype).name}.")
-      if mask is not None:  # The API wants boolean [B|1, H|1, Lq, Lk] (flax's are float).
-        mask = jnp.reshape(mask.astype(bool), (1,) * (4 - mask.ndim) + mask.shape)
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+      out = fused_attention(q, k, v, mask, self.causal, impl)
     out = nn.with_logical_constraint(out, head_axes)
     out = nn.Einsum(
         (self.num_heads, head_dim, d_model), "blhk,hkd->bld", dtype=self.dtype,
@@ -216,6 +251,7 @@ class TransformerBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   attention_impl: str = "einsum"
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
@@ -226,7 +262,7 @@ class TransformerBlock(nn.Module):
     attn = MultiHeadAttention(self.num_heads, dropout_rate=self.attention_dropout_rate,
                               dtype=self.dtype, param_dtype=self.param_dtype,
                               kernel_init=self.kernel_init, attention_impl=self.attention_impl,
-                              name="attn")
+                              causal=self.causal, name="attn")
     mlp = Mlp(self.mlp_dim, act=self.act, dropout_rate=self.dropout_rate, dtype=self.dtype,
               param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="mlp")
     drop = nn.Dropout(self.dropout_rate)
@@ -262,13 +298,14 @@ class Encoder(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   attention_impl: str = "einsum"
+  causal: bool = False
 
   def _block_kwargs(self):
     return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=self.pre_norm,
                 layer_norm_eps=self.layer_norm_eps, act=self.act, dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
                 param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                attention_impl=self.attention_impl)
+                attention_impl=self.attention_impl, causal=self.causal)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,

@@ -111,16 +111,17 @@ class TextTransformer(nn.Module):
                      self.param_dtype)
     x = x + pos[:length].astype(self.dtype)[None]
     x = nn.with_logical_constraint(x, layers.HIDDEN_AXES)
-    mask = nn.make_causal_mask(ids[:1])  # [1, 1, L, L]: the same for every row.
+    # The causal mask is the Encoder's `causal` flag (fused kernels have a causal mode).
+    mask = None
     if attention_mask is not None:
       # Padding masks keys only (as HF does): a padded query row still sees the real tokens
       # before it, so no row is ever fully masked.
-      mask = nn.combine_masks(mask, (attention_mask > 0)[:, None, None, :])
+      mask = (attention_mask > 0)[:, None, None, :]
     x = layers.Encoder(
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pre_norm=True,
         layer_norm_eps=cfg.layer_norm_eps, act=cfg.act, dtype=self.dtype,
         param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
-        attention_impl=self.attention_impl, name="encoder")(x, mask, deterministic)
+        attention_impl=self.attention_impl, causal=True, name="encoder")(x, mask, deterministic)
     x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
     pooled = jnp.take_along_axis(
         x, eos_positions(ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
