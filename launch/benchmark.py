@@ -4,8 +4,10 @@ For each system the trainer's own step is built (train/state.py + train/step.py:
 optimizer, donation, sharding rules) on a data-parallel mesh over the devices present, fed a
 fixed batch of the system's shapes (`dummy_batch`, zeros: its uint8 and float arrays and its
 token ids filled with random values: GEMMs on zeros run faster than on real data, and all-zero
-ids make the embedding gradient a contended scatter; other integer arrays stay as made), compiled, run `--warmup` times, then timed `--repeats` times (each step ended by
-`block_until_ready`); the median is reported. XLA_FLAGS in the environment is recorded per row.
+ids make the embedding gradient a contended scatter; other integer arrays stay as made), compiled, run `--warmup` times, then timed two ways (`time_step`): pipelined (3 rounds of
+`--repeats` steps dispatched back to back and waited for once, as the trainer runs: it fetches
+metrics only every log_every_steps) gives "step ms", samples/s and MFU; blocking (each step
+waited for) is shown beside it, the difference being the host's dispatch of the next step. XLA_FLAGS in the environment is recorded per row.
 
 --profile_dir=DIR also traces `--profile_steps` more steps with jax.profiler into DIR/<system>
 and adds launch/profile_account.py's account of the device time (kernel categories, idle time,
@@ -114,8 +116,15 @@ def random_batch(batch: dict, vocab_size: int = 0, seed: int = 0) -> dict:
   return out
 
 
-def time_step(step, state, batch, warmup: int, repeats: int):
-  """(step times in s, first call's time in s, the last state); `step` donates its state."""
+def time_step(step, state, batch, warmup: int, repeats: int, rounds: int = 3):
+  """Times `step` (a compiled step that donates its state) two ways.
+
+  Returns (blocking, pipelined, first call's time, the last state), times in s:
+    blocking:  `repeats` single steps, each ended by block_until_ready (latency: includes the
+               host's dispatch of the next step, ~10 ms for a B/16 step on the H100);
+    pipelined: `rounds` x (`repeats` steps dispatched back to back, then one block), per step:
+               what the trainer sees, since it fetches metrics only every log_every_steps.
+  """
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
@@ -123,13 +132,20 @@ def time_step(step, state, batch, warmup: int, repeats: int):
   for _ in range(warmup):
     state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
-  times = []
+  blocking = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t0)
-  return times, first, state
+    blocking.append(time.perf_counter() - t0)
+  pipelined = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+      state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    pipelined.append((time.perf_counter() - t0) / repeats)
+  return blocking, pipelined, first, state
 
 
 def bench_system(name: str, variant: str, overrides: list[str], batch_size: int, warmup: int,
@@ -159,12 +175,14 @@ def bench_system(name: str, variant: str, overrides: list[str], batch_size: int,
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    times, first, state = time_step(compiled, state, batch, warmup, repeats)
+    blocking, times, first, state = time_step(compiled, state, batch, warmup, repeats)
     trace_dir = ""
-    if profile_dir:
+    if profile_dir:  # Pipelined steps, as timed: one block at the end.
       trace_dir = os.path.join(profile_dir, name)
       with jax.profiler.trace(trace_dir):
-        time_step(compiled, state, batch, 0, profile_steps)
+        for _ in range(profile_steps):
+          state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
   flops = plan.analytic_flops(system, full.batch_size)
   source = "analytic"
   if flops is None:
@@ -174,12 +192,13 @@ def bench_system(name: str, variant: str, overrides: list[str], batch_size: int,
   sec = statistics.median(times)
   profile = None
   if trace_dir:
-    profile = profile_account.account(trace_dir, profile_steps + 1, sec,
+    profile = profile_account.account(trace_dir, profile_steps, sec,
                                       flops / n if source == "analytic" else None)
   return dict(system=name, variant=variant, levers=plan.levers(full), devices=n,
               device_kind=jax.devices()[0].device_kind, batch_size=int(full.batch_size),
               params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.params))),
-              step_s=sec, step_s_all=times, compile_s=compile_s, first_step_s=first,
+              step_s=sec, step_s_all=times, blocking_step_s=statistics.median(blocking),
+              blocking_step_s_all=blocking, compile_s=compile_s, first_step_s=first,
               samples_per_s=full.batch_size / sec, flops_per_step=flops, flops_source=source,
               tflops_per_s=flops / sec / 1e12, peak_tflops=peak, peak_source=peak_source,
               mfu=flops / sec / (n * peak * 1e12), warmup=warmup, repeats=repeats,
@@ -187,20 +206,23 @@ def bench_system(name: str, variant: str, overrides: list[str], batch_size: int,
 
 
 def markdown(rows: list[dict]) -> str:
-  head = ["system", "variant", "levers", "params", "batch", "step ms (median)", "samples/s",
-          "TFLOP/step", "TFLOP/s", "peak TFLOP/s", "MFU"]
+  head = ["system", "variant", "levers", "params", "batch", "step ms", "blocking step ms",
+          "samples/s", "TFLOP/step", "TFLOP/s", "peak TFLOP/s", "MFU"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     lines.append("| " + " | ".join([
         r["system"], r["variant"], r["levers"], f"{r['params'] / 1e6:.1f}M",
-        str(r["batch_size"]), f"{r['step_s'] * 1e3:.0f}", f"{r['samples_per_s']:.1f}",
+        str(r["batch_size"]), f"{r['step_s'] * 1e3:.1f}", f"{r['blocking_step_s'] * 1e3:.1f}",
+        f"{r['samples_per_s']:.1f}",
         f"{r['flops_per_step'] / 1e12:.4g}" + ("" if r["flops_source"] == "analytic" else "*"),
         f"{r['tflops_per_s']:.3f}", f"{r['peak_tflops']:.3g}", f"{r['mfu']:.1%}"]) + " |")
   if rows:
     r = rows[0]
     lines.append(f"\nDevices: {r['devices']} x {r['device_kind']!r}; peak per device: "
-                 f"{r['peak_source']}; median of {r['repeats']} steps "
-                 f"after {r['warmup']} warm-up steps. * = XLA's FLOP count of the compiled step.")
+                 f"{r['peak_source']}; step ms: pipelined (median of 3 rounds of "
+                 f"{r['repeats']} steps dispatched back to back, as the trainer runs), blocking: "
+                 f"median of {r['repeats']} steps each waited for; after {r['warmup']} warm-up "
+                 "steps. * = XLA's FLOP count of the compiled step.")
   return "\n".join(lines)
 
 

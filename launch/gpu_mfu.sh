@@ -48,7 +48,9 @@ run_variant() {
     einsum_b256) variant "$1" --batch=256 --profile_dir="$RES/traces/$1" ;;
     cudnn_b256) variant "$1" --batch=256 --set model.attention_impl=cudnn \
                     --profile_dir="$RES/traces/$1" ;;
-    cudnn_b512) variant "$1" --batch=512 --set model.attention_impl=cudnn ;;
+    cudnn_b512) variant "$1" --batch=512 --set model.attention_impl=cudnn \
+                    --profile_dir="$RES/traces/$1" ;;
+    einsum_b512) variant "$1" --batch=512 ;;
     cudnn_b256_cublas) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
                            variant "$1" --batch=256 --set model.attention_impl=cudnn ;;
     cudnn_b256_remat) variant "$1" --batch=256 --set model.attention_impl=cudnn \
@@ -59,7 +61,7 @@ run_variant() {
 
 VARIANTS=("$@")
 [ ${#VARIANTS[@]} -eq 0 ] && VARIANTS=(cudnn_tests cudnn_b256 einsum_b256 cudnn_b512
-                                       cudnn_b256_cublas)
+                                       einsum_b512 cudnn_b256_cublas)
 for v in "${VARIANTS[@]}"; do
   run_variant "$v"
   # Collect after every variant, so a later timeout still leaves the earlier results in $OUT.
@@ -83,6 +85,7 @@ import json, sys
 for r in json.load(open(sys.argv[1])):
   p = r.get("profile") or {}
   print(f"{r['name']:22s} batch {r['batch_size']:4d} {r['step_s']*1e3:8.1f} ms "
+        f"(blocking {r.get('blocking_step_s', 0)*1e3:6.1f}) "
         f"{r['samples_per_s']:8.0f} samples/s  MFU {r['mfu']:.1%}  busy {p.get('busy_share', 0):.0%}"
         f"  gemm {p.get('matmul_tflops_in_matmul_kernels', 0):.0f} TFLOP/s  levers {r['levers']}"
         f"  {r['xla_flags']}")

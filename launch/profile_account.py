@@ -34,7 +34,7 @@ from typing import Iterable, Optional
 # (category, pattern) in match order: attention and convolutions before GEMMs, because cuDNN's
 # fused-attention and implicit-GEMM convolution kernels also contain 'gemm' / 'wgmma'.
 CATEGORIES = (
-    ("attention", r"sdpa|flash|fmha|fused_attention|_attention"),
+    ("attention", r"sdpa|flash|fmha|fused_attention|_attention|cudnn::fusion"),
     ("convolution", r"convolution|fprop|dgrad|wgrad|implicit_gemm|conv2d|_conv_"),
     ("matmul", r"gemm|xmma|nvjet|cutlass|cublas|hgmma|wgmma|\bdot|_dot|triton_.*dot|matmul"),
     ("memcpy", r"memcpy|memset"),

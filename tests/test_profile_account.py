@@ -12,6 +12,7 @@ def test_categories_of_vendor_kernel_names():
       "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN": "matmul",
       "gemm_fusion_dot_17": "matmul",
       "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3": "attention",
+      "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)": "attention",
       "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
       "loop_convert_fusion_3": "elementwise",
       "input_reduce_fusion_12": "reduction",
