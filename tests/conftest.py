@@ -7,7 +7,9 @@ explicitly). The repo root goes on sys.path so `tests.toy_system` imports as a m
 import os
 import sys
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+# FASHION_JAX_TEST_PLATFORMS=cuda,cpu runs the GPU-only tests (launch/gpu_mfu.sh cudnn_tests)
+# on a GPU machine; everything else assumes the CPU.
+os.environ["JAX_PLATFORMS"] = os.environ.get("FASHION_JAX_TEST_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
