@@ -2,12 +2,13 @@ r"""Measured train-step time, samples/s and model FLOPs utilisation of every sys
 
 For each system the trainer's own step is built (train/state.py + train/step.py: the config's
 optimizer, donation, sharding rules) on a data-parallel mesh over the devices present, fed a
-fixed batch of the system's shapes (`dummy_batch`, zeros: its uint8 and float arrays and its
-token ids filled with random values: GEMMs on zeros run faster than on real data, and all-zero
-ids make the embedding gradient a contended scatter; other integer arrays stay as made), compiled, run `--warmup` times, then timed two ways (`time_step`): pipelined (3 rounds of
-`--repeats` steps dispatched back to back and waited for once, as the trainer runs: it fetches
-metrics only every log_every_steps) gives "step ms", samples/s and MFU; blocking (each step
-waited for) is shown beside it, the difference being the host's dispatch of the next step. XLA_FLAGS in the environment is recorded per row.
+fixed batch of the system's shapes (`dummy_batch` with its uint8 and float arrays and its token
+ids made random by `random_batch`: GEMMs on zeros run faster than on real data, and all-zero ids
+make the embedding gradient a contended scatter), compiled, run `--warmup` times, then timed two
+ways (`time_step`): pipelined (3 rounds of `--repeats` steps dispatched back to back and waited
+for once, as the trainer runs: it fetches metrics only every log_every_steps) gives "step ms",
+samples/s and MFU; blocking (each step waited for) is shown beside it, the difference being the
+host's dispatch of the next step. XLA_FLAGS in the environment is recorded per row.
 
 --profile_dir=DIR also traces `--profile_steps` more steps with jax.profiler into DIR/<system>
 and adds launch/profile_account.py's account of the device time (kernel categories, idle time,

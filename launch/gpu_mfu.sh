@@ -3,7 +3,7 @@
 # bf16 (the trainer's own step, launch/benchmark.py) under each speed lever, with a profile
 # account of where the device time goes (launch/profile_account.py).
 #
-#   OUT=/tmp/gpu_mfu launch/gpu_mfu.sh [VARIANT ...]     # default: every variant below
+#   OUT=/tmp/gpu_mfu launch/gpu_mfu.sh [VARIANT ...]     # default: the VARIANTS list below
 #
 # Writes $OUT/log.txt (everything), $OUT/results.json (one benchmark row per variant, with its
 # profile account) and $OUT/traces.tgz (the .xplane.pb traces). Each variant runs in its own

@@ -58,10 +58,7 @@ class CLIPConfig:
   def __post_init__(self):
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype {self.dtype!r} not in {_DTYPES}.")
-    layers.check_attention_impl(self.attention_impl)
-    if self.attention_impl == "cudnn" and self.dtype == "float32":
-      raise ValueError("attention_impl='cudnn' needs dtype 'bfloat16' or 'float16', got "
-                       "'float32'.")
+    layers.check_attention_impl(self.attention_impl, self.dtype)  # At config time, not trace.
 
   def replace(self, **kw) -> "CLIPConfig":
     return dataclasses.replace(self, **kw)
@@ -151,8 +148,8 @@ def clip_config(variant: str = "B/32", *, projection_dim: Optional[int] = None,
   """CLIPConfig of a named variant ('tiny', 'S/16', 'B/32', 'B/16', 'L/14').
 
   `vision` / `text` override tower fields (e.g. vision=dict(image_size=96)); `runtime` sets
-  dtype, scan, remat_policy, attention_impl, logit_scale_init. OpenAI's projection widths: 768 for L/14,
-  512 for B, the text width otherwise.
+  dtype, scan, remat_policy, attention_impl, logit_scale_init. OpenAI's projection widths: 768
+  for L/14, 512 for B, the text width otherwise.
   """
   v = vit_lib.vit_config(variant, **dict(vision or {}))
   t = text_lib.text_config(variant, **dict(text or {}))

@@ -82,10 +82,15 @@ REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable",
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
-def check_attention_impl(impl: str) -> str:
-  """`impl` if it is one of ATTENTION_IMPLS, else ValueError naming it."""
+def check_attention_impl(impl: str, dtype: Any = None) -> str:
+  """`impl` if it is one of ATTENTION_IMPLS (and, given the compute `dtype`, one it runs in:
+  'cudnn' needs bfloat16 or float16), else ValueError naming the value."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"Unknown attention_impl {impl!r}: expected one of {ATTENTION_IMPLS}.")
+  if impl == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16,
+                                                                        jnp.float16):
+    raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 compute, got dtype="
+                     f"{jnp.dtype(dtype).name}.")
   return impl
 
 
@@ -161,7 +166,7 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
                kv: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
-    impl = check_attention_impl(self.attention_impl)
+    impl = check_attention_impl(self.attention_impl, self.dtype)
     if impl != "einsum" and self.dropout_rate > 0 and not deterministic:
       raise ValueError(f"attention_impl={impl!r} has no attention dropout but dropout_rate="
                        f"{self.dropout_rate} in training: use attention_impl='einsum' or set the "
@@ -200,9 +205,6 @@ class MultiHeadAttention(nn.Module):
     else:
       if mask is not None:  # The API wants boolean [B|1, H|1, Lq, Lk] (flax's are float).
         mask = jnp.reshape(mask.astype(bool), (1,) * (4 - mask.ndim) + mask.shape)
-      if impl == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 compute, got dtype="
-                         f"{jnp.dtype(self.dtype).name}.")
       out = fused_attention(q, k, v, mask, self.causal, impl)
     out = nn.with_logical_constraint(out, head_axes)
     out = nn.Einsum(
