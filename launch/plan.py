@@ -1,234 +1,23 @@
-r"""Ahead-of-time memory and speed plan of a config's train step on N devices, on a CPU.
+r"""Command line of the ahead-of-time memory and speed planner (fashion_jax/train/plan.py).
 
-The train step the trainer would run (same system, optimizer, mesh, logical sharding rules,
-donation, grad accumulation: train/state.py + train/step.py) is lowered with abstract shapes
-(`jax.ShapeDtypeStruct`s carrying their shardings; nothing is allocated) for N fake CPU devices
-and compiled by XLA's SPMD partitioner. Per strategy it reports:
-
-  * per-device memory from `compiled.memory_analysis()`: arguments (params + optimizer state +
-    the batch shard), output, temporaries, and peak = arguments + output - aliased + temporaries
-    (donated state buffers are aliased by the output, so they count once);
-  * FLOPs per step: analytic model FLOPs for CLIP-family systems (launch/benchmark_model.py's
-    matmul count, forward x 3, rematerialisation excluded), because XLA's cost_analysis counts
-    a scanned layer body once; for other systems XLA's count of the compiled program (exact
-    only when nothing is scanned; it also counts recomputation and elementwise work);
-  * predicted step time = FLOPs / (N x chip peak x MFU) and samples/s at an assumed MFU.
-
-Strategies: dp (mesh data=N: params replicated), fsdp (fsdp=N: params, gradients and Adam
-state sharded over every device), fsdp_tensor (fsdp=N/T, tensor=T: wide dims of the MLP and
-attention heads additionally split T ways; the batch is split N/T ways).
-
-The CPU compiler is not the TPU/GPU compiler: its fusion and scheduling differ, so the
-temporaries are an estimate of the accelerator's, not its measurement (argument and output
-sizes are exact: they are the shapes and shardings).
-
-COMMANDS (README table):
+COMMANDS (docs/pod.md table):
   python -m launch.plan --config=configs/fashionclip.py:pod --devices=64 \
       --set model.variant='"L/14"' --set model.encode_chunks=4 --set model.loss_blocks=8 \
       --chip="TPU v4" --hbm_gib=16 --mfu=0.4 --jsonl=/tmp/plan.jsonl
   python -m launch.plan --render=/tmp/plan.jsonl          # markdown table of every row
 
 The process re-executes itself with XLA_FLAGS=--xla_force_host_platform_device_count=N (JAX
-reads it once, at backend start), so call it from a fresh shell, not from a running JAX program.
+reads it once, at backend start, which the imports below do not trigger), so call it from a fresh
+shell, not from a running JAX program.
 """
 
 import argparse
-import ast
-import contextlib
-import importlib.util
 import json
-import math
 import os
 import sys
-import time
-from typing import Any
 
-STRATEGIES = ("dp", "fsdp", "fsdp_tensor")
-# Dense bf16 peak TFLOP/s and HBM GiB per chip. The 16 GiB budget of the README's target is
-# passed with --hbm_gib (a TPU v4 chip has 32 GiB, a v5e 16 GiB).
-CHIPS = {"TPU v4": (275.0, 32), "TPU v5e": (197.0, 16), "TPU v5p": (459.0, 95),
-         "H100": (989.0, 80), "A100": (312.0, 40)}
-
-
-def strategy_mesh(strategy: str, devices: int, tensor: int) -> dict[str, int]:
-  """Mesh sizes {data, fsdp, tensor} of a named strategy."""
-  if strategy == "dp":
-    return dict(data=devices, fsdp=1, tensor=1)
-  if strategy == "fsdp":
-    return dict(data=1, fsdp=devices, tensor=1)
-  if strategy == "fsdp_tensor":
-    if tensor < 2 or devices % tensor:
-      raise ValueError(f"--tensor={tensor} must be >= 2 and divide --devices={devices}.")
-    return dict(data=1, fsdp=devices // tensor, tensor=tensor)
-  raise ValueError(f"Unknown strategy {strategy!r}; expected one of {STRATEGIES}.")
-
-
-def load_config(spec: str, overrides: list[str]):
-  """`path.py:arg` -> its get_config(arg), with `key.sub=python_literal` overrides applied."""
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("plan_config", path)
-  if mod_spec is None:
-    raise ValueError(f"--config={spec!r}: no config file {path!r}.")
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  for item in overrides:
-    key, eq, value = item.partition("=")
-    if not eq:
-      raise ValueError(f"--set {item!r} is not KEY=VALUE.")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass  # A bare string.
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
-      node[leaf] = value
-  return config
-
-
-def analytic_flops(system, batch_size: int) -> float | None:
-  """Model FLOPs of one train step, or None when the system has no analytic count.
-
-  Systems whose `model_config` is a CLIPConfig (vision and text towers: FashionCLIP):
-  benchmark_model's matmul count, forward x 3. Others (E2's config wraps the CLIP one with
-  selection tokens and fusion blocks) get None: the caller falls back to XLA's count.
-  """
-  cfg = getattr(system, "model_config", None)
-  if cfg is None or not hasattr(cfg, "vision") or not hasattr(cfg, "text"):
-    return None
-  from launch import benchmark_model  # pylint: disable=g-import-not-at-top
-  return benchmark_model.train_flops_per_step(cfg, batch_size, system.config.data.max_len)
-
-
-def abstract_batch(system, batch_size: int, mesh) -> dict[str, Any]:
-  """ShapeDtypeStructs of a global batch of `batch_size` rows, sharded like the trainer's."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from fashion_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  small = system.dummy_batch(mesh_lib.batch_axes_size(mesh))  # Tiny: shapes only.
-  sh = sharding_lib.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=sh)
-          for k, v in small.items()}
-
-
-def compile_step(config, mesh, batch_size: int | None = None):
-  """(compiled train step, abstract state, abstract batch, system) of `config` on `mesh`."""
-  from fashion_jax import systems  # pylint: disable=g-import-not-at-top
-  from fashion_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import config_check  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  config = config_check.with_defaults(config)
-  batch_size = batch_size or config.batch_size
-  rules = sharding_lib.logical_rules(config.sharding_rules)
-  system = systems.get_system(config)
-  shapes = state_lib.abstract_params(system, mesh, rules, config.seed)
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, shapes.params,
-                                              config.total_steps or 1000)
-  abstract, state_sh = state_lib.abstract_state(system, tx, mesh, rules, config.seed, shapes)
-  step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_sh,
-                                  config.grad_accum_steps)
-  batch = abstract_batch(system, batch_size, mesh)
-  return step.lower(abstract, batch).compile(), abstract, batch, system
-
-
-def memory_row(compiled) -> dict[str, int]:
-  """Per-device bytes of a compiled program (see the module docstring for `peak`)."""
-  m = compiled.memory_analysis()
-  args, out = m.argument_size_in_bytes, m.output_size_in_bytes
-  alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
-  return dict(argument_bytes=int(args), output_bytes=int(out), alias_bytes=int(alias),
-              temp_bytes=int(temp), peak_bytes=int(args + out - alias + temp))
-
-
-def xla_flops(compiled) -> float:
-  """XLA's flop count of a compiled program (one device's program under SPMD)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get("flops", 0.0))
-
-
-def levers(config) -> str:
-  """The memory/speed switches of a config, as one short string for the table."""
-  m = config.model
-  parts = [f"{m.get('dtype', 'float32')}"]
-  if m.get("scan"):
-    parts.append("scan")
-  if m.get("remat_policy", "none") != "none":
-    parts.append(f"remat={m.remat_policy}")
-  if m.get("attention_impl", "einsum") != "einsum":
-    parts.append(f"attention={m.attention_impl}")
-  if m.get("encode_chunks", 1) > 1:
-    parts.append(f"encode_chunks={m.encode_chunks}")
-  if m.get("loss_blocks", 1) > 1:
-    parts.append(f"loss_blocks={m.loss_blocks}")
-  if config.get("grad_accum_steps", 1) > 1:
-    parts.append(f"grad_accum={config.grad_accum_steps}")
-  return " ".join(parts)
-
-
-def plan(config, strategy: str, devices: int, tensor: int, peak_tflops: float, mfu: float,
-         name: str) -> dict[str, Any]:
-  """One table row: compile `config` under `strategy` on the first `devices` devices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  if len(jax.devices()) < devices:
-    raise ValueError(f"{len(jax.devices())} devices present, the plan needs {devices}: run "
-                     "launch.plan as a program (it sets the fake device count itself).")
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.mesh = strategy_mesh(strategy, devices, tensor)
-  mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:devices])
-  t0 = time.perf_counter()
-  compiled, abstract, _, system = compile_step(config, mesh)
-  compile_s = time.perf_counter() - t0
-  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
-  flops = analytic_flops(system, config.batch_size)
-  source = "analytic"
-  if flops is None:
-    flops, source = xla_flops(compiled) * devices, "xla"
-  step_s = flops / (devices * peak_tflops * 1e12 * mfu)
-  row = dict(name=name, system=config.system, strategy=strategy, mesh=dict(mesh.shape),
-             devices=devices, batch_size=int(config.batch_size),
-             per_device_batch=config.batch_size / devices, params=int(n_params),
-             levers=levers(config), flops_per_step=flops, flops_source=source,
-             xla_flops_per_device=xla_flops(compiled), peak_tflops=peak_tflops, mfu=mfu,
-             step_s=step_s, samples_per_s=config.batch_size / step_s,
-             compile_s=round(compile_s, 1))
-  row.update(memory_row(compiled))
-  return row
-
-
-GiB = 1024 ** 3
-
-
-def _tflop(flops: float) -> str:
-  t = flops / 1e12
-  return f"{t:,.0f}" if t >= 100 else f"{t:.3g}"
-
-
-def render(rows: list[dict[str, Any]], hbm_gib: float | None = None) -> str:
-  """Markdown table of plan rows."""
-  head = ["model", "global batch", "chips", "strategy (mesh)", "levers", "args GiB",
-          "temp GiB", "peak GiB/chip", "fits", "TFLOP/step", "step s", "samples/s"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for r in rows:
-    mesh = "x".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
-    budget = r.get("hbm_gib", hbm_gib)
-    fits = "" if not budget else ("yes" if r["peak_bytes"] <= budget * GiB else "no")
-    lines.append("| " + " | ".join([
-        r["name"], f"{r['batch_size']:,}", str(r["devices"]), f"{r['strategy']} ({mesh})",
-        r["levers"], f"{r['argument_bytes'] / GiB:.2f}", f"{r['temp_bytes'] / GiB:.2f}",
-        f"{r['peak_bytes'] / GiB:.2f}", fits,
-        _tflop(r["flops_per_step"]) + ("" if r["flops_source"] == "analytic" else "*"),
-        f"{r['step_s']:.3g}", f"{r['samples_per_s']:,.0f}"]) + " |")
-  return "\n".join(lines)
-
+from fashion_jax import configs
+from fashion_jax.train import plan as plan_lib
 
 def _ensure_devices(n: int) -> None:
   """Re-executes this program with N fake CPU devices unless it already has them."""
@@ -250,9 +39,9 @@ def main(argv=None):
                       help="config override, VALUE a python literal (repeatable)")
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--batch", type=int, default=0, help="global batch (default: config's)")
-  parser.add_argument("--strategies", default=",".join(STRATEGIES))
+  parser.add_argument("--strategies", default=",".join(plan_lib.STRATEGIES))
   parser.add_argument("--tensor", type=int, default=4, help="tensor axis of fsdp_tensor")
-  parser.add_argument("--chip", default="TPU v4", choices=sorted(CHIPS))
+  parser.add_argument("--chip", default="TPU v4", choices=sorted(plan_lib.CHIPS))
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="overrides --chip's peak")
   parser.add_argument("--hbm_gib", type=float, default=0.0, help="budget (default: --chip's)")
   parser.add_argument("--mfu", type=float, default=0.4)
@@ -263,35 +52,35 @@ def main(argv=None):
 
   if args.render:
     with open(args.render) as f:
-      print(render([json.loads(line) for line in f if line.strip()]))
+      print(plan_lib.render([json.loads(line) for line in f if line.strip()]))
     return
   if not args.config:
     parser.error("--config is required (or --render).")
   _ensure_devices(args.devices)
-  config = load_config(args.config, args.set)
+  config = configs.get(args.config, args.set)
   if args.batch:
     config.batch_size = args.batch
-  peak, hbm = CHIPS[args.chip]
+  peak, hbm = plan_lib.CHIPS[args.chip]
   peak = args.peak_tflops or peak
   hbm = args.hbm_gib or hbm
   name = args.name or f"{config.system} {config.model.get('variant', '')}".strip()
   rows = []
   for strategy in args.strategies.split(","):
     try:
-      row = plan(config, strategy, args.devices, args.tensor, peak, args.mfu, name)
+      row = plan_lib.plan(config, strategy, args.devices, args.tensor, peak, args.mfu, name)
     except Exception as e:  # pylint: disable=broad-except
       # An OOM-free CPU compile rarely fails; report the failure as a row instead of dying.
       print(f"{strategy}: compile failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
       continue
     row.update(chip=args.chip, hbm_gib=hbm)
     rows.append(row)
-    print(render([row]).splitlines()[-1], flush=True)
+    print(plan_lib.render([row]).splitlines()[-1], flush=True)
     if args.jsonl:
       with open(args.jsonl, "a") as f:
         f.write(json.dumps(row) + "\n")
   print(f"\n{args.chip}: {peak:.0f} TFLOP/s peak, MFU {args.mfu:.0%}, budget {hbm:g} GiB/chip; "
         f"memory = XLA CPU AOT compile for {args.devices} devices")
-  print(render(rows))
+  print(plan_lib.render(rows))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from fashion_jax.losses import contrastive
 from fashion_jax.parallel import mesh as mesh_lib
 from fashion_jax.parallel import sharding as sharding_lib
 from fashion_jax.train import state as state_lib
-from launch import plan
+from fashion_jax.train import plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=64, num_layers=2, num_heads=2, mlp_dim=256, patch_size=8)

@@ -1,9 +1,9 @@
-"""launch/profile_account.py on hand-made kernel timelines (the real traces need a GPU/TPU)."""
+"""benchmarks/profile_account.py on hand-made kernel timelines (the real traces need a GPU/TPU)."""
 
 import pytest
 
-from launch import benchmark
-from launch import profile_account as pa
+from benchmarks import benchmark
+from benchmarks import profile_account as pa
 
 
 def test_categories_of_vendor_kernel_names():

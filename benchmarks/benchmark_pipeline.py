@@ -1,7 +1,7 @@
 r"""Training-pipeline throughput per CPU core: our tf.data path vs a plain PIL + numpy loop.
 
 COMMAND
-  python -m launch.benchmark_pipeline [--num_images=512] [--batch=64] [--repeats=3]
+  python -m benchmarks.benchmark_pipeline [--num_images=512] [--batch=64] [--repeats=3]
 
 The work: decode a 256 px JPEG, random resized crop (area 0.08-1, aspect 3/4-4/3) to 224,
 random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):

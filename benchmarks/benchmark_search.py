@@ -1,6 +1,6 @@
 r"""Approximate (IVF) vs exact product search: recall@k against exact, and timings.
 
-    python -m launch.benchmark_search --num_items=100000 --num_queries=1000 --dim=128 \
+    python -m benchmarks.benchmark_search --num_items=100000 --num_queries=1000 --dim=128 \
         --nprobe=1,2,4,8,16,32 --out=/tmp/bench_search.json
 
 Items (--source):

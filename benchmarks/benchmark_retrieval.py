@@ -1,8 +1,8 @@
 r"""Benchmark: full-candidate retrieval of N x N embeddings vs a numpy full matrix and the floor.
 
 COMMAND
-  python -m launch.benchmark_retrieval                       # N=100k, D=512, numpy ref at 30k
-  python -m launch.benchmark_retrieval --n=20000 --ref_n=10000   # quicker
+  python -m benchmarks.benchmark_retrieval                       # N=100k, D=512, numpy ref at 30k
+  python -m benchmarks.benchmark_retrieval --n=20000 --ref_n=10000   # quicker
 
 What it measures, in ONE invocation (each phase in its own child process so that each peak
 memory is its own):
@@ -112,7 +112,7 @@ def phase_numpy(args):
 
 
 def run_child(phase, **overrides):
-  cmd = [sys.executable, "-m", "launch.benchmark_retrieval", f"--phase={phase}"]
+  cmd = [sys.executable, "-m", "benchmarks.benchmark_retrieval", f"--phase={phase}"]
   cmd += [f"--{k}={v}" for k, v in overrides.items()]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements behind README "Accelerator efficiency": FashionCLIP B/16 train step in
-# bf16 (the trainer's own step, launch/benchmark.py) under each speed lever, with a profile
-# account of where the device time goes (launch/profile_account.py).
+# bf16 (the trainer's own step, benchmarks/benchmark.py) under each speed lever, with a profile
+# account of where the device time goes (benchmarks/profile_account.py).
 #
-#   OUT=/tmp/gpu_mfu launch/gpu_mfu.sh [VARIANT ...]     # default: the VARIANTS list below
+#   OUT=/tmp/gpu_mfu benchmarks/gpu_mfu.sh [VARIANT ...]     # default: the VARIANTS list below
 #
 # Writes $OUT/log.txt (everything), $OUT/results.json (one benchmark row per variant, with its
 # profile account) and $OUT/traces.tgz (the .xplane.pb traces). Each variant runs in its own
@@ -23,7 +23,7 @@ if ! $PY -c "import ml_collections" 2>/dev/null && ls .whl/ml_collections-*.whl 
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/ml_collections-*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! $PY -c "import launch.benchmark" 2>"$RES/import.err"; then
+if ! $PY -c "import benchmarks.benchmark" 2>"$RES/import.err"; then
   echo "import failed with the installed flax/optax:"; tail -3 "$RES/import.err"
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/flax-*.whl .whl/optax-*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -37,7 +37,7 @@ COMMON=(--systems=fashionclip --variant=base --set model.variant=B/16
 variant() {  # name, then benchmark flags; XLA_FLAGS from the environment.
   local name=$1; shift
   echo; echo "=== $(date +%T) $name: XLA_FLAGS='${XLA_FLAGS:-}' $*"
-  timeout "${VARIANT_TIMEOUT:-170}" $PY -m launch.benchmark "${COMMON[@]}" "$@" \
+  timeout "${VARIANT_TIMEOUT:-170}" $PY -m benchmarks.benchmark "${COMMON[@]}" "$@" \
       --json="$RES/$name.json" 2>&1 | grep -v -E "^(WARNING|I0000|W0000)" | tail -45
 }
 

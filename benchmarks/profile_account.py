@@ -1,9 +1,9 @@
 r"""Where a train step's device time goes, from a JAX profiler trace (an .xplane.pb file).
 
-`launch/benchmark.py --profile_dir=DIR` traces a few timed steps and calls `account` on the
+`benchmarks/benchmark.py --profile_dir=DIR` traces a few timed steps and calls `account` on the
 trace; this module also re-reads a saved trace:
 
-  python -m launch.profile_account DIR_OR_XPLANE_PB --steps=3 [--step_ms=...] [--json=out.json]
+  python -m benchmarks.profile_account DIR_OR_XPLANE_PB --steps=3 [--step_ms=...] [--json=out.json]
 
 The account reads the device planes (`/device:GPU:*`, `/device:TPU:*`) of the trace and, on each,
 the kernels of every stream line. Per step it reports:

@@ -1,8 +1,8 @@
 r"""Benchmark: pairs/s of FashionBERT's cross-encoder scoring (evaluate/cross_encoder.PairScorer).
 
 COMMAND
-  python -m launch.benchmark_cross_encoder                          # smoke model, CPU
-  python -m launch.benchmark_cross_encoder --variant=base --pairs=16384 --pair_batch=2048 \
+  python -m benchmarks.benchmark_cross_encoder                          # smoke model, CPU
+  python -m benchmarks.benchmark_cross_encoder --variant=base --pairs=16384 --pair_batch=2048 \
       --dtype=bfloat16 --out=/tmp/xenc_base.json                    # BERT-base, e.g. on a GPU
 
 What is timed: the evaluator's own scoring loop, `PairScorer.score`, on M (text, image) index

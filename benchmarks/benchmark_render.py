@@ -1,7 +1,7 @@
 r"""Single-process speed of the synthetic catalog: products/s per core at a given image size.
 
-    python -m launch.benchmark_render --image_size=64 --num=2000
-    python -m launch.benchmark_render --image_size=256 --num=200
+    python -m benchmarks.benchmark_render --image_size=64 --num=2000
+    python -m benchmarks.benchmark_render --image_size=256 --num=200
 
 Times, in one process (= one core), the stages of a product: sampling its spec, writing its text,
 rendering its 2-4 views, and JPEG-encoding them as the TFDS builder does. Target: >= 500

@@ -11,22 +11,22 @@ samples/s and MFU; blocking (each step waited for) is shown beside it, the diffe
 host's dispatch of the next step. XLA_FLAGS in the environment is recorded per row.
 
 --profile_dir=DIR also traces `--profile_steps` more steps with jax.profiler into DIR/<system>
-and adds launch/profile_account.py's account of the device time (kernel categories, idle time,
+and adds benchmarks/profile_account.py's account of the device time (kernel categories, idle time,
 top kernels, the GEMM kernels' achieved TFLOP/s) to the row and the printout.
 
-FLOPs per step: analytic model FLOPs for CLIP-family systems (launch/benchmark_model.py:
+FLOPs per step: analytic model FLOPs for CLIP-family systems (fashion_jax/models/flops.py:
 matmuls, forward x 3); otherwise XLA's cost analysis of the compiled step, which is exact for
 the unscanned configs benchmarked here but also counts elementwise and optimizer work.
-MFU = FLOPs per step / step time / (devices x peak). Peak: --peak_tflops, else the device kind's
-dense peak from benchmark_model.PEAK_TFLOPS (GPU/TPU), else on a CPU the measured float32
-throughput of a large matmul on one device (`--peak_tflops=0` keeps that), so the same command
-runs unchanged on a GPU.
+MFU = FLOPs per step / step time / (devices x peak). Peak: --peak_tflops, else the device
+kind's dense peak (fashion_jax/models/flops.py PEAK_TFLOPS: GPU/TPU), else on a CPU the measured
+float32 throughput of a large matmul on one device (`--peak_tflops=0` keeps that), so the same
+command runs unchanged on a GPU.
 
 COMMANDS
-  python -m launch.benchmark --json=/tmp/bench.json --markdown=/tmp/bench.md   # CPU, smoke
-  python -m launch.benchmark --systems=fashionclip --variant=base --batch=256 \
+  python -m benchmarks.benchmark --json=/tmp/bench.json --markdown=/tmp/bench.md   # CPU, smoke
+  python -m benchmarks.benchmark --systems=fashionclip --variant=base --batch=256 \
       --set model.dtype='"bfloat16"'                                          # a GPU
-  launch/gpu_mfu.sh   # the H100 runs in README "Accelerator efficiency" (variants + profiles)
+  benchmarks/gpu_mfu.sh   # the H100 runs in docs/benchmarks.md "Accelerator efficiency" (variants + profiles)
 """
 
 import argparse
@@ -49,9 +49,11 @@ from fashion_jax.train import config_check
 from fashion_jax.train import optimizer as optimizer_lib
 from fashion_jax.train import state as state_lib
 from fashion_jax.train import step as step_lib
-from launch import benchmark_model
-from launch import plan
-from launch import profile_account
+from benchmarks import benchmark_model
+from benchmarks import profile_account
+from fashion_jax import configs
+from fashion_jax.models import flops as flops_lib
+from fashion_jax.train import plan
 
 SYSTEMS = {  # system -> config file; the variant is --variant (default smoke).
     "fashionclip": "configs/fashionclip.py",
@@ -79,7 +81,7 @@ def device_peak(dtype: str, override_tflops: float) -> tuple[float, str]:
   """(peak TFLOP/s per device, where it comes from)."""
   if override_tflops:
     return override_tflops, "given"
-  peak = benchmark_model.peak_flops(dtype, 0.0)
+  peak = flops_lib.peak_flops(dtype, 0.0)
   if peak:
     return peak / 1e12, f"{jax.devices()[0].device_kind} table"
   return measured_matmul_tflops(), "measured f32 matmul"
@@ -152,7 +154,7 @@ def time_step(step, state, batch, warmup: int, repeats: int, rounds: int = 3):
 def bench_system(name: str, variant: str, overrides: list[str], batch_size: int, warmup: int,
                  repeats: int, peak_tflops: float, profile_dir: str = "",
                  profile_steps: int = 3) -> dict:
-  config = plan.load_config(f"{SYSTEMS[name]}:{variant}", overrides)
+  config = configs.get(f"{SYSTEMS[name]}:{variant}", overrides)
   with tempfile.TemporaryDirectory() as tmp:
     _fill_system_files(config, tmp)
     if batch_size:

@@ -7,9 +7,9 @@ the same run; steps/s are the median over the timed steps.
 
 COMMANDS
   # CPU, the README comparison (float32, B/32, 224 px, context 77, batch 8):
-  python -m launch.benchmark_model
+  python -m benchmarks.benchmark_model
   # GPU: B/16 bfloat16 throughput and model FLOPs utilisation (ours only):
-  python -m launch.benchmark_model --variant=B/16 --dtype=bfloat16 --batch=256 --no-torch
+  python -m benchmarks.benchmark_model --variant=B/16 --dtype=bfloat16 --batch=256 --no-torch
 
 MFU = analytic model FLOPs per step / step time / peak FLOPs of the device. Model FLOPs count
 the matmuls of forward (2 m n k each) x 3 for forward + backward, rematerialisation excluded
@@ -32,18 +32,10 @@ import optax
 
 from fashion_jax.losses.contrastive import info_nce
 from fashion_jax.models import clip as clip_lib
+from fashion_jax.models import flops as flops_lib
 from fashion_jax.models import vit as vit_lib
 
 LR, WEIGHT_DECAY, BETAS, EPS = 1e-5, 0.1, (0.9, 0.98), 1e-6
-
-# Dense peak TFLOP/s per device: (bfloat16, float32). float32 matmuls on Hopper/Ampere run as TF32
-# under XLA's default precision, so the TF32 peak is listed for float32.
-PEAK_TFLOPS = {
-    "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0),
-    "L4": (121.0, 60.0), "V100": (125.0, 15.7), "TPU v4": (275.0, 275.0),
-    "TPU v5 lite": (197.0, 197.0), "TPU v5p": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0),
-}
-
 
 def machine_info() -> str:
   dev = jax.devices()[0]
@@ -53,35 +45,6 @@ def machine_info() -> str:
            f"jax {jax.__version__} backend={jax.default_backend()} devices={len(jax.devices())} "
            f"kind={dev.device_kind!r}"]
   return "\n".join(lines)
-
-
-def tower_flops(width, layers, mlp_dim, tokens):
-  """Forward matmul FLOPs of one transformer tower per example."""
-  per_layer = (2 * tokens * width * 4 * width      # q, k, v, out projections
-               + 2 * 2 * tokens * tokens * width    # q k^T and probs v
-               + 2 * 2 * tokens * width * mlp_dim)  # fc1, fc2
-  return layers * per_layer
-
-
-def train_flops_per_step(config: clip_lib.CLIPConfig, batch: int, length: int) -> float:
-  """Analytic model FLOPs of one train step (forward x 3)."""
-  v, t, p = config.vision, config.text, config.projection_dim
-  n = v.num_patches + 1
-  vision = (2 * v.num_patches * v.patch_size ** 2 * 3 * v.width
-            + tower_flops(v.width, v.num_layers, v.mlp_dim, n) + 2 * v.width * p)
-  text = tower_flops(t.width, t.num_layers, t.mlp_dim, length) + 2 * t.width * p
-  logits = 2 * batch * p  # per example: one row of the [B, B] similarity matrix
-  return 3.0 * batch * (vision + text + logits)
-
-
-def peak_flops(dtype: str, override_tflops: float):
-  if override_tflops:
-    return override_tflops * 1e12
-  kind = jax.devices()[0].device_kind
-  for name, (bf16, f32) in PEAK_TFLOPS.items():
-    if name.lower() in kind.lower():
-      return (bf16 if dtype in ("bfloat16", "float16") else f32) * 1e12
-  return None
 
 
 def make_batch(config, batch, seed=0):
@@ -185,8 +148,8 @@ def main(argv=None):
         f"wd={WEIGHT_DECAY}; warmup {args.warmup}, timed {args.steps} (median)")
 
   sec, compile_s = bench_jax(config, images, ids, args.warmup, args.steps)
-  flops = train_flops_per_step(config, args.batch, config.text.max_len)
-  peak = peak_flops(args.dtype, args.peak_tflops)
+  flops = flops_lib.clip_train_flops_per_step(config, args.batch, config.text.max_len)
+  peak = flops_lib.peak_flops(args.dtype, args.peak_tflops)
   mfu = f"{flops / sec / peak:.1%}" if peak else "n/a (unknown peak; pass --peak_tflops)"
   print(f"fashion_jax (jit): {1 / sec:.3f} steps/s, {args.batch / sec:.1f} examples/s, "
         f"{sec * 1e3:.0f} ms/step (first step incl. compile {compile_s:.1f} s); "
