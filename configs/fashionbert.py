@@ -16,7 +16,8 @@ smoke: a tiny BERT (2 x 128) over 64 patches, from scratch, on the synthetic cat
   The baseline with fixed equal weights: add --config.objective.weighting=equal.
   Adaptive vs fixed weights at equal compute (cached patch features, 4 x 4 patches, 32 tokens,
   1000 steps, lr 1e-3):
-  python -m launch.fashionbert_compare --data_dir=/tmp/fb_tfds --root=/tmp/fb_compare --parallel
+  python -m experiments.fashionbert_compare --data_dir=/tmp/fb_tfds --root=/tmp/fb_compare \
+      --parallel
   Measured (2 shared CPU cores, pixels, one seed): the alignment task (TIA) sits at ln 2 for
   ~500-600 steps in every arm, then leaves it in both adaptive arms (train TIA acc 0.57 / 0.64
   at step 1000; test balanced alignment acc 0.55 / 0.67, AUC 0.65 / 0.77, sample-100 i2t R@10

@@ -11,7 +11,7 @@ smoke: 64 px synthetic catalog images -> 4 x 4 codes (the patch grid of
       --picture=runs/vqvae_smoke/recon.png
   Reports validation recon_mse / psnr / perplexity / dead_frac (fashion_jax/systems/vqvae.py).
   Compare runs and draw originals beside reconstructions:
-  python -m launch.vq_report --run=ema=runs/vqvae_smoke \
+  python -m experiments.vq_report --run=ema=runs/vqvae_smoke \
       --run=gradient=runs/vqvae_smoke_grad --picture=docs/vq_reconstructions.png
   (the gradient-codebook run: --config.model.codebook=gradient --config.model.restart_below=0).
 

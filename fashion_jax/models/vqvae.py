@@ -28,7 +28,7 @@ Two ways to learn the codebook (`codebook`):
       loss = mean (x - x^)^2 + beta mean (z^ - sg(z_q))^2
   'gradient': the codebook is a parameter learned by VQ-VAE's codebook term:
       loss = mean (x - x^)^2 + mean (sg(z^) - z_q)^2 + beta mean (z^ - sg(z_q))^2
-Measured on synthetic_catalog/smoke (launch/vq_report.py): see the README's VQ table.
+Measured on synthetic_catalog/smoke (experiments/vq_report.py): see the README's VQ table.
 
 `code_usage(codes, K)` gives the usage statistics the README reports: perplexity
 exp(-sum_k p_k log p_k) of the code histogram, and the share of codes never used.

@@ -1,6 +1,6 @@
 """Figures of a trained two-tower model, shared by notebooks/quickstart.ipynb and
-launch/make_figures.py (the README's PNGs): every function returns numbers as well as a picture,
-so the notebook and the tests assert on the numbers.
+experiments/make_figures.py (the PNGs of docs/): every function returns numbers as well as a
+picture, so the notebook and the tests assert on the numbers.
 
   text_to_image(index, encoder, queries, k)      -> (PIL sheet, hits)
   image_to_text(encoder, images, texts, k)       -> (matplotlib figure, top-k text rows [N, k])

@@ -2,7 +2,7 @@ r"""FashionBERT: adaptive vs fixed loss weights at equal compute, one command, o
 
 COMMAND
   python -m launch.build_data --dataset=synthetic_catalog/smoke --data_dir=/tmp/fb_tfds
-  python -m launch.fashionbert_compare --data_dir=/tmp/fb_tfds --root=/tmp/fb_compare
+  python -m experiments.fashionbert_compare --data_dir=/tmp/fb_tfds --root=/tmp/fb_compare
 
 Arms (same config, seed, data order, steps and evaluation; only the loss combination differs):
   adaptive_through  FashionBERT's adaptive weights with gradients through w (the reference's TF
@@ -172,7 +172,7 @@ def main():
     procs = []
     for arm in arms:
       p = subprocess.Popen(
-          [sys.executable, "-m", "launch.fashionbert_compare", "--data_dir", args.data_dir,
+          [sys.executable, "-m", "experiments.fashionbert_compare", "--data_dir", args.data_dir,
            "--root", args.root, "--eval_only", "--eval_queries", str(args.eval_queries),
            "--only", arm], stdout=open(os.path.join(args.root, f"{arm}.eval.log"), "w"),
           stderr=subprocess.STDOUT)
@@ -199,7 +199,7 @@ def main():
     todo = []
   else:
     procs = []
-  base = [sys.executable, "-m", "launch.fashionbert_compare", "--data_dir", args.data_dir,
+  base = [sys.executable, "-m", "experiments.fashionbert_compare", "--data_dir", args.data_dir,
           "--root", args.root, "--patches", patches] + [f"--set={s}" for s in args.set]
   for arm in todo:
     log = open(os.path.join(args.root, f"{arm}.log"), "w")

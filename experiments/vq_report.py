@@ -1,6 +1,6 @@
 r"""VQ tokenizer quality: reconstruction error and codebook usage of trained runs, and a picture.
 
-    python -m launch.vq_report --run=ema=runs/vqvae_smoke --run=gradient=runs/vqvae_grad \
+    python -m experiments.vq_report --run=ema=runs/vqvae_smoke --run=gradient=runs/vqvae_grad \
         [--split=validation] [--picture=docs/vq_reconstructions.png] [--num=8]
 
 For each `--run=NAME=WORKDIR` (a launch.train workdir of configs/vqvae.py), restores the newest

@@ -16,7 +16,7 @@ The VQ codes (MPFC) and pseudo-attributes (PAC) are prepared once and shared by 
 (--vq_codes / --attributes name existing files; empty = build them under --workdir/prep as the
 configs/fashionvil.py docstring says: mine the attributes, train the VQ tokenizer, cache codes).
 
-    python -m launch.fashionvil_ablation --workdir=/tmp/vil_abl --data_dir=/tmp/tfds \
+    python -m experiments.fashionvil_ablation --workdir=/tmp/vil_abl --data_dir=/tmp/tfds \
         --pretrain_steps=60 --downstream_steps=40 [--rows=none,itc,...] [--parallel=2] \
         [--attributes=PATH --vq_codes=PATH]
 

@@ -1,7 +1,7 @@
 r"""The README's figures from a trained FashionCLIP run (the quickstart's smoke run).
 
     bash launch/quickstart.sh runs/fashionclip_smoke          # or any FashionCLIP workdir
-    python -m launch.make_figures --workdir=runs/fashionclip_smoke --out_dir=docs
+    python -m experiments.make_figures --workdir=runs/fashionclip_smoke --out_dir=docs
 
 Writes (each a palette PNG, well under 300 KB), with the numbers printed and saved to
 <out_dir>/figures.json:
