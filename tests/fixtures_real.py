@@ -1,5 +1,5 @@
 """Writers of tiny fixtures in the REAL on-disk formats of FashionGen, FashionIQ, Polyvore Outfits
-and a user's catalog (see /work/shared/REFERENCE.md "Data formats"). Used by
+and a user's catalog (docs/data.md, "Data formats"). Used by
 tests/test_real_builders.py and tests/test_bad_input.py; nothing here is downloaded."""
 
 import io

@@ -1,6 +1,6 @@
 """Derived synthetic sets written in the REAL on-disk formats of FashionIQ and Polyvore Outfits.
 
-The files are what the public releases contain (see ../../REFERENCE.md, "Data formats"), so the
+The files are what the public releases contain (docs/data.md, "Data formats"), so the
 real-format builders (fashion_jax/data/builders/fashioniq.py, polyvore_outfits.py) read them
 unchanged: a user can run the whole TGIR / outfit pipeline before obtaining the real data.
 
