@@ -11,7 +11,7 @@ from fashion_jax.losses import weighting
 
 
 def _weights_np(g):
-  """The adaptive-weights formula of losses/weighting.py's docstring in float64, written literally."""
+  """The adaptive-weights formula of losses/weighting.py in float64, written literally."""
   g = np.asarray(g, np.float64)
   k = len(g)
   e = np.exp(g - g.max())
