@@ -232,10 +232,12 @@ def test_messy_catalog_above_max_fraction_stops_with_fraction(tmp_path):
                      match=r"2 of 23 records in split 'catalog' were bad \(8.7%\), more than "
                            r"max_bad_fraction=5.0%. Examples: catalog.csv row 21"):
     F.build(itf.ImageTextFolder, manual, tmp_path / "data", config=config)
-  # Row problems pass at 10%, then the image fraction of the split is over it: 2 of 24 images.
+  # Row problems alone pass at 9% (2 of 23); with the product whose only image is broken, 3 of
+  # the catalog's 23 records are bad, judged over the whole catalog (image_text_folder).
   with pytest.raises(I.TooManyBadRecordsError,
-                     match=r"2 of 22 images in split 'train' were bad \(9.1%\), more than "
-                           r"max_bad_fraction=9.0%"):
+                     match=r"3 of 23 records of the whole catalog were bad \(13.0%\), more than "
+                           r"max_bad_fraction=9.0% \(per split: catalog rows 2 of 23, "
+                           r"train 1 of 21\)"):
     F.build(itf.ImageTextFolder, manual, tmp_path / "data2", config=config, max_bad_fraction=0.09)
   assert not (tmp_path / "data2" / "image_text_folder" / "messy" / "1.0.0").exists()
 

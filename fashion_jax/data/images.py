@@ -369,7 +369,10 @@ class BadRecords:
   Units: RECORD (one example-to-be: a product, triplet, outfit, CSV row) and IMAGE (one image
   file or h5 image row). A product with one unreadable view out of three is 1 skipped IMAGE and
   1 kept RECORD. Fractions are checked per (split, unit): bad / (bad + ok) > max_bad_fraction
-  raises TooManyBadRecordsError. Conversions are recorded but never count as bad.
+  raises TooManyBadRecordsError; a builder whose splits are one population cut by a hash judges
+  them together instead (`check(split, fraction=False)` + `check_total`). The error's hint
+  names launch.build_data's --max_bad_fraction flag. Conversions are recorded but never count
+  as bad.
 
   Usage in a builder (see BadRecordsBuilderMixin, which does the bookkeeping around the build):
     bad.ok(split)                               # a record kept
@@ -389,6 +392,7 @@ class BadRecords:
     self.skipped = []                      # dicts: split, unit, ref, reason
     self._conv_counts = collections.Counter()  # (split, unit, reason-kind) -> n
     self.converted = []                    # dicts, capped per reason-kind
+    self.totals = {}                       # label -> unit -> counts (`check_total`)
 
   # Counting -----------------------------------------------------------------------------------
   def ok(self, split, unit=RECORD, n=1):
@@ -418,22 +422,14 @@ class BadRecords:
   def splits(self):
     return sorted({s for s, _ in list(self._ok) + list(self._bad)})
 
-  def check(self, split):
+  def check(self, split, fraction=True):
     """Raises TooManyBadRecordsError if any unit of `split` is over the max fraction, or if the
     split kept no record at all (even with max_bad_fraction=1: an empty split is never a
-    successful build)."""
-    for unit in (RECORD, IMAGE):
+    successful build). fraction=False checks only the latter, for builders that judge the
+    fraction over several splits together (`check_total`)."""
+    for unit in (RECORD, IMAGE) if fraction else ():
       good, bad = self.counts(split, unit)
-      total = good + bad
-      if total and bad / total > self.max_bad_fraction:
-        examples = [s for s in self.skipped if s["split"] == split and s["unit"] == unit]
-        shown = "; ".join(f"{s['ref']}: {s['reason']}" for s in examples[:self.n_examples])
-        self.log()
-        raise TooManyBadRecordsError(
-            f"{self.dataset}: {bad} of {total} {unit}s in split {split!r} were bad "
-            f"({bad / total:.1%}), more than max_bad_fraction={self.max_bad_fraction:.1%}. "
-            f"Examples: {shown}. Fix the inputs or pass a larger max_bad_fraction to the "
-            f"builder (e.g. tfds.builder(..., max_bad_fraction=0.2)).")
+      self._raise_if_over(f"in split {split!r}", [split], unit, bad, good + bad)
     good, bad = self.counts(split, RECORD)
     if not good:
       examples = [s for s in self.skipped if s["split"] == split][:self.n_examples]
@@ -442,6 +438,36 @@ class BadRecords:
           f"{self.dataset}: split {split!r} has no usable record ({bad} skipped)"
           + (". Examples: " + "; ".join(f"{s['ref']}: {s['reason']}" for s in examples)
              if examples else "; its input lists none"))
+
+  def check_total(self, label, splits, unit, bad, total, detail=""):
+    """Judges `bad` of `total` `unit`s counted over `splits` together against max_bad_fraction.
+
+    For a builder whose splits are one population cut by a hash (a shop catalog), where a
+    small split's fraction says little. The totals go into the report under "totals"/label.
+
+    Args:
+      label: what was counted, e.g. "whole catalog"; the message says "... of the {label}".
+      splits: the splits (pseudo-splits included) whose skips are shown as examples.
+      unit: RECORD or IMAGE.
+      bad, total: the counts; the builder defines how its splits add up.
+      detail: appended to the message, e.g. the per-split counts.
+    """
+    self.totals.setdefault(label, {})[unit] = {
+        "ok": total - bad, "skipped": bad, "fraction": round(bad / total, 6) if total else 0.0}
+    self._raise_if_over(f"of the {label}", splits, unit, bad, total, detail)
+
+  def _raise_if_over(self, scope, splits, unit, bad, total, detail=""):
+    if not total or bad / total <= self.max_bad_fraction:
+      return
+    examples = [s for s in self.skipped if s["split"] in splits and s["unit"] == unit]
+    shown = "; ".join(f"{s['ref']}: {s['reason']}" for s in examples[:self.n_examples])
+    allow = max(1, -(-100 * bad // total)) / 100  # The fraction seen, rounded up to 1%.
+    self.log()
+    raise TooManyBadRecordsError(
+        f"{self.dataset}: {bad} of {total} {unit}s {scope} were bad ({bad / total:.1%}), more "
+        f"than max_bad_fraction={self.max_bad_fraction:.1%}{detail}. Examples: {shown}. Fix the "
+        f"inputs (the skips are logged above), or allow this many with "
+        f"`python -m launch.build_data ... --max_bad_fraction={allow:g}`.")
 
   def report(self):
     """JSON-able dict: per split/unit counts and fractions, every skip, listed conversions."""
@@ -457,7 +483,7 @@ class BadRecords:
     for (split, unit, kind), n in sorted(self._conv_counts.items()):
       conv[split][f"{unit}: {kind}"] = n
     return {"dataset": self.dataset, "max_bad_fraction": self.max_bad_fraction,
-            "splits": per_split, "conversion_counts": dict(conv),
+            "splits": per_split, "totals": self.totals, "conversion_counts": dict(conv),
             "skipped": self.skipped, "converted": self.converted}
 
   def log(self):
@@ -469,6 +495,10 @@ class BadRecords:
                      c["ok"], c["skipped"], 100 * c["fraction"])
       for kind, n in rep["conversion_counts"].get(split, {}).items():
         logging.info("%s [%s] converted %d x %s", self.dataset, split, n, kind)
+    for label, units in self.totals.items():
+      for unit, c in units.items():
+        logging.info("%s [%s] %ss: %d kept, %d skipped (%.2f%%)", self.dataset, label, unit,
+                     c["ok"], c["skipped"], 100 * c["fraction"])
     for s in self.skipped[:20]:
       logging.warning("%s [%s] skipped %s %s: %s", self.dataset, s["split"], s["unit"],
                       s["ref"], s["reason"])

@@ -87,17 +87,20 @@ def _builder(data):
   """The TFDS builder of config.data.name ('NAME[/CONFIG]').
 
   fashion_jax/data/builders/NAME.py is imported first when it exists (it registers NAME with
-  tfds, as launch/build_data.py does); other names must already be registered or be readable
-  from data_dir's files.
+  tfds, as launch/build_data.py does), and its `check_built(builder)`, if any, is called on the
+  built dataset; other names must already be registered or be readable from data_dir's files.
   """
-  module = f"fashion_jax.data.builders.{data.name.split('/')[0].split(':')[0]}"
-  if importlib.util.find_spec(module) is not None:
-    importlib.import_module(module)
+  module_name = f"fashion_jax.data.builders.{data.name.split('/')[0].split(':')[0]}"
+  module = None
+  if importlib.util.find_spec(module_name) is not None:
+    module = importlib.import_module(module_name)
   builder = tfds.builder(data.name, data_dir=data.data_dir or None)
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"Dataset {data.name!r} is not built in data_dir={builder.data_dir!r}; build it with "
         f"`python -m launch.build_data --dataset={data.name} --data_dir=DIR`.")
+  if hasattr(module, "check_built"):  # image_text_folder: warns if its catalog changed since.
+    module.check_built(builder)
   return builder
 
 
