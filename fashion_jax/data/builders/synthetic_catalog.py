@@ -27,8 +27,8 @@ import dataclasses
 import importlib
 import io
 import logging
+import marshal
 import os
-import pickle
 import queue
 import signal
 import struct
@@ -85,7 +85,9 @@ def _render_chunk(args):
   return out
 
 
-_HEADER = struct.Struct(">Q")  # Frame: 8-byte big-endian length, then a pickle.
+# Frame: 8-byte big-endian length, then a marshal dump. Jobs and rendered products are plain data
+# (str, bytes, int, list, tuple, dict), so marshal carries them and no code runs on load.
+_HEADER = struct.Struct(">Q")
 _WORKER_MAIN = ("from fashion_jax.data.builders import synthetic_catalog; "
                 "synthetic_catalog._serve_worker()")
 
@@ -95,7 +97,7 @@ class _WorkerFailed(Exception):
 
 
 def _write_frame(f, obj):
-  data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+  data = marshal.dumps(obj)
   f.write(_HEADER.pack(len(data)))
   f.write(data)
   f.flush()
@@ -110,7 +112,7 @@ def _read_frame(f):
   data = f.read(n)
   if len(data) < n:
     raise EOFError
-  return pickle.loads(data)
+  return marshal.loads(data)
 
 
 def _import_path(fn):
@@ -132,7 +134,7 @@ def _resolve(path):
 def _serve_worker():
   """A WorkerPool worker's loop (`python -c _WORKER_MAIN 'module:function'`).
 
-  Reads pickled jobs on stdin until EOF and writes (True, function(job)) or (False, traceback)
+  Reads marshalled jobs on stdin until EOF and writes (True, function(job)) or (False, traceback)
   for each, in order, on the original stdout; whatever the job or an import prints goes to
   stderr instead. SIGINT is ignored: Ctrl-C stops the parent, whose exit closes stdin.
   """
