@@ -73,8 +73,9 @@ def write_images(out_dir: pathlib.Path, n: int, source: str) -> list[str]:
   out_dir.mkdir(parents=True, exist_ok=True)
   if source == "catalog":
     from fashion_jax.data import catalog  # pylint: disable=g-import-not-at-top
+    from fashion_jax.data import render  # pylint: disable=g-import-not-at-top
     def image(i):
-      return catalog.make_product(catalog.sample_spec("train", i), image_size=SOURCE)["images"][0]
+      return render.make_product(catalog.sample_spec("train", i), image_size=SOURCE)["images"][0]
   else:
     rng = np.random.default_rng(0)
     def image(i):

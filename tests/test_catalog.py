@@ -156,17 +156,17 @@ def _products_equal(a, b):
 
 
 def test_products_are_deterministic_and_independent_of_position():
-  a = list(catalog.generate_products("train", 4, seed=5, image_size=64))
-  b = list(catalog.generate_products("train", 4, seed=5, image_size=64))
+  a = list(render.generate_products("train", 4, seed=5, image_size=64))
+  b = list(render.generate_products("train", 4, seed=5, image_size=64))
   assert all(_products_equal(x, y) for x, y in zip(a, b))
-  c = next(catalog.generate_products("train", 1, seed=5, image_size=64, start=3))
+  c = next(render.generate_products("train", 1, seed=5, image_size=64, start=3))
   assert _products_equal(a[3], c)
-  d = list(catalog.generate_products("train", 4, seed=6, image_size=64))
+  d = list(render.generate_products("train", 4, seed=6, image_size=64))
   assert not any(_products_equal(x, y) for x, y in zip(a, d))
 
 
 def test_product_schema_and_views():
-  for p in catalog.generate_products("validation", 20, seed=0, image_size=64):
+  for p in render.generate_products("validation", 20, seed=0, image_size=64):
     assert set(p) >= {"product_id", "images", "title", "description", "category", "subcategory",
                       "brand", "season", "composition", "gender"} | set(catalog.EXTRA_FIELDS)
     views = p["views"].split(",")
@@ -182,9 +182,9 @@ def test_product_schema_and_views():
 
 def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="image size 16 is too small"):
-    next(catalog.generate_products("train", 1, image_size=16))
+    next(render.generate_products("train", 1, image_size=16))
   with pytest.raises(ValueError, match="n and start must be >= 0"):
-    next(catalog.generate_products("train", -1))
+    next(render.generate_products("train", -1))
   spec = catalog.sample_spec("train", 0)
   with pytest.raises(ValueError, match="sleeve='sleeveless' is not allowed for 'hoodies'"):
     catalog.respec(spec, np.random.default_rng(0), subcategory="hoodies", sleeve="sleeveless")
@@ -247,7 +247,7 @@ def _jpeg(img):
 
 
 def test_logo_mark_identifies_the_named_brand_and_is_small():
-  for p in catalog.generate_products("holdout_brand", 60, seed=1, image_size=64):
+  for p in render.generate_products("holdout_brand", 60, seed=1, image_size=64):
     front = p["images"][0]
     box = tuple(int(round(float(v) * 64)) for v in p["logo_box"].split())
     assert (box[2] - box[0]) * (box[3] - box[1]) / 64**2 < 0.01  # a fine detail

@@ -15,7 +15,7 @@ import transformers
 import tensorflow_datasets as tfds
 
 from fashion_jax.api import FashionCLIP
-from fashion_jax.data import catalog
+from fashion_jax.data import render
 from fashion_jax.data.builders import synthetic_catalog  # pylint: disable=unused-import
 from fashion_jax.train import loop
 from tests.test_fashionclip_system import tiny_config
@@ -61,7 +61,7 @@ def test_export_loads_in_transformers_with_the_same_embeddings(trained_run, tmp_
   model = transformers.CLIPModel.from_pretrained(out).eval()
   processor = transformers.CLIPProcessor.from_pretrained(out)
 
-  products = list(catalog.generate_products("test", 3, seed=1, image_size=64))
+  products = list(render.generate_products("test", 3, seed=1, image_size=64))
   images = [p["images"][0] for p in products]
   texts = [p["title"] + ". " + p["description"] for p in products]
   inputs = processor(text=texts, images=images, return_tensors="pt", padding="max_length",

@@ -45,7 +45,7 @@ def test_examples_match_the_python_api_and_keep_the_logo(built, split):
   cfg = built.builder_config
   examples = {ex["product_id"].decode(): ex
               for ex in tfds.as_numpy(built.as_dataset(split=split))}
-  expected = list(catalog.generate_products(split, cfg.split_sizes()[split], seed=cfg.seed,
+  expected = list(render.generate_products(split, cfg.split_sizes()[split], seed=cfg.seed,
                                             image_size=cfg.image_size))
   assert set(examples) == {p["product_id"] for p in expected}
   for p in expected:

@@ -31,11 +31,10 @@ Determinism: product `index` of `split` under `seed` uses its own generators see
 (seed, split id, index, stream), so a product does not depend on how many products precede it nor
 on how work is divided between processes.
 
-Python API (no TFDS needed):
+Python API (no TFDS needed; the rendered products with their images are render.make_product and
+render.generate_products):
   sample_spec(split, index, seed) -> ProductSpec
   describe(spec, seed) -> (title, description)
-  make_product(spec, seed, image_size) -> dict in the product schema (images: list of uint8 [S,S,3])
-  generate_products(split, n, seed=0, image_size=64, start=0) -> iterator of those dicts
   respec(spec, rng, **fields) -> a consistent variant (used by the derived FashionIQ/Polyvore sets)
   text_phrases() -> attribute -> value -> phrases; nearest_color(rgb) -> colour names
   brand_glyph(brand), brand_categories(brand); vocabularies COLORS, PATTERNS, MATERIALS,
@@ -44,7 +43,6 @@ Python API (no TFDS needed):
 
 import dataclasses
 import re
-from typing import Iterator
 
 import numpy as np
 
@@ -428,7 +426,7 @@ def _choice(rng, seq, p=None):
   return seq[min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), len(seq) - 1)]
 
 
-def _check_split(split):
+def check_split(split):
   if split not in _SPLIT_ID:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
@@ -459,7 +457,7 @@ def _sample_brand(rng, category, pool):
 
 def sample_spec(split, index, seed=0):
   """Samples product `index` of `split` (see the module docstring for what each split promises)."""
-  _check_split(split)
+  check_split(split)
   rng = _rng(seed, split, index, 0)
   novelty = ""
   if split == "holdout_category":
@@ -674,30 +672,6 @@ def spec_fields(spec):
       "primary_color", "secondary_color", "pattern", "material", "novelty") + SHAPE_ATTR_NAMES}
   d["views"] = ",".join(spec.views)
   return d
-
-
-def make_product(spec, seed=0, image_size=64):
-  """The product dict of `spec`: schema fields, EXTRA_FIELDS and images (list of uint8 [S,S,3]).
-
-  `logo_box` is "ymin xmin ymax xmax" of the brand mark in the front view, as fractions of the
-  image size (ground truth for localization probes).
-  """
-  from fashion_jax.data import render  # Local import: render imports this module.
-  title, description = describe(spec, seed)
-  images, logo_box = render.render_views(spec, image_size)
-  out = spec_fields(spec)
-  out.update(title=title, description=description, images=images,
-             logo_box=" ".join(f"{v:.4f}" for v in logo_box))
-  return out
-
-
-def generate_products(split, n, seed=0, image_size=64, start=0) -> Iterator[dict]:
-  """Yields products start..start+n-1 of `split` (see make_product)."""
-  _check_split(split)
-  if n < 0 or start < 0:
-    raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
-  for i in range(start, start + n):
-    yield make_product(sample_spec(split, i, seed), seed, image_size)
 
 
 def nearest_color(rgb):

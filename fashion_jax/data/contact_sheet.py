@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 import tensorflow_datasets as tfds
 
 from fashion_jax.data import catalog
+from fashion_jax.data import render
 from fashion_jax.data.builders import synthetic_catalog
 
 _FONT = ImageFont.load_default()
@@ -46,7 +47,7 @@ def products_from_catalog(dataset, split, num):
   configs = {c.name: c for c in synthetic_catalog.SyntheticCatalog.BUILDER_CONFIGS}
   cfg = configs[config or synthetic_catalog.SyntheticCatalog.DEFAULT_CONFIG_NAME]
   return [(p["images"], p["title"], f"{p['brand']} | {p['season']} | {p['subcategory']}")
-          for p in catalog.generate_products(split, num, seed=cfg.seed, image_size=cfg.image_size)]
+          for p in render.generate_products(split, num, seed=cfg.seed, image_size=cfg.image_size)]
 
 
 def sheet(products, columns, display):

@@ -21,10 +21,15 @@ rotated by +-15 degrees, scaled 0.8-1.05 and shifted up to 8%).
 
 Pattern periods and texture scales are fractions of S, so a product looks the same at every size;
 patterns, textures and glyph plates are cached per (kind, size).
+
+A whole product (catalog fields, text and rendered views): make_product(spec, seed, image_size) ->
+dict in the product schema (images: list of uint8 [S, S, 3]); generate_products(split, n, seed=0,
+image_size=64, start=0) -> iterator of those dicts.
 """
 
 import functools
 import math
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -999,3 +1004,26 @@ def render_front(spec, size):
   """(front image uint8 [S, S, 3], label map uint8 [S, S]) for analysis and tests."""
   img, lab, _ = _compose(spec, "front", size)
   return img, lab
+
+
+def make_product(spec, seed=0, image_size=64):
+  """The product dict of `spec`: schema fields, EXTRA_FIELDS and images (list of uint8 [S,S,3]).
+
+  `logo_box` is "ymin xmin ymax xmax" of the brand mark in the front view, as fractions of the
+  image size (ground truth for localization probes).
+  """
+  title, description = catalog.describe(spec, seed)
+  images, logo_box = render_views(spec, image_size)
+  out = catalog.spec_fields(spec)
+  out.update(title=title, description=description, images=images,
+             logo_box=" ".join(f"{v:.4f}" for v in logo_box))
+  return out
+
+
+def generate_products(split, n, seed=0, image_size=64, start=0) -> Iterator[dict]:
+  """Yields products start..start+n-1 of `split` (see make_product)."""
+  catalog.check_split(split)
+  if n < 0 or start < 0:
+    raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
+  for i in range(start, start + n):
+    yield make_product(catalog.sample_spec(split, i, seed), seed, image_size)

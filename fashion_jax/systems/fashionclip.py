@@ -29,6 +29,8 @@ import jax
 import numpy as np
 
 from fashion_jax.data import tokenizers
+from fashion_jax.interop import hf_clip
+from fashion_jax.interop import hf_io
 from fashion_jax.losses import contrastive
 from fashion_jax.models import clip as clip_lib
 
@@ -40,7 +42,6 @@ def model_config(config) -> clip_lib.CLIPConfig:
   runtime = dict(dtype=m.dtype, scan=m.scan, remat_policy=m.remat_policy,
                  attention_impl=m.get("attention_impl", "einsum"))
   if config.init.hf_clip_dir:
-    from fashion_jax.interop import hf_io  # pylint: disable=g-import-not-at-top
     hf_config, _ = hf_io.load_hf_config(config.init.hf_clip_dir)
     cfg = clip_lib.CLIPConfig.from_hf(hf_config, **runtime)
     if cfg.text.vocab_size != tok.vocab_size:
@@ -88,7 +89,6 @@ class System:
     """Unboxed numpy params from `init.hf_clip_dir`, or None for a random init."""
     if not self.config.init.hf_clip_dir:
       return None
-    from fashion_jax.interop import hf_clip  # pylint: disable=g-import-not-at-top
     _, params = hf_clip.load_clip(
         self.config.init.hf_clip_dir, dtype=self.model_config.dtype,
         scan=self.model_config.scan, remat_policy=self.model_config.remat_policy)
@@ -129,6 +129,5 @@ class System:
   # --- export ---------------------------------------------------------------------------------
   def export(self, params, out_dir: str, overwrite: bool = False):
     """A transformers CLIPModel directory (weights, config, tokenizer, preprocessor)."""
-    from fashion_jax.interop import hf_clip  # pylint: disable=g-import-not-at-top
     return hf_clip.save_clip(out_dir, self.model_config, params, tokenizer=self.tokenizer.hf,
                              overwrite=overwrite)

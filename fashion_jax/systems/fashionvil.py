@@ -73,6 +73,7 @@ module reproduces the forward.
 """
 
 import logging
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -82,6 +83,10 @@ import numpy as np
 
 from fashion_jax.data import attributes as attributes_lib
 from fashion_jax.data import tokenizers
+from fashion_jax.interop import fashionvil_torch
+from fashion_jax.interop import hf_bert
+from fashion_jax.interop import hf_io
+from fashion_jax.interop import hf_resnet
 from fashion_jax.losses import fashionvil as losses
 from fashion_jax.models import bert as bert_lib
 from fashion_jax.models import fashionvil as fvil
@@ -134,7 +139,6 @@ class System:
       if m.image_encoder != "resnet":
         raise ValueError(f"init.hf_resnet_dir needs model.image_encoder='resnet', got "
                          f"{m.image_encoder!r}.")
-      from fashion_jax.interop import hf_io, hf_resnet  # pylint: disable=g-import-not-at-top
       hf_config, _ = hf_io.load_hf_config(init.hf_resnet_dir)
       cnn = hf_resnet.resnet_from_hf_config(hf_config)
       resnet_overrides = {f: getattr(cnn, f) for f in _RESNET_FIELDS}
@@ -151,7 +155,6 @@ class System:
                        f"model-wide levers, set model.{misplaced[0]} instead.")
     levers = dict(dtype=dtype, scan=scan, remat_policy=remat_policy)
     if init.get("hf_bert_dir"):
-      from fashion_jax.interop import hf_bert, hf_io  # pylint: disable=g-import-not-at-top
       hf_config, _ = hf_io.load_hf_config(init.hf_bert_dir)
       ignored = sorted(k for k in bert_kw if k not in _BERT_RUNTIME_KEYS)
       if ignored:
@@ -193,7 +196,6 @@ class System:
       raise ValueError(f"The MVC task needs data.views=2, got {data.views}.")
     self.uses_batch_stats = m.image_encoder == "resnet"
     if self.uses_batch_stats:
-      import re  # pylint: disable=g-import-not-at-top
       freeze = tuple(config.get("optimizer", {}).get("freeze", ()) or ())
       probe = "batch_stats/image_encoder/stem_bn/mean"
       if not any(re.fullmatch(f, probe) for f in freeze):
@@ -242,7 +244,6 @@ class System:
     variables = {k: dict(v) for k, v in variables.items()}
     params = variables["params"]
     if init.get("hf_bert_dir"):
-      from fashion_jax.interop import hf_bert, hf_io  # pylint: disable=g-import-not-at-top
       _, state = hf_io.load_hf_checkpoint(init.hf_bert_dir)
       params["text_bert"] = hf_bert.convert_hf_bert_state(state, self.model.text_bert,
                                                           jax.random.fold_in(rng, 1))
@@ -252,7 +253,6 @@ class System:
       variables["params"] = jax.device_get(
           fvil.init_visual_embeddings_from_bert(params, params["text_bert"]))
     if init.get("hf_resnet_dir"):
-      from fashion_jax.interop import hf_resnet  # pylint: disable=g-import-not-at-top
       _, cnn_vars = hf_resnet.load_hf_resnet(init.hf_resnet_dir)
       variables["params"]["image_encoder"] = cnn_vars["params"]
       variables["batch_stats"]["image_encoder"] = cnn_vars["batch_stats"]
@@ -383,7 +383,6 @@ class System:
   def export(self, params, out_dir: str, overwrite: bool = False):
     """BertModel + ResNetModel directories, safetensors and metadata for FashionViLTorch
     (interop/fashionvil_torch.py)."""
-    from fashion_jax.interop import fashionvil_torch  # pylint: disable=g-import-not-at-top
     model = self.model
     if model.text_bert.scan:  # The export maps per-layer params: unstack a scanned model.
       params = layers.unstack_layers(jax.device_get(nn.unbox(params)))

@@ -43,6 +43,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fashion_jax.data import catalog
+from fashion_jax.data import render
 from fashion_jax.data import schema
 
 JPEG_QUALITY = 95
@@ -79,7 +80,7 @@ def _render_chunk(args):
   """Worker: products [start, start + n) of a split -> [(key, example with JPEG bytes)]."""
   split, start, n, seed, image_size = args
   out = []
-  for p in catalog.generate_products(split, n, seed=seed, image_size=image_size, start=start):
+  for p in render.generate_products(split, n, seed=seed, image_size=image_size, start=start):
     p["images"] = [encode_jpeg(im) for im in p["images"]]
     out.append((p["product_id"], p))
   return out
