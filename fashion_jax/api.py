@@ -4,6 +4,7 @@
   img = fclip.encode_images(["a.jpg", pil_image, uint8_array])  # [N, P] L2-normalised numpy
   txt = fclip.encode_text(["red dress", "black shoes"])         # [M, P] L2-normalised numpy
   probs = fclip.zero_shot_classify(images, ["dress", "shoe"])   # [N, K], rows sum to 1
+  cls = fclip.class_embeddings(["dress", "shoe"])               # [K, P], the prompts' average
   fclip.save_pretrained("out_dir")                              # transformers CLIPModel layout
 
 Images (`encode_images`): a list (or a single item) of file paths, PIL images or uint8 arrays
@@ -18,9 +19,12 @@ Texts (`encode_text`) go through the checkpoint's own tokenizer (AutoTokenizer f
 directory), truncated to the model's context like the tokenizer does (BOS ... EOS kept) and
 padded to the context.
 
-Zero-shot scoring, decided against the reference package (which normalised only one side and
-dropped the scale): probs = softmax(logit_scale * normalize(img) @ normalize(text)^T), with the
-model's own clamped logit scale.
+Zero-shot scoring uses evaluate/prompts.py, the one definition the zero-shot evaluator and the
+configs' zero-shot evaluations use too (the reference package's benchmark and its API used
+different prompts): each label's class embedding is the re-normalised average of the normalised
+embeddings of its prompts (prompts.TEMPLATES = "a photo of a {}" and the bare label), and
+probs = softmax(logit_scale * normalize(img) @ class^T), with the model's own clamped logit
+scale (the reference package normalised only one side and dropped the scale).
 
 `FashionCLIP.from_pretrained(workdir)` (or `from_workdir(workdir, step=...)`) loads a training
 run's checkpoint directly, with the run's own tokenizer.
@@ -34,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fashion_jax.evaluate import prompts
 from fashion_jax.interop import hf_clip
 from fashion_jax.interop import hf_io
 from fashion_jax.models import clip as clip_lib
@@ -184,19 +189,19 @@ class FashionCLIP:
         lambda c: self._encode_texts(self.params, c[:, :l], c[:, l:], normalize), both)
 
   # -------------------------------------------------------------------------------- scoring
+  def class_embeddings(self, labels: Sequence[str],
+                       templates: str | Sequence[str] = prompts.TEMPLATES) -> np.ndarray:
+    """K labels -> float32 [K, P]: prompts.class_embeddings (each label's prompts, averaged)."""
+    return prompts.class_embeddings(lambda texts: self.encode_text(texts, normalize=False),
+                                    labels, templates)
+
   def zero_shot_classify(self, images: Any, labels: Sequence[str],
-                         template: str = "a photo of a {}") -> np.ndarray:
-    """Images, K labels -> probabilities [N, K]; one prompt per label: template.format(label)."""
-    if "{}" not in template:
-      raise ValueError(f"template {template!r} has no '{{}}' for the label.")
-    if not labels:
-      raise ValueError("zero_shot_classify needs at least one label.")
-    img = self.encode_images(images).astype(np.float64)
-    txt = self.encode_text([template.format(l) for l in labels]).astype(np.float64)
-    logits = self.logit_scale * img @ txt.T
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+                         templates: str | Sequence[str] = prompts.TEMPLATES) -> np.ndarray:
+    """Images, K labels -> probabilities [N, K] against `class_embeddings(labels, templates)`
+    (a single string is one template)."""
+    cls = self.class_embeddings(labels, templates)
+    return prompts.probabilities(
+        prompts.logits(self.encode_images(images), cls, self.logit_scale))
 
   def save_pretrained(self, out_dir: str, overwrite: bool = False) -> pathlib.Path:
     """Writes a transformers CLIPModel directory (weights, config, tokenizer, preprocessor)."""

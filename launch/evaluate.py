@@ -9,6 +9,13 @@ Restores the params of the newest (or --step) checkpoint of --workdir onto the c
 prints one table whose rows are (split, protocol) and whose columns are the metrics, and writes
 the flat results to --output (default `<workdir>/eval_<step>.json`). Without --config the
 workdir's config.json (written by training) is used; --evals=a,b restricts to some evaluators.
+Evaluations are checked against the dataset first (config_check.check_eval_data): an optional
+one the dataset cannot serve is skipped with a note, unless --evals names it; then, like a
+required one, it ends in one line naming the evaluation, its split and what the dataset has.
+A --config.KEY override of a key that does not exist ends in one line with the closest key.
+The workdir is opened read-only (a training run may own it: its in-flight saves are left alone).
+A workdir without checkpoints (or without the --step) ends with one line saying what is there
+and exit code 1.
 """
 
 import json
@@ -17,6 +24,8 @@ import os
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file[:arg]; default: <workdir>/config.json.", lock_config=True)
@@ -37,19 +46,40 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax import systems  # pylint: disable=g-import-not-at-top
   from fashion_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from fashion_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import config_check  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
+  def fail(error):  # A missing/unreadable workdir: one line, exit code 1, no traceback.
+    raise SystemExit("launch.evaluate: " + " ".join(str(error).split())) from None
+
   workdir = _WORKDIR.value
-  config = config_check.with_defaults(
-      _CONFIG.value if _CONFIG.value is not None else loop.load_workdir_config(workdir))
+  try:
+    config = config_check.with_defaults(
+        _CONFIG.value if _CONFIG.value is not None else loop.load_workdir_config(workdir))
+  except FileNotFoundError as e:
+    fail(e)
   names = _EVALS.value or list(config.evals.keys())
   unknown = [n for n in names if n not in config.evals]
   if unknown:
     raise app.UsageError(f"--evals names {unknown} not in config.evals {list(config.evals)}.")
   if not names:
     raise app.UsageError("config.evals is empty: nothing to evaluate.")
-  params, step, mesh = loop.load_params(config, workdir, step=_STEP.value)
+  with config.unlocked():
+    config.evals = {n: dict(config.evals[n], **({"optional": False} if _EVALS.value else {}))
+                    for n in names}
+  try:  # Before restoring anything: a split the dataset lacks is named in one line.
+    config = config_check.check_eval_data(config)
+  except (config_check.ConfigError, FileNotFoundError) as e:
+    fail(e)
+  names = list(config.evals)
+  if not names:
+    fail(f"every evaluation was skipped: {config.data.name} lacks what each reads (see the "
+         "warnings above).")
+  try:  # Read-only: a training process may own the workdir (train/checkpoint.py: readers).
+    params, step, mesh = loop.load_params(config, workdir, step=_STEP.value)
+  except (FileNotFoundError, checkpoint.CorruptCheckpointError) as e:
+    fail(e)
   system = systems.get_system(config)
   rules = sharding.logical_rules(config.sharding_rules)
   results = {}
@@ -57,7 +87,7 @@ def main(argv):
     for name in names:
       spec = config.evals[name]
       module = importlib.import_module(config_check.evaluator_module_name(spec.type))
-      kwargs = {k: v for k, v in spec.items() if k not in ("type", "every")}
+      kwargs = config_check.eval_kwargs(spec)
       evaluator = module.Evaluator(system=system, config=config, mesh=mesh, **kwargs)
       results.update({k: float(v) for k, v in evaluator.run(params).items()})
   if jax.process_index() == 0:
@@ -71,4 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

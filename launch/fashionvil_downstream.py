@@ -29,6 +29,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from launch import cli
+
 
 COLUMNS = ("ITR", "TIR", "ITR_full", "TIR_full", "TGIR", "SCR", "CR", "OCIR", "Meta-sum")
 
@@ -95,7 +97,7 @@ def run_task(config, workdir: str) -> dict[str, float]:
   from fashion_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    ckpt = checkpoint.Checkpointer(workdir, keep=1, use_async=False)
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
       done = ckpt.latest_step() == config.total_steps
     finally:
@@ -183,4 +185,4 @@ if __name__ == "__main__":
   _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir of every task's data.")
   _STEPS = flags.DEFINE_integer("steps", None, "Override total_steps of every task.")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

@@ -34,6 +34,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from launch import cli
+
 
 
 def cnn_variables(system, config, workdir: str = ""):
@@ -142,4 +144,4 @@ if __name__ == "__main__":
   _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Stored dtype.")
   _BATCH = flags.DEFINE_integer("batch_size", 64, "Views per forward pass.")
   flags.mark_flags_as_required(["config", "out"])
-  app.run(main)
+  cli.run(main)

@@ -4,9 +4,10 @@ r"""Train a system from a config: `python -m launch.train --config=FILE[:ARG] --
         --config.optimizer.lr=1e-4 --config.total_steps=500
 
 Rerunning the same command resumes from the newest checkpoint in --workdir. SIGTERM saves a
-checkpoint and exits 0. Overrides of keys that do not exist are rejected by ml_collections'
-config_flags with an error naming the key; values that exist but are invalid are rejected by
-fashion_jax.train.config_check before anything compiles.
+checkpoint and exits 0. An override of a key that does not exist ends in one line naming the key
+and the closest one that does (launch/cli.py: "did you mean 'lr'?"); values that exist but are
+invalid, and evaluations the dataset cannot serve, are rejected by fashion_jax.train.config_check
+before anything compiles.
 
 Multi-host: set `config.distributed=True` (or --config.distributed=True) and either run under a
 cluster JAX auto-detects (Cloud TPU, SLURM, Open MPI) or give --coordinator_address,
@@ -25,6 +26,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].",
                                           lock_config=True)
@@ -83,4 +86,4 @@ def main(argv, *, iterator_factory=None):
       logging.warning("No summary plot: %s", e)
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

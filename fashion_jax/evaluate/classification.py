@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fashion_jax.data import downstream as data_lib
+from fashion_jax.evaluate import base
 from fashion_jax.evaluate import batched
 from fashion_jax.evaluate import common
 from fashion_jax.evaluate import zeroshot
@@ -30,6 +31,13 @@ def macro_f1(y_true, y_pred) -> float:
 
 class Evaluator:
   """(Sub)category recognition on one split (see the module docstring)."""
+
+  @classmethod
+  def data_needs(cls, **kwargs) -> list[base.DataNeed]:
+    """The split, with the label fields when given (else the system's: known only once built)."""
+    a = base.arguments(cls, kwargs)
+    fields = tuple(a["fields"] or ())
+    return [base.DataNeed(a["split"], fields=fields, labelled=fields)]
 
   def __init__(self, system, config, mesh=None, *, split: str = "test",
                fields: Sequence[str] | None = None, batch_size: int = 64, dataset_fn=None):

@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import scipy.stats
 
+from fashion_jax.evaluate import base
 from fashion_jax.evaluate import common
 from fashion_jax.evaluate import retrieval
 from fashion_jax.parallel import axes
@@ -218,6 +219,14 @@ class Evaluator:
     rerank: None or {config: 'configs/fashionclip.py:smoke', workdir: ..., k: 10}: re-rank the
       two-tower model's full-gallery top-k (its data.data_dir is taken from this config).
   """
+
+  @classmethod
+  def data_needs(cls, **kwargs) -> list[base.DataNeed]:
+    """The split with its group fields and num_negatives + 1 products (base.DataNeed)."""
+    a = base.arguments(cls, kwargs)
+    fields = tuple(f for f in (a["group_field"], a["fallback_field"]) if f)
+    return [base.DataNeed(a["split"], fields=fields, min_examples=a["num_negatives"] + 1,
+                          why=f"the sample{a['num_negatives']} protocol")]
 
   def __init__(self, system, config, mesh: Mesh | None = None, *, split: str = "test",
                num_queries: int = 1000, num_negatives: int = 100, repeats: int = 1,

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fashion_jax.evaluate import base
 from fashion_jax.evaluate import common
 from fashion_jax.evaluate import retrieval
 
@@ -135,6 +136,14 @@ class Evaluator:
 
   Built by the trainer as `Evaluator(system=, config=, mesh=, split=, fields=, ...)`.
   """
+
+  @classmethod
+  def data_needs(cls, **kwargs) -> list[base.DataNeed]:
+    """The split, with every entity field non-empty somewhere (base.DataNeed)."""
+    a = base.arguments(cls, kwargs)
+    fields = (a["fields"],) if isinstance(a["fields"], str) else tuple(a["fields"])
+    return [base.DataNeed(a["split"], fields=fields, labelled=fields, min_examples=2,
+                          why="entity retrieval")]
 
   def __init__(self, system, config, mesh=None, *, split: str = "test",
                fields: Sequence[str] = ("brand",), ks: Sequence[int] = DEFAULT_KS,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
+from fashion_jax.evaluate import base
 from fashion_jax.evaluate import common
 from fashion_jax.evaluate import zeroshot
 
@@ -63,6 +64,14 @@ class Evaluator:
   Metric names: `{split}/linear_probe/{field}_acc`, `_f1`, `_C` (chosen C), `_num_train`.
   Examples whose field is '' (unknown) are left out of both splits.
   """
+
+  @classmethod
+  def data_needs(cls, **kwargs) -> list[base.DataNeed]:
+    """Both splits, each with the field non-empty somewhere (base.DataNeed)."""
+    a = base.arguments(cls, kwargs)
+    f = a["field"]
+    return [base.DataNeed(a["train_split"], arg="train_split", fields=(f,), labelled=(f,)),
+            base.DataNeed(a["split"], fields=(f,), labelled=(f,))]
 
   def __init__(self, system, config, mesh=None, *, split: str = "test",
                train_split: str = "train", field: str = "subcategory",

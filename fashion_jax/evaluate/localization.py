@@ -23,6 +23,7 @@ from PIL import Image
 from PIL import ImageDraw
 from scipy import ndimage
 
+from fashion_jax.evaluate import base
 from fashion_jax.evaluate import common
 
 FILLS = ("mean", "grey")
@@ -145,6 +146,13 @@ class Evaluator:
   box_area` (mean box area / image area; images without a box count 0). PNGs and boxes.json go
   to `output_dir` (default <config.workdir>/localization/<split>; '' = do not write).
   """
+
+  @classmethod
+  def data_needs(cls, **kwargs) -> list[base.DataNeed]:
+    """The split, and the query field unless the query is the caption (base.DataNeed)."""
+    a = base.arguments(cls, kwargs)
+    fields = () if a["query"] == "text" else (a["query"],)
+    return [base.DataNeed(a["split"], fields=fields, labelled=fields)]
 
   def __init__(self, system, config, mesh=None, *, split: str = "test", num_images: int = 8,
                patch: int = 16, stride: int = 8, fill: str = "mean", threshold: float = 0.5,

@@ -59,6 +59,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from fashion_jax.evaluate import base
 from fashion_jax.evaluate import common
 from fashion_jax.parallel import axes
 
@@ -627,6 +628,26 @@ class Evaluator:
   `num_items` (products in the split). With `num_negatives` other than 100 the protocol is named
   `sample<num_negatives>`, so a number never claims a gallery it did not have.
   """
+
+  @classmethod
+  def data_needs(cls, **kwargs) -> list[base.DataNeed]:
+    """The split, with at least 2 products (full: R@K on a gallery of N <= K products is 1 by
+    construction, warned) and num_negatives + 1 for the sample protocol, plus its group fields."""
+    a = base.arguments(cls, kwargs)
+    needs = []
+    if "full" in a["protocols"]:
+      k = max(a["ks"])
+      needs.append(base.DataNeed(
+          a["split"], min_examples=2, warn_below=k + 1,
+          why=f"full-gallery retrieval (R@K is 1 by construction when the gallery has <= K "
+              f"products; K up to {k})"))
+    if "sample100" in a["protocols"]:
+      fields = tuple(f for f in (a["group_field"], a["fallback_field"]) if f)
+      needs.append(base.DataNeed(
+          a["split"], fields=fields, min_examples=a["num_negatives"] + 1,
+          why=f"the sample{a['num_negatives']} protocol (a query and {a['num_negatives']} "
+              "negatives)"))
+    return needs
 
   def __init__(self, system, config, mesh: Mesh | None = None, *, split: str = "test",
                protocols: Sequence[str] = ("full", "sample100"), ks: Sequence[int] = DEFAULT_KS,

@@ -1,7 +1,8 @@
 """Zero-shot classification with prompt templates (FashionCLIP's product classification).
 
-Each label gets one text per template ("a photo of a {}" by default), e.g. "a photo of a
-shirts"; with several templates the label's text embeddings are averaged and re-normalised
+The prompts and the class embeddings come from evaluate/prompts.py, the one definition shared
+with `FashionCLIP.zero_shot_classify` (api.py) and the zero-shot figure: each label gets one text
+per template (prompts.TEMPLATES by default), whose embeddings are averaged and re-normalised
 (CLIP's prompt ensembling):
     c_k = normalize( sum_t normalize(embed_text(template_t.format(label_k))) )      [C, D]
 An image is scored against every label as
@@ -22,9 +23,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fashion_jax.evaluate import base
 from fashion_jax.evaluate import common
+from fashion_jax.evaluate import data_check
+from fashion_jax.evaluate import prompts
 
-DEFAULT_TEMPLATES = ("a photo of a {}",)
+DEFAULT_TEMPLATES = prompts.TEMPLATES
 
 
 def per_class_f1(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
@@ -63,15 +67,10 @@ def classification_metrics(y_true: np.ndarray, logits: np.ndarray) -> dict[str, 
           "nll": float(-np.mean(log_p[np.arange(len(y_true)), y_true]))}
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def class_embeddings(embed_tokens: Callable[[np.ndarray], np.ndarray],
                      tokenize: Callable[[list[str]], np.ndarray], labels: Sequence[str],
-                     templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
-  """Prompt-ensembled label embeddings, float32 [C, D] (module docstring formula).
+                     templates: str | Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
+  """Prompt-ensembled label embeddings, float32 [C, D] (prompts.class_embeddings).
 
   Args:
     embed_tokens: int32 [N, L] -> [N, D] (a system's text tower).
@@ -79,22 +78,11 @@ def class_embeddings(embed_tokens: Callable[[np.ndarray], np.ndarray],
     labels: the C label names.
     templates: format strings with exactly one '{}'.
   """
-  if not templates:
-    raise ValueError("zero-shot needs at least one prompt template.")
-  for t in templates:
-    if t.count("{}") != 1:
-      raise ValueError(f"prompt template {t!r} must contain exactly one '{{}}'.")
-  if not labels:
-    raise ValueError("zero-shot needs at least one label.")
-  total = 0.0
-  for t in templates:
-    total = total + _normalize(embed_tokens(np.asarray(tokenize([t.format(l) for l in labels]))))
-  return _normalize(total)
+  return prompts.class_embeddings(lambda texts: embed_tokens(np.asarray(tokenize(texts))),
+                                  labels, templates)
 
 
-def zeroshot_logits(image_emb, class_emb, logit_scale) -> np.ndarray:
-  """logit_scale * cos(image, class): float32 [N, C]; both sides re-normalised here."""
-  return float(logit_scale) * (_normalize(image_emb) @ _normalize(class_emb).T)
+zeroshot_logits = prompts.logits
 
 
 class Evaluator:
@@ -107,11 +95,19 @@ class Evaluator:
     split, field: what to classify ('subcategory', 'category', ...).
     labels: the label set; None = the distinct non-empty values of the field in the split. With an
       explicit set every example's label must be in it.
-    templates: prompt templates (averaged, see module docstring).
+    templates: prompt templates (averaged, see module docstring); default prompts.TEMPLATES,
+      the prompts FashionCLIP.zero_shot_classify uses.
     batch_size: eval batch size per process.
     dataset_fn: replaces fashion_jax.data.pipeline.make_eval_dataset (tests).
     tokenizer: callable(list[str]) -> int32 [N, L]; None = config.data.tokenizer.
   """
+
+  @classmethod
+  def data_needs(cls, **kwargs) -> list[base.DataNeed]:
+    """The split with the field, non-empty in at least one example (base.DataNeed)."""
+    a = base.arguments(cls, kwargs)
+    return [base.DataNeed(a["split"], fields=(a["field"],), labelled=(a["field"],),
+                          why=f"zero-shot classification by {a['field']!r}")]
 
   def __init__(self, system, config, mesh=None, *, split: str = "test",
                field: str = "subcategory", labels: Sequence[str] | None = None,
@@ -121,7 +117,7 @@ class Evaluator:
     self.system, self.config = system, config
     self.split, self.field = split, field
     self.labels = list(labels) if labels is not None else None
-    self.templates = tuple(templates)
+    self.templates = prompts.check_templates(templates)
     self.batch_size = batch_size
     self.dataset_fn = dataset_fn
     self.tokenizer = tokenizer if tokenizer is not None else common.tokenizer_from_config(config)
@@ -134,6 +130,8 @@ class Evaluator:
         texts=False, fields=(self.field,))
     values = data[self.field]
     known = values != ""
+    if not known.any():
+      raise ValueError(self._no_labels(len(values)))
     labels = self.labels if self.labels is not None else sorted(set(values[known].tolist()))
     lookup = {l: k for k, l in enumerate(labels)}
     missing = sorted(set(values[known].tolist()) - set(lookup))
@@ -141,12 +139,28 @@ class Evaluator:
       raise ValueError(f"{self.split}/{self.field} has values {missing[:5]} outside the "
                        f"zero-shot labels {labels[:10]}.")
     y = np.asarray([lookup[v] for v in values[known]], np.int64)
-    cls = class_embeddings(lambda t: self.embedder.embed_tokens(params, t), self.tokenizer,
-                           labels, self.templates)
-    logits = zeroshot_logits(data["image"][known], cls, np.asarray(self.system.logit_scale(params)))
+    logits = prompts.logits(data["image"][known], self.class_embeddings(params, labels),
+                            np.asarray(self.system.logit_scale(params)))
     m = classification_metrics(y, logits)
     prefix = f"{self.split}/zeroshot/{self.field}"
     out = {f"{prefix}_{k}": v for k, v in m.items()}
     out[f"{prefix}_num_classes"] = float(len(labels))
     out[f"{prefix}_num_examples"] = float(len(y))
     return out
+
+  def class_embeddings(self, params, labels: Sequence[str]) -> np.ndarray:
+    """float32 [C, D]: prompts.class_embeddings of `labels` with this evaluator's templates."""
+    return prompts.class_embeddings(
+        lambda texts: self.embedder.embed_tokens(params, np.asarray(self.tokenizer(texts))),
+        labels, self.templates)
+
+  def _no_labels(self, n: int) -> str:
+    """The error for a split whose field is '' everywhere, naming the dataset's fields."""
+    fields = ""
+    if self.dataset_fn is None and self.config is not None and "data" in self.config:
+      data = self.config.data
+      found = data_check.fields_with_values(data.name, data.get("data_dir", ""), self.split)
+      fields = f"; the fields with values in {data.name}:{self.split} are {found}"
+    return (f"zero-shot on split {self.split!r}: field {self.field!r} is empty in all {n} "
+            f"examples, so there is no label to classify into{fields}. Set the evaluation's "
+            "`field` to one of them.")

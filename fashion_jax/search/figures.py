@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fashion_jax.evaluate import localization
+from fashion_jax.evaluate import prompts
 from fashion_jax.search import sheet
 
 
@@ -76,11 +77,12 @@ def image_to_text(encoder, images: np.ndarray, texts: Sequence[str], k: int = 3)
 
 
 def zero_shot(fclip, images: np.ndarray, labels: Sequence[str], top: int = 3,
-              template: str = "a photo of a {}"):
-  """FashionCLIP.zero_shot_classify -> (figure: image + top classes with probabilities,
-  probabilities [N, K])."""
+              templates: str | Sequence[str] = prompts.TEMPLATES):
+  """FashionCLIP.zero_shot_classify with the shared prompts (evaluate/prompts.py, as the
+  zero-shot evaluator) -> (figure: image + top classes with probabilities, probabilities
+  [N, K])."""
   plt = _plt()
-  probs = fclip.zero_shot_classify(list(images), list(labels), template=template)
+  probs = fclip.zero_shot_classify(list(images), list(labels), templates=templates)
   n = len(images)
   fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.0), squeeze=False,
                            gridspec_kw={"height_ratios": [1.3, 1]})

@@ -42,10 +42,29 @@ an error. Errors that are not storage errors are raised as they are.
 
 Restore onto any mesh: `restore` takes abstract arrays carrying the target shardings, and orbax
 reads each shard where it belongs.
+
+Incompatible config (not corruption). Before reading any array, `restore`/`restore_latest`
+compare the saved state's tree (orbax's metadata: every array's path, shape and dtype, and
+every empty node such as optax's EmptyState) with the target's. Any difference (e.g.
+`optimizer.clip_norm=0` drops the clipping transform, so the optimizer state's entries move)
+raises `IncompatibleCheckpointError` naming the differing paths (in the checkpoint only, in the
+target only, shape/dtype changed) and, given the new config, the keys that differ from
+`<workdir>/config.json` (the config the checkpoints were written with). Nothing is moved: the
+checkpoints are healthy and the saved config restores them. Only a failed read or fingerprint
+check makes a checkpoint corrupt (fallback and quarantine above). dtype changes count too: a
+restore would cast the arrays and then fail the fingerprint check.
+
+Readers: `Checkpointer(workdir, read_only=True)` is for every process that does not own the
+workdir (evaluation, export, search, init from another run). It lists, reads and verifies
+only: it never deletes temporary directories (another process's save may be in flight there),
+never quarantines, never creates directories, and refuses to save. Only the training process
+that owns the workdir opens it writable (and sweeps the temporary directories of interrupted
+saves at its start).
 """
 
 from collections.abc import Mapping
 import glob
+import json
 import os
 import shutil
 from typing import Any
@@ -71,6 +90,18 @@ class CorruptCheckpointError(ValueError):
 
 class CheckpointWriteError(OSError):
   """A checkpoint the run cannot do without (the final one) could not be written."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A healthy checkpoint whose state tree differs from the target's (another config).
+
+  Deliberately not a CorruptCheckpointError: nothing is quarantined, the saved config restores
+  the checkpoint. The message names the differing state paths and config keys.
+  """
+
+
+class NoCheckpointError(FileNotFoundError):
+  """A workdir holds no finalised checkpoint (or not the requested step)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,6 +167,129 @@ def verify(step: int, tree: Any, saved: Mapping[str, Any] | None) -> None:
       raise CorruptCheckpointError(
           f"Checkpoint {step}: array {path} does not match the fingerprint saved with it "
           f"(saved {list(want)}, read {got}): the files were altered or damaged after writing.")
+
+
+# ------------------------------------------------------------------------------------------------
+# State structure and config differences (incompatible, not corrupt).
+# ------------------------------------------------------------------------------------------------
+_EMPTY = "empty"
+
+
+def _layout(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """{path: (shape, dtype) or 'empty'} of a state tree in orbax's saved form.
+
+  Dicts and lists/tuples are containers (orbax saves namedtuples with fields as dicts; the
+  target is serialised that way first); None, an empty container and a field-less namedtuple
+  (optax's EmptyState) are empty nodes; anything else is an array (ShapeDtypeStruct, orbax's
+  ArrayMetadata, an array).
+  """
+  if isinstance(tree, Mapping):
+    items = [(str(k), v) for k, v in tree.items()]
+  elif isinstance(tree, (list, tuple)):
+    items = [(str(k), v) for k, v in enumerate(tree)]
+  elif tree is None:
+    items = []
+  else:
+    return {prefix: (tuple(getattr(tree, "shape", ())), getattr(tree, "dtype", None))}
+  if not items:
+    return {prefix: _EMPTY}
+  out = {}
+  for key, value in items:
+    out.update(_layout(value, prefix + (key,)))
+  return out
+
+
+def _same(saved, target) -> bool:
+  if saved == _EMPTY or target == _EMPTY:
+    return saved == target
+  if any(d is not None and jax.dtypes.issubdtype(d, jax.dtypes.prng_key)
+         for d in (saved[1], target[1])):
+    return True  # orbax stores typed PRNG keys as their data; not compared.
+  return saved[0] == target[0] and (saved[1] is None or target[1] is None
+                                    or saved[1] == target[1])
+
+
+def _describe(leaf) -> str:
+  return "an empty node" if leaf == _EMPTY else f"{leaf[0]} {leaf[1]}"
+
+
+def _only_in(paths, layout, other) -> list[str]:
+  """`paths` (in `layout`, not in `other`) grouped under their shortest prefix that `other`
+  does not have at all: ['opt_state/2 (28 arrays)', 'opt_state/1 (an empty node)']."""
+  other_prefixes = {p[:k] for p in other for k in range(1, len(p) + 1)}
+  groups = {}
+  for path in sorted(paths):
+    k = next((k for k in range(1, len(path) + 1) if path[:k] not in other_prefixes),
+             len(path))  # An empty node where `other` has a subtree: the node itself.
+    groups.setdefault(path[:k], []).append(path)
+  out = []
+  for prefix, members in groups.items():
+    arrays = sum(layout[p] != _EMPTY for p in members)
+    what = (f"{arrays} array{'s' if arrays != 1 else ''}" if arrays
+            else "an empty node" if len(members) == 1 else f"{len(members)} empty nodes")
+    out.append(f"{'/'.join(prefix) or '<root>'} ({what})")
+  return out
+
+
+def structure_differences(saved: Any, target: Any, limit: int = 8) -> list[str]:
+  """Lines describing how the saved state tree differs from `target`; [] when they match.
+
+  `saved`: the checkpoint's state metadata (`Checkpointer.state_metadata`); `target`: the
+  abstract state to restore into (any pytree of ShapeDtypeStructs).
+  """
+  have = _layout(saved)
+  want = _layout(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
+  lines = []
+
+  def add(title, entries):
+    if entries:
+      more = f", and {len(entries) - limit} more" if len(entries) > limit else ""
+      lines.append(f"{title}: {', '.join(entries[:limit])}{more}")
+
+  add("in the checkpoint but not in this config's state",
+      _only_in(set(have) - set(want), have, want))
+  add("in this config's state but not in the checkpoint",
+      _only_in(set(want) - set(have), want, have))
+  add("changed", [f"{'/'.join(p)}: {_describe(have[p])} in the checkpoint, "
+                  f"{_describe(want[p])} here"
+                  for p in sorted(set(have) & set(want)) if not _same(have[p], want[p])])
+  return lines
+
+
+def _plain(config: Any) -> Any:
+  """A config (ConfigDict or mapping) as plain JSON values, as config.json holds them."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return json.loads(json.dumps(config, default=str))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(value, dict) and value:
+    out = {}
+    for k, v in value.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: value}
+
+
+_ABSENT = object()
+
+
+def config_changes(old: Mapping[str, Any], new: Any) -> list[tuple[str, Any, Any]]:
+  """[(dotted key, old value, new value)] of every leaf key whose value differs, sorted.
+
+  `old`: a config as JSON (config.json); `new`: a ConfigDict or mapping. A key present on one
+  side only has the value `_ABSENT` on the other.
+  """
+  a, b = _flatten(_plain(dict(old))), _flatten(_plain(new))
+  return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
+          if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def _show(value: Any) -> str:
+  if value is _ABSENT:
+    return "(absent)"
+  return json.dumps(value) if isinstance(value, (list, dict, str)) else str(value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,25 +366,40 @@ class _StateRestore(ocp.args.PyTreeRestore):
 # The checkpointer.
 # ------------------------------------------------------------------------------------------------
 class Checkpointer:
-  """Save/restore of (TrainState, data position) with keep-last-N plus keep-best."""
+  """Save/restore of (TrainState, data position) with keep-last-N plus keep-best.
 
-  def __init__(self, workdir: str, *, keep: int, best_metric: str | None = None,
-               best_mode: str = "max", use_async: bool = True):
+  Writable (the default) only in the training process that owns `workdir`: opening it creates
+  `<workdir>/checkpoints` and deletes the temporary directories of interrupted saves. Every
+  other process opens it with `read_only=True` (module docstring: readers); `keep`,
+  `best_metric`, `best_mode` and `use_async` are then unused.
+  """
+
+  def __init__(self, workdir: str, *, keep: int | None = None, best_metric: str | None = None,
+               best_mode: str = "max", use_async: bool = True, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
-    self.best_metric = best_metric
+    self.read_only = read_only
+    self.best_metric = None if read_only else best_metric
     self.failed_saves: dict[int, str] = {}   # step -> error, of saves that did not complete.
     self._pending: int | None = None         # Step of the async save possibly still running.
-    policies = [checkpoint_managers.LatestN(n=keep)]
-    if best_metric:
-      policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
-          keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=use_async,
-        cleanup_tmp_directories=True,
-        create=True)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0,
+          enable_async_checkpointing=False)
+    else:
+      if keep is None:
+        raise ValueError(f"Checkpointer({workdir!r}): a writable checkpointer needs `keep` "
+                         "(checkpoints kept); readers pass read_only=True.")
+      policies = [checkpoint_managers.LatestN(n=keep)]
+      if best_metric:
+        policies.append(checkpoint_managers.BestN(
+            get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
+            n=1, keep_checkpoints_without_metrics=False))
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+          enable_async_checkpointing=use_async,
+          cleanup_tmp_directories=True,
+          create=True)
     self._state_handler = _StateHandler(self.workdir)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -244,6 +413,31 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     return self.manager.best_step() if self.best_metric else None
+
+  def require(self, step: int | None = None) -> int:
+    """`step` if it is a finalised checkpoint here (None: the newest one), else raises
+    NoCheckpointError: one line naming the workdir, the steps there, any unfinished save, whether
+    a config.json exists and how to train."""
+    steps = self.all_steps()
+    if steps and (step is None or step in steps):
+      return steps[-1] if step is None else step
+    if steps:
+      raise NoCheckpointError(f"No checkpoint {step} in workdir {self.workdir} (steps there: "
+                              f"{steps}); pass one of those steps.")
+    if not os.path.isdir(self.workdir):
+      state = "it does not exist"
+    elif os.path.exists(os.path.join(self.workdir, "config.json")):
+      state = "config.json exists, so a run started there but saved no checkpoint yet"
+    else:
+      state = "no config.json either, so it is not a training workdir"
+    unfinished = sorted(os.path.basename(p) for p in glob.glob(
+        os.path.join(self.directory, "*.orbax-checkpoint-tmp*")))
+    if unfinished:
+      state += f"; unfinished saves in {self.directory}: {unfinished}"
+    raise NoCheckpointError(
+        f"No checkpoints in workdir {self.workdir} ({state}); train first: python -m "
+        f"launch.train --config=<config file> --workdir={self.workdir}, and wait for its first "
+        "checkpoint (checkpoint.every_steps).")
 
   # ---- Saving. ---------------------------------------------------------------------------------
   def _write_failed(self, step: int | None, error: BaseException) -> None:
@@ -286,6 +480,9 @@ class Checkpointer:
     save's, or the previous asynchronous save's, which surfaces here) is logged and recorded in
     `failed_saves` (module docstring); other errors are raised.
     """
+    if self.read_only:
+      raise ValueError(f"Checkpointer({self.workdir}) is read-only: it cannot save step {step} "
+                       "(only the training process that owns the workdir saves).")
     self._wait_pending()
     self._state_handler.saving_step = step
     try:
@@ -307,17 +504,66 @@ class Checkpointer:
     self._wait_pending()
 
   def close(self) -> None:
+    if self.read_only:
+      self.manager.close()
+      return
     self._wait_pending()
     self.manager.close()
     self._remove_failed_tmp()
 
   # ---- Restoring. ------------------------------------------------------------------------------
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+  def _incompatible(self, step: int, differences: list[str] | None,
+                    config: Any | None) -> IncompatibleCheckpointError:
+    """The error for checkpoint `step` whose state tree differs from the target's."""
+    parts = [f"Checkpoint {step} in {self.directory} holds a train state with another tree "
+             "than this config's, so it cannot be restored (an incompatible config, not a "
+             "corrupt checkpoint: nothing was moved). State differences: "
+             + ("; ".join(differences) if differences
+                else "found by another process (its metadata differs)") + "."]
+    path = os.path.join(self.workdir, "config.json")
+    if config is not None:
+      try:
+        with open(path) as f:
+          changes = config_changes(json.load(f), config)
+      except (OSError, ValueError) as e:
+        parts.append(f"Cannot compare the config with {path} ({type(e).__name__}: {e}).")
+      else:
+        if changes:
+          parts.append(f"Config keys that differ from {path} (the config the checkpoints were "
+                       "written with): " + ", ".join(f"{k}: {_show(a)} -> {_show(b)}"
+                                                     for k, a, b in changes) + ".")
+          flags = " ".join(f"--config.{k}={a}" for k, a, _ in changes
+                           if a is not _ABSENT and not isinstance(a, (list, dict)))
+          if flags:
+            parts.append(f"To resume, set back the key that changes the state (saved values: "
+                         f"{flags}); to train the new config, use another --workdir.")
+        else:
+          parts.append(f"No config key differs from {path}: the code that builds the state "
+                       "changed; use another --workdir.")
+    return IncompatibleCheckpointError(" ".join(parts))
+
+  def check_compatible(self, step: int, abstract_state: Any, *, config: Any | None = None
+                       ) -> None:
+    """Raises IncompatibleCheckpointError when checkpoint `step`'s saved state tree (metadata
+    only, no array is read) differs from `abstract_state`'s; `config` (the config the target
+    was built from) adds the keys that differ from `<workdir>/config.json`. A checkpoint whose
+    metadata cannot be read raises orbax's error (a corrupt checkpoint)."""
+    differences = structure_differences(self.state_metadata(step), abstract_state)
+    if differences:
+      raise self._incompatible(step, differences, config)
+
+  def restore(self, step: int, abstract_state: Any, *, config: Any | None = None
+              ) -> tuple[Any, dict[str, Any]]:
     """(state laid out as `abstract_state`'s shardings, data dict) of checkpoint `step`.
 
-    Raises CorruptCheckpointError when the arrays do not match their saved fingerprint; orbax's
-    own errors (unreadable files) pass through.
+    Raises IncompatibleCheckpointError (`check_compatible`) before reading any array when the
+    saved tree differs from `abstract_state`'s; CorruptCheckpointError when the arrays do not
+    match their saved fingerprint; orbax's own errors (unreadable files) pass through.
     """
+    self.check_compatible(step, abstract_state, config=config)
+    return self._restore(step, abstract_state)
+
+  def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=_StateRestore(
             item=abstract_state,
@@ -341,6 +587,9 @@ class Checkpointer:
 
   def _quarantine(self, step: int) -> str:
     """Moves checkpoint `step` to `<workdir>/checkpoints_corrupt/<step>[.k]`; returns where."""
+    if self.read_only:
+      raise ValueError(f"Checkpointer({self.workdir}) is read-only: it does not move checkpoint "
+                       f"{step}.")
     target = os.path.join(self.workdir, QUARANTINE_DIR, str(step))
     k = 0
     while os.path.exists(target if k == 0 else f"{target}.{k}"):
@@ -354,23 +603,38 @@ class Checkpointer:
     self.manager.reload()
     return target
 
-  def restore_latest(self, abstract_state: Any, *, quarantine: bool = True
-                     ) -> tuple[int, Any, dict[str, Any]] | None:
+  def restore_latest(self, abstract_state: Any, *, quarantine: bool = True,
+                     config: Any | None = None) -> tuple[int, Any, dict[str, Any]] | None:
     """(step, state, data) of the newest checkpoint that restores and verifies; None if none.
 
-    Each newer checkpoint that fails is named in a warning and, with `quarantine`, moved to
-    `<workdir>/checkpoints_corrupt/`. Raises CorruptCheckpointError when checkpoints exist but
-    none is usable.
+    Each newer checkpoint that cannot be read or fails its fingerprint is named in a warning
+    and, with `quarantine` (never when read-only), moved to `<workdir>/checkpoints_corrupt/`.
+    Raises CorruptCheckpointError when checkpoints exist but none is usable, and
+    IncompatibleCheckpointError (`check_compatible`; `config` names the changed keys), moving
+    nothing, at the newest readable checkpoint whose state tree differs from
+    `abstract_state`'s: an older one is not used in its place, the config is what is wrong.
     """
+    quarantine = quarantine and not self.read_only
     bad = []
     for step in sorted(self.all_steps(), reverse=True):
-      error = None
-      try:
-        state, data = self.restore(step, abstract_state)
+      error, differences = None, None
+      try:  # Metadata only: decides incompatible vs readable before any array is read.
+        saved = self.state_metadata(step)
       except MemoryError:
         raise
       except Exception as e:  # pylint: disable=broad-except
         error = e
+      else:  # Outside the try: a failure to compare is no evidence of corruption.
+        differences = structure_differences(saved, abstract_state)
+      if not _everyone(not differences):
+        raise self._incompatible(step, differences, config)
+      if error is None:
+        try:
+          state, data = self._restore(step, abstract_state)
+        except MemoryError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
       if _everyone(error is None):
         if bad:
           logging.warning("Restored checkpoint %d instead of the newer unusable checkpoint(s) "
@@ -385,8 +649,8 @@ class Checkpointer:
     if bad:
       raise CorruptCheckpointError(
           f"Every checkpoint in {self.directory} is unreadable or corrupt (steps {bad}"
-          + (f", moved to {os.path.join(self.workdir, QUARANTINE_DIR)}" if quarantine else "")
-          + "). Rerunning starts from scratch.")
+          + (f", moved to {os.path.join(self.workdir, QUARANTINE_DIR)}). Rerunning starts "
+             "from scratch." if quarantine else ")."))
     return None
 
   def state_metadata(self, step: int) -> Any:

@@ -2,10 +2,21 @@
 
 `check(config, num_devices, process_count)` raises `ConfigError` (a ValueError) whose message
 names the bad key and value for: an unknown key (with the closest known key suggested), a
-missing required key, a wrong type, a value outside its choices, a mesh that does not divide the
-device count, a global batch not divisible by the batch shards (data * fsdp), by the process
-count or by grad_accum_steps (and micro-batches not divisible by data * fsdp), an evaluator type
-with no module, and a best_metric without any evaluator.
+missing required key, a wrong type, a value outside its choices, a nonsensical optimizer value
+(lr or weight_decay < 0, betas outside [0, 1), eps <= 0, clip_norm < 0; lr = 0 is a warning),
+a mesh that does not divide the device count, a global batch not divisible by the batch shards
+(data * fsdp), by the process count or by grad_accum_steps (and micro-batches not divisible by
+data * fsdp), an evaluator type with no module, and a best_metric without any evaluator.
+
+Two checks need the data, and run after `check`, still before anything compiles:
+`check_eval_data(config)` compares every evaluation with the dataset it reads (a missing split
+or field, no labels, a split too small: evaluate/base.py) and drops the `optional` ones that
+cannot run; `check_train_examples(config, num_examples)` refuses a global batch larger than the
+train split (every batch would repeat examples: in-batch negatives become copies of the
+positive).
+
+`unknown_key_error(key, where, known)` is the "did you mean" error for an unknown key; the
+launch/ entry points (launch/cli.py) use it for command-line overrides of keys that do not exist.
 
 `with_defaults(config)` returns a copy with every trainer key present (the defaults below); the
 copy is what the trainer uses and what it writes to `<workdir>/config.json`.
@@ -21,12 +32,17 @@ import copy
 import difflib
 import importlib
 import importlib.util
+import inspect
 from typing import Any, NamedTuple
 
+from absl import logging
 import ml_collections
 
 from fashion_jax import systems
+from fashion_jax.evaluate import base as eval_base
+from fashion_jax.evaluate import data_check
 from fashion_jax.parallel import mesh as mesh_lib
+from fashion_jax.train.optimizer import DEFAULT_PARAM_BOUNDS
 from fashion_jax.train.optimizer import DEFAULT_WD_EXCLUDE
 
 
@@ -77,6 +93,7 @@ SCHEMA = {
         "lr_mults": Key(_SEQ, ()),
         "freeze": Key(_SEQ, ()),
         "wd_exclude": Key(_SEQ, DEFAULT_WD_EXCLUDE),
+        "param_bounds": Key(_SEQ, DEFAULT_PARAM_BOUNDS),
     },
     "checkpoint": {
         "every_steps": Key((int,), 1000),
@@ -92,7 +109,10 @@ SCHEMA = {
     "distributed": Key((bool,), False),
 }
 
-EVAL_KEYS = {"type": Key((str,), required=True), "every": Key((int,), 0)}
+# The trainer's keys of a config.evals entry; the others are the Evaluator's keyword arguments.
+# optional=True: drop the evaluation (with a logged note) when the dataset lacks what it reads.
+EVAL_KEYS = {"type": Key((str,), required=True), "every": Key((int,), 0),
+             "optional": Key((bool,), False)}
 
 
 def _type_ok(value, types) -> bool:
@@ -103,17 +123,42 @@ def _type_ok(value, types) -> bool:
   return isinstance(value, types)
 
 
-def _unknown(key: str, where: str, known) -> ConfigError:
-  close = difflib.get_close_matches(key, list(known), n=1)
-  hint = f" (did you mean {close[0]!r}?)" if close else ""
+def _initials(key: str) -> str:
+  return "".join(w[0] for w in key.lower().split("_") if w)
+
+
+def closest_key(key: str, known) -> str | None:
+  """The known key `key` most likely meant: a case difference, a close spelling (difflib), an
+  abbreviation by initials either way ('learning_rate' -> 'lr', 'wd' -> 'weight_decay'), or a
+  key containing / contained in it ('warmup' -> 'warmup_steps'); None when nothing fits."""
+  known = [str(k) for k in known]
+  for k in known:
+    if k.lower() == key.lower():
+      return k
+  close = difflib.get_close_matches(key, known, n=1)
+  if close:
+    return close[0]
+  for k in known:
+    if "_" in key + k and (_initials(key) == k.lower() or _initials(k) == key.lower()):
+      return k
+  contained = [k for k in known if len(min(k, key, key=len)) >= 3 and (k in key or key in k)]
+  return min(contained, key=lambda k: abs(len(k) - len(key))) if contained else None
+
+
+def unknown_key_error(key: str, where: str, known) -> ConfigError:
+  """ConfigError for the unknown key `key` under the section `where` ('' or 'optimizer.'),
+  suggesting the closest of the `known` keys (closest_key)."""
+  close = closest_key(key, known)
+  hint = f" (did you mean {close!r}?)" if close else ""
   return ConfigError(f"Unknown config key {where}{key!r}{hint}; known keys here: "
                      f"{sorted(known)}.")
+
 
 
 def _check_section(section: Mapping[str, Any], schema: Mapping[str, Any], where: str):
   for key in section.keys():
     if key not in schema:
-      raise _unknown(key, where, schema)
+      raise unknown_key_error(key, where, schema)
   for key, spec in schema.items():
     name = f"config.{where}{key}"
     if isinstance(spec, dict):
@@ -161,7 +206,7 @@ def check_evals(evals: Mapping[str, Any]) -> None:
   for name, spec in evals.items():
     if not isinstance(spec, _MAP):
       raise ConfigError(f"config.evals.{name}={spec!r} must be a ConfigDict with a `type`.")
-    for key in ("type", "every"):
+    for key in EVAL_KEYS:
       want = EVAL_KEYS[key]
       if key not in spec:
         if want.required:
@@ -175,6 +220,92 @@ def check_evals(evals: Mapping[str, Any]) -> None:
         importlib.util.find_spec(module) is None:
       raise ConfigError(f"config.evals.{name}.type={spec['type']!r}: there is no evaluator "
                         f"module {module}.")
+
+
+def eval_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
+  """The Evaluator's keyword arguments of a config.evals entry (every key but EVAL_KEYS)."""
+  return {k: v for k, v in spec.items() if k not in EVAL_KEYS}
+
+
+def check_eval_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every evaluation against its Evaluator and the dataset; returns the evals to run.
+
+  For each config.evals entry: its keyword arguments must be arguments of the Evaluator's
+  constructor, and each `data_needs` of the Evaluator class (evaluate/base.py) must be met by
+  config.data's dataset (evaluate/data_check.py). Evaluator classes without `data_needs` (or a
+  config without `data`) are not checked against data.
+
+  Returns:
+    A copy of `config` without the `optional` evaluations that cannot run (each named in a
+    logged warning with the reason); the same config when nothing is dropped.
+
+  Raises:
+    ConfigError naming the evaluation, its split and what the dataset has (its splits, fields or
+    size), for an evaluation that is not optional.
+  """
+  dropped = []
+  for name, spec in (config.get("evals") or {}).items():
+    module = importlib.import_module(evaluator_module_name(spec["type"]))
+    evaluator = getattr(module, "Evaluator", None)
+    if evaluator is None:
+      raise ConfigError(f"config.evals.{name}.type={spec['type']!r}: module {module.__name__} "
+                        "defines no `Evaluator` class.")
+    kwargs = eval_kwargs(spec)
+    if not inspect.isclass(evaluator):  # A factory: its arguments are its own business.
+      continue
+    try:
+      eval_base.arguments(evaluator, kwargs)
+    except TypeError as e:
+      params = [p for p in inspect.signature(evaluator.__init__).parameters
+                if p not in ("self", "system", "config", "mesh")]
+      unknown = [k for k in kwargs if k not in params]
+      if not unknown:
+        raise ConfigError(f"config.evals.{name}: {e}") from e
+      raise unknown_key_error(unknown[0], f"evals.{name}.", params + list(EVAL_KEYS)) from e
+    needs_fn = getattr(evaluator, "data_needs", None)
+    if needs_fn is None or "data" not in config:
+      continue
+    for need in needs_fn(**kwargs):
+      problem = data_check.problem(config.data, need)
+      where = f"config.evals.{name} (type {spec['type']!r}, {need.arg}={need.split!r})"
+      if problem is None:
+        note = data_check.warning(config.data, need)
+        if note:
+          logging.warning("%s: %s.", where, note)
+        continue
+      if spec.get("optional", False):
+        logging.warning("Skipping %s: %s. It is optional, so training goes on without it.",
+                        where, problem)
+        dropped.append(name)
+        break
+      fix = (f"point config.evals.{name}.{need.arg} at one of them"
+             if not data_check.split_exists(config.data, need.split)
+             else f"change config.evals.{name}'s split or field")
+      raise ConfigError(
+          f"{where} cannot run: {problem}. To run it, {fix}; to skip it on datasets that cannot "
+          f"serve it, set config.evals.{name}.optional=True.")
+  if not dropped:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.evals = ml_collections.ConfigDict(
+        {k: v for k, v in config.evals.items() if k not in dropped})
+  return config
+
+
+def check_train_examples(config: ml_collections.ConfigDict, num_examples: int | None) -> None:
+  """Refuses a global batch larger than the train split (`num_examples`: one epoch over all
+  processes, the train iterator's `.num_examples`; None = unknown, not checked)."""
+  if num_examples is None:
+    return
+  if num_examples < config.batch_size:
+    data = config.get("data") or {}
+    split = f" ({data.get('name')}:{data.get('train_split')})" if "name" in data else ""
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} is larger than the train split{split}, which "
+        f"has {num_examples} example(s): every batch would hold the same examples several "
+        f"times (in-batch negatives would be copies of the positive). Set config.batch_size "
+        f"<= {num_examples} or train on more data.")
 
 
 def input_factory(module_name: str):
@@ -198,6 +329,31 @@ def evaluator_module_name(eval_type: str) -> str:
   return eval_type if "." in eval_type else f"fashion_jax.evaluate.{eval_type}"
 
 
+def _check_optimizer_values(opt: Mapping[str, Any]) -> None:
+  """Optimizer values that train but make no sense (their types are checked already)."""
+  lr = opt.get("lr")
+  if lr is not None and lr < 0:
+    raise ConfigError(f"config.optimizer.lr={lr} must be > 0 (a negative learning rate ascends "
+                      "the loss).")
+  if lr == 0:
+    logging.warning("config.optimizer.lr=0: the parameters will not change.")
+  if opt.get("weight_decay", 0.0) < 0:
+    raise ConfigError(f"config.optimizer.weight_decay={opt['weight_decay']} must be >= 0 (a "
+                      "negative decay inflates the weights).")
+  for key in ("b1", "b2"):
+    if key in opt and not 0 <= opt[key] < 1:
+      raise ConfigError(f"config.optimizer.{key}={opt[key]} must lie in [0, 1).")
+  if "eps" in opt and opt["eps"] <= 0:
+    raise ConfigError(f"config.optimizer.eps={opt['eps']} must be > 0.")
+  if opt.get("clip_norm") is not None and opt["clip_norm"] < 0:
+    raise ConfigError(f"config.optimizer.clip_norm={opt['clip_norm']} must be >= 0 (None or 0 "
+                      "= no clipping).")
+  schedule = opt.get("schedule") or {}
+  if schedule.get("end_lr_factor", 0.0) < 0:
+    raise ConfigError(f"config.optimizer.schedule.end_lr_factor={schedule['end_lr_factor']} "
+                      "must be >= 0.")
+
+
 def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1
           ) -> dict[str, int]:
   """Validates `config` (see the module docstring); returns the resolved mesh shape.
@@ -218,7 +374,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
   top_schema = dict(SCHEMA)
   for key in config.keys():
     if key not in top_schema and key not in system_keys:
-      raise _unknown(key, "", set(top_schema) | set(system_keys))
+      raise unknown_key_error(key, "", set(top_schema) | set(system_keys))
   _check_section({k: v for k, v in config.items() if k in top_schema}, top_schema, "")
 
   for key in ("batch_size", "grad_accum_steps", "log_every_steps"):
@@ -231,6 +387,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int, process_count:
                       f"{config.num_epochs} are set; set one.")
   if config.get("total_steps") is not None and config.total_steps < 1:
     raise ConfigError(f"config.total_steps={config.total_steps} must be >= 1.")
+  _check_optimizer_values(config.get("optimizer") or {})
   schedule = (config.get("optimizer") or {}).get("schedule") or {}
   warmup = schedule.get("warmup_steps", 0)
   if config.get("total_steps") is not None and not 0 <= warmup <= config.total_steps:

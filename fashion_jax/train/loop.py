@@ -21,7 +21,10 @@ Config keys owned by the trainer (defaults in `config_check.SCHEMA`):
               wd_exclude: optimizer.DEFAULT_WD_EXCLUDE}          (train/optimizer.py)
   checkpoint: {every_steps: 1000, keep: 2, best_metric: None, best_mode: 'max', async: True}
   log_every_steps: 50          train metrics are averaged over these steps and written
-  evals: {}                    name -> {type, every (0 = only at the end), **kwargs}
+  evals: {}                    name -> {type, every (0 = only at the end), optional (False),
+                               **kwargs}; checked against the data before anything compiles
+                               (config_check.check_eval_data): an optional evaluation the
+                               dataset cannot serve is dropped with a note, another is an error
   nan_policy: 'stop'           'stop': raise NonFiniteError at the first non-finite train metric
                                (naming the step and the metric; the newest checkpoint is the
                                last good state). 'skip': a step whose loss, gradient norm or
@@ -50,9 +53,20 @@ Plug-ins:
     returns flat float metrics named '<split>/<protocol>/<metric>', run every `every` steps and
     at the end, under the mesh and the logical rules. `checkpoint.best_metric` names one of them.
 
+End of training: the final state is saved (and the save waited for) BEFORE the final
+evaluations run, so an evaluation that raises, hangs or is killed cannot cost the trained state;
+its error is raised after the checkpoint is on disk. With `checkpoint.best_metric` the final
+checkpoint is then saved again with its metrics (delete + save of the same state), so keep-best
+ranks it like every other one; at a preemption it is not (time is short), and it stays the newest
+checkpoint. Rerunning a finished run (newest checkpoint = the last step) trains nothing and runs
+the final evaluations again: the way to complete a run whose final evaluation failed.
+
 Workdir layout: config.json (the full config with defaults), checkpoints/<step>/, TensorBoard
 event files, profiles. A workdir whose checkpoints come from another system or model config is
-refused with an error naming both; other differences (e.g. a changed lr) are logged and allowed.
+refused with an error naming both; other differences (e.g. a changed lr) are logged and allowed,
+unless they give the train state another tree (e.g. optimizer.clip_norm 1.0 -> 0): then
+checkpoint.IncompatibleCheckpointError names the differing state paths and config keys, and
+nothing is moved (config.json is rewritten only once the resume is accepted).
 
 Resume: rerunning the same command continues from the newest complete checkpoint, with the
 same batches and per-step rng, so the result equals an uninterrupted run (bitwise on CPU). A
@@ -230,8 +244,16 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (`<workdir>/config.json`, written at its start)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a training workdir "
-                            "(or training never started there).")
+    ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
+    try:
+      ckpt.require()  # No checkpoints either: NoCheckpointError says so, and how to train.
+      steps = ckpt.all_steps()
+    finally:
+      ckpt.close()
+    raise FileNotFoundError(
+        f"{path} does not exist although {ckpt.directory} holds checkpoints {steps}: the run's "
+        "config is unknown; pass it explicitly (launch.evaluate --config=FILE, or "
+        "loop.load_params(config, workdir)).")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -253,7 +275,9 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, *, step: int | 
   """Params of checkpoint `step` (None = newest) of `workdir`, sharded over the config's mesh.
 
   The mesh may differ from the one that trained: orbax reads each shard where it now belongs.
-  Returns (params, step, mesh). Raises FileNotFoundError naming the workdir and the steps there.
+  Returns (params, step, mesh). Raises checkpoint.NoCheckpointError (a FileNotFoundError)
+  naming the workdir and the steps there. Opens the workdir read-only: a training process may
+  own it (its in-flight saves are left alone; nothing is moved or created).
   """
   config = config_check.with_defaults(config)
   config_check.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
@@ -261,12 +285,10 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, *, step: int | 
   rules = sharding_lib.logical_rules(config.sharding_rules)
   system = systems.get_system(config)
   shapes = state_lib.abstract_params(system, mesh, rules, config.seed)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep)
+  ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
   try:
+    ckpt.require(step)
     steps = ckpt.all_steps()
-    if not steps or (step is not None and step not in steps):
-      raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in "
-                              f"{ckpt.directory} (steps there: {steps}).")
     check_workdir(workdir, config, ckpt, shapes.params)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             shapes.params, shapes.shardings)
@@ -313,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ----------------------------------------------------------------------------------------
   config = config_check.with_defaults(config)
   config_check.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  config = config_check.check_eval_data(config)  # Drops optional evals the data cannot serve.
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
@@ -351,9 +374,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     check_workdir(workdir, config, ckpt, shapes.params)
-    if is_chief:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     start_step = ckpt.latest_step() or 0
 
     # --------------------------------------------------------------------------------------
@@ -364,6 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return factory(config, start_step=step, process_index=jax.process_index(),
                      process_count=jax.process_count())
     train_iter = make_iter(start_step)
+    config_check.check_train_examples(config, getattr(train_iter, "num_examples", None))
     total_steps = _total_steps(config, train_iter)
 
     # --------------------------------------------------------------------------------------
@@ -372,7 +393,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     tx, schedule = optimizer_lib.make_optimizer(config.optimizer, shapes.params, total_steps)
     abstract, state_shardings = state_lib.abstract_state(system, tx, mesh, rules, config.seed,
                                                          shapes)
-    restored = ckpt.restore_latest(abstract) if start_step else None
+    restored = ckpt.restore_latest(abstract, config=config) if start_step else None
+    if is_chief:  # Not before: an incompatible resume names the keys changed from config.json.
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     if restored is not None and restored[0] != start_step:
       # The newest checkpoint was unusable (warned, moved aside): the input restarts earlier.
       start_step = restored[0]
@@ -401,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     evaluators = {}
     for name, spec in config.evals.items():
       module = config_check.evaluator_module_name(spec.type)
-      kwargs = {k: v for k, v in spec.items() if k not in ("type", "every")}
+      kwargs = config_check.eval_kwargs(spec)
       evaluator_cls = importlib.import_module(module).Evaluator
       evaluators[name] = (spec.every, evaluator_cls(system=system, config=config, mesh=mesh,
                                                     **kwargs))
@@ -422,7 +446,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for name in names:
           t0 = time.time()
-          out = {k: float(v) for k, v in evaluators[name][1].run(state.params).items()}
+          try:
+            out = {k: float(v) for k, v in evaluators[name][1].run(state.params).items()}
+          except Exception:
+            logging.error("Evaluation %r failed at step %d. The newest checkpoint in %s is "
+                          "step %s; once the evaluation is fixed, rerunning the command resumes "
+                          "from it (a finished run only evaluates).", name, step,
+                          ckpt.directory, ckpt.latest_step())
+            raise
           for key in out:
             if key in results:
               raise ValueError(f"Evaluator {name!r} returns metric {key!r} that another "
@@ -441,6 +472,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       position = getattr(train_iter, "position", step)
       ckpt.save(step, state, {"step": step, "position": _json(position)}, metrics)
 
+    def resave_with_metrics(step, metrics):
+      """Checkpoint `step`, saved before its evaluation, saved again with its metrics so that
+      keep-best ranks it (orbax attaches metrics only when saving)."""
+      ckpt.wait()
+      if step in ckpt.all_steps():
+        ckpt.manager.delete(step)
+      save(step, metrics)
+
     # --------------------------------------------------------------------------------------
     # Train.
     # --------------------------------------------------------------------------------------
@@ -450,6 +489,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     last_metrics, eval_metrics = {}, {}
     step = start_step
     preempted = False
+    if start_step >= total_steps and evaluators:
+      # A finished run rerun (e.g. after its final evaluation failed): evaluate, do not train.
+      logging.info("Checkpoint %d is the last step: running the final evaluations only.", step)
+      eval_metrics = run_evals(list(evaluators), step)
     logging.info("Training steps %d..%d of %d.", start_step + 1, total_steps, total_steps)
     while step < total_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
@@ -505,14 +548,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write_scalars(step, last_metrics)
         history, skipped_upto = [], 0
 
-      # ---- Evaluate, then checkpoint (with the eval metrics, for keep-best).
+      # ---- Checkpoint and evaluate. The final state (last step, preemption) is on disk before
+      # its evaluations run (module docstring); other steps evaluate first and save with the
+      # metrics, for keep-best.
+      best = config.checkpoint.best_metric
+      final = last or preempted
+      if final:
+        save(step)
+        ckpt.wait()
       if eval_names:
         eval_metrics = run_evals(eval_names, step)
-      if save_now or (eval_names and config.checkpoint.best_metric):
-        save(step, eval_metrics if eval_names and config.checkpoint.best_metric else None)
-        if faults.armed("saved", step):
-          ckpt.wait()
-          faults.inject("saved", step, workdir=workdir)
+      if final and eval_names and best and not preempted:
+        resave_with_metrics(step, eval_metrics)
+      elif not final and (save_now or (eval_names and best)):
+        save(step, eval_metrics if eval_names and best else None)
+      if (final or save_now or (eval_names and best)) and faults.armed("saved", step):
+        ckpt.wait()
+        faults.inject("saved", step, workdir=workdir)
       if on_progress is not None:
         on_progress(f"step {step} done")
       if preempted:
