@@ -3,20 +3,42 @@ r"""Export a training run's checkpoint to PyTorch / HF transformers.
     python -m launch.export --workdir=runs/fashionclip_smoke --out=exported/fc [--step=N] [--overwrite]
 
 Reads `<workdir>/config.json` (written by training), restores the params of the newest (or
---step) checkpoint and calls the system's `export(params, out_dir, overwrite)`: FashionCLIP
-writes a transformers CLIPModel directory (config.json, model.safetensors, tokenizer and
-preprocessor files) that `CLIPModel.from_pretrained` and `CLIPProcessor.from_pretrained` load.
-A non-empty --out is refused unless --overwrite.
+--step) checkpoint and calls the system's `export(params, out_dir, overwrite)`:
+  fashionclip  a transformers CLIPModel directory (config.json, model.safetensors, tokenizer and
+               preprocessor files) that `CLIPModel.from_pretrained` / `CLIPProcessor` load;
+  e2           E2Torch files (interop/e2_torch.py) + clip/, the CLIP part as a CLIPModel dir;
+  fashionbert  bert/ (BertModel) [+ cnn/ (ResNetModel)] + FashionBertTorch files
+               (interop/fashionbert_torch.py; pooled-pixel patches need no cnn/);
+  fashionvil   bert/ (BertModel) + cnn/ (ResNetModel) + FashionViLTorch files.
+A non-empty --out is refused unless --overwrite, and --overwrite replaces only the files an
+export writes: a directory that also holds anything else (your notes, labels, data) is refused
+with those paths named, and nothing is deleted (interop/hf_io.prepare_export_dir).
 """
+
+import importlib
+import pkgutil
 
 from absl import app
 from absl import flags
 
+from fashion_jax import systems
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the contents of a non-empty --out.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous export in --out (only "
+                                "the files an export writes; anything else is refused).")
 flags.mark_flags_as_required(["workdir", "out"])
+
+
+def exporting_systems() -> list[str]:
+  """The built-in systems (fashion_jax/systems/) whose System has an export()."""
+  names = []
+  for info in pkgutil.iter_modules(systems.__path__):
+    module = importlib.import_module(systems.module_name(info.name))
+    if hasattr(getattr(module, "System", None), "export"):
+      names.append(info.name)
+  return sorted(names)
 
 
 def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False):
@@ -25,7 +47,8 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
 
   system, params, step = loop.load_trained(workdir, step=step)
   if not hasattr(system, "export"):
-    raise ValueError(f"System {system.config.system!r} has no export().")
+    raise ValueError(f"System {system.config.system!r} of {workdir} has no export(); the "
+                     f"systems that export are {exporting_systems()}.")
   return system.export(params, out, overwrite=overwrite), step
 
 

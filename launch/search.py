@@ -16,11 +16,19 @@ r"""Product search: build an index of a catalog's image embeddings, then query i
 Index kinds: `--kind=exact` (default; brute force, the evaluator's top-k code) or `--kind=ivf`
 (inverted file over spherical k-means lists, `--num_lists`, `--nprobe`; for catalogs of millions;
 its recall against exact is measured by launch/benchmark_search.py and by
-`evaluate --recall_vs_exact`). The model used for queries is the one the index was built with
-(meta.json) unless --model is given.
+`evaluate --recall_vs_exact`).
+
+The model used for queries is loaded from the path the index was built with (meta.json) unless
+--model is given, at its newest checkpoint unless --step is given. The index records the
+identity of the model that embedded its images (path, step, params fingerprint): `query` and
+`evaluate` with any other params (typically: the run trained on after the index was built) are
+refused with a message giving the build command that refreshes the index, or the --step that
+matches it; --allow_model_mismatch queries anyway (with a warning). A --text must hold words;
+--k above the number of indexed products is capped to it (with a note), --k < 1 is an error.
 """
 
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -47,11 +55,34 @@ _MAX_QUERIES = flags.DEFINE_integer("max_queries", None, "evaluate: the texts of
                                     "products (drawn with seed 0) are the queries (default: all).")
 _RECALL = flags.DEFINE_bool("recall_vs_exact", False, "evaluate: also the IVF recall@k "
                             "against exact search, for the same queries.")
+_ALLOW_MISMATCH = flags.DEFINE_bool(
+    "allow_model_mismatch", False, "query/evaluate: use a model other than the one the index was "
+    "built with (another checkpoint step or run) instead of refusing; results are then suspect.")
+
+
+def _load_index():
+  from fashion_jax.search import products  # pylint: disable=g-import-not-at-top
+  return products.ProductIndex.load(_INDEX_DIR.value,
+                                    allow_model_mismatch=_ALLOW_MISMATCH.value)
 
 
 def _encoder(index):
+  """The query model, checked against the index's (StaleIndexError before any query runs)."""
   from fashion_jax.search import encoders  # pylint: disable=g-import-not-at-top
-  return encoders.load_encoder(_MODEL.value or index.meta["model"], step=_STEP.value)
+  enc = encoders.load_encoder(_MODEL.value or index.meta["model"], step=_STEP.value)
+  index.check_model(enc)
+  return enc
+
+
+def _k(index) -> int:
+  from fashion_jax.search import index as index_lib  # pylint: disable=g-import-not-at-top
+  try:
+    k, note = index_lib.resolve_k(_K.value, len(index), "indexed products")
+  except ValueError as e:
+    raise app.UsageError(f"--k: {e}") from e
+  if note:
+    print(f"note: {note}")
+  return k
 
 
 def build():
@@ -75,24 +106,29 @@ def build():
 
 def query():
   from fashion_jax.search import encoders, products, sheet  # pylint: disable=g-import-not-at-top
-  index = products.ProductIndex.load(_INDEX_DIR.value)
-  enc = _encoder(index)
   texts, images = _TEXT.value, _IMAGE.value
   if not texts and not images:
     raise app.UsageError("query needs --text and/or --image.")
+  try:
+    products.check_query_texts(texts)
+  except ValueError as e:
+    raise app.UsageError(f"--text: {e}") from e
+  index = _load_index()
+  k = _k(index)
+  enc = _encoder(index)
   kw = {"nprobe": _NPROBE.value} if _NPROBE.value else {}
   queries, results = [], []
   if images and texts:  # Text-modified image queries, paired in order.
     if len(images) != len(texts):
       raise app.UsageError(f"TGIR queries pair --image with --text: got {len(images)} images "
                            f"and {len(texts)} texts.")
-    results = index.search_composed(enc, images, texts, _K.value, **kw)
+    results = index.search_composed(enc, images, texts, k, **kw)
     queries = [{"text": t, "image": encoders.load_image(i, 64)} for i, t in zip(images, texts)]
   elif texts:
-    results = index.search_text(enc, texts, _K.value, **kw)
+    results = index.search_text(enc, texts, k, **kw)
     queries = [{"text": t, "image": None} for t in texts]
   else:
-    results = index.search_image(enc, images, _K.value, **kw)
+    results = index.search_image(enc, images, k, **kw)
     queries = [{"text": None, "image": encoders.load_image(i, 64)} for i in images]
   for q, hits in zip(queries, results):
     print(f"query: {q['text'] or ''}{' + image' if q['image'] is not None else ''}")
@@ -105,8 +141,8 @@ def query():
 
 def evaluate():
   from fashion_jax.search import index as index_lib  # pylint: disable=g-import-not-at-top
-  from fashion_jax.search import products  # pylint: disable=g-import-not-at-top
-  index = products.ProductIndex.load(_INDEX_DIR.value)
+  index = _load_index()
+  k = _k(index)
   enc = _encoder(index)
   if _RECALL.value and index.meta["kind"] != "ivf":
     raise app.UsageError("--recall_vs_exact needs an IVF index.")
@@ -124,7 +160,6 @@ def evaluate():
   q = enc.embed_texts(index.query_texts(_FIELDS.value, rows))
   out.update(index.text_query_hits(enc, _K.value, rows=rows, queries=q, **kw))
   if _RECALL.value:
-    k = min(_K.value, len(index))
     exact = index_lib.ExactIndex(index.index.vectors)
     _, ids_e, t_e = index_lib.timed_search(exact, q, k)
     _, ids_a, t_a = index_lib.timed_search(index.index, q, k, **kw)
@@ -140,7 +175,11 @@ def main(argv):
                          f"got {argv[1:]}")
   if not _INDEX_DIR.value:
     raise app.UsageError("--index_dir is required.")
-  commands[argv[1]]()
+  from fashion_jax.search import products  # pylint: disable=g-import-not-at-top
+  try:
+    commands[argv[1]]()
+  except products.StaleIndexError as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

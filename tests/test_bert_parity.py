@@ -241,6 +241,12 @@ def test_export_refuses_non_empty_dir(tmp_path):
   (tmp_path / "notes.txt").write_text("keep me")
   with pytest.raises(FileExistsError, match="not empty"):
     hf_bert.export_hf_bert(params, model, tmp_path)
+  # Overwrite never deletes the user's own files (issue #16 item 3).
+  with pytest.raises(FileExistsError, match=r"notes\.txt, which no export writes"):
+    hf_bert.export_hf_bert(params, model, tmp_path, overwrite=True)
+  assert (tmp_path / "notes.txt").read_text() == "keep me"
+  (tmp_path / "notes.txt").unlink()
+  hf_bert.export_hf_bert(params, model, tmp_path)
   hf_bert.export_hf_bert(params, model, tmp_path, overwrite=True)
   assert (tmp_path / "model.safetensors").exists()
   with pytest.raises(ValueError, match="with_pooler=False"):

@@ -98,12 +98,16 @@ def test_export_refuses_non_empty_dir_unless_overwrite(tmp_path):
   with pytest.raises(FileExistsError, match="not empty"):
     hf_clip.save_clip(str(target), config, params)
   assert not (target / "model.safetensors").exists()
+  # Overwrite never deletes the user's own files (issue #16 item 3): refused, file kept.
+  with pytest.raises(FileExistsError, match=r"notes\.txt, which no export writes"):
+    hf_clip.save_clip(str(target), config, params, overwrite=True)
+  assert (target / "notes.txt").read_text() == "keep me"
+  (target / "notes.txt").unlink()
   (target / "pytorch_model.bin").write_bytes(b"stale weights of an older export")
   hf_clip.save_clip(str(target), config, params, overwrite=True)
   assert (target / "model.safetensors").exists()
-  # Overwrite replaces the contents: no stale file of the previous export is left behind.
+  # Overwrite replaces the export: no stale file of the previous export is left behind.
   assert not (target / "pytorch_model.bin").exists()
-  assert not (target / "notes.txt").exists()
 
 
 def test_overwrite_never_deletes_what_no_export_writes(tmp_path):

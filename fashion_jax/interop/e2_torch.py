@@ -106,12 +106,11 @@ def export_e2(out_dir: str, config: e2_lib.E2Config, params: Any, tokenizer: Opt
 
 def load_e2(path: str) -> tuple[e2_lib.E2Config, dict]:
   """(E2Config, Flax params) from an export directory."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(path)
   if not (root / CONFIG_FILE).exists():
     raise FileNotFoundError(f"{root / CONFIG_FILE} not found: not an E2 export directory.")
   config = e2_lib.E2Config.from_dict(json.loads((root / CONFIG_FILE).read_text()))
-  return config, state_to_params(config, dict(load_file(str(root / WEIGHTS_FILE))))
+  return config, state_to_params(config, hf_io.read_safetensors(root / WEIGHTS_FILE))
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,11 +157,10 @@ def _torch_module_class():
 
     @classmethod
     def from_pretrained(cls, path: str) -> "E2Torch":
-      from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
       root = pathlib.Path(path)
       config = e2_lib.E2Config.from_dict(json.loads((root / CONFIG_FILE).read_text()))
+      state = hf_io.read_safetensors(root / WEIGHTS_FILE, framework="pt")
       model = cls(config)
-      state = load_file(str(root / WEIGHTS_FILE))
       buffers = {k for k, _ in model.named_buffers()}
       missing, unexpected = model.load_state_dict(state, strict=False)
       missing = [k for k in missing if k not in buffers]
@@ -211,11 +209,11 @@ def _torch_module_class():
       return self.text_projection(pooled).reshape(*input_ids.shape[:-1], -1)
 
     def forward(self, pixel_values, input_ids, tag_ids=None):
-      """The Flax E2Model's outputs (L2-normalised embeddings, clamped logit scale)."""
+      """The Flax E2Model's outputs (L2-normalised embeddings, logit scale exp(param))."""
       norm = lambda t: t / t.norm(dim=-1, keepdim=True)
       v = self.encode_image(pixel_values)
       out = {"image_embeds": norm(v["embedding"]), "text_embeds": norm(self.encode_text(input_ids)),
-             "logit_scale": self.logit_scale.exp().clamp(max=100.0)}
+             "logit_scale": self.logit_scale.exp()}
       if "entity_embeddings" in v:
         out["entity_image_embeds"] = norm(v["entity_embeddings"])
       if tag_ids is not None:

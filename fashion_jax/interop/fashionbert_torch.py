@@ -1,18 +1,23 @@
-"""FashionBERT export: transformers BertModel + ResNetModel + a small torch module of ours.
+"""FashionBERT export: transformers BertModel (+ ResNetModel) + a small torch module of ours.
 
 Export directory (`export_fashionbert(...)`):
   bert/        transformers BertModel (config.json, model.safetensors; encoder, embeddings,
                pooler) written by interop/hf_bert.export_hf_bert, loadable on its own;
   cnn/         transformers ResNetModel (config.json, model.safetensors) of the patch CNN;
+               absent for a model with pooled-pixel patches (model.cnn_variant='pixels', the
+               smoke configs' default), whose patch features have no parameters;
   fashionbert.safetensors   the parts BertModel has no place for, torch layout:
                patch_proj.{weight [D, F], bias [D]}, patch_position.weight [P, D],
                mpm_head.{weight [F, D], bias [F]}, align_head.{weight [2, D], bias [2]},
                mlm.{transform.weight, transform.bias, norm.weight, norm.bias, bias}
                (the MLM decoder is tied to bert's word embeddings);
-  fashionbert.json          {grid, image_size, feature_dim, act, layer_norm_eps}.
+  fashionbert.json          {grid, image_size, feature_dim, act, layer_norm_eps, pixel_pool}
+               (pixel_pool is null when cnn/ holds the patch network).
 
 `FashionBertTorch` reproduces the Flax forward (models/fashionbert.py) from those files:
   features = ResNetModel(normalise(patches)).pooler_output        [B, P, F]
+             or, without cnn/, each normalised patch average-pooled to q x q cells, flattened
+             in (row, col, channel) order (F = 3 q^2, q = pixel_pool)
   e_txt = word + position + token_type[0];  e_img = patch_proj(f) + patch_position + token_type[1]
   h = BertModel.encoder(Dropout(LayerNorm([e_txt ; e_img])), additive key mask)
   align = align_head(BertModel.pooler(h)), mlm / mpm heads as in Flax.
@@ -72,42 +77,48 @@ def export_fashionbert(variables, model: fb_lib.FashionBert, out_dir: Union[str,
     tokenizer: optional tokenizer (object with save_pretrained, or a directory) saved in bert/.
   """
   import transformers  # pylint: disable=g-import-not-at-top
-  if model.cnn is None:
-    raise NotImplementedError(
-        "This FashionBERT uses model.cnn_variant='pixels' (parameter-free pooled pixels, the smoke "
-        "configs' stand-in for ResNet-50); the torch module of this export needs a CNN. Export a "
-        "model trained with a ResNet (cnn_variant='tiny', 'resnet50' or init.hf_resnet_dir).")
   if image_size % model.grid:
     raise ValueError(f"image_size={image_size} is not divisible by grid={model.grid}.")
+  if model.cnn is None and (image_size // model.grid) % model.pixel_pool:
+    raise ValueError(f"pixel_pool={model.pixel_pool} must divide the patch side "
+                     f"{image_size // model.grid}.")
   if model.bert.scan:
     raise ValueError("Export an unscanned model (model.scan=False); convert with "
                      "models.layers.unstack_layers first.")
   variables = jax.device_get(nn.unbox(flax.core.unfreeze(variables)))
+  extra = extra_state(variables["params"], model)  # Validate before touching the directory.
   out = hf_io.prepare_export_dir(str(out_dir), overwrite)
   hf_bert.export_hf_bert(variables["params"]["bert"], model.bert, out / "bert",
                          tokenizer=tokenizer, architecture="BertModel", overwrite=overwrite)
-  cnn_vars = {"params": variables["params"]["cnn"], "batch_stats": variables["batch_stats"]["cnn"]}
-  hf_io.prepare_export_dir(str(out / "cnn"), overwrite)
-  transformers.ResNetConfig(**hf_resnet.hf_config_dict(model.cnn)).save_pretrained(str(out / "cnn"))
-  hf_io.save_safetensors(hf_resnet.export_resnet_state(cnn_vars, model.cnn),
-                         out / "cnn" / "model.safetensors")
-  hf_io.save_safetensors(extra_state(variables["params"], model), out / "fashionbert.safetensors")
+  if model.cnn is not None:
+    cnn_vars = {"params": variables["params"]["cnn"],
+                "batch_stats": variables["batch_stats"]["cnn"]}
+    hf_io.prepare_export_dir(str(out / "cnn"), overwrite)
+    transformers.ResNetConfig(**hf_resnet.hf_config_dict(model.cnn)).save_pretrained(
+        str(out / "cnn"))
+    hf_io.save_safetensors(hf_resnet.export_resnet_state(cnn_vars, model.cnn),
+                           out / "cnn" / "model.safetensors")
+  hf_io.save_safetensors(extra, out / "fashionbert.safetensors")
   meta = dict(grid=model.grid, image_size=image_size, feature_dim=model.feature_dim,
-              act=model.bert.act, layer_norm_eps=model.bert.layer_norm_eps)
+              act=model.bert.act, layer_norm_eps=model.bert.layer_norm_eps,
+              pixel_pool=None if model.cnn is not None else model.pixel_pool)
   (out / "fashionbert.json").write_text(json.dumps(meta, indent=2))
   return out
 
 
 def load_fashionbert_torch(export_dir: Union[str, os.PathLike]):
   """An export directory -> FashionBertTorch in eval mode (float32)."""
-  import safetensors.torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   d = pathlib.Path(export_dir)
   meta = json.loads((d / "fashionbert.json").read_text())
+  meta.setdefault("pixel_pool", None)  # Exports written before the pooled-pixel path.
+  pixels = meta["pixel_pool"] is not None
+  for sub in ("bert",) + (() if pixels else ("cnn",)):
+    hf_io.check_model_dir(d / sub)  # A truncated file names itself (transformers' error does not).
+  state = hf_io.read_safetensors(d / "fashionbert.safetensors", framework="pt")
   bert = transformers.BertModel.from_pretrained(str(d / "bert"), attn_implementation="eager")
-  cnn = transformers.ResNetModel.from_pretrained(str(d / "cnn"))
+  cnn = None if pixels else transformers.ResNetModel.from_pretrained(str(d / "cnn"))
   module = FashionBertTorch(bert, cnn, **meta)
-  state = safetensors.torch.load_file(str(d / "fashionbert.safetensors"))
   missing, unexpected = module.load_state_dict(state, strict=False)
   missing = [k for k in missing if not k.startswith(("bert.", "cnn."))]
   if missing or unexpected:
@@ -123,10 +134,12 @@ def _torch_module_class():
     """The Flax FashionBert forward in torch (see the module docstring)."""
 
     def __init__(self, bert, cnn, *, grid: int, image_size: int, feature_dim: int, act: str,
-                 layer_norm_eps: float):
+                 layer_norm_eps: float, pixel_pool: int | None = None):
       super().__init__()
       d = bert.config.hidden_size
-      self.bert, self.cnn = bert, cnn
+      if (cnn is None) != (pixel_pool is not None):
+        raise ValueError("Pass exactly one of cnn (a ResNetModel) and pixel_pool (pooled pixels).")
+      self.bert, self.cnn, self.pixel_pool = bert, cnn, pixel_pool
       self.grid, self.image_size, self.feature_dim = grid, image_size, feature_dim
       self.patch_proj = torch.nn.Linear(feature_dim, d)
       self.patch_position = torch.nn.Embedding(grid * grid, d)
@@ -151,6 +164,10 @@ def _torch_module_class():
       x = images.float().permute(0, 3, 1, 2) / 255.0
       x = (x - self.mean) / self.std                                       # [B, 3, S, S]
       x = x.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b * g * g, 3, p, p)
+      if self.cnn is None:  # q x q cell means, flattened (row, col, channel) as in Flax.
+        q = self.pixel_pool
+        cells = x.reshape(b * g * g, 3, q, p // q, q, p // q).mean(dim=(3, 5))  # [B P, 3, q, q]
+        return cells.permute(0, 2, 3, 1).reshape(b, g * g, 3 * q * q)
       pooled = self.cnn(pixel_values=x).pooler_output                    # [B P, F, 1, 1]
       return pooled.reshape(b, g * g, -1)
 

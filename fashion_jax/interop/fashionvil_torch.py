@@ -123,10 +123,12 @@ def export_fashionvil(variables, model: fvil.FashionViL, out_dir: Union[str, os.
 
 def load_fashionvil_torch(export_dir: Union[str, os.PathLike]):
   """An export directory -> FashionViLTorch in eval mode (float32), loaded strictly."""
-  import safetensors.torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   d = pathlib.Path(export_dir)
   meta = json.loads((d / META_FILE).read_text())
+  for sub in ("bert", "cnn") + (() if meta["shared"] else ("fusion_bert",)):
+    hf_io.check_model_dir(d / sub)  # A truncated file names itself (transformers' error does not).
+  state = hf_io.read_safetensors(d / EXTRA_FILE, framework="pt")
   load = lambda sub: transformers.BertModel.from_pretrained(str(d / sub),
                                                             attn_implementation="eager")
   text_bert = load("bert")
@@ -134,7 +136,6 @@ def load_fashionvil_torch(export_dir: Union[str, os.PathLike]):
   cnn = transformers.ResNetModel.from_pretrained(str(d / "cnn"))
   module = FashionViLTorch(text_bert, fusion_bert, cnn, num_patches=meta["num_patches"],
                            num_codes=meta["num_codes"], num_attributes=meta["num_attributes"])
-  state = safetensors.torch.load_file(str(d / EXTRA_FILE))
   missing, unexpected = module.load_state_dict(state, strict=False)
   tied = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
   missing = [k for k in missing

@@ -3,13 +3,20 @@
 Every importer (CLIP, BERT, ResNet) goes through `load_hf_checkpoint`, and every converter checks
 the state it receives with `check_state` before assigning anything: a checkpoint with another
 architecture, a missing key or a wrong shape fails with an error naming the key and both shapes,
-never a silent partial load.
+never a silent partial load. Every weights file is read through `read_safetensors` /
+`_read_weight_file` (or checked with `check_safetensors` before transformers reads it), so a
+truncated or corrupt file is a CorruptWeightsError naming the file and its size.
+
+Export directories are prepared by `prepare_export_dir`, the one place that decides what
+`--overwrite` may delete (only the files an export writes; see EXPORT_FILES).
 """
 
+import itertools
 import json
 import os
 import pathlib
-import shutil
+import pickle
+import re
 from typing import Mapping
 
 import numpy as np
@@ -44,13 +51,73 @@ def resolve_hf_path(path_or_id: str) -> pathlib.Path:
   return pathlib.Path(local)
 
 
+class CorruptWeightsError(ValueError):
+  """A weights file is truncated or otherwise unreadable; the message names it and its size."""
+
+
+def _corrupt(path: pathlib.Path, detail: str) -> CorruptWeightsError:
+  size = path.stat().st_size if path.exists() else 0
+  return CorruptWeightsError(
+      f"{path} ({size} bytes) is truncated or corrupt: {detail}. Re-download the model, or "
+      "re-export it (python -m launch.export ... --overwrite).")
+
+
+def check_safetensors(path) -> None:
+  """Raises CorruptWeightsError unless `path` is a whole safetensors file.
+
+  Reads only the header: its length (8 bytes, little endian), the JSON, and the end of the last
+  tensor's byte range; a file shorter than that end (an interrupted download or copy) fails
+  here, naming itself, before any loader (ours or transformers') touches it.
+  """
+  path = pathlib.Path(path)
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise _corrupt(path, "shorter than the 8-byte safetensors header length")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+      raise _corrupt(path, f"its header alone claims {n} bytes")
+    try:
+      header = json.loads(f.read(n))
+      end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+      raise _corrupt(path, f"unreadable safetensors header ({type(e).__name__}: {e})") from e
+  if 8 + n + end > size:
+    raise _corrupt(path, f"its tensors need {8 + n + end} bytes")
+
+
+def read_safetensors(path, framework: str = "np") -> dict:
+  """{key: array} of a safetensors file ('np': numpy, 'pt': torch tensors), checked first
+  (check_safetensors); a loader error is re-raised as CorruptWeightsError naming the file."""
+  path = pathlib.Path(path)
+  check_safetensors(path)
+  if framework == "pt":
+    from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  else:
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return dict(load_file(str(path)))
+  except Exception as e:  # safetensors raises SafetensorError (a bare Exception subclass).
+    raise _corrupt(path, f"{type(e).__name__}: {e}") from e
+
+
+def check_model_dir(directory) -> None:
+  """check_safetensors on the weights of a transformers directory (before from_pretrained)."""
+  for f in sorted(pathlib.Path(directory).glob("*.safetensors")):
+    check_safetensors(f)
+
+
 def _read_weight_file(f: pathlib.Path) -> dict[str, np.ndarray]:
   if f.suffix == ".safetensors":
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return dict(load_file(str(f)))
+    return read_safetensors(f)
   import torch  # pylint: disable=g-import-not-at-top
-  # weights_only=True: a .bin is a pickle and must not run code on load.
-  sd = torch.load(str(f), map_location="cpu", weights_only=True)
+  try:
+    # weights_only=True: a .bin is a pickle and must not run code on load.
+    sd = torch.load(str(f), map_location="cpu", weights_only=True)
+  except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+    raise _corrupt(f, f"{type(e).__name__}: {str(e)[:300]}") from e
   return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
           for k, v in sd.items()}
 
@@ -105,19 +172,76 @@ def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, np.
                                   f"{shown}{more}")
 
 
-# What an export writes (weights, configs, tokenizer and processor files). `overwrite` only
-# deletes a directory made of these, so a mistyped --out never wipes someone's data.
-EXPORT_SUFFIXES = frozenset({".safetensors", ".bin", ".json", ".txt", ".model", ".npz", ".pt",
-                             ".pth", ".md"})
+# What an export writes, by exact name: weights, configs, tokenizer and processor files, and the
+# sub-directories of the multi-part exports (E2's clip/, FashionBERT's and FashionViL's bert/,
+# fusion_bert/, cnn/). `overwrite` deletes only these, so a mistyped --out never wipes
+# someone's data: a directory holding anything else is refused, every foreign path named.
+# Weight files we never write (pytorch_model.bin, sharded safetensors) are listed because a
+# stale one of an older export would shadow ours in transformers; replacing them is the point.
+EXPORT_FILES = frozenset({
+    # Weights and configs (ours and transformers').
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+    "pytorch_model.bin.index.json", "config.json", "generation_config.json",
+    "e2_config.json", "fashionbert.json", "fashionbert.safetensors", "fashionvil.json",
+    "fashionvil.safetensors",
+    # Tokenizers and processors (what transformers' save_pretrained writes).
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json"})
+_SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
+EXPORT_SUBDIRS = frozenset({"clip", "bert", "fusion_bert", "cnn"})
+
+
+def _export_owned(out: pathlib.Path, top: bool = True
+                  ) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+  """(files an export writes, everything else) under `out` (EXPORT_FILES, and EXPORT_SUBDIRS one
+  level down). A foreign directory is listed as itself; symbolic links are never followed."""
+  owned, foreign = [], []
+  for child in sorted(out.iterdir()):
+    if child.is_dir() and not child.is_symlink():
+      if not top or child.name not in EXPORT_SUBDIRS:
+        foreign.append(child)
+        continue
+      sub_owned, sub_foreign = _export_owned(child, top=False)
+      owned += sub_owned
+      foreign += sub_foreign
+    elif child.name in EXPORT_FILES or _SHARD.fullmatch(child.name):
+      owned.append(child)
+    else:
+      foreign.append(child)
+  return owned, foreign
+
+
+def _foreign_names(out: pathlib.Path, foreign: list[pathlib.Path], limit: int = 20) -> str:
+  """The foreign files (those inside a foreign directory too) relative to `out`, at most
+  `limit` of them named (the walk stops there: --out may be a huge directory)."""
+  names, more = [], False
+  for p in foreign:
+    if p.is_dir() and not p.is_symlink():
+      walk = (pathlib.Path(root, f) for root, _, fs in os.walk(p) for f in sorted(fs))
+      entries = list(itertools.islice(walk, limit + 1)) or [p]
+    else:
+      entries = [p]
+    for e in entries:
+      if len(names) == limit:
+        more = True
+        break
+      names.append(str(e.relative_to(out)) + ("/" if e.is_dir() else ""))
+    if more:
+      break
+  return ", ".join(names) + (" and more" if more else "")
 
 
 def prepare_export_dir(out_dir: str, overwrite: bool = False) -> pathlib.Path:
-  """Creates `out_dir` empty; refuses a non-empty one unless `overwrite`.
+  """Creates `out_dir`; refuses a non-empty one unless `overwrite`.
 
-  With `overwrite`, the old contents are deleted first, so no stale file of a previous export
-  (a `pytorch_model.bin` next to a new `model.safetensors`, which transformers would prefer to
-  load in some versions) survives. Only a directory whose files all have export suffixes
-  (EXPORT_SUFFIXES) is deleted; anything else raises FileExistsError naming the first such file.
+  With `overwrite`, the files an export writes (EXPORT_FILES, also in EXPORT_SUBDIRS) are deleted
+  first, so no stale file of a previous export (a `pytorch_model.bin` next to a new
+  `model.safetensors`, which transformers would prefer to load in some versions) survives. If
+  the directory holds anything else (the user's labels.json, NOTES.md, another directory), it is
+  refused with FileExistsError naming those files and NOTHING is deleted: a user's file cannot be
+  told from ours by its suffix, so the rule is by exact name.
   """
   out = pathlib.Path(out_dir)
   if out.exists() and not out.is_dir():
@@ -125,18 +249,18 @@ def prepare_export_dir(out_dir: str, overwrite: bool = False) -> pathlib.Path:
   if out.exists() and any(out.iterdir()):
     if not overwrite:
       raise FileExistsError(f"Export directory {out} is not empty; pass overwrite=True "
-                            "(--overwrite) to replace its contents.")
-    foreign = [p for p in sorted(out.rglob("*"))
-               if not p.is_dir() and p.suffix.lower() not in EXPORT_SUFFIXES]
+                            "(--overwrite) to replace the files of a previous export.")
+    owned, foreign = _export_owned(out)
     if foreign:
       raise FileExistsError(
-          f"Export directory {out} holds {foreign[0]}, which no export writes; refusing to "
-          "delete it with --overwrite. Choose another --out or remove the directory yourself.")
-    for child in out.iterdir():
-      if child.is_dir() and not child.is_symlink():
-        shutil.rmtree(child)
-      else:
-        child.unlink()
+          f"Export directory {out} holds {_foreign_names(out, foreign)}, which no export "
+          "writes; --overwrite (overwrite=True) only replaces the files of a previous export, "
+          "so nothing was deleted. Choose another --out, or move those files away yourself.")
+    for f in owned:
+      f.unlink()
+    for sub in EXPORT_SUBDIRS:
+      if (out / sub).is_dir() and not (out / sub).is_symlink() and not any((out / sub).iterdir()):
+        (out / sub).rmdir()
   out.mkdir(parents=True, exist_ok=True)
   return out
 

@@ -21,9 +21,17 @@ fusion encoder's outputs over the image positions of [modification text ; refere
 scored against the unimodal image vectors (the paper's TGIR head; meaningful after TGIR
 fine-tuning); a FashionViL run fine-tuned on TGIR (system fashionvil_downstream) answers with its
 trained TGIR head (`tgir_query`, the query evaluate/tgir.py scores). CLIP-style models have no such query and raise a ValueError naming the model.
+
+Model identity (`Encoder.identity`): {'path' (absolute), 'step' (the checkpoint step of a
+workdir, None for an exported directory), 'fingerprint'}, where the fingerprint is a short digest
+of train/checkpoint.fingerprint over the params (exact per-array bit sums, the same on any mesh).
+A product index records it when built (search/products.py) so that a query with another model
+(a newer checkpoint, another run) is caught instead of silently ranking stale embeddings.
 """
 
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +39,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from fashion_jax.train import checkpoint as checkpoint_lib
 
 
 @dataclasses.dataclass
@@ -47,6 +57,7 @@ class Encoder:
     embed_texts: list of N str -> float32 [N, D].
     embed_composed: (uint8 [N, S, S, 3], list of N str) -> float32 [N, D], or None.
     batch_size: rows per forward pass.
+    identity: {'path', 'step', 'fingerprint'} of the loaded params (module docstring).
   """
   name: str
   system: str
@@ -56,6 +67,7 @@ class Encoder:
   embed_texts: Callable[[Sequence[str]], np.ndarray]
   embed_composed: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None = None
   batch_size: int = 64
+  identity: dict[str, Any] | None = None
 
   @property
   def supports_composed(self) -> bool:
@@ -68,6 +80,19 @@ class Encoder:
     if len(images) != len(texts):
       raise ValueError(f"{len(images)} reference images but {len(texts)} modification texts.")
     return self.embed_composed(images, list(texts))
+
+
+def params_fingerprint(params: Any) -> str:
+  """16 hex digits: sha256 of checkpoint.fingerprint(params) (paths and per-array sums). Equal
+  params give equal digests on any mesh; any changed value changes it (barring collisions)."""
+  sums = checkpoint_lib.fingerprint(params)
+  return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_identity(path: str, step: int | None, params: Any) -> dict[str, Any]:
+  """The identity an index records and compares (module docstring)."""
+  return {"path": os.path.abspath(path), "step": None if step is None else int(step),
+          "fingerprint": params_fingerprint(params)}
 
 
 def is_workdir(path: str) -> bool:
@@ -92,7 +117,7 @@ def load_encoder(path: str, *, step: int | None = None, batch_size: int = 64) ->
 def _from_workdir(workdir: str, *, step, batch_size) -> Encoder:
   from fashion_jax.evaluate import common  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
-  system, params, _ = loop.load_trained(workdir, step=step)
+  system, params, loaded_step = loop.load_trained(workdir, step=step)
   config = loop.load_workdir_config(workdir)
   if not all(hasattr(system, m) for m in ("embed_images", "embed_texts")):
     raise ValueError(f"{workdir} holds a {config.system!r} run, which is not a two-tower system "
@@ -117,7 +142,8 @@ def _from_workdir(workdir: str, *, step, batch_size) -> Encoder:
     composed = _tgir_head_composed(system, params, tokenize, batch_size)
   return Encoder(name=workdir, system=str(config.system), image_size=int(config.data.image_size),
                  data_config=config.data, embed_images=images, embed_texts=texts,
-                 embed_composed=composed, batch_size=batch_size)
+                 embed_composed=composed, batch_size=batch_size,
+                 identity=model_identity(workdir, loaded_step, params))
 
 
 def _batched2(fn, a: np.ndarray, b: np.ndarray, batch_size: int) -> np.ndarray:
@@ -171,7 +197,8 @@ def _from_hf_dir(path: str, *, batch_size) -> Encoder:
       tokenizer=dict(kind="clip", path=""), max_len=int(fclip.config.text.max_len)))
   return Encoder(name=path, system="hf_clip", image_size=size, data_config=data,
                  embed_images=lambda x: fclip.encode_images(np.asarray(x, np.uint8)),
-                 embed_texts=lambda s: fclip.encode_text(list(s)), batch_size=batch_size)
+                 embed_texts=lambda s: fclip.encode_text(list(s)), batch_size=batch_size,
+                 identity=model_identity(path, None, fclip.params))
 
 
 def load_image(image: Any, size: int) -> np.ndarray:

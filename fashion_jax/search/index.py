@@ -52,9 +52,30 @@ def _as_matrix(x, name: str) -> np.ndarray:
   return x
 
 
+def _check_k_positive(k: int) -> None:
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k={k} must be >= 1 (the number of results per query).")
+
+
+def resolve_k(k: int, n: int, what: str = "indexed items") -> tuple[int, str | None]:
+  """(k to search with, note or None) for a user's k over n items.
+
+  k < 1 is an error (the same as the raw indexes'); k > n is capped to n, with a note saying so,
+  since asking for more results than exist is not a mistake worth failing a query for.
+  """
+  _check_k_positive(k)
+  if k > n:
+    return n, f"k={k} exceeds the {n} {what}; returning all {n}."
+  return int(k), None
+
+
 def _check_k(k: int, n: int):
-  if not 1 <= k <= n:
-    raise ValueError(f"k={k} must be in [1, {n}] (the number of indexed items).")
+  """The raw indexes' range: their outputs are [Q, k] arrays, so k > n is an error here (callers
+  that want capping use `resolve_k`, as ProductIndex does)."""
+  _check_k_positive(k)
+  if k > n:
+    raise ValueError(f"k={k} must be in [1, {n}] (the number of indexed items); "
+                     "resolve_k caps it.")
 
 
 class ExactIndex:

@@ -8,13 +8,22 @@ exact or IVF index (`index.py`). Row i of the index is product i of the split (t
 `index`), as in the retrieval evaluator.
 
 Saved as a directory:
-  meta.json        model path, dataset, split, kind, dimension, text fields, counts
+  meta.json        model path, dataset, split, kind, dimension, text fields, counts, and
+                   model_identity: {path, step, fingerprint} of the model that embedded the
+                   images (encoders.Encoder.identity)
   index.npz        the vector index (index.py)
   products.json    per product: product_id, title and the tag fields the dataset has, plus the
                    text the model's evaluator would pair with it (config.data.text_fields joined)
   thumbs.npy       uint8 [N, t, t, 3] thumbnails for contact sheets (optional, --thumb_size)
 
 Query: text, image, or text-modified image (TGIR) -> the k best products with their scores.
+Every query first checks that the encoder is the model the index was built with (same params
+fingerprint): query embeddings of another model (a newer checkpoint of the same run, another
+run) ranked against these image embeddings give plausible-looking but wrong results, so this is
+a StaleIndexError saying how to rebuild, unless the index was loaded with
+`allow_model_mismatch=True` (`--allow_model_mismatch`), which only warns. Query texts must hold
+words (an empty or whitespace-only text is a ValueError, not "any product"); k < 1 is an error
+and k above the number of products is capped to it with a logged note (index.resolve_k).
 `text_query_hits` runs each product's own evaluator text as a query and reports
 HITS@K = mean_i [product i in the top K of its text], which for the exact index is the
 evaluator's full-candidate t2i HITS@K (= R@K with one image per product) of the same model.
@@ -27,6 +36,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -43,6 +53,31 @@ def join_text(values: Sequence[str]) -> str:
   return ". ".join(p for p in parts if p)
 
 
+class StaleIndexError(ValueError):
+  """The query model is not the model the index was built with (module docstring)."""
+
+
+def _describe(identity: dict[str, Any] | None) -> str:
+  if not identity:
+    return "a model of unknown identity"
+  step = "an exported model" if identity.get("step") is None else f"step {identity['step']}"
+  return f"{identity.get('path')} ({step}, params fingerprint {identity.get('fingerprint')})"
+
+
+def check_query_texts(texts: Sequence[str]) -> list[str]:
+  """`texts` as a list; ValueError for a bare string or an empty / whitespace-only text."""
+  if isinstance(texts, str):
+    raise TypeError(f"texts must be a list of query strings, got the string {texts!r}; pass "
+                    f"[{texts!r}].")
+  texts = list(texts)
+  for i, t in enumerate(texts):
+    if not isinstance(t, str) or not t.strip():
+      raise ValueError(f"query text {i} is empty ({t!r}): a text query needs words (an empty "
+                       "text would return arbitrary products). Query by image instead, or "
+                       "drop it.")
+  return texts
+
+
 @dataclasses.dataclass
 class Hit:
   """One result: rank (1-based), score, index row, and the product's fields."""
@@ -54,11 +89,18 @@ class Hit:
 
 @dataclasses.dataclass
 class ProductIndex:
-  """Vector index + product records + thumbnails (module docstring)."""
+  """Vector index + product records + thumbnails (module docstring).
+
+  allow_model_mismatch: query with a model other than the index's (warned, not refused).
+  directory: where it was loaded from (for messages), or None.
+  """
   index: Any
   products: list[dict[str, str]]
   meta: dict[str, Any]
   thumbs: np.ndarray | None = None
+  allow_model_mismatch: bool = False
+  directory: str | None = None
+  _unchecked_warned: bool = dataclasses.field(default=False, init=False, repr=False)
 
   def __len__(self) -> int:
     return len(self.products)
@@ -79,7 +121,7 @@ class ProductIndex:
     return directory
 
   @classmethod
-  def load(cls, directory: str) -> "ProductIndex":
+  def load(cls, directory: str, allow_model_mismatch: bool = False) -> "ProductIndex":
     if not os.path.exists(os.path.join(directory, "meta.json")):
       raise FileNotFoundError(f"{directory} holds no product index (meta.json missing); build one "
                               "with `python -m launch.search build`.")
@@ -89,12 +131,55 @@ class ProductIndex:
       products = json.load(f)
     thumbs = os.path.join(directory, "thumbs.npy")
     return cls(index_lib.load_index(os.path.join(directory, "index.npz")), products, meta,
-               np.load(thumbs) if os.path.exists(thumbs) else None)
+               np.load(thumbs) if os.path.exists(thumbs) else None,
+               allow_model_mismatch=allow_model_mismatch, directory=directory)
+
+  # -- the model ---------------------------------------------------------------------------------
+  def check_model(self, encoder: encoders_lib.Encoder) -> None:
+    """Raises StaleIndexError unless `encoder` has the params fingerprint the index was built
+    with (module docstring); warns instead with allow_model_mismatch, or when either side
+    records no identity (an index built before identities were recorded, a custom Encoder)."""
+    built, query = self.meta.get("model_identity"), encoder.identity
+    if not built or not query:
+      if not self._unchecked_warned:  # Once per index: notebooks query in loops.
+        self._unchecked_warned = True
+        logging.warning("Cannot check that the query model %s is the one product index %s was "
+                        "built with (%s records no model identity); rebuild the index to "
+                        "record it.", encoder.name, self.directory or "(in memory)",
+                        "the encoder" if built else "the index")
+      return
+    if built.get("fingerprint") == query.get("fingerprint"):
+      return
+    where = self.directory or "<index_dir>"
+    step = "" if query.get("step") is None else f" --step={query['step']}"
+    built_step = "" if built.get("step") is None else f" --step={built['step']}"
+    message = (
+        f"Product index {where} was built with {_describe(built)}, but the query model is "
+        f"{_describe(query)}: its query embeddings would be ranked against the other model's "
+        "image embeddings (plausible-looking, wrong results). Rebuild the index with this "
+        f"model: python -m launch.search build --model={query.get('path')}{step} "
+        f"--dataset={self.meta.get('dataset')} --split={self.meta.get('split')} "
+        f"--index_dir={where}; or query with the index's model (--model={built.get('path')}"
+        f"{built_step}); or pass --allow_model_mismatch (ProductIndex.load(..., "
+        "allow_model_mismatch=True)) to query anyway.")
+    if self.allow_model_mismatch:
+      logging.warning("%s (allowed by allow_model_mismatch)", message)
+      return
+    raise StaleIndexError(message)
+
+  def resolve_k(self, k: int) -> int:
+    """k capped to the number of products (noted in the log); k < 1 raises ValueError."""
+    k, note = index_lib.resolve_k(k, len(self), "indexed products")
+    if note:
+      logging.warning(note)
+    return k
 
   # -- queries ---------------------------------------------------------------------------------
   def search(self, query_embeddings: np.ndarray, k: int, **kwargs) -> list[list[Hit]]:
-    """float [Q, D] -> Q lists of up to k Hits, best first."""
-    k = min(k, len(self))
+    """float [Q, D] -> Q lists of up to k Hits, best first (k capped as `resolve_k`).
+
+    The embeddings must come from the index's model; the search_* methods check that."""
+    k = self.resolve_k(k)
     scores, rows = self.index.search(np.asarray(query_embeddings, np.float32), k, **kwargs)
     return [[Hit(r + 1, float(s), int(i), self.products[int(i)])
              for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0]
@@ -102,17 +187,26 @@ class ProductIndex:
 
   def search_text(self, encoder: encoders_lib.Encoder, texts: Sequence[str], k: int = 10,
                   **kwargs) -> list[list[Hit]]:
-    return self.search(encoder.embed_texts(list(texts)), k, **kwargs)
+    """Text queries (each must hold words) -> Q lists of Hits."""
+    texts = check_query_texts(texts)
+    k = self.resolve_k(k)  # Bad input fails before the model runs.
+    self.check_model(encoder)
+    return self.search(encoder.embed_texts(texts), k, **kwargs)
 
   def search_image(self, encoder: encoders_lib.Encoder, images: Sequence[Any], k: int = 10,
                    **kwargs) -> list[list[Hit]]:
     """Images: paths, PIL images or uint8 arrays (any size)."""
+    k = self.resolve_k(k)
+    self.check_model(encoder)
     x = np.stack([encoders_lib.load_image(im, encoder.image_size) for im in images])
     return self.search(encoder.embed_images(x), k, **kwargs)
 
   def search_composed(self, encoder: encoders_lib.Encoder, images: Sequence[Any],
                       texts: Sequence[str], k: int = 10, **kwargs) -> list[list[Hit]]:
     """Text-modified image queries (TGIR); raises if the model has none."""
+    texts = check_query_texts(texts)
+    k = self.resolve_k(k)
+    self.check_model(encoder)
     x = np.stack([encoders_lib.load_image(im, encoder.image_size) for im in images])
     return self.search(encoder.composed(x, texts), k, **kwargs)
 
@@ -141,9 +235,11 @@ class ProductIndex:
     caller already has them (float [len(rows), D]). Returns {'HITS@k', 'num_queries'}.
     """
     rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
+    search_k = self.resolve_k(k)
+    self.check_model(encoder)
     if queries is None:
       queries = encoder.embed_texts(self.query_texts(fields, rows))
-    _, found = self.index.search(queries, min(k, len(self)), **kwargs)
+    _, found = self.index.search(queries, search_k, **kwargs)
     hits = (found == rows[:, None]).any(axis=1)
     return {f"HITS@{k}": float(hits.mean()), "num_queries": float(len(rows))}
 
@@ -211,7 +307,8 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
   meta = {"model": encoder.name, "system": encoder.system, "dataset": dataset, "split": split,
           "data_dir": data_dir, "kind": kind, "dim": int(vectors.shape[1]), "num_products": n,
           "image_size": encoder.image_size, "text_fields": list(text_fields),
-          "fields": list(fields), "thumb_size": thumb_size}
+          "fields": list(fields), "thumb_size": thumb_size,
+          "model_identity": encoder.identity}
   if kind == "ivf":
     meta.update(num_lists=index.num_lists, nprobe=index.nprobe)
   return ProductIndex(index, products[:n], meta, np.stack(thumbs[:n]) if thumbs else None)

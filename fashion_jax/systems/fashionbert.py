@@ -59,11 +59,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fashion_jax.data import tokenizers
+from fashion_jax.interop import fashionbert_torch
 from fashion_jax.losses import masked
 from fashion_jax.losses import matching
 from fashion_jax.losses import weighting
 from fashion_jax.models import bert as bert_lib
 from fashion_jax.models import fashionbert as fb_lib
+from fashion_jax.models import layers
 from fashion_jax.models import resnet as resnet_lib
 
 CONFIG_KEYS = ("model", "data", "init", "objective")
@@ -286,3 +288,16 @@ class System:
                   ) -> jax.Array:
     """ids, text_mask [B, L], features [B, P, F] -> alignment score logit_1 - logit_0 [B]."""
     return self.model.apply(params, ids, text_mask, features, method=_pair_scores)
+
+  # --- export ---------------------------------------------------------------------------------
+  def export(self, params, out_dir: str, overwrite: bool = False):
+    """bert/ (a transformers BertModel with the run's tokenizer), cnn/ (a ResNetModel; none for
+    pooled-pixel patches), the remaining arrays and metadata for FashionBertTorch
+    (interop/fashionbert_torch.py). `params` are the variables System.init returns."""
+    model = self.model
+    if model.bert.scan:  # The export maps per-layer params: unstack a scanned model.
+      params = layers.unstack_layers(jax.device_get(nn.unbox(params)))
+      model = model.clone(bert=model.bert.clone(scan=False))
+    return fashionbert_torch.export_fashionbert(
+        params, model, out_dir, image_size=int(self.config.data.image_size),
+        tokenizer=self.tokenizer.hf, overwrite=overwrite)
