@@ -116,7 +116,13 @@ def _read_weight_file(f: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     # weights_only=True: a .bin is a pickle and must not run code on load.
     sd = torch.load(str(f), map_location="cpu", weights_only=True)
-  except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+  except pickle.UnpicklingError as e:
+    if "Weights only load failed" in str(e):
+      # A pickle that would build objects other than tensors (it may run code): refused as
+      # untrusted, which is not the same as truncated.
+      raise pickle.UnpicklingError(f"Refused to load {f}: {e}") from e
+    raise _corrupt(f, f"{type(e).__name__}: {str(e)[:300]}") from e
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
     raise _corrupt(f, f"{type(e).__name__}: {str(e)[:300]}") from e
   return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
           for k, v in sd.items()}
