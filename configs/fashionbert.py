@@ -25,8 +25,13 @@ smoke: a tiny BERT (2 x 128) over 64 patches, from scratch, on the synthetic cat
   tiny random ResNet and 2e-3 the same schedule stayed at chance for 200-300 steps in every arm.
   2 layers overfit TIA on 32 real pairs in ~250 steps (pixels: eval acc 0.96; tiny ResNet:
   0.84), so the plateau is a from-scratch optimisation effect, not a blind head.
-  Cached patch features (launch/precompute_patches.py): --config.data.patch_features=FILE.npz
-  with --config.data.augment.crop_scale="(1.0, 1.0)".
+  Cached patch features (computed once by launch.prepare, fashion_jax/prepare/patches.py), the
+  same flags on both commands:
+  python -m launch.prepare --config=configs/fashionbert.py:smoke --workdir=runs/fb_cached \
+      --config.data.patch_features=prepared --config.data.augment.crop_scale="(1.0, 1.0)"
+  python -m launch.train --config=configs/fashionbert.py:smoke --workdir=runs/fb_cached \
+      --config.data.patch_features=prepared --config.data.augment.crop_scale="(1.0, 1.0)"
+  (or --config.data.patch_features=FILE.npz, a file of your own in the same format).
 
 base: the paper's recipe: BERT-base from a local HF directory (e.g. bert-base-uncased saved with
   save_pretrained) and a pretrained ResNet-50 (HF microsoft/resnet-50 layout) as the frozen patch

@@ -3,18 +3,17 @@ r"""FashionViL pretraining: ResNet grid features + one BERT shared as text and f
 Variants (`--config=configs/fashionvil.py:VARIANT`, then `--config.KEY=VALUE` overrides):
 
 smoke: a 3-stage tiny ResNet (64 px -> 4 x 4 grid) + tiny BERT from scratch on the synthetic
-  catalog, on a CPU. MPFC needs the
-  VQ tokenizer's cached codes and PAC the mined pseudo-attributes first:
+  catalog, on a CPU. Three commands, the last two with the same flags:
   python -m launch.build_data --dataset=synthetic_catalog/smoke
-  python -m fashion_jax.data.attributes --dataset=synthetic_catalog/smoke
-  python -m launch.train --config=configs/vqvae.py:smoke --workdir=runs/vqvae_smoke
-  python -m fashion_jax.systems.vqvae --config=configs/vqvae.py:smoke \
-      --workdir=runs/vqvae_smoke --out=runs/vqvae_smoke/codes.npz
-  python -m launch.train --config=configs/fashionvil.py:smoke --workdir=runs/fashionvil_smoke \
-      --config.data.attributes=PATH_PRINTED_BY_attributes \
-      --config.data.vq_codes=runs/vqvae_smoke/codes.npz
-  Ablation rows: `--config.objective.tasks.mvc=0` etc. (weights 0 switch tasks off),
-  `--config.model.share=False` (no sharing).
+  python -m launch.prepare --config=configs/fashionvil.py:smoke --workdir=runs/fashionvil_smoke
+  python -m launch.train --config=configs/fashionvil.py:smoke --workdir=runs/fashionvil_smoke
+  launch.prepare makes what PAC and MPFC read into runs/fashionvil_smoke/prepared/: the
+  pseudo-attributes mined from the train split (data.attributes) and the VQ tokenizer
+  (configs/vqvae.py:smoke, same dataset, image size and grid) trained into prepared/vqvae, then
+  its codes of every train view (data.vq_codes); launch.train fills both keys from
+  prepared/manifest.json (fashion_jax/prepare/). Rerunning launch.prepare skips what is done.
+  Ablation rows: `--config.objective.tasks.mvc=0` etc. (weights 0 switch tasks off; with
+  pac=0 / mpfc=0 nothing is prepared for that task), `--config.model.share=False` (no sharing).
 
 base: the paper's recipe: ResNet-50 at 224 px (7x7 grid, 8 of 49 patches masked), BERT-base,
   global batch 256, AdamW lr 1e-5 (x20 for the image encoder, projection and heads), wd 1e-4,

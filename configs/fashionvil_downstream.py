@@ -12,7 +12,7 @@ r"""FashionViL downstream fine-tuning from a pretrained FashionViL workdir (or f
 and VARIANT smoke (CPU minutes: the smoke backbone of configs/fashionvil.py, 64 px) or base
 (the paper's backbone: ResNet-50 at 224 px, BERT-base, lr 1e-5 with x20 for the image encoder,
 projection and heads). `init.checkpoint` names the pretrained FashionViL workdir ('' = no
-pretraining); `model` must equal that run's (launch/fashionvil_downstream.py copies it).
+pretraining); `model` must equal that run's (fashion_jax/prepare/downstream.py copies it).
 
 These tasks read their own data (`input = 'fashion_jax.data.downstream'`), so the trainer runs
 them directly (`python -m launch.train --config=configs/fashionvil_downstream.py:scr_smoke
@@ -26,13 +26,13 @@ them directly (`python -m launch.train --config=configs/fashionvil_downstream.py
   for c in items outfits fitb; do python -m launch.build_data \
       --dataset=polyvore_outfits/nondisjoint_$c --data_dir=/tmp/tfds --manual_dir=/tmp/polyvore; done
   # one task:
-  python -m launch.fashionvil_downstream --config=configs/fashionvil_downstream.py:tgir_smoke \
-      --workdir=runs/fvil_tgir --config.init.checkpoint=runs/fashionvil_smoke \
-      --config.data.data_dir=/tmp/tfds
+  python -m experiments.fashionvil_downstream \
+      --config=configs/fashionvil_downstream.py:tgir_smoke --workdir=runs/fvil_tgir \
+      --config.init.checkpoint=runs/fashionvil_smoke --config.data.data_dir=/tmp/tfds
   # all tasks, one row of metrics (the ablation table loops over pretrained workdirs):
-  python -m launch.fashionvil_downstream --pretrained=runs/fashionvil_smoke \
+  python -m experiments.fashionvil_downstream --pretrained=runs/fashionvil_smoke \
       --workdir=runs/fvil_downstream --data_dir=/tmp/tfds --variant=smoke
-  python -m launch.fashionvil_downstream --pretrained= --workdir=runs/fvil_scratch \
+  python -m experiments.fashionvil_downstream --pretrained= --workdir=runs/fvil_scratch \
       --data_dir=/tmp/tfds --variant=smoke          # the "no pretraining" row
 
 Smoke budgets (steps x batch): retrieval 150 x 64, tgir 150 x 32, scr/cr 100 x 32, ocir 150 x 16

@@ -4,12 +4,15 @@ Variants (`--config=configs/vqvae.py:VARIANT`, then `--config.KEY=VALUE` overrid
 
 smoke: 64 px synthetic catalog images -> 4 x 4 codes (the patch grid of
   configs/fashionvil.py:smoke: a 3-stage tiny ResNet at 64 px), on a CPU.
+  FashionViL's launch.prepare trains the variant that matches its config (same dataset, image
+  size and grid) into <workdir>/prepared/vqvae and caches the codes
+  (fashion_jax/prepare/vq_codes.py); nothing to run here for that. Trained alone:
   python -m launch.build_data --dataset=synthetic_catalog/smoke
   python -m launch.train --config=configs/vqvae.py:smoke --workdir=runs/vqvae_smoke
-  python -m fashion_jax.systems.vqvae --config=configs/vqvae.py:smoke \
+  python -m fashion_jax.prepare.vq_codes --config=configs/vqvae.py:smoke \
       --workdir=runs/vqvae_smoke --out=runs/vqvae_smoke/codes.npz \
       --picture=runs/vqvae_smoke/recon.png
-  Reports validation recon_mse / psnr / perplexity / dead_frac (fashion_jax/systems/vqvae.py).
+  Reports validation recon_mse / psnr / perplexity / dead_frac (fashion_jax/evaluate/vq.py).
   Compare runs and draw originals beside reconstructions:
   python -m experiments.vq_report --run=ema=runs/vqvae_smoke \
       --run=gradient=runs/vqvae_smoke_grad --picture=docs/vq_reconstructions.png
@@ -24,9 +27,11 @@ base: 224 px -> 7 x 7 codes, the grid of ResNet-50 in configs/fashionvil.py:base
 
 import ml_collections
 
+VARIANTS = ("smoke", "base")  # fashion_jax/prepare/vq_codes.py picks the one that matches.
+
 
 def get_config(arg: str = "smoke"):
-  if arg not in ("smoke", "base"):
+  if arg not in VARIANTS:
     raise ValueError(f"configs/vqvae.py: unknown variant {arg!r}; use smoke or base.")
   c = ml_collections.ConfigDict()
   c.system = "vqvae"
@@ -49,7 +54,7 @@ def get_config(arg: str = "smoke"):
   c.checkpoint = dict(every_steps=500, keep=2, best_metric="validation/vq/recon_mse",
                       best_mode="min")
   c.log_every_steps = 25
-  c.evals = dict(vq_validation=dict(type="fashion_jax.systems.vqvae", split="validation",
+  c.evals = dict(vq_validation=dict(type="vq", split="validation",
                                     every=500))
   if arg == "base":
     c.data.name = "synthetic_catalog/base"

@@ -10,7 +10,7 @@ Arms (same config, seed, data order, steps and evaluation; only the loss combina
   adaptive_stop     the same weights treated as constants of the step (our default)
   equal             fixed w = 1/3 each
 Each arm trains configs/fashionbert.py:smoke with the SCHEDULE below (the frozen patch
-features, pooled pixels in smoke, precomputed once by launch/precompute_patches.py and read by
+features, pooled pixels in smoke, precomputed once by fashion_jax/prepare/patches.py and read by
 the pipeline, so the arms spend their compute on the BERT) and ends with the config's cross-encoder evaluation on the test split:
 sample-100 (each query against its positive and 100 negatives of the same sub-category, both
 directions, pessimistic ties), alignment accuracy on a balanced positive/negative set, ROC-AUC
@@ -31,6 +31,10 @@ import os
 import subprocess
 import sys
 import time
+
+from fashion_jax.prepare import patches as patches_lib
+from fashion_jax.train import loop
+from fashion_jax.train import restore
 
 ARMS = {
     "adaptive_through": dict(weighting="adaptive", weight_grad="through"),
@@ -73,7 +77,6 @@ def arm_config(arm: str, data_dir: str, patches: str, overrides: dict):
 
 def run_arm(arm: str, args, overrides: dict) -> dict:
   """Trains and evaluates one arm in this process; writes and returns its result.json."""
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
   config = arm_config(arm, args.data_dir, args.patches, overrides)
   workdir = os.path.join(args.root, arm)
   start = time.time()
@@ -90,9 +93,8 @@ def evaluate_arm(arm: str, args) -> dict:
   """Cross-encoder test evaluation of an arm's newest checkpoint (a run stopped early by
   SIGTERM, which saves one); writes and returns its result.json."""
   from fashion_jax.evaluate import cross_encoder  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(args.root, arm)
-  system, params, step = loop.load_trained(workdir)
+  system, params, step = restore.load_trained(workdir)
   start = time.time()
   evaluator = cross_encoder.Evaluator(system, system.config, None, split="test",
                                       num_queries=args.eval_queries, num_negatives=100,
@@ -183,12 +185,11 @@ def main():
     patches = os.path.join(args.root, "patches_train.npz")
     if not os.path.exists(patches):
       from fashion_jax import systems  # pylint: disable=g-import-not-at-top
-      from launch import precompute_patches  # pylint: disable=g-import-not-at-top
       import numpy as np  # pylint: disable=g-import-not-at-top
       config = arm_config(arms[0], args.data_dir, "", overrides)
       system = systems.get_system(config)
-      out = precompute_patches.precompute(
-          system, precompute_patches.cnn_variables(system, config), config,
+      out = patches_lib.precompute(
+          system, patches_lib.cnn_variables(system, config), config,
           config.data.train_split, dtype="float32")
       np.savez(patches + ".tmp.npz", **out)
       os.replace(patches + ".tmp.npz", patches)

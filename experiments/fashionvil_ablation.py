@@ -3,7 +3,7 @@ r"""FashionViL's pretraining-task ablation table (the paper's Table 5) at smoke 
 Every row pretrains configs/fashionvil.py:<variant> with the same steps and batch (equal compute
 per row: same number of steps; a switched-off task is never sampled), only the task weights
 (`objective.tasks.X=0`) or `model.share=False` changed, then runs the downstream driver
-(launch/fashionvil_downstream.py: retrieval, TGIR, SCR, OCIR fine-tuned with the same steps
+(experiments/fashionvil_downstream.py: retrieval, TGIR, SCR, OCIR fine-tuned with the same steps
 each) on it. Rows:
   none              no pretraining (downstream from the seeded random init)
   itc mlm mpfc itm mvc pac   each task alone
@@ -13,17 +13,19 @@ each) on it. Rows:
   no_share          all six, separate text and fusion BERTs (model.share=False)
 
 The VQ codes (MPFC) and pseudo-attributes (PAC) are prepared once and shared by every row
-(--vq_codes / --attributes name existing files; empty = build them under --workdir/prep as the
-configs/fashionvil.py docstring says: mine the attributes, train the VQ tokenizer, cache codes).
+(--vq_codes / --attributes name existing files; empty = `python -m launch.prepare` with the
+variant's config and --workdir=<workdir>/prep, which mines the attributes, trains the VQ
+tokenizer and caches its codes; the rows read the paths from <workdir>/prep/prepared/manifest.json).
 
     python -m experiments.fashionvil_ablation --workdir=/tmp/vil_abl --data_dir=/tmp/tfds \
         --pretrain_steps=60 --downstream_steps=40 [--rows=none,itc,...] [--parallel=2] \
         [--attributes=PATH --vq_codes=PATH]
 
-Each step is a subprocess (`python -m launch.train`, `python -m launch.fashionvil_downstream`)
+Each step is a subprocess (`python -m launch.prepare`, `python -m launch.train`,
+`python -m experiments.fashionvil_downstream`)
 logging to <workdir>/<row>.{pre,ds}.log; finished steps are skipped on a rerun (a pretraining
 workdir with its final checkpoint, a downstream workdir with row.json). The table (markdown,
-percent; columns as launch/fashionvil_downstream.py defines them) is printed and written to
+percent; columns as fashion_jax/prepare/downstream.py defines them) is printed and written to
 <workdir>/table.md; rows not run are listed under it.
 """
 
@@ -36,6 +38,8 @@ import time
 
 from absl import app
 from absl import flags
+
+from fashion_jax.prepare import manifest
 
 ALL_TASKS = ("itc", "mlm", "mpfc", "itm", "mvc", "pac")
 # row name -> (label, tasks switched on (None = no pretraining), model.share)
@@ -92,26 +96,18 @@ def _repo() -> str:
 
 
 def prepare(workdir: str, data_dir: str, variant: str) -> tuple[str, str]:
-  """(attributes, vq_codes) paths: the flags' files, or built once under <workdir>/prep."""
+  """(attributes, vq_codes) paths: the flags' files, or launch.prepare's under <workdir>/prep."""
   attributes, codes = _ATTRIBUTES.value, _VQ_CODES.value
   prep = os.path.join(workdir, "prep")
   os.makedirs(prep, exist_ok=True)
-  name = f"synthetic_catalog/{variant}"
-  if not attributes:
-    attributes = os.path.join(prep, "attributes.txt")
-    if not os.path.exists(attributes):
-      _run([sys.executable, "-m", "fashion_jax.data.attributes", f"--dataset={name}",
-            f"--data_dir={data_dir}", f"--out={attributes}"], os.path.join(prep, "attrs.log"))
-  if not codes:
-    codes = os.path.join(prep, "vq", "codes.npz")
-    if not os.path.exists(codes):
-      vq = os.path.join(prep, "vq")
-      _run([sys.executable, "-m", "launch.train", f"--config=configs/vqvae.py:{variant}",
-            f"--workdir={vq}", f"--config.data.data_dir={data_dir}"],
-           os.path.join(prep, "vq_train.log"))
-      _run([sys.executable, "-m", "fashion_jax.systems.vqvae",
-            f"--config=configs/vqvae.py:{variant}", f"--workdir={vq}", f"--out={codes}",
-            f"--config.data.data_dir={data_dir}"], os.path.join(prep, "vq_codes.log"))
+  only = [n for n, given in (("attributes", attributes), ("vq_codes", codes)) if not given]
+  if only:  # Skips what an earlier run made.
+    _run([sys.executable, "-m", "launch.prepare", f"--config=configs/fashionvil.py:{variant}",
+          f"--workdir={prep}", f"--config.data.data_dir={data_dir}", f"--only={','.join(only)}"],
+         os.path.join(prep, "prepare.log"))
+    entries = manifest.load(prep)["artefacts"]
+    attributes = attributes or manifest.artefact_path(prep, entries["attributes"])
+    codes = codes or manifest.artefact_path(prep, entries["vq_codes"])
   for what, path in (("attributes", attributes), ("vq_codes", codes)):
     if not os.path.exists(path):
       raise FileNotFoundError(f"--{what}={path!r} does not exist.")
@@ -150,7 +146,7 @@ def run_row(row: str, attributes: str, codes: str) -> dict:
   out = os.path.join(ds, "row.json")
   if not os.path.exists(out):
     print(f"[{row}] downstream {_DS_STEPS.value} steps per task", flush=True)
-    _run([sys.executable, "-m", "launch.fashionvil_downstream", f"--pretrained={pre}",
+    _run([sys.executable, "-m", "experiments.fashionvil_downstream", f"--pretrained={pre}",
           f"--workdir={ds}", f"--data_dir={data_dir}", f"--variant={variant}",
           f"--steps={_DS_STEPS.value}"], os.path.join(root, f"{row}.ds.log"))
   with open(out) as f:

@@ -24,6 +24,8 @@ import os
 from absl import app
 from absl import flags
 
+from fashion_jax.checkpoint import restore as checkpoint_restore
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/fashionclip_smoke", "FashionCLIP training run.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the run's).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to show.")
@@ -54,11 +56,11 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fashion_jax.api import FashionCLIP  # pylint: disable=g-import-not-at-top
   from fashion_jax.search import encoders, figures, products  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import loop, plots  # pylint: disable=g-import-not-at-top
+  from fashion_jax.train import plots  # pylint: disable=g-import-not-at-top
 
   workdir, out_dir = _WORKDIR.value, _OUT_DIR.value
   os.makedirs(out_dir, exist_ok=True)
-  config = loop.load_workdir_config(workdir)
+  config = checkpoint_restore.load_workdir_config(workdir)
   data_dir = _DATA_DIR.value if _DATA_DIR.value is not None else config.data.data_dir
   encoder = encoders.load_encoder(workdir)
   index = products.build_product_index(encoder, config.data.name, _SPLIT.value,

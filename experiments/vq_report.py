@@ -4,7 +4,7 @@ r"""VQ tokenizer quality: reconstruction error and codebook usage of trained run
         [--split=validation] [--picture=docs/vq_reconstructions.png] [--num=8]
 
 For each `--run=NAME=WORKDIR` (a launch.train workdir of configs/vqvae.py), restores the newest
-checkpoint and runs the system's evaluator (fashion_jax/systems/vqvae.py `Evaluator`) on the
+checkpoint and runs the VQ evaluator (fashion_jax/evaluate/vq.py `Evaluator`) on the
 whole split: recon MSE in [-1, 1] pixel units, PSNR (dB, peak-to-peak 2), perplexity of the code
 histogram exp(H) (of K codes; higher = more codes in use) and the share of dead codes (never
 chosen on the split). Prints a markdown table. --picture writes a PNG: the split's first --num
@@ -13,6 +13,10 @@ images (top row), then each run's reconstruction from its codes, one row per run
 
 from absl import app
 from absl import flags
+
+from fashion_jax.evaluate import vq as vq_eval
+from fashion_jax.prepare import vq_codes
+from fashion_jax.train import restore
 
 _RUNS = flags.DEFINE_multi_string("run", None, "NAME=WORKDIR of a trained VQ tokenizer.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Split to measure.")
@@ -27,23 +31,21 @@ def report(runs: list[tuple[str, str]], split: str, picture_path: str = "", num:
   """Rows {name, codebook, step, recon_mse, psnr, perplexity, dead_frac}; writes the picture."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fashion_jax.systems import vqvae  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   rows, pics, labels, originals = [], [], [], None
   for name, workdir in runs:
-    system, params, step = loop.load_trained(workdir)
+    system, params, step = restore.load_trained(workdir)
     config = system.config
     if data_dir is not None:
       config.data.data_dir = data_dir
-    m = vqvae.Evaluator(system, config, split=split).run(params)
+    m = vq_eval.Evaluator(system, config, split=split).run(params)
     prefix = f"{split}/vq/"
     rows.append(dict(name=name, codebook=system.model.codebook, step=step,
                      num_codes=system.model.num_codes,
                      **{k: m[prefix + k] for k in ("recon_mse", "psnr", "perplexity",
                                                    "dead_frac")}))
     if picture_path:
-      images = vqvae.first_images(config, split, num)
+      images = vq_codes.first_images(config, split, num)
       if originals is not None and not np.array_equal(images, originals):
         raise ValueError(f"Run {name!r} reads other {split} images than the first run: the "
                          "picture compares runs of the same dataset and image size.")
@@ -53,7 +55,7 @@ def report(runs: list[tuple[str, str]], split: str, picture_path: str = "", num:
       labels.append(name)
   if picture_path:
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    sheet = vqvae.picture([originals] + pics, ["original"] + labels)
+    sheet = vq_codes.picture([originals] + pics, ["original"] + labels)
     Image.fromarray(sheet).save(picture_path, optimize=True)
   return rows
 

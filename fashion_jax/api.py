@@ -42,6 +42,7 @@ from fashion_jax.evaluate import prompts
 from fashion_jax.interop import hf_clip
 from fashion_jax.interop import hf_io
 from fashion_jax.models import clip as clip_lib
+from fashion_jax.train import restore
 
 
 def _load_tokenizer(path: pathlib.Path):
@@ -113,8 +114,7 @@ class FashionCLIP:
   def from_workdir(cls, workdir: str, step: Optional[int] = None,
                    batch_size: int = 32) -> "FashionCLIP":
     """From checkpoint `step` (None = newest) of a FashionCLIP training run's workdir."""
-    from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
-    system, params, _ = loop.load_trained(workdir, step=step)
+    system, params, _ = restore.load_trained(workdir, step=step)
     if not hasattr(system, "model_config") or not isinstance(system.model_config,
                                                              clip_lib.CLIPConfig):
       raise ValueError(f"{workdir} holds a {system.config.system!r} run, not a CLIP model.")

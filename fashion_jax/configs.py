@@ -19,7 +19,10 @@ import pkgutil
 import ml_collections
 
 import configs as configs_pkg
-from fashion_jax.train import config_check
+
+
+class ConfigError(ValueError):
+  """A config value the trainer cannot run with (raised here and by train/config_check.py)."""
 
 
 def names() -> list[str]:
@@ -38,7 +41,7 @@ def _module(name_or_path: str):
     spec.loader.exec_module(module)
     return module
   if name_or_path not in names():
-    raise config_check.ConfigError(
+    raise ConfigError(
         f"No config named {name_or_path!r}; the configs are {names()} (or pass a .py path).")
   return importlib.import_module(f"configs.{name_or_path}")
 
@@ -59,7 +62,7 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     if p not in keys:
       close = difflib.get_close_matches(p, keys, n=1)
       hint = f" (did you mean {'.'.join(parts[:i] + [close[0]])!r}?)" if close else ""
-      raise config_check.ConfigError(f"Override {item!r}: unknown config key "
+      raise ConfigError(f"Override {item!r}: unknown config key "
                                      f"{'.'.join(parts[:i + 1])!r}{hint}.")
     node = node[p]
   leaf = parts[-1]

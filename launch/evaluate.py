@@ -15,17 +15,23 @@ required one, it ends in one line naming the evaluation, its split and what the 
 A --config.KEY override of a key that does not exist ends in one line with the closest key.
 The workdir is opened read-only (a training run may own it: its in-flight saves are left alone).
 A workdir without checkpoints (or without the --step) ends with one line saying what is there
-and exit code 1.
+and exit code 1. With --config, the run's prepared artefacts (launch.prepare: FashionViL's
+pseudo-attributes and VQ codes, ...) are filled in from <workdir>/prepared/manifest.json, as
+launch.train does; config.json already holds their paths.
 """
 
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from launch import cli
+from fashion_jax import cli
+from fashion_jax.checkpoint import restore as checkpoint_restore
+from fashion_jax.prepare import manifest
+from fashion_jax.train import restore
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file[:arg]; default: <workdir>/config.json.", lock_config=True)
@@ -46,7 +52,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax import systems  # pylint: disable=g-import-not-at-top
   from fashion_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from fashion_jax.checkpoint import manager as checkpoint  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import config_check  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
@@ -56,8 +62,14 @@ def main(argv):
   workdir = _WORKDIR.value
   try:
     config = config_check.with_defaults(
-        _CONFIG.value if _CONFIG.value is not None else loop.load_workdir_config(workdir))
+        _CONFIG.value if _CONFIG.value is not None
+        else checkpoint_restore.load_workdir_config(workdir))
   except FileNotFoundError as e:
+    fail(e)
+  try:  # A --config of a run whose artefacts launch.prepare made: fill them in (read-only).
+    config = manifest.apply(config, workdir,
+                            command=manifest.prepare_command(sys.argv, workdir))
+  except (manifest.PrepareError, FileNotFoundError) as e:
     fail(e)
   names = _EVALS.value or list(config.evals.keys())
   unknown = [n for n in names if n not in config.evals]
@@ -76,8 +88,8 @@ def main(argv):
   if not names:
     fail(f"every evaluation was skipped: {config.data.name} lacks what each reads (see the "
          "warnings above).")
-  try:  # Read-only: a training process may own the workdir (train/checkpoint.py: readers).
-    params, step, mesh = loop.load_params(config, workdir, step=_STEP.value)
+  try:  # Read-only: a training process may own the workdir (checkpoint/manager.py: readers).
+    params, step, mesh = restore.load_params(config, workdir, step=_STEP.value)
   except (FileNotFoundError, checkpoint.CorruptCheckpointError) as e:
     fail(e)
   system = systems.get_system(config)

@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 
 from fashion_jax import systems
+from fashion_jax.train import restore
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -43,9 +44,7 @@ def exporting_systems() -> list[str]:
 
 def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False):
   """Exports checkpoint `step` (None = newest) of `workdir` to `out`; returns (out, step)."""
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
-
-  system, params, step = loop.load_trained(workdir, step=step)
+  system, params, step = restore.load_trained(workdir, step=step)
   if not hasattr(system, "export"):
     raise ValueError(f"System {system.config.system!r} of {workdir} has no export(); the "
                      f"systems that export are {exporting_systems()}.")

@@ -5,9 +5,15 @@ r"""Train a system from a config: `python -m launch.train --config=FILE[:ARG] --
 
 Rerunning the same command resumes from the newest checkpoint in --workdir. SIGTERM saves a
 checkpoint and exits 0. An override of a key that does not exist ends in one line naming the key
-and the closest one that does (launch/cli.py: "did you mean 'lr'?"); values that exist but are
+and the closest one that does (fashion_jax/cli.py: "did you mean 'lr'?"); values that exist but are
 invalid, and evaluations the dataset cannot serve, are rejected by fashion_jax.train.config_check
 before anything compiles.
+
+Derived artefacts (FashionViL's pseudo-attributes and VQ codes, FashionBERT's cached patch
+features): `python -m launch.prepare` with the same --config and --workdir makes them into
+<workdir>/prepared/; this command fills the config keys from <workdir>/prepared/manifest.json
+(fashion_jax/prepare/manifest.py `apply`; config.json records the filled paths). A needed one that
+is missing ends in one line naming that launch.prepare command.
 
 Multi-host: set `config.distributed=True` (or --config.distributed=True) and either run under a
 cluster JAX auto-detects (Cloud TPU, SLURM, Open MPI) or give --coordinator_address,
@@ -22,12 +28,15 @@ one waits --shutdown_timeout_s for the others at exit; a step (with its evaluati
 that makes no progress for --step_timeout_s stops the process with status 75.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from launch import cli
+from fashion_jax import cli
+from fashion_jax.prepare import manifest
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].",
                                           lock_config=True)
@@ -50,13 +59,27 @@ _STEP_TIMEOUT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def prepared_config(config, workdir: str, argv, program: str = "launch.train"):
+  """`config` with the artefacts of launch.prepare filled in (fashion_jax/prepare/manifest.py).
+
+  A needed artefact that is missing, or was made for another dataset or config, ends in one
+  line naming the launch.prepare command with this command's --config and --workdir flags (as
+  does a dataset that is not built, with the launch.build_data command).
+  """
+  try:
+    return manifest.apply(config, workdir, command=manifest.prepare_command(argv, workdir))
+  except (manifest.PrepareError, FileNotFoundError) as e:
+    raise SystemExit(f"{program}: " + " ".join(str(e).split())) from None
+
+
 def main(argv, *, iterator_factory=None):
   """Entry point; `iterator_factory` lets a test or a user script supply its own input."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Heavy imports here, so that flag errors come back in a fraction of a second.
+  # The prepared artefacts are looked up first (the dataset's files only, no device), so a
+  # missing one is named before anything starts.
+  config = prepared_config(_CONFIG.value, _WORKDIR.value, sys.argv)
   from fashion_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
   multihost = distributed.initialize(
       bool(config.get("distributed", False)), coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,

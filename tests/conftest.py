@@ -7,7 +7,7 @@ explicitly). The repo root goes on sys.path so `tests.toy_system` imports as a m
 import os
 import sys
 
-# FASHION_JAX_TEST_PLATFORMS=cuda,cpu runs the GPU-only tests (launch/gpu_mfu.sh cudnn_tests)
+# FASHION_JAX_TEST_PLATFORMS=cuda,cpu runs the GPU-only tests (benchmarks/gpu_mfu.sh cudnn_tests)
 # on a GPU machine; everything else assumes the CPU.
 os.environ["JAX_PLATFORMS"] = os.environ.get("FASHION_JAX_TEST_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")

@@ -13,7 +13,6 @@ retrieval evaluator, and changes nothing in fashion_jax/train/, data/pipeline.py
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

@@ -17,7 +17,7 @@ from fashion_jax.models import clip as clip_lib
 from fashion_jax.models import e2 as e2_lib
 from fashion_jax.parallel import mesh as mesh_lib
 from fashion_jax.parallel import sharding as sharding_lib
-from fashion_jax.train import checkpoint as checkpoint_lib
+from fashion_jax.checkpoint import manager as checkpoint_lib
 from fashion_jax.train import config_check
 from fashion_jax.train import optimizer as optimizer_lib
 from fashion_jax.train import state as state_lib

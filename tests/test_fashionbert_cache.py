@@ -1,4 +1,4 @@
-"""FashionBERT cached patch features: launch/precompute_patches.py -> pipeline -> same loss."""
+"""FashionBERT cached patch features: fashion_jax/prepare/patches.py -> pipeline -> same loss."""
 
 import flax.linen as nn
 import jax
@@ -7,8 +7,8 @@ import pytest
 
 from configs import fashionbert as fb_config
 from fashion_jax.data import pipeline
+from fashion_jax.prepare import patches as precompute_patches
 from fashion_jax.systems import fashionbert as fb_system
-from launch import precompute_patches
 from tests import test_pipeline as tp
 
 

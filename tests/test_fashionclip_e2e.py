@@ -19,11 +19,12 @@ from fashion_jax.data import render
 from fashion_jax.data.builders import synthetic_catalog  # pylint: disable=unused-import
 from fashion_jax.train import loop
 from tests.test_fashionclip_system import tiny_config
+from fashion_jax.train import restore
 
 
 def export(workdir, out):
   """What `python -m launch.export --workdir --out` does."""
-  system, params, step = loop.load_trained(workdir)
+  system, params, step = restore.load_trained(workdir)
   return system.export(params, out), step
 
 

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 from fashion_jax.data import attributes
 from fashion_jax.data import pipeline
+from fashion_jax.prepare import vq_codes
 from fashion_jax.systems import vqvae as vqvae_system
 from tests import test_pipeline as tp
 from tests import test_vqvae as tv
@@ -43,7 +44,7 @@ def test_matcher_marks_contained_ngrams(tmp_path):
   m = attributes.Matcher(attributes.load_vocabulary(path))
   got = m(["Red silk-scarf. SILK SCARF in red!", b"boots", "scarf silk", ""])
   np.testing.assert_array_equal(got, [[1, 1, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0]])
-  with pytest.raises(FileNotFoundError, match="python -m fashion_jax.data.attributes"):
+  with pytest.raises(FileNotFoundError, match="python -m launch.prepare"):
     attributes.load_vocabulary(str(tmp_path / "missing.txt"))
 
 
@@ -60,7 +61,7 @@ def test_cached_codes_and_attributes_arrive_in_train_batches(data_dir, tmp_path)
   c.data.name, c.data.data_dir = "pipeline_test_products", data_dir
   system = vqvae_system.System(c)
   params = nn.unbox(system.init(jax.random.key(0), system.dummy_batch(2)))
-  out = vqvae_system.cache_codes(system, params, c, str(tmp_path / "codes.npz"), batch_size=8)
+  out = vq_codes.cache_codes(system, params, c, str(tmp_path / "codes.npz"), batch_size=8)
   assert out["codes"].shape == (tp.NUM_TRAIN, 3, 16)
   number = [int(p[1:]) for p in out["product_id"]]  # Rows follow the file order.
   assert sorted(number) == list(range(tp.NUM_TRAIN))

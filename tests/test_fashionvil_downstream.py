@@ -12,7 +12,7 @@ from configs import fashionvil_downstream as ds_config
 from fashion_jax.evaluate import classification
 from fashion_jax.evaluate import tgir
 from fashion_jax.losses import fashionvil_downstream as dl
-from launch import fashionvil_downstream as driver
+from fashion_jax.prepare import downstream as driver
 
 
 def _ce(logits, labels):

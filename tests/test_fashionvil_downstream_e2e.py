@@ -15,13 +15,15 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import fashionvil as fashionvil_config
+from fashion_jax.checkpoint import restore as checkpoint_restore
 from fashion_jax.data import derived
 from fashion_jax.data.builders import fashioniq  # pylint: disable=unused-import
 from fashion_jax.data.builders import polyvore_outfits  # pylint: disable=unused-import
 from fashion_jax.data.builders import synthetic_catalog  # pylint: disable=unused-import
+from fashion_jax.prepare import downstream as driver
 from fashion_jax.systems import fashionvil_downstream as ds_system
 from fashion_jax.train import loop
-from launch import fashionvil_downstream as driver
+from fashion_jax.train import restore
 
 S, L = 32, 16
 
@@ -86,7 +88,7 @@ def test_downstream_init_holds_every_pretrained_backbone_array(pretrained, data_
   c = task_config("tgir", pretrained, data_dir)
   system = ds_system.System(c)
   params = nn.unbox(system.init(jax.random.key(1), system.dummy_batch(2)))
-  _, pre, _ = loop.load_trained(pretrained)
+  _, pre, _ = restore.load_trained(pretrained)
   for collection in ("params", "batch_stats"):
     got = ds_system._flat(params[collection]["vil"])  # pylint: disable=protected-access
     want = ds_system._flat(pre[collection])  # pylint: disable=protected-access
@@ -134,10 +136,10 @@ def test_task_fine_tunes_and_evaluates(task, pretrained, data_dir, tmp_path):
     workdir = str(tmp_path / task)
     enc = encoders.load_encoder(workdir, batch_size=2)
     assert enc.supports_composed and enc.image_size == S
-    system, params, _ = loop.load_trained(workdir)
+    system, params, _ = restore.load_trained(workdir)
     images = np.random.default_rng(0).integers(0, 256, (3, S, S, 3), np.uint8)
     texts = ["is red", "has shorter sleeves and no pattern", "more casual"]
-    ids = common.tokenizer_from_config(loop.load_workdir_config(workdir))(texts)
+    ids = common.tokenizer_from_config(checkpoint_restore.load_workdir_config(workdir))(texts)
     want = system.tgir_query(params, images, ids, ids != system.tokenizer.pad_token_id)
     np.testing.assert_allclose(enc.composed(images, texts), np.asarray(want), atol=1e-5)
   elif task == "scr":

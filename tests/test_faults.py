@@ -1,7 +1,7 @@
 """Fault injection in-process: corrupt checkpoints, failed writes, non-finite steps, pickles.
 
 The kill -9 / SIGTERM / real disk-full cases need a separate process: tests/test_resume.py.
-Injection points and actions: fashion_jax/train/faults.py (`FASHION_JAX_FAULT`).
+Injection points and actions: fashion_jax/faults.py (`FASHION_JAX_FAULT`).
 
 This module doubles as the system `tests.test_faults`: the toy system whose loss and gradients
 can be poisoned per step, to inject NaN/inf exactly where a test wants it.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fashion_jax.interop import hf_io
-from fashion_jax.train import checkpoint as checkpoint_lib
+from fashion_jax.checkpoint import manager as checkpoint_lib
 from fashion_jax.train import loop
 from tests import toy_system
 

@@ -12,7 +12,7 @@ import sys
 import tensorflow_datasets as tfds
 
 from fashion_jax.data.builders import synthetic_catalog  # pylint: disable=unused-import
-from fashion_jax.train import loop
+from fashion_jax.train import restore
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_a_fifth_system_trains_saves_and_evaluates_through_launch_train(tmp_path
   config = json.loads((workdir / "config.json").read_text())
   assert config["system"] == "tests.fifth_system"
   # The final state is on disk and restorable through the readers' path.
-  system, params, step = loop.load_trained(str(workdir))
+  system, params, step = restore.load_trained(str(workdir))
   assert step == 6 and type(system).__module__ == "tests.fifth_system"
   assert set(params) >= {"patch_embed", "token_embed", "log_temperature", "bias"}
   # The stock retrieval evaluator ran on it: its metrics are in the run's log.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fashion_jax.models import layers
+from tests import numerics
 
 
 def _np_ln(x, scale, bias, eps):
@@ -101,12 +102,11 @@ def test_scan_and_remat_match_unrolled_values_and_grads():
   for policy in ("none", "nothing_saveable"):
     scanned = layers.Encoder(**kw, scan=True, remat_policy=policy)
     y1, g1 = jax.value_and_grad(lambda p: loss(scanned, p))(stacked)
-    np.testing.assert_allclose(y1, y0, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 layers.unstack_layers(g1), g0)
+    # Up to float32 rounding of the loss's sum of 2 x 5 x 16 terms (tests/numerics.py).
+    numerics.assert_rounding_close(y1, y0, 160, what=policy)
+    numerics.assert_rounding_close(layers.unstack_layers(g1), g0, 160, what=policy)
   remat_only = layers.Encoder(**kw, remat_policy="dots_with_no_batch_dims_saveable")
-  np.testing.assert_allclose(jax.grad(lambda p: loss(remat_only, p))(params)["layers_1"]["mlp"]
-                             ["fc1"]["kernel"], g0["layers_1"]["mlp"]["fc1"]["kernel"], rtol=1e-5)
+  numerics.assert_rounding_close(jax.grad(lambda p: loss(remat_only, p))(params), g0, 160)
 
 
 def test_logical_axis_names_on_params():

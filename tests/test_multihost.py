@@ -287,7 +287,7 @@ def _losses(workdir):
 
 def _checkpoint_params(workdir, step, like):
   """Params of checkpoint `step` of `workdir`, laid out as the arrays of `like`."""
-  from fashion_jax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from fashion_jax.checkpoint import manager as checkpoint_lib  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=10)
   try:
     assert step in ckpt.all_steps(), (step, ckpt.all_steps())
@@ -396,7 +396,7 @@ def test_killing_one_process_stops_the_other_with_a_clear_error(killed_run):
 def test_restart_after_a_death_resumes_from_the_last_checkpoint(killed_run, tmp_path,
                                                                 tmp_path_factory):
   workdir = killed_run[0]
-  from fashion_jax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from fashion_jax.checkpoint import manager as checkpoint_lib  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=10)
   assert ckpt.all_steps() == [CKPT_EVERY]
   ckpt.close()
@@ -419,7 +419,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
   assert match, results[0][2][-3000:]
   step = int(match.group(1))
   assert 2 <= step < TOTAL
-  from fashion_jax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from fashion_jax.checkpoint import manager as checkpoint_lib  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=10)
   assert ckpt.latest_step() == step   # Saved by both processes (orbax finalises only then).
   ckpt.close()

@@ -13,7 +13,7 @@ import pytest
 from fashion_jax import systems
 from fashion_jax.parallel import mesh as mesh_lib
 from fashion_jax.parallel import sharding as sharding_lib
-from fashion_jax.train import checkpoint as checkpoint_lib
+from fashion_jax.checkpoint import manager as checkpoint_lib
 from fashion_jax.train import config_check
 from fashion_jax.train import loop
 from fashion_jax.train import state as state_lib

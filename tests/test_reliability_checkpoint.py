@@ -4,7 +4,7 @@
     the clipping transform from the optimizer state) raises IncompatibleCheckpointError naming
     the differing state paths and config keys; no checkpoint is moved, and the original config
     still resumes. Real corruption still quarantines (tests/test_faults.py).
-  * Readers (launch.evaluate, loop.load_params / load_trained, Checkpointer(read_only=True))
+  * Readers (launch.evaluate, restore.load_params / load_trained, Checkpointer(read_only=True))
     never delete another process's in-flight `<step>.orbax-checkpoint-tmp-*`, never quarantine,
     never create directories.
   * launch.evaluate on a workdir without checkpoints ends with one line naming the workdir.
@@ -23,9 +23,11 @@ import jax
 import numpy as np
 import pytest
 
-from fashion_jax.train import checkpoint as checkpoint_lib
+from fashion_jax.checkpoint import manager as checkpoint_lib
 from fashion_jax.train import loop
 from tests import toy_system
+from fashion_jax.train import restore
+from fashion_jax.checkpoint import restore as checkpoint_restore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,11 +165,11 @@ def test_readers_leave_an_in_flight_save_of_the_owner_alone(workdir, monkeypatch
   monkeypatch.setattr(checkpoint_lib.faults, "inject", hold)
   monkeypatch.setattr(checkpoint_lib.faults, "armed",
                       lambda point, step: (point, step) == ("write", 3) or real_armed(point, step))
-  config = loop.load_workdir_config(workdir)
+  config = checkpoint_restore.load_workdir_config(workdir)
   # The owner: checkpoint 2's state saved again as step 3, asynchronously.
   owner = checkpoint_lib.Checkpointer(workdir, keep=10, use_async=True)
   try:
-    params, step, _ = loop.load_params(config, workdir)
+    params, step, _ = restore.load_params(config, workdir)
     state = {"params": params}
     owner.save(3, state, {"step": 3})
     assert writing.wait(60)
@@ -176,9 +178,9 @@ def test_readers_leave_an_in_flight_save_of_the_owner_alone(workdir, monkeypatch
     files = sorted(glob.glob(os.path.join(tmp, "**"), recursive=True))
     assert len(files) > 3
     # Readers open the workdir while the save is in flight.
-    _, step, _ = loop.load_params(config, workdir)
+    _, step, _ = restore.load_params(config, workdir)
     assert step == 2
-    _, _, step = loop.load_trained(workdir)
+    _, _, step = restore.load_trained(workdir)
     assert step == 2
     reader = checkpoint_lib.Checkpointer(workdir, read_only=True)
     assert reader.all_steps() == [1, 2]

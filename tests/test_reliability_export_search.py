@@ -46,6 +46,7 @@ from tests import test_fashionbert
 from tests import test_fashionbert_pixels
 from tests import test_fashionvil
 from tests.test_fashionclip_system import tiny_config as fashionclip_tiny_config
+from fashion_jax.train import restore
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOREIGN = {"labels.json": "my labels", "NOTES.md": "# notes", "keep.txt": "keep me"}
@@ -235,7 +236,7 @@ def test_launch_export_e2_run_matches_the_jax_forward(tmp_path):
                       lambda step: test_e2_system._batch(probe, step))  # pylint: disable=protected-access
   out, step = export_cli.export(workdir, str(tmp_path / "export"))
   assert step == 1
-  system, params, _ = loop.load_trained(workdir)
+  system, params, _ = restore.load_trained(workdir)
   model = e2_torch.E2Torch.from_pretrained(str(out)).eval()
   batch = test_e2_system._batch(system, 99, batch_size=4)  # pylint: disable=protected-access
   want = system.model.apply({"params": params}, batch["image"], batch["text"], batch["tags"])
@@ -263,7 +264,7 @@ def test_launch_export_fashionbert_run_matches_the_jax_forward(patches, tmp_path
                       lambda step: test_fashionbert._batch(probe, 16, seed=step))  # pylint: disable=protected-access
   out, step = export_cli.export(workdir, str(tmp_path / "export"))
   assert step == 1
-  system, variables, _ = loop.load_trained(workdir)
+  system, variables, _ = restore.load_trained(workdir)
   assert (out / "cnn").exists() == (patches == "resnet")
   _fashionbert_parity(system, variables, out)
 

@@ -39,6 +39,7 @@ from fashion_jax.train import step as step_lib
 from tests import fixtures_real
 from tests import toy_system
 from tests.test_fashionclip_system import load_config
+from fashion_jax.train import restore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBCATEGORIES = ("shirts", "dresses", "coats")
@@ -141,7 +142,7 @@ def test_smoke_config_trains_on_a_catalog_without_probe_splits(smoke_run):
   assert ("Skipping config.evals.retrieval_test_sample100 (type 'retrieval', split='test'): "
           "split 'test' of image_text_folder/relshop") in warnings
   # The final checkpoint is on disk and restores to the trained parameters.
-  params, step, _ = loop.load_params(config, workdir)
+  params, step, _ = restore.load_params(config, workdir)
   assert step == 3
   for a, b in zip(jax.tree.leaves(jax.device_get(params)),
                   jax.tree.leaves(jax.device_get(result.state.params))):
@@ -279,7 +280,7 @@ def test_final_checkpoint_survives_a_failing_final_evaluation(tmp_path, monkeypa
   with pytest.raises(RuntimeError, match="evaluation exploded"):
     loop.train_and_evaluate(config, workdir, iterator_factory=toy_system.make_iterator)
   assert 4 in _steps(workdir)
-  params, step, _ = loop.load_params(config, workdir)
+  params, step, _ = restore.load_params(config, workdir)
   assert step == 4 and all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
   # The same command again: nothing to train, the final evaluation runs and the run completes.
@@ -377,7 +378,7 @@ def test_cli_override_typo_gets_one_line_with_a_suggestion(tmp_path, module):
 def test_api_and_evaluator_zero_shot_agree(smoke_run):
   workdir, config, _, _ = smoke_run
   fclip = FashionCLIP.from_workdir(workdir)
-  system, params, _ = loop.load_trained(workdir)
+  system, params, _ = restore.load_trained(workdir)
   spec = config_check.with_defaults(config).evals["zeroshot_test"]
   labels = list(SUBCATEGORIES)
   images = np.stack([fixtures_real.image_array(k) for k in range(5)])

@@ -18,9 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from fashion_jax.train import checkpoint as checkpoint_lib
+from fashion_jax.checkpoint import manager as checkpoint_lib
 from fashion_jax.train import loop
 from tests import toy_system
+from fashion_jax.train import restore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 12
@@ -117,7 +118,7 @@ def _tmp_dirs(workdir):
 @pytest.mark.slow
 def test_kill9_at_six_points_resumes_from_newest_complete_checkpoint_bitwise(tmp_path,
                                                                             reference):
-  """kill -9 (FASHION_JAX_FAULT, train/faults.py) at six points of a 12-step run saved every
+  """kill -9 (FASHION_JAX_FAULT, faults.py) at six points of a 12-step run saved every
   2 steps (keep 2, async); each rerun of the same command resumes from the newest finalised
   checkpoint on disk, never from a temporary one, and the last run equals the uninterrupted
   reference bit for bit."""
@@ -280,7 +281,7 @@ def test_restore_onto_another_mesh_and_evaluate_cli(tmp_path, toy_config):
                                    iterator_factory=toy_system.make_iterator)
   # Trained on data=8; restored onto data=2 x fsdp=2 x tensor=2 with the same values.
   toy_config.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
-  params, step, _ = loop.load_params(toy_config, str(tmp_path))
+  params, step, _ = restore.load_params(toy_config, str(tmp_path))
   assert step == 4
   kernel = params["params"]["tower_a"]["dense_in"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

@@ -17,12 +17,13 @@ the fashion corpus") and it is reproducible from the data alone.
 Matching (`Matcher`): a product's attributes are the vocabulary n-grams that occur in its text
 (same normalisation), a multi-hot bool [A] vector; PAC turns it into uniform soft labels.
 
-The vocabulary file (`pseudo_attributes.txt`, one `ngram<TAB>df` per line, in rank order) is
-written next to the dataset (the TFDS builder's data_dir), so every run on that dataset shares
-it:  python -m fashion_jax.data.attributes --dataset=synthetic_catalog/smoke [--data_dir=DIR]
+The vocabulary file (one `ngram<TAB>df` per line, in rank order; `save_vocabulary`,
+`load_vocabulary`) is made from a built dataset by fashion_jax/prepare/attributes.py:
+`python -m launch.prepare --config=configs/fashionvil.py:smoke --workdir=W` writes it to
+W/prepared/attributes.txt and launch.train fills data.attributes with it. This module is the
+pure part (text in, vocabulary and multi-hot vectors out); it reads no dataset.
 """
 
-import argparse
 import collections
 import os
 import re
@@ -30,7 +31,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-FILENAME = "pseudo_attributes.txt"
 _WORD = re.compile(r"[a-z0-9%][a-z0-9%'\-]*")
 
 STOP_WORDS = frozenset("""
@@ -101,8 +101,11 @@ def save_vocabulary(vocab: Sequence[tuple[str, int]], path: str) -> str:
 def load_vocabulary(path: str) -> list[str]:
   """The n-grams of a vocabulary file, in order. FileNotFoundError / ValueError name the path."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"Pseudo-attribute vocabulary {path!r} does not exist; mine it with "
-                            "`python -m fashion_jax.data.attributes --dataset=NAME`.")
+    raise FileNotFoundError(
+        f"Pseudo-attribute vocabulary {path!r} (config.data.attributes) does not exist; "
+        "`python -m launch.prepare --config=CONFIG --workdir=WORKDIR` mines one into "
+        "WORKDIR/prepared/ and launch.train fills data.attributes with it (or mine one alone: "
+        "`python -m fashion_jax.prepare.attributes --dataset=NAME --out=PATH`).")
   with open(path, encoding="utf-8") as f:
     vocab = [line.rstrip("\n").split("\t")[0] for line in f if line.strip()]
   if not vocab:
@@ -131,53 +134,3 @@ class Matcher:
           if j is not None:
             out[row, j] = True
     return out
-
-
-def dataset_texts(name: str, data_dir: str = "", split: str = "train",
-                  text_fields: Sequence[str] = ("title", "description")) -> list[str]:
-  """The joined text fields of every product of a built TFDS split (as the pipeline joins)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  data = ml_collections.ConfigDict(dict(name=name, data_dir=data_dir))
-  builder = pipeline._builder(data)  # pylint: disable=protected-access
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={"images": tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: pipeline._join_text(ex, tuple(text_fields)),  # pylint: disable=protected-access
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return [t.decode("utf-8", "replace") for t in ds.as_numpy_iterator()]
-
-
-def vocabulary_path(name: str, data_dir: str = "") -> str:
-  """<the builder's data_dir>/pseudo_attributes.txt: where `main` writes the vocabulary."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  builder = pipeline._builder(ml_collections.ConfigDict(dict(name=name, data_dir=data_dir)))  # pylint: disable=protected-access
-  return os.path.join(builder.data_dir, FILENAME)
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--dataset", required=True, help="TFDS name, e.g. synthetic_catalog/smoke")
-  parser.add_argument("--data_dir", default="")
-  parser.add_argument("--split", default="train")
-  parser.add_argument("--text_fields", default="title,description")
-  parser.add_argument("--max_n", type=int, default=3)
-  parser.add_argument("--min_df", type=int, default=5)
-  parser.add_argument("--max_df_frac", type=float, default=0.5)
-  parser.add_argument("--max_attributes", type=int, default=2232)
-  parser.add_argument("--out", default="", help="default: next to the dataset")
-  args = parser.parse_args(argv)
-  texts = dataset_texts(args.dataset, args.data_dir, args.split, args.text_fields.split(","))
-  vocab = mine(texts, max_n=args.max_n, min_df=args.min_df, max_df_frac=args.max_df_frac,
-               max_attributes=args.max_attributes)
-  path = save_vocabulary(vocab, args.out or vocabulary_path(args.dataset, args.data_dir))
-  counts = Matcher([g for g, _ in vocab])(texts).sum(1)
-  print(f"{len(vocab)} pseudo-attributes from {len(texts)} products -> {path}; attributes per "
-        f"product: mean {counts.mean():.2f}, none {np.mean(counts == 0):.1%}")
-  return path
-
-
-if __name__ == "__main__":
-  main()

@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import tensorflow_datasets as tfds
 
-from fashion_jax.data import catalog
 from fashion_jax.data import render
 from fashion_jax.data.builders import synthetic_catalog
 

@@ -15,17 +15,31 @@ Whole-word MLM (BERT's whole-word masking, as FashionViL uses with 15%):
   never drawn as random replacements.
   labels = the original id at selected positions, IGNORE (-1) elsewhere.
 
-Block masking of patches (BEiT's MaskingGenerator, which FashionViL's MPFC uses with 8 of 7x7):
+Block masking of patches (BEiT's MaskingGenerator, which FashionViL's MPFC uses with 8 of 7x7,
+and FashionBERT's "5 random patches" as count=5, min_block=max_block=1):
   repeat: draw a target area uniformly in [min_block, min(max_block, remaining)], a log-uniform
   aspect ratio in `aspect`, h = round(sqrt(area * r)), w = round(sqrt(area / r)), a random
-  position; accept the block if it covers at least min_block patches and adds between 1 and
-  `remaining` new ones (10 attempts; BEiT also accepts rounded blocks below min_block).
+  position; accept the block if min_block <= h * w <= max_block (when max_block is given) and
+  it adds between 1 and `remaining` new patches (10 attempts; BEiT also accepts rounded blocks
+  below min_block). The area check is ours: BEiT bounds only the NEW patches of a block by
+  max_block, so the rounding (a target area of 1 at aspect 3 gives a 2x1 block) and overlaps
+  let blocks grow past max_block; with max_block=1 that clumped FashionBERT's 5 patches (two
+  4-adjacent in ~89% of 8x8 masks against ~45% for 5 uniform patches). A max_block that no
+  h x w within the grid and the aspect range can meet (e.g. min_block=max_block=5: only 1x5)
+  is an error. With max_block=None and min_block > 1 (FashionViL's settings) the rule, and
+  every mask drawn from a given seed, is unchanged.
   BEiT stops when no block fits and may then mask FEWER than `count` patches; we guarantee
-  exactly `count`: once the remaining budget is below `min_block` (or no block fits) we grow the
-  existing mask by random 4-neighbours of masked patches, so every connected masked region still
-  holds at least min(min_block, count) patches.
+  exactly `count` with a fallback that adds one patch at a time: a uniformly random unmasked
+  patch when min(min_block, count) == 1 (a one-patch block, within any max_block; so
+  min_block=max_block=1 masks a uniformly random `count`-subset), else a random 4-neighbour of
+  the mask, so every connected masked region still holds at least min(min_block, count)
+  patches. The fallback runs once the remaining budget is below min_block or no block fitted in
+  `attempts` tries; only then can a region outgrow max_block (blocks that touch or overlap
+  also merge into larger regions, as in BEiT). `draw_blocks` returns the blocks placed and the
+  number of fallback patches with the mask.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -80,20 +94,53 @@ def whole_word_mask(rng: np.random.Generator, ids: np.ndarray, *, is_special: np
   return masked.astype(np.int32), labels.astype(np.int32)
 
 
+@functools.lru_cache(maxsize=64)
+def _some_block_fits(grid: int, lo: int, hi: int, aspect: tuple[float, float]) -> bool:
+  """Whether some h x w (h, w <= grid) has lo <= h * w <= hi and h / w within `aspect`."""
+  return any(lo <= h * w <= hi and aspect[0] <= h / w <= aspect[1]
+             for h in range(1, grid + 1) for w in range(1, grid + 1))
+
+
 def block_mask(rng: np.random.Generator, grid: int, count: int, *, min_block: int = 4,
                max_block: int | None = None, aspect: tuple[float, float] = (0.3, 1 / 0.3),
                attempts: int = 10) -> np.ndarray:
-  """BEiT block mask of exactly `count` patches of a grid x grid image: bool [grid, grid]."""
+  """BEiT block mask of exactly `count` patches of a grid x grid image: bool [grid, grid].
+
+  Every block placed is an h x w rectangle with min_block <= h * w <= max_block (max_block None
+  = no bound beyond `count`); see the module docstring for the draw and the fallback.
+  Deterministic given the state of `rng`.
+
+  Raises:
+    ValueError for a count outside [0, grid^2], min_block < 1, max_block < min_block, a bad
+    aspect range, or (max_block given) no h x w with area in [min_block, max_block] within the
+    grid and the aspect range.
+  """
+  return draw_blocks(rng, grid, count, min_block=min_block, max_block=max_block, aspect=aspect,
+                     attempts=attempts)[0]
+
+
+def draw_blocks(rng: np.random.Generator, grid: int, count: int, *, min_block: int = 4,
+                max_block: int | None = None, aspect: tuple[float, float] = (0.3, 1 / 0.3),
+                attempts: int = 10) -> tuple[np.ndarray, list[tuple[int, int, int, int]], int]:
+  """`block_mask` with its parts: (mask bool [grid, grid], the blocks placed as
+  (top, left, h, w), the number of patches the fallback added). Same draws as block_mask."""
   if grid < 1 or not 0 <= count <= grid * grid:
     raise ValueError(f"Cannot mask count={count} patches of a {grid}x{grid} grid.")
   if min_block < 1 or (max_block is not None and max_block < min_block):
     raise ValueError(f"Bad block sizes min_block={min_block}, max_block={max_block}.")
   if not 0 < aspect[0] <= aspect[1]:
     raise ValueError(f"Bad aspect range {aspect}.")
+  area_cap = max_block  # None: BEiT's rule, no bound on a block's area.
+  if area_cap is not None and count and not _some_block_fits(
+      grid, min(min_block, count), area_cap, tuple(aspect)):
+    raise ValueError(f"No h x w block of a {grid}x{grid} grid has an area in [min_block="
+                     f"{min_block}, max_block={max_block}] and an aspect ratio h/w in "
+                     f"{tuple(round(a, 3) for a in aspect)}: widen max_block or the aspect range.")
   max_block = count if max_block is None else max_block
   min_block = min(min_block, count)
   log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
   mask = np.zeros((grid, grid), bool)
+  blocks = []
   done = 0
   while count - done >= min_block and count > 0:
     remaining = count - done
@@ -106,29 +153,37 @@ def block_mask(rng: np.random.Generator, grid: int, count: int, *, min_block: in
       w = int(round(math.sqrt(area / ratio)))
       if not (0 < h <= grid and 0 < w <= grid) or h * w < min_block:
         continue
+      if area_cap is not None and h * w > area_cap:
+        continue
       top = int(rng.integers(0, grid - h + 1))
       left = int(rng.integers(0, grid - w + 1))
       new = h * w - int(mask[top:top + h, left:left + w].sum())
       if 0 < new <= remaining:
         mask[top:top + h, left:left + w] = True
+        blocks.append((top, left, h, w))
         added = new
         break
     if not added:
       break
     done += added
-  # Top up to exactly `count` with random 4-neighbours of the mask (random cells if empty).
+  # Top up to exactly `count`: random single patches when one-patch blocks are legal, else
+  # random 4-neighbours of the mask (random cells if it is empty).
+  topped_up = count - done
   while done < count:
-    grown = np.zeros_like(mask)
-    grown[1:] |= mask[:-1]
-    grown[:-1] |= mask[1:]
-    grown[:, 1:] |= mask[:, :-1]
-    grown[:, :-1] |= mask[:, 1:]
-    frontier = np.flatnonzero(grown & ~mask)
-    if not len(frontier):
+    if min_block == 1:
       frontier = np.flatnonzero(~mask)
+    else:
+      grown = np.zeros_like(mask)
+      grown[1:] |= mask[:-1]
+      grown[:-1] |= mask[1:]
+      grown[:, 1:] |= mask[:, :-1]
+      grown[:, :-1] |= mask[:, 1:]
+      frontier = np.flatnonzero(grown & ~mask)
+      if not len(frontier):
+        frontier = np.flatnonzero(~mask)
     mask.flat[frontier[rng.integers(len(frontier))]] = True
     done += 1
-  return mask
+  return mask, blocks, topped_up
 
 
 def block_masks(rng: np.random.Generator, batch: int, grid: int, count: int, **kwargs

@@ -11,8 +11,10 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
   mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
   Optional: patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off),
   attributes ('' = off; a pseudo-attribute vocabulary, data/attributes.py), vq_codes ('' = off;
-  an npz of cached VQ codes, systems/vqvae.py cache_codes), patch_features ('' = off; an npz of
-  cached patch features, launch/precompute_patches.py).
+  an npz of cached VQ codes, prepare/vq_codes.py cache_codes), patch_features ('' = off; an npz
+  of cached patch features, prepare/patches.py). `python -m launch.prepare` makes these three
+  into <workdir>/prepared/ and launch.train fills the keys (fashion_jax/prepare/manifest.py);
+  a path that does not exist is a FileNotFoundError naming the key and that command.
 
 Training batch (b = batch_size // process_count):
   image        uint8 [b, S, S, 3]  random resized crop (area crop_scale, aspect 3/4..4/3) of a
@@ -40,6 +42,10 @@ Training batch (b = batch_size // process_count):
                                    held in host memory: N x V x P x F x 2 bytes (float16 file).
   product_key, subcategory_key  int32 [b]  hashes of product_id / subcategory: equal iff the
                                    strings are equal (for same-product / same-subcategory logic).
+Each field is declared once in data/features.py (`feature_spec(config)` lists them without TF):
+image, image2, the keys, vq_codes and patch_features are made per example in tf.data and checked
+against their declarations; text ... attributes are HostFeature ops, run per batch in one
+tf.numpy_function whose output dtypes and shapes come from the ops themselves.
 
 Order and resumption. Host i reads the contiguous shard i of `train_split` (tfds.even_splits,
 remainder dropped so all hosts have equal shards). The example stream is epoch 0, 1, 2, ... of
@@ -55,12 +61,14 @@ shuffle (records are read sequentially); its quality depends on shuffle_buffer.
 import importlib
 import importlib.util
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from fashion_jax.data import masking
+from fashion_jax.data import attributes as attributes_lib
+from fashion_jax.data import features
 from fashion_jax.data import schema
 from fashion_jax.data import tokenizers
 
@@ -269,8 +277,19 @@ def _check_data_config(data):
           "use crop_scale=(1.0, 1.0) and flip=False.")
 
 
+def _require_file(key, path):
+  """FileNotFoundError naming config.data.<key> and the command that makes the file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"config.data.{key}={path!r} does not exist. `python -m launch.prepare --config=CONFIG "
+        f"--workdir=WORKDIR` makes it into WORKDIR/prepared/, and launch.train / launch.evaluate "
+        f"with the same flags fill data.{key} from WORKDIR/prepared/manifest.json (leave the key "
+        "empty, or 'prepared', for that); or point the key at an existing file.")
+
+
 def _load_vq_codes(path, image_size):
-  """(product_id -> row table, codes int32 [P, V, g*g]) from a systems/vqvae.py cache."""
+  """(product_id -> row table, codes int32 [P, V, g*g]) from a prepare/vq_codes.py cache."""
+  _require_file("vq_codes", path)
   with np.load(path) as f:
     ids, codes = f["product_id"], f["codes"].astype(np.int32)
     size = int(f["image_size"])
@@ -284,7 +303,8 @@ def _load_vq_codes(path, image_size):
 
 
 def _load_patch_features(path, image_size):
-  """(product_id -> row table, features [N, V, P, F]) from launch/precompute_patches.py."""
+  """(product_id -> row table, features [N, V, P, F]) from prepare/patches.py."""
+  _require_file("patch_features", path)
   with np.load(path) as f:
     ids, features = f["product_id"], f["features"]
     size = int(f["image_size"])
@@ -324,6 +344,24 @@ class TrainIterator:
     return batch
 
 
+def _check_example_spec(element_spec, data) -> None:
+  """The per-example stage's outputs against their declarations in data/features.py.
+
+  A mismatch is a bug in this module (RuntimeError when the dataset is built): feature_spec,
+  and the config check built on it, describe batches by those declarations.
+  """
+  declared = {f.name: f for f in features.example_features(data) if f.enabled}
+  made = {k: v for k, v in element_spec.items() if k not in features.EXAMPLE_INTERMEDIATES}
+  wrong = sorted(set(made) ^ set(declared)) + sorted(
+      k for k in set(made) & set(declared)
+      if np.dtype(made[k].dtype.as_numpy_dtype) != declared[k].dtype
+      or not made[k].shape.is_compatible_with(declared[k].shape))
+  if wrong:
+    raise RuntimeError(f"The per-example features {wrong} differ from their declarations in "
+                       f"data/features.py: made {made}, declared "
+                       f"{ {k: f.spec() for k, f in declared.items()} }.")
+
+
 def _numpy_rng(*keys) -> np.random.Generator:
   return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
 
@@ -341,21 +379,13 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0.")
   tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
-  mlm_prob = float(data.mlm_prob)
-  if mlm_prob > 0 and tok.mask_token_id is None:
-    raise ValueError(f"config.data.mlm_prob={mlm_prob} needs a tokenizer with a mask token; "
-                     f"{data.tokenizer.kind!r} has none (use kind='bert').")
-  grid, count = int(data.patch_mask.grid), int(data.patch_mask.count)
-  block_kwargs = dict(min_block=int(data.patch_mask.get("min_block", 4)),
-                      max_block=data.patch_mask.get("max_block", None))
-  if grid:  # Fail now, not inside tf.data.
-    masking.block_mask(np.random.default_rng(0), grid, count, **block_kwargs)
   tag_fields = tuple(data.get("tag_fields", ()))
   size, views, seed = int(data.image_size), int(data.views), int(config.seed)
   matcher = None
   if data.get("attributes"):
-    from fashion_jax.data import attributes  # pylint: disable=g-import-not-at-top
-    matcher = attributes.Matcher(attributes.load_vocabulary(data.attributes))
+    matcher = attributes_lib.Matcher(attributes_lib.load_vocabulary(data.attributes))
+  # The host ops (data/features.py), validated now, not inside tf.data.
+  host_ops = features.host_features(data, tok, matcher=matcher)
   vq = _load_vq_codes(data.vq_codes, size) if data.get("vq_codes") else None
   cached = (_load_patch_features(data.patch_features, size) if data.get("patch_features")
             else None)
@@ -409,50 +439,23 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     return out
 
   def host_fn(step, texts, tags):
-    rng = _numpy_rng(seed, process_index, step, 0x6D61736B)
-    ids, mask = tok(texts.tolist(), with_mask=True)
-    out = [ids, mask]
-    if mlm_prob > 0:
-      out += list(masking.whole_word_mask(
-          rng, ids, is_special=tok.is_special, is_continuation=tok.is_continuation,
-          mask_id=tok.mask_token_id, prob=mlm_prob))
-    if grid:
-      out.append(masking.block_masks(rng, len(ids), grid, count, **block_kwargs))
-    if tag_fields:
-      out.append(tok(tags.reshape(-1).tolist()).reshape(len(ids), len(tag_fields), -1))
-    if matcher is not None:
-      out.append(matcher(texts.tolist()))
-    return out
+    ctx = features.Context(rng=_numpy_rng(seed, process_index, step, 0x6D61736B), texts=texts,
+                           tags=tags, tokenizer=tok, step=step)
+    return features.compute(host_ops, ctx)
 
   def finish(step, b):
-    names, dtypes = ["text", "text_mask"], [tf.int32, tf.bool]
-    shapes = [[batch, tok.max_len]] * 2
-    if mlm_prob > 0:
-      names += ["mlm_ids", "mlm_labels"]
-      dtypes += [tf.int32, tf.int32]
-      shapes += [[batch, tok.max_len]] * 2
-    if grid:
-      names.append("patch_mask")
-      dtypes.append(tf.bool)
-      shapes.append([batch, grid * grid])
-    if tag_fields:
-      names.append("tags")
-      dtypes.append(tf.int32)
-      shapes.append([batch, len(tag_fields), tok.max_len])
-    if matcher is not None:
-      names.append("attributes")
-      dtypes.append(tf.bool)
-      shapes.append([batch, len(matcher.vocab)])
     tags = b.pop("tags") if tag_fields else tf.zeros([batch, 0], tf.string)
-    results = tf.numpy_function(host_fn, [step, b.pop("text"), tags], dtypes, stateful=False)
-    for name, value, shape in zip(names, results, shapes):
-      value.set_shape(shape)
-      b[name] = value
+    results = tf.numpy_function(host_fn, [step, b.pop("text"), tags],
+                                [tf.as_dtype(op.dtype) for op in host_ops], stateful=False)
+    for op, value in zip(host_ops, results):
+      value.set_shape(op.batch_shape(batch))
+      b[op.name] = value
     return b
 
   ds = tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
   ds = ds.enumerate(start=start_step * batch)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  _check_example_spec(ds.element_spec, data)
   ds = ds.batch(batch, drop_remainder=True).enumerate(start=start_step)
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.prefetch(int(data.prefetch) if data.prefetch else tf.data.AUTOTUNE)

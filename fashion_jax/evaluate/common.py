@@ -23,6 +23,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from fashion_jax.parallel import axes
+from fashion_jax.data import pipeline
+from fashion_jax.data import tokenizers
 
 Batches = Iterable[Mapping[str, np.ndarray]]
 
@@ -37,7 +39,6 @@ def eval_batches(config, split: str, *, batch_size: int, fields: Sequence[str] =
   everywhere: for evaluators that look at a few examples).
   """
   if dataset_fn is None:
-    from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     dataset_fn = pipeline.make_eval_dataset
   kwargs = dict(process_index=0, process_count=1) if single_process else {}
   return dataset_fn(config, split, batch_size=batch_size, fields=tuple(fields), **kwargs)
@@ -190,6 +191,5 @@ class Embedder:
 def tokenizer_from_config(config) -> Callable[[list[str]], np.ndarray]:
   """config.data.tokenizer (kind, path) and config.data.max_len -> callable(list[str]) -> int32
   [N, max_len], via fashion_jax.data.tokenizers.get_tokenizer."""
-  from fashion_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   tok = config.data.tokenizer
   return tokenizers.get_tokenizer(tok.kind, tok.get("path"), config.data.max_len)

@@ -30,7 +30,6 @@ Protocols (names carry the protocol, as in retrieval.py):
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-import importlib.util
 import math
 import time
 from typing import Any
@@ -46,6 +45,9 @@ from fashion_jax.evaluate import base
 from fashion_jax.evaluate import common
 from fashion_jax.evaluate import retrieval
 from fashion_jax.parallel import axes
+from fashion_jax.checkpoint import restore as checkpoint_restore
+from fashion_jax import configs
+from fashion_jax import systems
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -188,19 +190,12 @@ def rerank_ranks(two_tower_ranks: np.ndarray, topk_idx: np.ndarray, xenc_scores:
 
 
 def load_two_tower(spec: str, workdir: str, data_overrides: Mapping[str, Any] | None = None):
-  """(system, params) of a trained two-tower run: spec 'path/to/config.py[:arg]' + its workdir."""
-  from fashion_jax import systems  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_two_tower_config", path)
-  if module_spec is None:
-    raise FileNotFoundError(f"rerank config {path!r} does not exist.")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+  """(system, host params) of a trained two-tower run: its config spec ('name[:arg]' or
+  'path/to/config.py[:arg]', fashion_jax.configs.get) and its workdir's newest checkpoint."""
+  config = configs.get(spec)
   for k, v in (data_overrides or {}).items():
     config.data[k] = v
-  params, _, _ = loop.load_params(config, workdir)
+  params, _ = checkpoint_restore.read_params(workdir)
   return systems.get_system(config), params
 
 

@@ -1,6 +1,6 @@
 """Cross-modal retrieval: full-candidate and sample-100 protocols, R@K, HITS@K, MRR, SumR.
 
-Two protocols (REFERENCE.md, "Evaluation protocols"); every metric name says which one:
+Two protocols (docs/data.md, "Evaluation protocols"); every metric name says which one:
 
 * `full`: every query is ranked against the WHOLE gallery of the split (FashionCLIP's HITS@5/MRR
   on held-out products; the "full-candidate" setting of FashionViL/E2).

@@ -61,7 +61,8 @@ def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, num_blocks: int = 1
   Args:
     a: [B, D] embeddings (e.g. images), row i paired with row i of `b`.
     b: [B, D] embeddings (e.g. texts).
-    scale: scalar multiplier of the similarities (CLIP's exp(logit_scale), already clamped).
+    scale: scalar multiplier of the similarities (CLIP's exp(logit_scale); the optimizer keeps
+      logit_scale <= log 100, train/optimizer.py).
     num_blocks: 1 = dense [B, B] logits; K > 1 = the blockwise computation of the module
       docstring (K must divide B). Same loss and gradients up to float32 rounding.
 

@@ -2,13 +2,17 @@
 
   image_embeds = normalize(ViT(images).embedding)      [B_i, P]
   text_embeds  = normalize(Text(ids).embedding)        [B_t, P]
-  logit_scale  = min(exp(log_scale), 100)              scalar; log_scale init log(1 / 0.07)
+  logit_scale  = exp(log_scale)                        scalar; log_scale init log(1 / 0.07)
   logits_per_image = logit_scale * image_embeds @ text_embeds^T      [B_i, B_t]
 
 The parameter `logit_scale` stores the LOG of the scale, as CLIP and transformers do (so an HF
-checkpoint's value maps unchanged). Clamping the exponentiated value at 100 (CLIP's rule) stops
-its gradient above 100; transformers' forward does not clamp, which only differs for a checkpoint
-whose stored scale exceeds log(100) (none of the released ones).
+checkpoint's value maps unchanged). CLIP's bound scale <= 100 is kept on the PARAMETER, as
+open_clip does (`logit_scale.clamp_(0, log(100))` after each optimizer step): the optimizer
+projects it into [0, log 100] after every update (train/optimizer.py, DEFAULT_PARAM_BOUNDS).
+The forward is exp(log_scale) unclamped, exactly transformers' CLIPModel, so an export
+reproduces our logits for any stored value. (A forward clamp min(exp(s), 100) has zero gradient
+once s > log 100: s could never come back down. With the bound float32(log 100), exp gives
+100.0000076.)
 
 CLIPConfig describes the architecture and the run-time options (compute dtype, scan, remat).
 `clip_config(variant, ...)` builds one from a named variant (tiny, S/16, B/32, B/16, L/14);
@@ -31,7 +35,6 @@ from fashion_jax.models import layers
 from fashion_jax.models import text as text_lib
 from fashion_jax.models import vit as vit_lib
 
-MAX_LOGIT_SCALE = 100.0
 DEFAULT_LOGIT_SCALE_INIT = math.log(1 / 0.07)
 
 # Our activation name <-> transformers' hidden_act. HF's 'gelu_new' is the same tanh formula.
@@ -168,9 +171,9 @@ class CLIPModel(nn.Module):
   __call__(images [B_i, H, W, 3] (uint8, or normalised float), ids [B_t, L],
            attention_mask [B_t, L] | None, deterministic=True) -> dict with
     image_embeds [B_i, P], text_embeds [B_t, P] (both L2-normalised, float32),
-    logits_per_image [B_i, B_t], logits_per_text [B_t, B_i], logit_scale (clamped exp).
+    logits_per_image [B_i, B_t], logits_per_text [B_t, B_i], logit_scale (exp of the param).
   encode_images / encode_texts embed one side only (for evaluators), normalised unless
-  normalize=False; logit_scale() returns the clamped scale. Call them with
+  normalize=False; logit_scale() returns exp(param). Call them with
   `model.apply(variables, x, method=model.encode_images)`.
   """
   config: CLIPConfig
@@ -213,7 +216,8 @@ class CLIPModel(nn.Module):
     return e.reshape(lead + e.shape[-1:])
 
   def logit_scale(self) -> jax.Array:
-    return jnp.minimum(jnp.exp(self.log_scale), MAX_LOGIT_SCALE)
+    """exp(param), unclamped (the optimizer bounds the param; module docstring)."""
+    return jnp.exp(self.log_scale)
 
   def __call__(self, images: jax.Array, ids: jax.Array,
                attention_mask: Optional[jax.Array] = None,

@@ -309,7 +309,7 @@ class E2Model(clip_lib.CLIPModel):
   """E2 dual encoder. Sub-modules `vision` (E2VisionTransformer), `text`; param `logit_scale`.
 
   __call__(images [B, H, W, 3], ids [B, L], tag_ids [B, E, L] | None, deterministic) -> dict:
-    image_embeds [B, P], text_embeds [B, P] (L2-normalised), logit_scale (clamped exp),
+    image_embeds [B, P], text_embeds [B, P] (L2-normalised), logit_scale (exp, as CLIPModel),
     entity_image_embeds [B, E, P] and (given tag_ids) entity_text_embeds [B, E, P] (the CLIP
     text tower on each entity's tag string), both L2-normalised; selections [F, B, S, N].
   Training (deterministic=False) draws Gumbel noise from the 'gumbel' rng.

@@ -40,7 +40,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fashion_jax.train import checkpoint as checkpoint_lib
+from fashion_jax.checkpoint import manager as checkpoint_lib
+from fashion_jax.train import restore
+from fashion_jax.checkpoint import restore as checkpoint_restore
+from fashion_jax import api
+from fashion_jax.evaluate import common
 
 
 @dataclasses.dataclass
@@ -115,10 +119,8 @@ def load_encoder(path: str, *, step: int | None = None, batch_size: int = 64) ->
 
 
 def _from_workdir(workdir: str, *, step, batch_size) -> Encoder:
-  from fashion_jax.evaluate import common  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
-  system, params, loaded_step = loop.load_trained(workdir, step=step)
-  config = loop.load_workdir_config(workdir)
+  system, params, loaded_step = restore.load_trained(workdir, step=step)
+  config = checkpoint_restore.load_workdir_config(workdir)
   if not all(hasattr(system, m) for m in ("embed_images", "embed_texts")):
     raise ValueError(f"{workdir} holds a {config.system!r} run, which is not a two-tower system "
                      "(no embed_images/embed_texts): it cannot build a vector index.")
@@ -189,8 +191,7 @@ def _tgir_head_composed(system, params, tokenize, batch_size):
 
 
 def _from_hf_dir(path: str, *, batch_size) -> Encoder:
-  from fashion_jax.api import FashionCLIP  # pylint: disable=g-import-not-at-top
-  fclip = FashionCLIP.from_pretrained(path, batch_size=batch_size)
+  fclip = api.FashionCLIP.from_pretrained(path, batch_size=batch_size)
   size = int(fclip.config.vision.image_size)
   data = ml_collections.ConfigDict(dict(
       name="", data_dir="", image_size=size, text_fields=("title", "description"),
@@ -203,5 +204,4 @@ def _from_hf_dir(path: str, *, batch_size) -> Encoder:
 
 def load_image(image: Any, size: int) -> np.ndarray:
   """A path / PIL image / uint8 array -> uint8 [size, size, 3] (CLIPProcessor's geometry)."""
-  from fashion_jax.api import FashionCLIP, resize_and_crop  # pylint: disable=g-import-not-at-top
-  return resize_and_crop(FashionCLIP._to_pil(image), size)  # pylint: disable=protected-access
+  return api.resize_and_crop(api.FashionCLIP._to_pil(image), size)  # pylint: disable=protected-access

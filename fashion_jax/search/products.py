@@ -42,6 +42,7 @@ import numpy as np
 
 from fashion_jax.search import encoders as encoders_lib
 from fashion_jax.search import index as index_lib
+from fashion_jax.data import pipeline
 
 SHOW_FIELDS = ("product_id", "title", "category", "subcategory", "brand", "season", "color")
 
@@ -275,7 +276,6 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
     batch_size: eval batch size (the retrieval evaluator's default is 64; the same batch shape
       gives bit-identical embeddings).
   """
-  from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({"data": encoder.data_config.to_dict()})
   config.data.name = dataset
   config.data.data_dir = data_dir

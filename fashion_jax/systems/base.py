@@ -6,6 +6,15 @@ fifth system means one new module here, one config: nothing in train/ or evaluat
 
 Batches are dicts of arrays with a leading global batch axis. Image fields are uint8
 [B, H, W, 3]; systems normalise on the device (shipping uint8 saves host work and bandwidth).
+
+Optional: `System.required_features`, the batch keys `loss` reads: a tuple of names, or a
+classmethod / staticmethod `required_features(config)` returning names or {name: what needs it}
+(e.g. {'vq_codes': 'the MPFC task (objective.tasks.mpfc > 0)'}), computed from the config
+without building the model. They must be exactly the keys of `dummy_batch` (tests/
+test_features.py holds every system to it). Before anything is built or compiled,
+train/config_check.check_train_features compares them with the input's features
+(data/features.py feature_spec for the default pipeline) and names the config key that turns a
+missing one on. A system without it is not checked.
 """
 
 from typing import Any, Mapping, Protocol
@@ -48,3 +57,17 @@ class TwoTowerSystem(System, Protocol):
 
   def logit_scale(self, params: Params) -> jax.Array:
     """Scalar multiplier applied to cosine similarities (zero-shot scoring uses it)."""
+
+
+def required_features(system_class: type, config: Any) -> dict[str, str] | None:
+  """{feature: what needs it ('' = unnamed)} declared by `system_class` for `config`, or None
+  when it declares nothing (module docstring)."""
+  need = getattr(system_class, "required_features", None)
+  if need is None:
+    return None
+  if callable(need):
+    need = need(config)
+  if isinstance(need, str):
+    raise TypeError(f"{system_class.__module__}.{system_class.__name__}.required_features is "
+                    f"the string {need!r}; use a tuple of feature names.")
+  return dict(need) if isinstance(need, Mapping) else dict.fromkeys(need, "")

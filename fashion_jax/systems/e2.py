@@ -53,11 +53,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fashion_jax.data import tokenizers
+from fashion_jax.interop import e2_torch
 from fashion_jax.losses import contrastive
 from fashion_jax.losses import regional
 from fashion_jax.models import e2 as e2_lib
 from fashion_jax.parallel import sharding as sharding_lib
 from fashion_jax.systems import fashionclip
+from fashion_jax.checkpoint import restore as checkpoint_restore
+from fashion_jax.interop import hf_clip
 
 CONFIG_KEYS = ("model", "data", "init", "objective")
 
@@ -88,29 +91,21 @@ def _flat(tree) -> dict[str, Any]:
 def _read_checkpoint(workdir: str) -> dict[str, np.ndarray]:
   """'/'-joined path -> numpy array of every param of the newest checkpoint of `workdir`.
 
-  Restored as numpy (ShapeDtypeStructs without a sharding restore as np.ndarray), not
-  jax.Arrays, and verified against the checkpoint's fingerprints (Checkpointer.restore_params)
-  under jax.ensure_compile_time_eval: this runs while the init is being traced, where a jnp
-  computation would otherwise be staged instead of run.
+  Host numpy arrays verified against the checkpoint's fingerprints (checkpoint/restore.py
+  read_params, which also works while the init is being traced); read-only: another run's.
   """
-  from fashion_jax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, use_async=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"init.checkpoint={workdir!r} holds no checkpoint "
-                              f"(looked in {ckpt.directory}).")
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
-                            ckpt.state_metadata(step)["params"])
-    with jax.ensure_compile_time_eval():
-      params = ckpt.restore_params(step, abstract)
-  finally:
-    ckpt.close()
+  params, _ = checkpoint_restore.read_params(workdir)
   return {k: np.asarray(v) for k, v in _flat(params).items()}
 
 
 class System:
   """E2 as a fashion_jax system (see systems/base.py), with per-entity embeddings."""
+
+  @staticmethod
+  def required_features(config):
+    """The batch keys `loss` reads (systems/base.py): tags only for the regional loss."""
+    tags = {"tags": "the regional loss (objective.regional_weight > 0)"}
+    return {"image": "", "text": "", **(tags if config.objective.regional_weight > 0 else {})}
 
   def __init__(self, config):
     self.config = config
@@ -147,7 +142,6 @@ class System:
     neither). Read once, on the host."""
     init = self.config.init
     if init.get("hf_clip_dir"):
-      from fashion_jax.interop import hf_clip  # pylint: disable=g-import-not-at-top
       _, params = hf_clip.load_clip(init.hf_clip_dir, dtype=self.model_config.clip.dtype)
       return _flat(params)
     if init.get("checkpoint"):
@@ -256,3 +250,10 @@ class System:
 
   def logit_scale(self, params) -> jax.Array:
     return self.model.apply({"params": params}, method=self.model.logit_scale)
+
+  # --- export ---------------------------------------------------------------------------------
+  def export(self, params, out_dir: str, overwrite: bool = False):
+    """E2Torch files (model.safetensors, e2_config.json) plus clip/, the CLIP part as a
+    transformers CLIPModel directory with the run's tokenizer (interop/e2_torch.py)."""
+    return e2_torch.export_e2(out_dir, self.model_config, params, tokenizer=self.tokenizer.hf,
+                              overwrite=overwrite)

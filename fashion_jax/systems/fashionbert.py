@@ -60,6 +60,9 @@ import numpy as np
 
 from fashion_jax.data import tokenizers
 from fashion_jax.interop import fashionbert_torch
+from fashion_jax.interop import hf_bert
+from fashion_jax.interop import hf_io
+from fashion_jax.interop import hf_resnet
 from fashion_jax.losses import masked
 from fashion_jax.losses import matching
 from fashion_jax.losses import weighting
@@ -87,7 +90,6 @@ def model_config(config) -> fb_lib.FashionBert:
   tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
   runtime = dict(dtype=_dtype(m.dtype), scan=m.scan, remat_policy=m.remat_policy)
   if init.get("hf_bert_dir"):
-    from fashion_jax.interop import hf_bert, hf_io  # pylint: disable=g-import-not-at-top
     hf_config, _ = hf_io.load_hf_config(init.hf_bert_dir)
     bert = hf_bert.bert_from_hf_config(hf_config, **runtime, **dict(m.get("bert") or {}))
   else:
@@ -112,7 +114,6 @@ def model_config(config) -> fb_lib.FashionBert:
                        f"{patch_side} (data.image_size={data.image_size} / model.grid={m.grid}).")
     cnn = None
   elif init.get("hf_resnet_dir"):
-    from fashion_jax.interop import hf_io, hf_resnet  # pylint: disable=g-import-not-at-top
     hf_config, _ = hf_io.load_hf_config(init.hf_resnet_dir)
     cnn = hf_resnet.resnet_from_hf_config(hf_config, dtype=_dtype(m.dtype))
   else:
@@ -143,6 +144,16 @@ def _pair_scores(module: fb_lib.FashionBert, ids, text_mask, features):
 
 class System:
   """FashionBERT as a fashion_jax system (see systems/base.py and the module docstring)."""
+
+  @staticmethod
+  def required_features(config):
+    """The batch keys `loss` reads (systems/base.py): MLM and MPM follow config.data."""
+    need = dict.fromkeys(("image", "text", "text_mask", "product_key", "subcategory_key"), "")
+    if float(config.data.mlm_prob) > 0:
+      need.update(mlm_ids="MLM", mlm_labels="MLM")
+    if int(config.data.patch_mask.grid) > 0:
+      need["patch_mask"] = "MPM"
+    return need
 
   def __init__(self, config):
     self.config = config
@@ -212,12 +223,10 @@ class System:
     variables = jax.device_get(nn.unbox(jax.jit(self.init)(rng, batch)))
     variables = {k: dict(v) for k, v in variables.items()}
     if init.get("hf_bert_dir"):
-      from fashion_jax.interop import hf_bert, hf_io  # pylint: disable=g-import-not-at-top
       _, state = hf_io.load_hf_checkpoint(init.hf_bert_dir)
       variables["params"]["bert"] = hf_bert.convert_hf_bert_state(
           state, self.model.bert, jax.random.fold_in(rng, 1))
     if init.get("hf_resnet_dir"):
-      from fashion_jax.interop import hf_resnet  # pylint: disable=g-import-not-at-top
       _, cnn_vars = hf_resnet.load_hf_resnet(init.hf_resnet_dir, dtype=self.model.cnn.dtype)
       variables["params"]["cnn"] = cnn_vars["params"]
       variables["batch_stats"]["cnn"] = cnn_vars["batch_stats"]

@@ -66,6 +66,8 @@ def model_config(config) -> clip_lib.CLIPConfig:
 class System:
   """FashionCLIP as a fashion_jax system (see systems/base.py)."""
 
+  required_features = ("image", "text")  # The batch keys `loss` reads (systems/base.py).
+
   def __init__(self, config):
     self.config = config
     self.model_config = model_config(config)

@@ -39,9 +39,10 @@ Data this system needs, by task (the pipeline provides them, see data/pipeline.p
   all: image uint8 [B, S, S, 3], text int32 [B, L], text_mask bool [B, L]
   mlm: mlm_ids, mlm_labels [B, L] (data.mlm_prob > 0, tokenizer kind 'bert')
   mpfc: patch_mask bool [B, N] (data.patch_mask.grid**2 == N) and vq_codes int32 [B, N]
-        (cached codes of the frozen VQ tokenizer, data.vq_codes; see systems/vqvae.py)
+        (cached codes of the frozen VQ tokenizer, data.vq_codes; see prepare/vq_codes.py)
   mvc: image2 (data.views = 2)
-  pac: attributes bool [B, A] (data.attributes: the mined vocabulary, data/attributes.py)
+  pac: attributes bool [B, A] (data.attributes: the mined vocabulary, data/attributes.py;
+       launch.prepare makes both files, fashion_jax/prepare/)
 
 Task sampling. The trainer's per-step key is fold_in(key(seed), step), the same on every host,
 so `sample_task` draws the same task everywhere; `lax.switch` on the drawn index runs only that
@@ -119,6 +120,19 @@ def _dtype(name):
 class System:
   """FashionViL as a fashion_jax system (see systems/base.py)."""
 
+  TASK_FEATURES = {"itc": (), "itm": (), "mlm": ("mlm_ids", "mlm_labels"),
+                   "mpfc": ("patch_mask", "vq_codes"), "mvc": ("image2",), "pac": ("attributes",)}
+
+  @classmethod
+  def required_features(cls, config):
+    """The batch keys `loss` reads for the tasks with a weight > 0 (systems/base.py)."""
+    need = dict.fromkeys(("image", "text", "text_mask"), "")
+    for task, weight in config.objective.tasks.items():
+      if float(weight) > 0:
+        need.update(dict.fromkeys(cls.TASK_FEATURES.get(task, ()),
+                                  f"the {task.upper()} task (objective.tasks.{task} > 0)"))
+    return need
+
   def __init__(self, config):
     self.config = config
     m, data, obj = config.model, config.data, config.objective
@@ -179,8 +193,10 @@ class System:
     self.num_attributes = 0
     if "pac" in self.tasks:
       if not data.get("attributes"):
-        raise ValueError("The PAC task needs data.attributes (a pseudo-attribute vocabulary, "
-                         "`python -m fashion_jax.data.attributes`).")
+        raise ValueError("The PAC task needs data.attributes (a pseudo-attribute vocabulary): "
+                         "`python -m launch.prepare` with the run's --config and --workdir mines "
+                         "it, and launch.train with the same flags fills the key; or set "
+                         "data.attributes=PATH, or objective.tasks.pac=0.")
       self.num_attributes = len(attributes_lib.load_vocabulary(data.attributes))
     if "mpfc" in self.tasks:
       grid = int(data.patch_mask.grid)
@@ -188,8 +204,11 @@ class System:
         raise ValueError(f"MPFC: data.patch_mask.grid={grid} gives {grid * grid} patches but "
                          f"the image encoder has N={n} tokens at image_size={data.image_size}.")
       if not data.get("vq_codes"):
-        raise ValueError("The MPFC task needs cached VQ codes: set data.vq_codes (see "
-                         "fashion_jax/systems/vqvae.py, `cache_codes`).")
+        raise ValueError("The MPFC task needs cached VQ codes (data.vq_codes): `python -m "
+                         "launch.prepare` with the run's --config and --workdir trains the VQ "
+                         "tokenizer and caches them, and launch.train with the same flags fills "
+                         "the key; or set data.vq_codes=PATH (fashion_jax/prepare/vq_codes.py), "
+                         "or objective.tasks.mpfc=0.")
     if "mlm" in self.tasks and not data.mlm_prob > 0:
       raise ValueError(f"The MLM task needs data.mlm_prob > 0, got {data.mlm_prob}.")
     if "mvc" in self.tasks and data.views != 2:

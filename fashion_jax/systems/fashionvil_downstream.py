@@ -7,7 +7,7 @@ head beside it (models/fashionvil_downstream.py), the loss in losses/fashionvil_
 Config keys this system reads (besides the trainer's):
   model.*                as configs/fashionvil.py (image_encoder, resnet_variant, resnet, vit,
                          bert, share, num_codes, dtype): MUST equal the pretraining run's
-                         (launch/fashionvil_downstream.py copies them from its config.json)
+                         (fashion_jax/prepare/downstream.py copies them from its config.json)
   data.*                 the pipeline's keys (data/pipeline.py); for tgir data.name =
                          'fashioniq/triplets' and data.gallery = 'fashioniq/gallery'; for ocir
                          data.name = a Polyvore `_items` config, data.outfits and data.fitb the
@@ -49,6 +49,7 @@ from fashion_jax.losses import fashionvil_downstream as losses
 from fashion_jax.models import fashionvil_downstream as heads
 from fashion_jax.parallel import sharding as sharding_lib
 from fashion_jax.systems import fashionvil as fashionvil_system
+from fashion_jax.checkpoint import restore as checkpoint_restore
 
 CONFIG_KEYS = ("model", "data", "init", "objective")
 # Pretraining parameters without a place downstream (loaded nowhere, silently skipped).
@@ -62,20 +63,29 @@ def _flat(tree) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4)
 def read_pretrained(workdir: str) -> dict[str, np.ndarray]:
   """'/'-joined path -> host numpy array of every parameter of the newest checkpoint of a
-  FashionViL run (loop.load_trained: the run's own config, restored onto one device).
+  FashionViL run (its config.json names the system; checkpoint/restore.py reads the params).
 
   Read eagerly when the System is built (never inside the traced init), once per process.
   """
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
-  system, params, _ = loop.load_trained(workdir)
-  if not isinstance(system, (fashionvil_system.System, System)):
-    raise ValueError(f"init.checkpoint={workdir!r} is a {system.config.system!r} run, not a "
-                     "FashionViL one.")
+  name = checkpoint_restore.load_workdir_config(workdir).system
+  if name not in ("fashionvil", "fashionvil_downstream"):
+    raise ValueError(f"init.checkpoint={workdir!r} is a {name!r} run, not a FashionViL one.")
+  params, _ = checkpoint_restore.read_params(workdir)
   return {k: np.asarray(v) for k, v in _flat(params).items()}
 
 
 class System:
   """FashionViL fine-tuned on one downstream task (see the module docstring)."""
+
+  @staticmethod
+  def required_features(config):
+    """The batch keys `loss` reads for config.objective.task (systems/base.py)."""
+    task = config.objective.task
+    if task == "ocir":
+      return ("items", "item_cats", "item_mask", "target_image", "target_cat")
+    extra = {"tgir": ("target_image",),
+             "cls": tuple(f"label_{f}" for f in config.objective.get("label_fields", ()))}
+    return ("image", "text", "text_mask") + extra.get(task, ())
 
   def __init__(self, config):
     self.config = config

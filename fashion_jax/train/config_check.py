@@ -8,6 +8,14 @@ a mesh that does not divide the device count, a global batch not divisible by th
 (data * fsdp), by the process count or by grad_accum_steps (and micro-batches not divisible by
 data * fsdp), an evaluator type with no module, and a best_metric without any evaluator.
 
+`check_train_features(config)` compares the features the system's loss reads (its
+`required_features`, systems/base.py) with those the input makes for this config (data/
+features.py `feature_spec` for the default pipeline; an input module's own `feature_spec(config)`
+if it has one, else not checked). A missing one is a ConfigError naming it, what needs it and the
+config key that turns it on (e.g. config.data.vq_codes, which `python -m launch.prepare` makes).
+It reads no files and imports no TensorFlow; the trainer runs it right after `check`, before the
+system is built.
+
 Two checks need the data, and run after `check`, still before anything compiles:
 `check_eval_data(config)` compares every evaluation with the dataset it reads (a missing split
 or field, no labels, a split too small: evaluate/base.py) and drops the `optional` ones that
@@ -16,7 +24,7 @@ train split (every batch would repeat examples: in-batch negatives become copies
 positive).
 
 `unknown_key_error(key, where, known)` is the "did you mean" error for an unknown key; the
-launch/ entry points (launch/cli.py) use it for command-line overrides of keys that do not exist.
+entry points (fashion_jax/cli.py) use it for command-line overrides of keys that do not exist.
 
 `with_defaults(config)` returns a copy with every trainer key present (the defaults below); the
 copy is what the trainer uses and what it writes to `<workdir>/config.json`.
@@ -39,15 +47,14 @@ from absl import logging
 import ml_collections
 
 from fashion_jax import systems
+from fashion_jax.configs import ConfigError
+from fashion_jax.data import features
 from fashion_jax.evaluate import base as eval_base
 from fashion_jax.evaluate import data_check
 from fashion_jax.parallel import mesh as mesh_lib
+from fashion_jax.systems import base as system_base
 from fashion_jax.train.optimizer import DEFAULT_PARAM_BOUNDS
 from fashion_jax.train.optimizer import DEFAULT_WD_EXCLUDE
-
-
-class ConfigError(ValueError):
-  """A config value the trainer cannot run with."""
 
 
 class Key(NamedTuple):
@@ -291,6 +298,60 @@ def check_eval_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     config.evals = ml_collections.ConfigDict(
         {k: v for k, v in config.evals.items() if k not in dropped})
   return config
+
+
+def train_feature_spec(config: ml_collections.ConfigDict) -> dict[str, features.Spec] | None:
+  """The features a train batch of `config` holds (name -> Spec), or None when unknown.
+
+  The default input (data/pipeline.py): features.feature_spec, from the config alone. Another
+  config.input module: its `feature_spec(config)` if it defines one, else None.
+  """
+  module_name = config.get("input") or SCHEMA["input"].default
+  if module_name == SCHEMA["input"].default:
+    spec_fn = features.feature_spec
+  else:
+    spec_fn = getattr(importlib.import_module(module_name), "feature_spec", None)
+    if spec_fn is None:
+      return None
+  try:
+    return spec_fn(config)
+  except (ValueError, KeyError, AttributeError) as e:
+    raise ConfigError(f"config.data cannot make a train batch: {e}") from e
+
+
+def check_train_features(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config whose input does not make a feature the system's loss reads.
+
+  Raises:
+    ConfigError naming each missing feature, what needs it, and the config key that turns it
+    on (module docstring). Systems without `required_features`, and inputs whose features are
+    unknown (train_feature_spec is None), are not checked.
+  """
+  need = system_base.required_features(systems.get_module(config.system).System, config)
+  if not need:
+    return
+  spec = train_feature_spec(config)
+  if spec is None:
+    return
+  missing = [name for name in need if name not in spec]
+  if not missing:
+    return
+  default_input = (config.get("input") or SCHEMA["input"].default) == SCHEMA["input"].default
+  how = features.catalog(config.data) if default_input else {}
+  problems = []
+  for name in missing:
+    who = need[name] or "its loss"
+    if how.get(name):
+      fix = f"set {how[name]}"
+    elif default_input:
+      fix = "no feature op of data/features.py makes it (declare one there)"
+    else:
+      fix = f"the input module {config.input} does not make it"
+    problems.append(f"{who} needs the batch feature {name!r}: {fix}")
+  raise ConfigError(
+      f"config.system={config.system!r} cannot train on config.input="
+      f"{config.get('input') or SCHEMA['input'].default!r}: " + "; ".join(problems) +
+      f". The batch has {sorted(spec)}.")
 
 
 def check_train_examples(config: ml_collections.ConfigDict, num_examples: int | None) -> None:

@@ -71,17 +71,16 @@ nothing is moved (config.json is rewritten only once the resume is accepted).
 Resume: rerunning the same command continues from the newest complete checkpoint, with the
 same batches and per-step rng, so the result equals an uninterrupted run (bitwise on CPU). A
 newest checkpoint that cannot be read or fails its fingerprint check is named in a warning,
-moved to `<workdir>/checkpoints_corrupt/` and the previous one is used (train/checkpoint.py).
+moved to `<workdir>/checkpoints_corrupt/` and the previous one is used (checkpoint/manager.py).
 SIGTERM: the current step finishes, a checkpoint is saved, and the function returns with
 `preempted=True` (launch/train.py then exits 0).
 Checkpoint write failures (disk full, I/O errors): a periodic save that fails is a warning and
 training continues (older checkpoints stay intact); if the final save (end of training or
 preemption) fails, CheckpointWriteError is raised naming the step and the newest checkpoint.
-Fault injection for the tests: train/faults.py (`FASHION_JAX_FAULT`, unset in real runs).
+Fault injection for the tests: faults.py (`FASHION_JAX_FAULT`, unset in real runs).
 """
 
 import importlib
-import json
 import math
 import os
 import signal
@@ -98,21 +97,18 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from fashion_jax import faults
 from fashion_jax import systems
+from fashion_jax.checkpoint import manager as checkpoint_lib
 from fashion_jax.parallel import mesh as mesh_lib
 from fashion_jax.parallel import sharding as sharding_lib
-from fashion_jax.train import checkpoint as checkpoint_lib
 from fashion_jax.train import config_check
-from fashion_jax.train import faults
 from fashion_jax.train import optimizer as optimizer_lib
+from fashion_jax.train import restore
 from fashion_jax.train import state as state_lib
 from fashion_jax.train import step as step_lib
 
 IteratorFactory = Callable[..., Iterator[dict[str, np.ndarray]]]
-
-# Config sections whose change makes an existing checkpoint another experiment's.
-IDENTITY_KEYS = ("system", "model")
-
 
 class NonFiniteError(FloatingPointError):
   """A train metric became NaN/inf; the message names the step and the metric."""
@@ -122,60 +118,6 @@ class TrainResult(NamedTuple):
   state: state_lib.TrainState
   metrics: dict[str, float]   # Last logged train metrics and last evaluation results.
   preempted: bool             # True when stopped by SIGTERM after saving.
-
-
-def _json(value) -> Any:
-  """Config subtree -> plain JSON value (tuples become lists), for comparisons."""
-  if isinstance(value, ml_collections.ConfigDict):
-    value = value.to_dict()
-  return json.loads(json.dumps(value, default=str))
-
-
-def check_workdir(workdir: str, config: ml_collections.ConfigDict,
-                  ckpt: checkpoint_lib.Checkpointer, params: Any) -> None:
-  """Refuses a workdir whose newest checkpoint belongs to another system/model config.
-
-  Compares IDENTITY_KEYS of `<workdir>/config.json`, then every parameter path and shape of the
-  saved state against `params` (ShapeDtypeStructs). Raises ConfigError naming both values.
-  """
-  step = ckpt.latest_step()
-  if step is None:
-    return
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    for key in IDENTITY_KEYS:
-      new_value = _json(config.get(key))
-      if key in old and old[key] != new_value:
-        raise config_check.ConfigError(
-            f"Workdir {workdir} holds checkpoint {step} of another config: {key}="
-            f"{old[key]!r} there, {key}={new_value!r} here. Use another --workdir.")
-    changed = sorted(k for k in set(old) | set(config.keys())
-                     if old.get(k) != _json(config.get(k)))
-    if changed:
-      logging.warning("Resuming %s with changed config sections: %s", workdir, changed)
-  saved_params = None
-  for candidate in sorted(ckpt.all_steps(), reverse=True):
-    try:  # An unreadable (corrupt) checkpoint is the restore fallback's business, not ours.
-      saved_params = ckpt.state_metadata(candidate)["params"]
-      step = candidate
-      break
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Cannot read the metadata of checkpoint %d (%s: %s).", candidate,
-                      type(e).__name__, str(e)[:200])
-  if saved_params is None:
-    return
-  want = {sharding_lib.path_str(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_leaves_with_path(params)}
-  have = {sharding_lib.path_str(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_leaves_with_path(saved_params)}
-  for name in sorted(set(want) | set(have)):
-    if want.get(name) != have.get(name):
-      raise config_check.ConfigError(
-          f"Workdir {workdir} holds checkpoint {step} of another model: parameter {name} has "
-          f"shape {have.get(name)} there and {want.get(name)} in this config "
-          f"(system={config.system!r}). Use another --workdir.")
 
 
 def _default_iterator_factory(config, **kwargs):
@@ -240,77 +182,6 @@ def format_table(results: dict[str, float]) -> str:
   return "\n\n".join(tables)
 
 
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`, written at its start)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    try:
-      ckpt.require()  # No checkpoints either: NoCheckpointError says so, and how to train.
-      steps = ckpt.all_steps()
-    finally:
-      ckpt.close()
-    raise FileNotFoundError(
-        f"{path} does not exist although {ckpt.directory} holds checkpoints {steps}: the run's "
-        "config is unknown; pass it explicitly (launch.evaluate --config=FILE, or "
-        "loop.load_params(config, workdir)).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_trained(workdir: str, *, step: int | None = None) -> tuple[Any, Any, int]:
-  """(system, host numpy params, step) of checkpoint `step` (None = newest) of a run.
-
-  For inference and export on this host: the run's own config, restored onto one device
-  whatever mesh trained it (orbax reshards).
-  """
-  config = load_workdir_config(workdir)
-  config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
-  params, step, _ = load_params(config, workdir, step=step)
-  return systems.get_system(config), jax.device_get(params), step
-
-
-def load_params(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None
-                ) -> tuple[Any, int, jax.sharding.Mesh]:
-  """Params of checkpoint `step` (None = newest) of `workdir`, sharded over the config's mesh.
-
-  The mesh may differ from the one that trained: orbax reads each shard where it now belongs.
-  Returns (params, step, mesh). Raises checkpoint.NoCheckpointError (a FileNotFoundError)
-  naming the workdir and the steps there. Opens the workdir read-only: a training process may
-  own it (its in-flight saves are left alone; nothing is moved or created).
-  """
-  config = config_check.with_defaults(config)
-  config_check.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  mesh = mesh_lib.create_mesh(config.mesh)
-  rules = sharding_lib.logical_rules(config.sharding_rules)
-  system = systems.get_system(config)
-  shapes = state_lib.abstract_params(system, mesh, rules, config.seed)
-  ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  try:
-    ckpt.require(step)
-    steps = ckpt.all_steps()
-    check_workdir(workdir, config, ckpt, shapes.params)
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            shapes.params, shapes.shardings)
-    # An explicit step must be that step; the newest falls back to an older one (warned).
-    candidates = [step] if step is not None else sorted(steps, reverse=True)
-    for k, step in enumerate(candidates):
-      try:
-        params = ckpt.restore_params(step, abstract)
-        break
-      except Exception as e:  # pylint: disable=broad-except
-        if k == len(candidates) - 1:
-          raise checkpoint_lib.CorruptCheckpointError(
-              f"Checkpoint {step} in {ckpt.directory} is unreadable or corrupt "
-              f"({type(e).__name__}: {str(e)[:300]}).") from e
-        logging.warning("Checkpoint %d in %s is unreadable or corrupt (%s: %s); trying "
-                        "checkpoint %d.", step, ckpt.directory, type(e).__name__,
-                        str(e)[:300], candidates[k + 1])
-  finally:
-    ckpt.close()
-  return params, step, mesh
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        iterator_factory: IteratorFactory | None = None,
                        on_progress: Callable[[str], None] | None = None) -> TrainResult:
@@ -335,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ----------------------------------------------------------------------------------------
   config = config_check.with_defaults(config)
   config_check.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  if iterator_factory is None:  # The config's input: it must make what the system reads.
+    config_check.check_train_features(config)
   config = config_check.check_eval_data(config)  # Drops optional evals the data cannot serve.
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -373,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       sigterm["received"] = True
     if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
-    check_workdir(workdir, config, ckpt, shapes.params)
+    restore.check_workdir(workdir, config, ckpt, shapes.params)
     start_step = ckpt.latest_step() or 0
 
     # --------------------------------------------------------------------------------------
@@ -404,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if restored is not None:
       _, state, data = restored
       position = getattr(train_iter, "position", start_step)
-      if data.get("position") is not None and _json(position) != data["position"]:
+      if data.get("position") is not None and restore.plain_json(position) != data["position"]:
         raise RuntimeError(
             f"The train iterator resumed at position {position!r} but checkpoint {start_step} "
             f"was saved at position {data['position']!r}: the input pipeline did not resume "
@@ -470,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     def save(step, metrics=None):
       position = getattr(train_iter, "position", step)
-      ckpt.save(step, state, {"step": step, "position": _json(position)}, metrics)
+      ckpt.save(step, state, {"step": step, "position": restore.plain_json(position)}, metrics)
 
     def resave_with_metrics(step, metrics):
       """Checkpoint `step`, saved before its evaluation, saved again with its metrics so that

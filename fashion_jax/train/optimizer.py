@@ -14,6 +14,7 @@
       lr_mults: [(regex, mult), ...],  # first matching regex sets the param's lr multiplier
       freeze: [regex, ...],            # matching params never change and carry no Adam state
       wd_exclude: [regex, ...],        # matching params get no weight decay
+      param_bounds: [(regex, lo, hi), ...],  # matching params are projected into [lo, hi]
     }
 
 Regexes are matched with `re.fullmatch` against the '/'-joined parameter path, e.g.
@@ -23,6 +24,23 @@ the top-level 'params' collection name is included when the system's params carr
 silently train everything). `wd_exclude` defaults to DEFAULT_WD_EXCLUDE, which spares biases,
 every `*scale` (LayerNorm/RMSNorm scales and CLIP's logit_scale) and anything inside a module
 whose name contains 'norm' or 'ln'.
+
+Bounds (`param_bounds`, default DEFAULT_PARAM_BOUNDS): after every update, each trainable param
+whose path fully matches a regex (the first that matches) is projected into [lo, hi] (None =
+unbounded on that side), leaf by leaf: the update becomes clip(p + u, lo, hi) - p where p + u
+leaves the box and stays u elsewhere, so in-range steps are bit-identical to the unbounded
+optimizer. The default is open_clip's `logit_scale.clamp_(0, log(100))` after optimizer.step:
+CLIP's `logit_scale` (FashionCLIP, E2; it stores the LOG of the scale) stays in [0, log 100],
+while the models use exp(logit_scale) unclamped, as open_clip and transformers do. (Clamping
+the forward value instead, min(exp(s), 100), has zero gradient once s > log 100, so s can
+never come back down; a projection keeps the gradient.) A bounds regex that matches no
+parameter is allowed, like wd_exclude's (FashionViL and FashionBERT have no logit_scale; their
+ITC scales s enter as s^2 with no clamp). Frozen params are never projected. Exactness: p + (b
+- p) == b in float32 whenever p lies within a factor of 2 of the bound b it crossed (Sterbenz),
+which covers every step from an in-range param; a param loaded more than 2x outside (e.g. s =
+1000) lands within p's float32 rounding (|p| 2^-24) of the bound, and exactly on it (or inside)
+after the next step. The projection
+wraps the whole chain, so the optimizer state has the same structure as without it.
 
 Schedules (t = optimizer step, counted from 0; W = warmup_steps; lr = peak):
   warmup (all kinds):  lr * t / W                           for t < W
@@ -35,19 +53,25 @@ Assembly, in order:
   1. freeze: zero the gradients of frozen params (so they add nothing to the global norm);
   2. clip_by_global_norm(clip_norm) over the remaining gradients;
   3. optax.multi_transform over the param groups: 'frozen' -> set_to_zero (no state), and one
-     AdamW per distinct lr multiplier m with learning rate m * schedule(t).
+     AdamW per distinct lr multiplier m with learning rate m * schedule(t);
+  4. the projection of the bounded params (stateless, around the chain).
 """
 
 from collections.abc import Mapping, Sequence
+import math
 import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from fashion_jax.parallel.sharding import path_str
 
 DEFAULT_WD_EXCLUDE = (r".*bias", r".*scale", r".*(norm|Norm|ln)[^/]*/.*")
+
+# open_clip's clamp of CLIP's logit scale (stored as its log) after every optimizer step.
+DEFAULT_PARAM_BOUNDS = ((r"(.*/)?logit_scale", 0.0, math.log(100.0)),)
 
 FROZEN = "frozen"
 
@@ -156,9 +180,76 @@ def weight_decay_mask(params: Any, wd_exclude: Sequence[str] | None) -> Any:
       lambda path, _: not any(r.fullmatch(path_str(path)) for r in regexes), params)
 
 
+def param_bounds(params: Any, bounds: Sequence[Any] | None, labels: Any = None
+                 ) -> dict[str, tuple[float | None, float | None]]:
+  """{param path: (lo, hi)} for every param that a `param_bounds` entry bounds.
+
+  Args:
+    params: a pytree of arrays or ShapeDtypeStructs (only paths are used).
+    bounds: [(regex, lo, hi), ...] (None = DEFAULT_PARAM_BOUNDS); the first regex that fully
+      matches a path wins; lo / hi None = unbounded on that side.
+    labels: the param_groups labels; params labelled 'frozen' are left out.
+
+  Raises:
+    ValueError naming a malformed entry or one with lo > hi.
+  """
+  entries = []
+  for entry in DEFAULT_PARAM_BOUNDS if bounds is None else bounds:
+    if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+      raise ValueError(f"optimizer.param_bounds entry {entry!r} is not a (regex, lo, hi) "
+                       f"triple.")
+    regex = _compile([entry[0]], "param_bounds")[0]
+    lo, hi = (None if v is None else float(v) for v in entry[1:])
+    if lo is not None and hi is not None and lo > hi:
+      raise ValueError(f"optimizer.param_bounds entry {entry[0]!r}: lo={lo} > hi={hi}.")
+    entries.append((regex, lo, hi))
+  label_of = {}
+  if labels is not None:
+    label_of = {path_str(p): l for p, l in jax.tree_util.tree_leaves_with_path(labels)}
+  out = {}
+  for path, _ in jax.tree_util.tree_leaves_with_path(params):
+    name = path_str(path)
+    if label_of.get(name) == FROZEN:
+      continue
+    for regex, lo, hi in entries:
+      if regex.fullmatch(name):
+        if lo is not None or hi is not None:
+          out[name] = (lo, hi)
+        break
+  return out
+
+
+def project_into_bounds(inner: optax.GradientTransformation,
+                        bounds: Mapping[str, tuple[float | None, float | None]]
+                        ) -> optax.GradientTransformation:
+  """`inner`, then updates that keep each bounded param inside its [lo, hi] (module docstring).
+
+  Same init and state as `inner`; update() needs `params`.
+  """
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("optimizer.param_bounds: the update needs the params (tx.update(grads, "
+                       "state, params)).")
+    updates, state = inner.update(updates, state, params)
+
+    def one(path, u, p):
+      name = path_str(path)
+      if name not in bounds:
+        return u
+      lo, hi = bounds[name]
+      new = p + u
+      clipped = jnp.clip(new, lo, hi)
+      return jnp.where(clipped == new, u, (clipped - p).astype(u.dtype))
+
+    return jax.tree_util.tree_map_with_path(one, updates, params), state
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
 def make_optimizer(optimizer_config: Mapping[str, Any], params: Any, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with warmup/decay schedule, global-norm clipping, lr multipliers and freezing.
+  """AdamW with warmup/decay schedule, global-norm clipping, lr multipliers, freezing, bounds.
 
   Args:
     optimizer_config: `config.optimizer` (module docstring).
@@ -192,4 +283,8 @@ def make_optimizer(optimizer_config: Mapping[str, Any], params: Any, total_steps
   if clip:
     chain.append(optax.clip_by_global_norm(float(clip)))
   chain.append(optax.multi_transform(transforms, labels))
-  return optax.chain(*chain), schedule
+  tx = optax.chain(*chain)
+  bounds = param_bounds(params, optimizer_config.get("param_bounds", None), labels)
+  if bounds:
+    tx = project_into_bounds(tx, bounds)
+  return tx, schedule

@@ -1,46 +1,49 @@
-r"""Fine-tune and evaluate FashionViL on its downstream tasks; print one row of metrics.
+"""FashionViL's downstream tasks from one pretrained run: fine-tune, evaluate, one row of metrics.
 
-All tasks from one pretrained workdir (each in <workdir>/<task>, resumable):
-    python -m launch.fashionvil_downstream --pretrained=runs/fashionvil_smoke \
-        --workdir=runs/fvil_ds --data_dir=/tmp/tfds [--variant=smoke] \
-        [--tasks=retrieval,tgir,scr,ocir] [--steps=N]
-    --pretrained= (empty) fine-tunes from the seeded random init: the "no pretraining" row.
-One task with full config control:
-    python -m launch.fashionvil_downstream --config=configs/fashionvil_downstream.py:tgir_smoke \
-        --workdir=runs/fvil_tgir --config.init.checkpoint=runs/fashionvil_smoke \
-        --config.data.data_dir=/tmp/tfds
+The library of experiments/fashionvil_downstream.py (the command, with the flags) and of
+experiments/fashionvil_ablation.py. Each task's config is configs/fashionvil_downstream.py:
+<task>_<variant> (`task_config`), whose `model` section, image size and tokenizer are copied from
+the pretrained run's config.json (`adopt_pretrained`), so one call serves every pretraining
+ablation (task subsets, no sharing). `run_task` trains with the normal trainer (resumable) and
+evaluates; a task whose workdir already holds its final checkpoint is only evaluated.
 
-The downstream `model` section, image size and tokenizer are copied from the pretrained run's
-config.json, so one command serves every pretraining ablation (task subsets, no sharing).
-The row (ablation-table columns; our definitions, in percent):
+The row (`row`; ablation-table columns, our definitions, in percent):
   ITR / TIR  mean of R@1, R@5, R@10, image->text / text->image, test split, sample-100 protocol
   ITR_full / TIR_full  the same under the full-candidate protocol
   TGIR       FashionIQ mean ((mean R@10 + mean R@50) / 2 over dress, shirt, toptee), validation
   SCR / CR   accuracy (and macro-F1 in the JSON), test split
   OCIR       mean of R@10, R@30, R@50 within the blank's category, test split
   Meta-sum   ITR + TIR + TGIR + SCR + OCIR over the tasks run
-Written to <workdir>/row.json (with every metric) and printed as a table row.
+`run_all` writes it with every metric to <workdir>/row.json.
+
+Here rather than in train/ (which knows no fashion) or systems/ (which the trainer imports): it
+drives the trainer, the systems and the evaluators, like the rest of this package.
 """
 
+import importlib
 import json
 import os
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+import flax.linen as nn
+import jax
 
-from launch import cli
-
+from configs import fashionvil_downstream as downstream_configs
+from fashion_jax import systems
+from fashion_jax.checkpoint import manager as checkpoint
+from fashion_jax.checkpoint import restore as checkpoint_restore
+from fashion_jax.parallel import sharding
+from fashion_jax.train import config_check
+from fashion_jax.train import loop
+from fashion_jax.train import restore
 
 COLUMNS = ("ITR", "TIR", "ITR_full", "TIR_full", "TGIR", "SCR", "CR", "OCIR", "Meta-sum")
 
 
 def adopt_pretrained(config, pretrained: str):
   """Sets init.checkpoint and copies model / image_size / tokenizer from the pretrained run."""
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
   config.init.checkpoint = pretrained
   if pretrained:
-    pre = loop.load_workdir_config(pretrained)
+    pre = checkpoint_restore.load_workdir_config(pretrained)
     if pre.system not in ("fashionvil", "fashionvil_downstream"):
       raise ValueError(f"--pretrained={pretrained!r} is a {pre.system!r} run, not FashionViL.")
     config.model = pre.model
@@ -52,13 +55,7 @@ def adopt_pretrained(config, pretrained: str):
 def task_config(task: str, variant: str, pretrained: str, data_dir: str = "",
                 steps: int | None = None):
   """The config of one task: configs/fashionvil_downstream.py:<task>_<variant>, adapted."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "fashionvil_downstream.py")
-  spec = importlib.util.spec_from_file_location("_fashionvil_downstream_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f"{task}_{variant}")
+  config = downstream_configs.get_config(f"{task}_{variant}")
   config.data.data_dir = data_dir
   if steps is not None:
     config.total_steps = steps
@@ -69,21 +66,14 @@ def task_config(task: str, variant: str, pretrained: str, data_dir: str = "",
 
 def evaluate(config, workdir: str) -> dict[str, float]:
   """Runs config.evals on the newest checkpoint of `workdir` (a finished run)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax import systems  # pylint: disable=g-import-not-at-top
-  from fashion_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import config_check  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
   config = config_check.with_defaults(config)
-  params, _, mesh = loop.load_params(config, workdir)
+  params, _, mesh = restore.load_params(config, workdir)
   system = systems.get_system(config)
   out = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(config.sharding_rules)):
     for spec in config.evals.values():
       module = importlib.import_module(config_check.evaluator_module_name(spec.type))
-      kwargs = {k: v for k, v in spec.items() if k not in ("type", "every")}
+      kwargs = config_check.eval_kwargs(spec)
       out.update(module.Evaluator(system=system, config=config, mesh=mesh, **kwargs).run(params))
   return {k: float(v) for k, v in out.items()}
 
@@ -94,8 +84,6 @@ def run_task(config, workdir: str) -> dict[str, float]:
   A workdir that already holds the final checkpoint is only evaluated (so rerunning the driver
   after an interruption rebuilds the whole row).
   """
-  from fashion_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
@@ -153,36 +141,3 @@ def run_all(pretrained: str, workdir: str, tasks, variant: str = "smoke", data_d
     json.dump({"pretrained": pretrained, "variant": variant, "tasks": list(tasks),
                "row": values, "metrics": metrics}, f, indent=2, sort_keys=True)
   return values, metrics
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is not None:
-    metrics = run_task(_CONFIG.value, _WORKDIR.value)
-    label = _CONFIG.value.init.checkpoint or "none"
-  else:
-    if _PRETRAINED.value is None:
-      raise app.UsageError("give --pretrained=WORKDIR (or --pretrained= for none) or --config.")
-    values, metrics = run_all(_PRETRAINED.value, _WORKDIR.value, _TASKS.value, _VARIANT.value,
-                              _DATA_DIR.value, _STEPS.value)
-    label = _PRETRAINED.value or "none"
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
-  print(loop.format_table(metrics))
-  print(format_row(label, row(metrics)), flush=True)
-
-
-if __name__ == "__main__":
-  # Flags are defined only when run as a script: the tests import this module for its
-  # functions next to other launch modules, and absl refuses a flag defined twice.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "One task's config (optional).",
-                                            lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (one subfolder per task).")
-  _PRETRAINED = flags.DEFINE_string("pretrained", None,
-                                    "Pretrained FashionViL workdir; '' = no pretraining.")
-  _VARIANT = flags.DEFINE_enum("variant", "smoke", ["smoke", "base"], "Config variant.")
-  _TASKS = flags.DEFINE_list("tasks", ["retrieval", "tgir", "scr", "ocir"], "Tasks to run.")
-  _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir of every task's data.")
-  _STEPS = flags.DEFINE_integer("steps", None, "Override total_steps of every task.")
-  flags.mark_flags_as_required(["workdir"])
-  cli.run(main)

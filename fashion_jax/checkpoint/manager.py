@@ -78,7 +78,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_args
 from orbax.checkpoint import checkpoint_managers
 
-from fashion_jax.train import faults
+from fashion_jax import faults
 
 FINGERPRINT_KEY = "fingerprint"
 QUARANTINE_DIR = "checkpoints_corrupt"

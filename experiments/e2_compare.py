@@ -1,7 +1,7 @@
 r"""E2 vs FashionCLIP fine-tuning on the synthetic catalog: every arm, one command, the tables.
 
     python -m launch.build_data --dataset=synthetic_catalog/smoke --data_dir=/tmp/e2_tfds
-    nice -n 10 python -m launch.e2_compare --root=/tmp/e2_runs --data_dir=/tmp/e2_tfds
+    nice -n 10 python -m experiments.e2_compare --root=/tmp/e2_runs --data_dir=/tmp/e2_tfds
 
 The protocol (the README's "E2 vs FashionCLIP fine-tuning" section):
   1. `fc_pre`: configs/fashionclip.py:smoke, 400 steps (warmup 40), seed 0: the ONE starting point
@@ -135,7 +135,7 @@ def _train_stage(stage: dict, root: str, data_dir: str) -> None:
     return
   spec = dict(stage, workdir=workdir, data_dir=data_dir,
               init=os.path.join(root, stage["init"]) if stage["init"] else "")
-  _run_logged([sys.executable, "-m", "launch.e2_compare", f"--train_one={spec!r}"],
+  _run_logged([sys.executable, "-m", "experiments.e2_compare", f"--train_one={spec!r}"],
               workdir + ".log")
 
 

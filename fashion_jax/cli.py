@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the launch/ entry points that take `--config=FILE[:ARG]`.
+"""Command-line plumbing shared by the entry points (launch/, experiments/) taking --config.
 
 `run(main)` is `absl.app.run(main)` where a `--config.KEY=VALUE` override of a key that does not
 exist in the config ends in ONE line and exit status 1, like absl's other flag errors:
