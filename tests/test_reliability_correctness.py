@@ -110,14 +110,15 @@ def _e2_config(arg):
   return mod.get_config(arg)
 
 
-def test_e2_global_text_is_the_papers_by_default():
+def test_e2_global_text_is_a_documented_choice_with_the_papers_as_an_option():
   # The reference (data/fashiongen.py of the E2 code) trains and evaluates on
-  # composition. subcategory. brand. season. description
+  # composition. subcategory. brand. season. description: `text=paper`. The default stays
+  # FashionCLIP's "title. description" (configs/e2.py says why, with the measured drop).
   paper = ("composition", "subcategory", "brand", "season", "description")
   for arg in ("smoke", "smoke,stage=1", "smoke,stage=2,ablation=clip", "base,stage=2", "pod"):
-    assert tuple(_e2_config(arg).data.text_fields) == paper, arg
+    assert tuple(_e2_config(arg).data.text_fields) == ("title", "description"), arg
+    assert tuple(_e2_config(arg + ",text=paper").data.text_fields) == paper, arg
   assert all(f in schema.TEXT_FIELDS for f in paper)
-  assert tuple(_e2_config("smoke,text=title").data.text_fields) == ("title", "description")
   with pytest.raises(ValueError, match=r"text='caption'.*paper.*title"):
     _e2_config("smoke,text=caption")
 
