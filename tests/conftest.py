@@ -24,8 +24,8 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "slow: a heavy check (subprocesses, long runs); still runs by default, "
-      "deselect with -m 'not slow'.")
+      "markers", "slow: a heavy check (subprocesses, long runs); left out of the default run "
+      "by pytest.ini, run with -m slow.")
 
 
 @pytest.fixture
