@@ -26,11 +26,19 @@ import sys
 
 from absl import app
 from absl import flags
+import flax.linen as nn
+import jax
 from ml_collections import config_flags
 
 from fashion_jax import cli
+from fashion_jax import evaluate
+from fashion_jax import systems
+from fashion_jax.checkpoint import manager as checkpoint
 from fashion_jax.checkpoint import restore as checkpoint_restore
+from fashion_jax.parallel import sharding
 from fashion_jax.prepare import manifest
+from fashion_jax.train import config_check
+from fashion_jax.train import loop
 from fashion_jax.train import restore
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,19 +50,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "Results JSON; default <workdir>/e
 flags.mark_flag_as_required("workdir")
 
 
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import importlib  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax import systems  # pylint: disable=g-import-not-at-top
-  from fashion_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  from fashion_jax.checkpoint import manager as checkpoint  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import config_check  # pylint: disable=g-import-not-at-top
-  from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   def fail(error):  # A missing/unreadable workdir: one line, exit code 1, no traceback.
     raise SystemExit("launch.evaluate: " + " ".join(str(error).split())) from None
@@ -96,11 +94,7 @@ def main(argv):
   rules = sharding.logical_rules(config.sharding_rules)
   results = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    for name in names:
-      spec = config.evals[name]
-      module = importlib.import_module(config_check.evaluator_module_name(spec.type))
-      kwargs = config_check.eval_kwargs(spec)
-      evaluator = module.Evaluator(system=system, config=config, mesh=mesh, **kwargs)
+    for evaluator in evaluate.from_config(config, system, mesh, names).values():
       results.update({k: float(v) for k, v in evaluator.run(params).items()})
   if jax.process_index() == 0:
     print(f"Checkpoint {step} of {workdir}:")

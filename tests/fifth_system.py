@@ -61,6 +61,8 @@ class BagOfPatches(nn.Module):
 class System:
   """The fifth system (systems/base.py's TwoTowerSystem)."""
 
+  required_features = ("image", "text")  # Checked against the config before anything compiles.
+
   def __init__(self, config):
     self.config = config
     data = config.data

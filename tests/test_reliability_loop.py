@@ -34,6 +34,7 @@ from fashion_jax.evaluate import common
 from fashion_jax.evaluate import prompts
 from fashion_jax.evaluate import zeroshot
 from fashion_jax.train import config_check
+from fashion_jax.evaluate import base as eval_base
 from fashion_jax.train import loop
 from fashion_jax.train import step as step_lib
 from tests import fixtures_real
@@ -393,7 +394,7 @@ def test_api_and_evaluator_zero_shot_agree(smoke_run):
   np.testing.assert_array_equal(fclip.zero_shot_classify(images, labels).argmax(1),
                                 ev_probs.argmax(1))
   # The one definition: the same class embeddings through the API and the evaluator object.
-  ev = zeroshot.Evaluator(system, config, **config_check.eval_kwargs(spec))
+  ev = zeroshot.Evaluator(system, config, **eval_base.evaluator_kwargs(spec))
   np.testing.assert_allclose(fclip.class_embeddings(labels), ev.class_embeddings(params, labels),
                              atol=1e-5)
   assert tuple(spec.templates) == prompts.TEMPLATES == zeroshot.DEFAULT_TEMPLATES

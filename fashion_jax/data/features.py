@@ -192,6 +192,8 @@ _OPS: dict[str, Factory | HostFeature] = {}
 def register(op: Factory | HostFeature, *, name: str | None = None) -> str:
   """Adds a host op after every registered one; returns its registry name (for unregister).
 
+  Iterators made afterwards (and feature_spec) include it; one already made keeps its ops.
+
   Args:
     op: a HostFeature (always on) or a factory (data, tok, resources) -> [HostFeature].
     name: registry name; default: the HostFeature's name or the factory's __name__.

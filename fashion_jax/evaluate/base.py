@@ -1,11 +1,12 @@
-"""The evaluator interface the trainer and launch/evaluate.py call.
+"""The evaluator interface the trainer, launch/evaluate.py and the downstream driver call.
 
 `config.evals` maps a name to a ConfigDict with `type` (a module of fashion_jax.evaluate that
 defines `Evaluator`), `every` (steps; 0 = only at the end / standalone), `optional` (default
 False: see below) and its own keyword arguments. The trainer builds
 `Evaluator(system=..., config=config, mesh=mesh, **kwargs)` and calls `run(params)`, which returns
 flat metrics whose names always carry the split and the protocol, e.g. `test/full/t2i_R@1`,
-`holdout_brand/sample100/i2t_R@10`, `test/zeroshot/subcategory_f1`.
+`holdout_brand/sample100/i2t_R@10`, `test/zeroshot/subcategory_f1`. `evaluate.from_config`
+builds them all, the one place they are built.
 
 Data an evaluation needs is checked when the config is checked, before anything compiles
 (train/config_check.check_eval_data): an Evaluator class may define the classmethod
@@ -43,6 +44,20 @@ class DataNeed(NamedTuple):
   min_examples: int = 1
   warn_below: int = 0
   why: str = ""
+
+
+# Keys of a config.evals entry read by the caller; every other key goes to the Evaluator.
+SPEC_KEYS = ("type", "every", "optional")
+
+
+def module_name(eval_type: str) -> str:
+  """'retrieval' -> 'fashion_jax.evaluate.retrieval'; a dotted name is a full module path."""
+  return eval_type if "." in eval_type else f"fashion_jax.evaluate.{eval_type}"
+
+
+def evaluator_kwargs(spec: Any) -> dict[str, Any]:
+  """The Evaluator's keyword arguments of a config.evals entry (every key but SPEC_KEYS)."""
+  return {k: v for k, v in spec.items() if k not in SPEC_KEYS}
 
 
 def arguments(evaluator_cls, kwargs: dict[str, Any]) -> dict[str, Any]:

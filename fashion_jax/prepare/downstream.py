@@ -20,7 +20,6 @@ Here rather than in train/ (which knows no fashion) or systems/ (which the train
 drives the trainer, the systems and the evaluators, like the rest of this package.
 """
 
-import importlib
 import json
 import os
 
@@ -28,6 +27,7 @@ import flax.linen as nn
 import jax
 
 from configs import fashionvil_downstream as downstream_configs
+from fashion_jax import evaluate as evaluate_lib
 from fashion_jax import systems
 from fashion_jax.checkpoint import manager as checkpoint
 from fashion_jax.checkpoint import restore as checkpoint_restore
@@ -71,10 +71,8 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   system = systems.get_system(config)
   out = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(config.sharding_rules)):
-    for spec in config.evals.values():
-      module = importlib.import_module(config_check.evaluator_module_name(spec.type))
-      kwargs = config_check.eval_kwargs(spec)
-      out.update(module.Evaluator(system=system, config=config, mesh=mesh, **kwargs).run(params))
+    for evaluator in evaluate_lib.from_config(config, system, mesh).values():
+      out.update(evaluator.run(params))
   return {k: float(v) for k, v in out.items()}
 
 

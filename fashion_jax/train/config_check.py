@@ -222,16 +222,11 @@ def check_evals(evals: Mapping[str, Any]) -> None:
         raise ConfigError(f"config.evals.{name}.{key}={spec[key]!r} has the wrong type.")
     if spec.get("every", 0) < 0:
       raise ConfigError(f"config.evals.{name}.every={spec['every']} must be >= 0.")
-    module = evaluator_module_name(spec["type"])
+    module = eval_base.module_name(spec["type"])
     if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None or \
         importlib.util.find_spec(module) is None:
       raise ConfigError(f"config.evals.{name}.type={spec['type']!r}: there is no evaluator "
                         f"module {module}.")
-
-
-def eval_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
-  """The Evaluator's keyword arguments of a config.evals entry (every key but EVAL_KEYS)."""
-  return {k: v for k, v in spec.items() if k not in EVAL_KEYS}
 
 
 def check_eval_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -252,12 +247,12 @@ def check_eval_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   """
   dropped = []
   for name, spec in (config.get("evals") or {}).items():
-    module = importlib.import_module(evaluator_module_name(spec["type"]))
+    module = importlib.import_module(eval_base.module_name(spec["type"]))
     evaluator = getattr(module, "Evaluator", None)
     if evaluator is None:
       raise ConfigError(f"config.evals.{name}.type={spec['type']!r}: module {module.__name__} "
                         "defines no `Evaluator` class.")
-    kwargs = eval_kwargs(spec)
+    kwargs = eval_base.evaluator_kwargs(spec)
     if not inspect.isclass(evaluator):  # A factory: its arguments are its own business.
       continue
     try:
@@ -383,11 +378,6 @@ def input_factory(module_name: str):
                       "make_train_iterator(config, *, start_step, process_index, "
                       "process_count).")
   return factory
-
-
-def evaluator_module_name(eval_type: str) -> str:
-  """'retrieval' -> 'fashion_jax.evaluate.retrieval'; a dotted name is a full module path."""
-  return eval_type if "." in eval_type else f"fashion_jax.evaluate.{eval_type}"
 
 
 def _check_optimizer_values(opt: Mapping[str, Any]) -> None:

@@ -80,7 +80,6 @@ preemption) fails, CheckpointWriteError is raised naming the step and the newest
 Fault injection for the tests: faults.py (`FASHION_JAX_FAULT`, unset in real runs).
 """
 
-import importlib
 import math
 import os
 import signal
@@ -97,6 +96,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from fashion_jax import evaluate
 from fashion_jax import faults
 from fashion_jax import systems
 from fashion_jax.checkpoint import manager as checkpoint_lib
@@ -295,13 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_shardings,
                                           config.grad_accum_steps,
                                           skip_non_finite=config.nan_policy == "skip")
-    evaluators = {}
-    for name, spec in config.evals.items():
-      module = config_check.evaluator_module_name(spec.type)
-      kwargs = config_check.eval_kwargs(spec)
-      evaluator_cls = importlib.import_module(module).Evaluator
-      evaluators[name] = (spec.every, evaluator_cls(system=system, config=config, mesh=mesh,
-                                                    **kwargs))
+    evaluators = {name: (config.evals[name].every, evaluator) for name, evaluator
+                  in evaluate.from_config(config, system, mesh).items()}
 
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if start_step == 0:
