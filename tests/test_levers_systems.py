@@ -55,9 +55,8 @@ def e2_config(**model):
 
 
 # The longest float32 sum each system's loss and gradients accumulate (tests/numerics.py): the
-# batch's rows times the longest sequence a weight's gradient sums over.
-# The text tower encodes 8 captions and 8 x 2 entity tags of <= 16 tokens; the vision tower sees
-# 8 x (16 patches + class + 2 selection tokens).
+# tokens or positions a weight's gradient sums over. E2's text tower encodes 8 captions and 8 x 2
+# entity tags of <= 16 tokens; its vision tower sees 8 x (16 patches + class + 2 selection tokens).
 E2_N = (8 + 8 * 2) * 16
 
 
