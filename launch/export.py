@@ -24,14 +24,6 @@ from absl import flags
 from fashion_jax import systems
 from fashion_jax.train import restore
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous export in --out (only "
-                                "the files an export writes; anything else is refused).")
-flags.mark_flags_as_required(["workdir", "out"])
-
-
 def exporting_systems() -> list[str]:
   """The built-in systems (fashion_jax/systems/) whose System has an export()."""
   names = []
@@ -54,9 +46,18 @@ def export(workdir: str, out: str, *, step: int | None = None, overwrite: bool =
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  out, step = export(_WORKDIR.value, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
-  print(f"Exported step {step} of {_WORKDIR.value} to {out}")
+  f = flags.FLAGS
+  out, step = export(f.workdir, f.out, step=f.step, overwrite=f.overwrite)
+  print(f"Exported step {step} of {f.workdir} to {out}")
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program: tests import `export` beside other launch
+  # modules that define flags of the same names (absl refuses a flag defined twice).
+  flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
+  flags.DEFINE_bool("overwrite", False, "Replace a previous export in --out (only the files an "
+                    "export writes; anything else is refused).")
+  flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)
