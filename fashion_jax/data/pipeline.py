@@ -205,6 +205,31 @@ def crop_resize_float(encoded, key, size, crop_scale, flip):
                          antialias=False)
 
 
+def whole_views(data, split: str):
+  """(product_id, uint8 [V, S, S, 3]) per product of `split`, numpy, in the split's order.
+
+  Every stored view decoded whole and resized to data.image_size exactly as the training
+  pipeline does with crop_scale (1, 1) and no flip, so a derived artefact (cached VQ codes, patch
+  features) describes bit for bit the image the pipeline feeds. ValueError names a missing split.
+  """
+  size = int(data.image_size)
+  builder = _builder(data)
+  if split not in builder.info.splits:
+    raise ValueError(f"{data.name} has no split {split!r}; it has "
+                     f"{sorted(builder.info.splits)}.")
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={schema.IMAGES: tfds.decode.SkipDecoding()})
+
+  def views(ex):
+    whole = tf.map_fn(
+        lambda e: random_resized_crop(e, tf.constant([0, 0], tf.int64), size, (1.0, 1.0), False),
+        ex[schema.IMAGES], fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+    return ex["product_id"], whole
+
+  return ds.map(views, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True).as_numpy_iterator()
+
+
 def random_resized_crop(encoded, key, size, crop_scale, flip):
   """crop_resize_float rounded to uint8 [size, size, 3] (the training 'image' field)."""
   # Bilinear values lie in [0, 255]: +0.5 and truncation round without a clip.

@@ -38,12 +38,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from fashion_jax import systems
 from fashion_jax.data import pipeline
-from fashion_jax.data import schema
 from fashion_jax.prepare import manifest
 from fashion_jax.train import restore
 
@@ -66,20 +63,6 @@ def precompute(system, variables, config, split: str, *, batch_size: int = 64,
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be positive.")
   size = int(config.data.image_size)
-  builder = pipeline._builder(config.data)  # pylint: disable=protected-access
-  if split not in builder.info.splits:
-    raise ValueError(f"{config.data.name} has no split {split!r}; it has "
-                     f"{sorted(builder.info.splits)}.")
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={schema.IMAGES: tfds.decode.SkipDecoding()})
-
-  def views(ex):
-    whole = tf.map_fn(
-        lambda e: pipeline.random_resized_crop(e, tf.constant([0, 0], tf.int64), size,
-                                               (1.0, 1.0), False),
-        ex[schema.IMAGES], fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
-    return ex["product_id"], whole
-
   encode = jax.jit(system.patch_features)
   ids, num_views, chunks, pending = [], [], [], []
 
@@ -90,8 +73,7 @@ def precompute(system, variables, config, split: str, *, batch_size: int = 64,
       chunks.append(np.asarray(encode(variables, np.concatenate([x, pad])))[:len(x)])
       pending.clear()
 
-  for pid, imgs in ds.map(views, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True).as_numpy_iterator():
+  for pid, imgs in pipeline.whole_views(config.data, split):
     ids.append(pid.decode("utf-8"))
     num_views.append(len(imgs))
     for img in imgs:

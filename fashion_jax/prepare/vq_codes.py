@@ -40,15 +40,12 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from configs import vqvae as vqvae_configs
 from fashion_jax import configs as configs_lib
 from fashion_jax import systems
 from fashion_jax.checkpoint import manager as checkpoint
 from fashion_jax.data import pipeline
-from fashion_jax.data import schema
 from fashion_jax.evaluate import common
 from fashion_jax.models import vqvae as vqvae_lib
 from fashion_jax.prepare import manifest
@@ -65,22 +62,9 @@ class Interrupted(RuntimeError):
 def cache_codes(system, params, config, out_path: str, split: str = "train",
                 batch_size: int = 64) -> dict[str, np.ndarray]:
   """Encodes every view of every product of `split`; writes and returns the npz arrays."""
-  builder = pipeline._builder(config.data)  # pylint: disable=protected-access
-  if split not in builder.info.splits:
-    raise ValueError(f"{config.data.name} has no split {split!r}; it has "
-                     f"{sorted(builder.info.splits)}.")
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={schema.IMAGES: tfds.decode.SkipDecoding()})
   size = int(config.data.image_size)
   encode = jax.jit(lambda p, x: system.encode(p, x))
   params = jax.device_get(params)
-
-  def views(ex):
-    crops = tf.map_fn(
-        lambda e: pipeline.random_resized_crop(e, tf.constant([0, 0], tf.int64), size,
-                                               (1.0, 1.0), False),
-        ex[schema.IMAGES], fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
-    return ex["product_id"], crops
 
   ids, per_product = [], []
   pending, owners = [], []
@@ -97,8 +81,7 @@ def cache_codes(system, params, config, out_path: str, split: str = "train",
     pending.clear()
     owners.clear()
 
-  for pid, crops in ds.map(views, num_parallel_calls=tf.data.AUTOTUNE,
-                           deterministic=True).as_numpy_iterator():
+  for pid, crops in pipeline.whole_views(config.data, split):
     ids.append(pid.decode("utf-8"))
     per_product.append([None] * len(crops))
     for v, crop in enumerate(crops):
