@@ -46,6 +46,29 @@ def _module(name_or_path: str):
   return importlib.import_module(f"configs.{name_or_path}")
 
 
+def resolve_file(spec: str) -> str:
+  """The config FILE[:ARG] a command line means, as a path that exists.
+
+  `--config=configs/fashionclip.py:base` is relative to the working directory, so it names a file
+  only when the command runs from a checkout's root. Run from anywhere else (a user's own
+  project, a pod's home directory), a path whose file is missing but whose name is one of the
+  installed `configs` package's modules (`configs/e2.py`, `e2.py`) or a bare config name
+  (`e2:smoke`) means that module's file. Anything else raises FileNotFoundError naming the path,
+  the working directory and the configs there are.
+  """
+  path, colon, arg = spec.partition(":")
+  if os.path.isfile(path):
+    return spec
+  stem = os.path.basename(path)[:-3] if path.endswith(".py") else path
+  if stem in names() and (not path.endswith(".py") or
+                          os.path.dirname(os.path.normpath(path)) in ("", "configs")):
+    return os.path.join(configs_pkg.__path__[0], stem + ".py") + colon + arg
+  raise FileNotFoundError(
+      f"No config file {path!r} (relative to the working directory {os.getcwd()!r}); "
+      f"pass an existing .py path or one of the installed configs {names()} by name, e.g. "
+      f"--config={names()[0] if names() else 'NAME'}:smoke or --config=configs/NAME.py:ARG.")
+
+
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   """Sets `dotted.key=VALUE` in place (VALUE parsed as a Python literal, else a string)."""
   key, eq, value = item.partition("=")

@@ -14,6 +14,8 @@ Points (where the trainer calls `inject`):
            temporary directory `N.orbax-checkpoint-tmp`; it has not been renamed to `N` (the
            moment a kill leaves a complete-looking but unfinalised checkpoint behind).
   saved    loop.py: checkpoint N is finalised on disk; step N+1 has not started.
+  resave   checkpoint.py: the final checkpoint N, saved before its evaluations, was renamed aside
+           to be saved again with their metrics; the new save has not started.
   restore  loop.py: checkpoint N was restored at start-up; no step has run.
 
 Actions:
@@ -32,7 +34,7 @@ from absl import logging
 
 ENV = "FASHION_JAX_FAULT"
 ACTIONS = ("kill", "term", "oserror", "fill_disk")
-POINTS = ("batch", "step", "save", "write", "saved", "restore")
+POINTS = ("batch", "step", "save", "write", "saved", "resave", "restore")
 
 
 def _parse(spec: str) -> dict[tuple[str, int], str]:

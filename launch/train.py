@@ -36,6 +36,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from fashion_jax import cli
+from fashion_jax import configs
 from fashion_jax.prepare import manifest
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].",
@@ -88,8 +89,11 @@ def main(argv, *, iterator_factory=None):
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax.train import loop  # pylint: disable=g-import-not-at-top
   with distributed.Watchdog(_STEP_TIMEOUT.value if multihost else 0) as watchdog:
-    result = loop.train_and_evaluate(config, _WORKDIR.value, iterator_factory=iterator_factory,
-                                     on_progress=watchdog.kick)
+    try:
+      result = loop.train_and_evaluate(config, _WORKDIR.value, iterator_factory=iterator_factory,
+                                       on_progress=watchdog.kick)
+    except configs.ConfigError as e:  # A bad value, named before anything compiled: one line.
+      raise SystemExit("launch.train: " + " ".join(str(e).split())) from None
   if jax.process_index() != 0:
     return
   step = int(result.state.step)

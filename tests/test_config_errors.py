@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from fashion_jax import cli
+from fashion_jax import configs
 from fashion_jax.train import config_check
 from fashion_jax.train import loop
 from fashion_jax.train import step as step_lib
@@ -155,3 +157,53 @@ def test_cli_unknown_override_names_the_key(tmp_path):
   assert proc.returncode != 0
   assert "lrr" in proc.stderr
   assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_config_file_resolves_from_any_working_directory(tmp_path, monkeypatch):
+  """README's recipes say --config=configs/fashionclip.py:base; run outside a checkout (a user's
+  own project directory) that relative path names the installed configs package's file."""
+  monkeypatch.chdir(tmp_path)
+  installed = os.path.join(REPO, "configs", "fashionclip.py")
+  for spec in ("configs/fashionclip.py:base", "fashionclip.py:base", "fashionclip:base"):
+    path, _, arg = configs.resolve_file(spec).partition(":")
+    assert os.path.samefile(path, installed) and arg == "base", spec
+  own = tmp_path / "configs" / "fashionclip.py"  # A user's own file of the same name wins.
+  own.parent.mkdir()
+  own.write_text("")
+  assert configs.resolve_file("configs/fashionclip.py:base") == "configs/fashionclip.py:base"
+  with pytest.raises(FileNotFoundError, match=r"No config file 'my_configs/fashionclip\.py'.*"
+                     r"installed configs \[.*'fashionclip'"):
+    configs.resolve_file("my_configs/fashionclip.py:smoke")
+  argv = ["train", "--config", "e2:smoke", "--workdir=w"]
+  assert cli.resolve_config_files(argv)[2] == os.path.join(REPO, "configs", "e2.py") + ":smoke"
+
+
+def test_cli_config_from_another_directory(tmp_path):
+  """From a directory outside the checkout: the recipe's relative config path loads (shown by
+  the config's own did-you-mean for a misspelt key), a missing file is one line, exit 1."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.train", "--config=configs/fashionclip.py:base",
+       f"--workdir={tmp_path / 'w'}", "--config.optimizer.lrr=0.1"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "did you mean 'lr'" in proc.stderr, proc.stderr[-2000:]
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.train", "--config=configs/fashion_clip.py:base",
+       f"--workdir={tmp_path / 'w'}"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "No config file 'configs/fashion_clip.py'" in proc.stderr.splitlines()[-1]
+  assert not (tmp_path / "w").exists()
+
+
+def test_cli_bad_value_is_one_line(tmp_path):
+  """A value the config check refuses ends launch.train in one line (no traceback), exit 1,
+  before anything is written."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.train", "--config=tests/toy_system.py",
+       f"--workdir={tmp_path / 'w'}", "--config.total_steps=-1"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1] == "launch.train: config.total_steps=-1 must be >= 1."
+  assert not (tmp_path / "w").exists()

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from fashion_jax import faults
 from fashion_jax.checkpoint import manager as checkpoint_lib
 from fashion_jax.train import loop
 from tests import toy_system
@@ -300,3 +301,32 @@ def test_restore_onto_another_mesh_and_evaluate_cli(tmp_path, toy_config):
   assert saved["step"] == 4
   assert saved["results"]["val/toy/loss"] == pytest.approx(result.metrics["val/toy/loss"],
                                                             rel=1e-5)
+
+
+def test_final_resave_never_leaves_the_final_state_off_disk(tmp_path, toy_config, monkeypatch):
+  """With best_metric the final checkpoint is saved again with its metrics. A failure at that
+  moment (injected right after the copy on disk was moved aside, before the new save) must not
+  lose the final state: the copy stays on disk, and the next writable Checkpointer of the
+  workdir puts it back as the newest step, restorable to the trained parameters."""
+  toy_config.total_steps = 4
+  toy_config.checkpoint.keep = 2
+  toy_config.checkpoint.every_steps = 2
+  toy_config.checkpoint.best_metric = "val/toy/loss"
+  toy_config.checkpoint.best_mode = "min"
+  toy_config.evals = {"toy": {"type": "tests.toy_system", "every": 2}}
+  monkeypatch.setenv("FASHION_JAX_FAULT", "oserror:resave@4")
+  monkeypatch.setattr(faults, "_done", set())
+  with pytest.raises(OSError, match="resave"):
+    loop.train_and_evaluate(toy_config, str(tmp_path), iterator_factory=toy_system.make_iterator)
+  names = sorted(os.listdir(tmp_path / "checkpoints"))
+  assert "4" + checkpoint_lib.MOVED_ASIDE in names and "4" not in names, names
+  monkeypatch.delenv("FASHION_JAX_FAULT")
+  # The reference: the same run without the fault, in another workdir.
+  ref = loop.train_and_evaluate(toy_config, str(tmp_path / "ref"),
+                                iterator_factory=toy_system.make_iterator)
+  assert not glob.glob(str(tmp_path / "ref" / "checkpoints" / ("*" + checkpoint_lib.MOVED_ASIDE)))
+  step, state, _ = _restore_params(str(tmp_path), ref.state)
+  assert step == 4 and sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  for a, b in zip(jax.tree.leaves(jax.device_get(ref.state.params)),
+                  jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(a, b)

@@ -80,6 +80,10 @@ from orbax.checkpoint import checkpoint_managers
 
 from fashion_jax import faults
 
+# Suffix of a finalised checkpoint renamed aside while it is saved again with its metrics
+# (Checkpointer.save_again_with_metrics); orbax lists only integer names, so it is never a step.
+MOVED_ASIDE = ".before-metrics"
+
 FINGERPRINT_KEY = "fingerprint"
 QUARANTINE_DIR = "checkpoints_corrupt"
 
@@ -400,6 +404,8 @@ class Checkpointer:
           enable_async_checkpointing=use_async,
           cleanup_tmp_directories=True,
           create=True)
+    if not read_only:
+      self._recover_moved_aside()
     self._state_handler = _StateHandler(self.workdir)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -498,6 +504,55 @@ class Checkpointer:
       if not is_storage_error(e):
         raise
       self._write_failed(step, e)
+
+  def save_again_with_metrics(self, step: int, state: Any, data: Mapping[str, Any],
+                              metrics: Mapping[str, float]) -> None:
+    """Checkpoint `step`, already on disk (saved before its evaluations), saved again with the
+    evaluations' `metrics` so that keep-best ranks it (orbax attaches metrics only when saving).
+
+    The copy on disk is never deleted before the new one is finalised: it is renamed (one atomic
+    rename) to `<step>` + MOVED_ASIDE, orbax saves `<step>` again, and the moved copy is removed
+    only after that save is finalised. A process killed in between leaves the moved copy, which
+    the next writable Checkpointer of the workdir renames back (`_recover_moved_aside`); a save
+    that fails with a storage error renames it back at once. So the state of `step` is on disk,
+    under one name or the other, at every moment.
+    """
+    self.wait()
+    path = os.path.join(self.directory, str(step))
+    aside = path + MOVED_ASIDE
+    if jax.process_index() == 0 and os.path.isdir(path):
+      shutil.rmtree(aside, ignore_errors=True)
+      os.rename(path, aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"fashion_jax_moved_aside_{step}")
+    self.manager.reload()
+    faults.inject("resave", step, workdir=self.workdir)
+    self.save(step, state, data, metrics)
+    self.wait()
+    if jax.process_index() == 0 and os.path.isdir(aside):
+      if os.path.isdir(path):
+        shutil.rmtree(aside, ignore_errors=True)
+      else:  # The save failed (a storage error, recorded in failed_saves): put the copy back.
+        os.rename(aside, path)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"fashion_jax_resaved_{step}")
+    self.manager.reload()
+
+  def _recover_moved_aside(self) -> None:
+    """Puts back each `<step>` + MOVED_ASIDE left by a process killed inside
+    `save_again_with_metrics`: renamed to `<step>` when that is missing, else (the new save was
+    finalised before the kill) deleted."""
+    if jax.process_index() != 0:
+      return
+    for aside in sorted(glob.glob(os.path.join(self.directory, "*" + MOVED_ASIDE))):
+      path = aside[:-len(MOVED_ASIDE)]
+      if os.path.isdir(path):
+        shutil.rmtree(aside, ignore_errors=True)
+      else:
+        os.rename(aside, path)
+        logging.warning("Checkpoint %s: the copy moved aside while it was saved again with its "
+                        "metrics (the process stopped in between) is back as %s.",
+                        os.path.basename(path), path)
 
   def wait(self) -> None:
     """Waits for the asynchronous save; a storage error of it is handled as in `save`."""

@@ -56,7 +56,8 @@ Plug-ins:
 End of training: the final state is saved (and the save waited for) BEFORE the final
 evaluations run, so an evaluation that raises, hangs or is killed cannot cost the trained state;
 its error is raised after the checkpoint is on disk. With `checkpoint.best_metric` the final
-checkpoint is then saved again with its metrics (delete + save of the same state), so keep-best
+checkpoint is then saved again with its metrics (the copy on disk moved aside, not deleted,
+until the new save is final: Checkpointer.save_again_with_metrics), so keep-best
 ranks it like every other one; at a preemption it is not (time is short), and it stays the newest
 checkpoint. Rerunning a finished run (newest checkpoint = the last step) trains nothing and runs
 the final evaluations again: the way to complete a run whose final evaluation failed.
@@ -342,11 +343,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     def resave_with_metrics(step, metrics):
       """Checkpoint `step`, saved before its evaluation, saved again with its metrics so that
-      keep-best ranks it (orbax attaches metrics only when saving)."""
-      ckpt.wait()
-      if step in ckpt.all_steps():
-        ckpt.manager.delete(step)
-      save(step, metrics)
+      keep-best ranks it (Checkpointer.save_again_with_metrics: never absent from disk)."""
+      position = getattr(train_iter, "position", step)
+      ckpt.save_again_with_metrics(
+          step, state, {"step": step, "position": restore.plain_json(position)}, metrics)
 
     # --------------------------------------------------------------------------------------
     # Train.
