@@ -68,6 +68,9 @@ each changes the numbers only by rounding), as --config overrides:
 
 import ml_collections
 
+from configs import common
+from fashion_jax.train import config_check
+
 ENTITIES = ("brand", "season", "subcategory", "composition")
 # data.text_fields per `text=` option (joined with '. ', empty fields skipped).
 GLOBAL_TEXTS = {
@@ -168,12 +171,11 @@ def get_config(arg: str = "smoke"):
   c.init = dict(hf_clip_dir="", checkpoint="")
 
   # --- trainer -------------------------------------------------------------------------------
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = common.DATA_MESH
   c.batch_size = 64
   c.total_steps = 300
-  c.optimizer = dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=1e-4,
-                     clip_norm=1.0, schedule=dict(kind="cosine", warmup_steps=30))
-  c.checkpoint = dict(every_steps=100, keep=1, best_metric=None, best_mode="max")
+  c.optimizer = common.adamw(5e-4, 1e-4, warmup_steps=30, betas=(0.9, 0.98), eps=1e-6)
+  c.checkpoint = common.checkpoint(100, keep=1)
   c.log_every_steps = 25
   c.evals = _evals(("test", "holdout_brand"), 0, ENTITIES)
 
@@ -186,17 +188,16 @@ def get_config(arg: str = "smoke"):
     c.batch_size = 64
     c.total_steps = None
     c.num_epochs = 5.0  # Stage 1; stage 2 below.
-    c.optimizer = dict(name="adamw", lr=5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
-                       clip_norm=None, schedule=dict(kind="cosine", warmup_steps=100))
-    c.checkpoint = dict(every_steps=1000, keep=2, best_metric=None, best_mode="max")
+    c.optimizer = common.adamw(5e-4, 1e-4, warmup_steps=100, clip_norm=None,
+                               betas=(0.9, 0.999), eps=1e-8)
+    c.checkpoint = common.checkpoint(1000, keep=2)
     c.log_every_steps = 50
     c.evals = _evals(("test", "holdout_brand", "holdout_category"), 0, ENTITIES)
-    c.evals.retrieval_validation = dict(type="retrieval", split="validation",
-                                        protocols=("full",), every=1000)
+    c.evals.retrieval_validation = common.retrieval("validation", every=1000)
   if variant == "pod":
     c.model = dict(c.model.to_dict(), variant="B/16", dtype="bfloat16",
                    remat_policy="dots_with_no_batch_dims_saveable")
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh = common.FSDP_MESH
     c.batch_size = 4096
 
   if stage == 1:
@@ -209,4 +210,4 @@ def get_config(arg: str = "smoke"):
   if stage and variant == "smoke":
     c.total_steps = 150
     c.optimizer.schedule.warmup_steps = 15
-  return c
+  return config_check.with_defaults(c)

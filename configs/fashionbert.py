@@ -57,6 +57,8 @@ the numbers only by rounding, tests/test_levers_systems.py), as --config overrid
 
 import ml_collections
 
+from configs import common
+
 from fashion_jax.train import config_check
 
 # The CNN is a frozen feature extractor (FashionBERT extracts patch features once).
@@ -94,13 +96,12 @@ def get_config(arg: str = "smoke"):
                      mlm_max_predictions=0)
 
   # --- trainer -------------------------------------------------------------------------------
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = common.DATA_MESH
   c.batch_size = 64
   c.total_steps = 600
-  c.optimizer = dict(name="adamw", lr=5e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
-                     clip_norm=1.0, schedule=dict(kind="cosine", warmup_steps=60),
-                     freeze=())
-  c.checkpoint = dict(every_steps=200, keep=2, best_metric=None, best_mode="max")
+  c.optimizer = common.adamw(5e-4, 0.01, warmup_steps=60, betas=(0.9, 0.999), eps=1e-6,
+                             freeze=())
+  c.checkpoint = common.checkpoint(200, keep=2)
   c.log_every_steps = 25
   c.evals = dict(xenc_test=_evals("test", every=0, num_queries=200, pair_batch=1024))
 
@@ -114,10 +115,9 @@ def get_config(arg: str = "smoke"):
     c.objective.mlm_max_predictions = 20
     c.batch_size = 256
     c.total_steps = 20000
-    c.optimizer = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
-                       clip_norm=1.0, schedule=dict(kind="cosine", warmup_steps=2000),
-                       freeze=FREEZE_CNN)
-    c.checkpoint = dict(every_steps=1000, keep=3, best_metric=None, best_mode="max")
+    c.optimizer = common.adamw(1e-4, 0.01, warmup_steps=2000, betas=(0.9, 0.999), eps=1e-6,
+                               freeze=FREEZE_CNN)
+    c.checkpoint = common.checkpoint(1000, keep=3)
     c.log_every_steps = 50
     c.evals = dict(xenc_validation=_evals("validation", every=2000, num_queries=200,
                                           pair_batch=2048),
@@ -126,7 +126,7 @@ def get_config(arg: str = "smoke"):
     c.model.dtype = "bfloat16"
     c.model.scan = True
     c.model.remat_policy = "dots_with_no_batch_dims_saveable"
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh = common.FSDP_MESH
     c.batch_size = 2048
     c.total_steps = 10000
     c.optimizer.schedule.warmup_steps = 1000

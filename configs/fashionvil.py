@@ -44,6 +44,9 @@ any other augmentation.
 
 import ml_collections
 
+from configs import common
+from fashion_jax.train import config_check
+
 TASKS = dict(itm=0.15, pac=0.15, itc=0.2, mvc=0.2, mlm=0.15, mpfc=0.15)
 
 
@@ -73,20 +76,14 @@ def get_config(arg: str = "smoke"):
   c.init = dict(hf_bert_dir="", hf_resnet_dir="")
 
   # --- trainer --------------------------------------------------------------------------------
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = common.DATA_MESH
   c.batch_size = 64
   c.total_steps = 1500
-  c.optimizer = dict(
-      name="adamw", lr=5e-4, weight_decay=1e-4, clip_norm=1.0,
-      schedule=dict(kind="cosine", warmup_steps=100),
-      freeze=("batch_stats/.*",))
-  c.checkpoint = dict(every_steps=500, keep=2, best_metric="validation/full/t2i_R@10",
-                      best_mode="max")
+  c.optimizer = common.adamw(5e-4, 1e-4, warmup_steps=100, freeze=("batch_stats/.*",))
+  c.checkpoint = common.checkpoint(500, keep=2, best_metric="validation/full/t2i_R@10")
   c.log_every_steps = 25
-  c.evals = dict(retrieval_validation=dict(type="retrieval", split="validation",
-                                           protocols=("full",), every=500),
-                 retrieval_test=dict(type="retrieval", split="test",
-                                     protocols=("full", "sample100"), every=0))
+  c.evals = dict(retrieval_validation=common.retrieval("validation", every=500),
+                 retrieval_test=common.retrieval("test", ("full", "sample100")))
 
   if arg == "base":
     c.data.name = "synthetic_catalog/base"
@@ -98,17 +95,14 @@ def get_config(arg: str = "smoke"):
     c.model.bert = dict(variant="base")
     c.batch_size = 256
     c.total_steps = 120000
-    c.optimizer = dict(
-        name="adamw", lr=1e-5, weight_decay=1e-4, clip_norm=None,
-        schedule=dict(kind="step", warmup_steps=15000, boundaries=(45000, 90000), factor=0.1),
+    c.optimizer = common.adamw(
+        1e-5, 1e-4, warmup_steps=15000, clip_norm=None,
+        schedule=dict(kind="step", boundaries=(45000, 90000), factor=0.1),
         lr_mults=((r"params/(image_encoder|image_proj|itm_head|mpfc_\w+|pac_weight|"
                    r"visual_\w+|itc_scale|mvc_scale)(/.*)?", 20.0),),
         freeze=("batch_stats/.*",))
-    c.checkpoint = dict(every_steps=5000, keep=3, best_metric="validation/full/t2i_R@10",
-                        best_mode="max")
+    c.checkpoint = common.checkpoint(5000, keep=3, best_metric="validation/full/t2i_R@10")
     c.log_every_steps = 100
-    c.evals = dict(retrieval_validation=dict(type="retrieval", split="validation",
-                                             protocols=("full",), every=5000),
-                   retrieval_test=dict(type="retrieval", split="test",
-                                       protocols=("full", "sample100"), every=0))
-  return c
+    c.evals = dict(retrieval_validation=common.retrieval("validation", every=5000),
+                   retrieval_test=common.retrieval("test", ("full", "sample100")))
+  return config_check.with_defaults(c)

@@ -39,10 +39,11 @@ Smoke budgets (steps x batch): retrieval 150 x 64, tgir 150 x 32, scr/cr 100 x 3
 (M = 6 query items); a few minutes each on 2 CPU cores.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from configs import common
+from configs import fashionvil
+from fashion_jax.train import config_check
 
 TASKS = ("retrieval", "tgir", "scr", "cr", "ocir")
 VARIANTS = ("smoke", "base")
@@ -59,20 +60,12 @@ FAST_GROUP = (r"params/(vil/(image_encoder|image_proj|visual_\w+|itc_scale)|tgir
               r"ocir_\w+)(/.*)?")
 
 
-def _pretraining_config(variant):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashionvil.py")
-  spec = importlib.util.spec_from_file_location("_fashionvil_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
 def get_config(arg: str = "tgir_smoke"):
   task, _, variant = arg.rpartition("_")
   if task not in TASKS or variant not in VARIANTS:
     raise ValueError(f"configs/fashionvil_downstream.py: argument {arg!r} must be TASK_VARIANT "
                      f"with TASK in {TASKS} and VARIANT in {VARIANTS}, e.g. tgir_smoke.")
-  pre = _pretraining_config(variant)
+  pre = fashionvil.get_config(variant)
   smoke = variant == "smoke"
   c = ml_collections.ConfigDict()
   c.system = "fashionvil_downstream"
@@ -105,20 +98,18 @@ def get_config(arg: str = "tgir_smoke"):
     c.objective.num_masks = 5
 
   # --- trainer ---------------------------------------------------------------------------------
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = common.DATA_MESH
   batch = {"retrieval": 64, "tgir": 32, "scr": 32, "cr": 32, "ocir": 16}[task]
   steps = {"retrieval": 150, "tgir": 150, "scr": 100, "cr": 100, "ocir": 150}[task]
   c.batch_size = batch
   c.total_steps = steps
-  c.optimizer = dict(name="adamw", lr=2e-4, weight_decay=1e-4, clip_norm=1.0,
-                     schedule=dict(kind="cosine", warmup_steps=max(steps // 10, 1)),
-                     lr_mults=((NEW_HEADS, 20.0),) if task in ("scr", "cr") else (),
-                     freeze=("batch_stats/.*", UNUSED_HEADS, r"params/vil/mvc_scale"))
-  c.checkpoint = dict(every_steps=steps, keep=1, best_metric=None, best_mode="max")
+  c.optimizer = common.adamw(2e-4, 1e-4, warmup_steps=max(steps // 10, 1),
+                             lr_mults=((NEW_HEADS, 20.0),) if task in ("scr", "cr") else (),
+                             freeze=("batch_stats/.*", UNUSED_HEADS, r"params/vil/mvc_scale"))
+  c.checkpoint = common.checkpoint(steps, keep=1)
   c.log_every_steps = 25
   evals = {
-      "retrieval": dict(type="retrieval", split="test", protocols=("full", "sample100"),
-                        every=0),
+      "retrieval": common.retrieval("test", ("full", "sample100")),
       "tgir": dict(type="tgir", split="validation", every=0),
       "scr": dict(type="classification", split="test", every=0),
       "cr": dict(type="classification", split="test", every=0),
@@ -130,10 +121,9 @@ def get_config(arg: str = "tgir_smoke"):
     c.batch_size = {"retrieval": 256, "tgir": 32, "scr": 64, "cr": 64, "ocir": 64}[task]
     c.total_steps = {"retrieval": 20000, "tgir": 30000, "scr": 20000, "cr": 20000,
                      "ocir": 30000}[task]
-    c.optimizer = dict(
-        name="adamw", lr=1e-5, weight_decay=1e-4, clip_norm=None,
-        schedule=dict(kind="cosine", warmup_steps=1000), lr_mults=((FAST_GROUP, 20.0),),
+    c.optimizer = common.adamw(
+        1e-5, 1e-4, warmup_steps=1000, clip_norm=None, lr_mults=((FAST_GROUP, 20.0),),
         freeze=("batch_stats/.*", UNUSED_HEADS, r"params/vil/mvc_scale"))
-    c.checkpoint = dict(every_steps=2000, keep=2, best_metric=None, best_mode="max")
+    c.checkpoint = common.checkpoint(2000, keep=2)
     c.log_every_steps = 100
-  return c
+  return config_check.with_defaults(c)

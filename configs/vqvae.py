@@ -27,6 +27,9 @@ base: 224 px -> 7 x 7 codes, the grid of ResNet-50 in configs/fashionvil.py:base
 
 import ml_collections
 
+from configs import common
+from fashion_jax.train import config_check
+
 VARIANTS = ("smoke", "base")  # fashion_jax/prepare/vq_codes.py picks the one that matches.
 
 
@@ -46,13 +49,12 @@ def get_config(arg: str = "smoke"):
                  beta=0.25, codebook="ema", ema_decay=0.99, restart_below=0.03, grid=4)
   c.init = dict()
   c.objective = dict()
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = common.DATA_MESH
   c.batch_size = 64
   c.total_steps = 1500
-  c.optimizer = dict(name="adamw", lr=1e-3, weight_decay=0.0, clip_norm=1.0,
-                     schedule=dict(kind="cosine", warmup_steps=50))
-  c.checkpoint = dict(every_steps=500, keep=2, best_metric="validation/vq/recon_mse",
-                      best_mode="min")
+  c.optimizer = common.adamw(1e-3, 0.0, warmup_steps=50)
+  c.checkpoint = common.checkpoint(500, keep=2, best_metric="validation/vq/recon_mse",
+                                   best_mode="min")
   c.log_every_steps = 25
   c.evals = dict(vq_validation=dict(type="vq", split="validation",
                                     every=500))
@@ -65,6 +67,6 @@ def get_config(arg: str = "smoke"):
     c.batch_size = 128
     c.total_steps = 20000
     c.optimizer.schedule = dict(kind="cosine", warmup_steps=500)
-    c.checkpoint = dict(every_steps=2000, keep=2, best_metric="validation/vq/recon_mse",
-                        best_mode="min")
-  return c
+    c.checkpoint = common.checkpoint(2000, keep=2, best_metric="validation/vq/recon_mse",
+                                     best_mode="min")
+  return config_check.with_defaults(c)

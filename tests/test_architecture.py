@@ -8,6 +8,9 @@ import ast
 import collections
 import pathlib
 
+from fashion_jax import configs
+from fashion_jax.train import config_check
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROJECT_MODULES = ("fashion_jax", "launch", "configs", "benchmarks", "experiments", "tests")
 # Product entry points: everything else (benchmarks, experiments, one-off reports) lives apart.
@@ -182,3 +185,11 @@ if __name__ == "__main__":
   hidden = package_cycles(package_graph(include_function_level=True))
   print(f"... counting function-level imports too: {len(hidden)} {hidden}")
   print(f"references to the developers' private folder: {private_references()}")
+
+
+def test_every_config_ends_with_defaults():
+  """Each config module returns `config_check.with_defaults(...)`, so every trainer key (e.g.
+  grad_accum_steps) exists and can be overridden on the command line."""
+  for name in configs.names():
+    config = configs.get(name)
+    assert config == config_check.with_defaults(config), name
