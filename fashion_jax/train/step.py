@@ -2,45 +2,32 @@
 
     step(state, batch) -> (state', metrics)
 
-`batch` is a dict of global arrays [B, ...] split over the batch axes (data, fsdp); `state` is
-donated, so the update happens in place. The per-step key is
-`fold_in(wrap_key_data(state.rng), state.step)` (and `fold_in(., i)` for micro-batch i).
+`batch`: a dict of global arrays [B, ...] split over the batch axes (data, fsdp). `state` is
+donated. The per-step key is `fold_in(wrap_key_data(state.rng), state.step)` (then
+`fold_in(., i)` for micro-batch i).
 
-Gradient accumulation (grad_accum_steps = A > 1): the global batch is split into A micro-batches
-of B/A rows; micro-batch i takes rows {i, A+i, 2A+i, ...} (a reshape to [B/A, A, ...] and a
-transpose), so every device keeps contributing the same share of every micro-batch and no rows
-move between devices. A `lax.scan` sums loss, metrics and gradients over the micro-batches; the
-sums are divided by A. For a loss that is a mean of per-example terms this equals the full-batch
-loss and gradient up to rounding. It is NOT the same objective for a contrastive loss over the
-batch (InfoNCE): each micro-batch only sees B/A - 1 negatives per example. We keep that
-standard semantics (memory is the reason to accumulate) and say so here rather than hiding it.
+Gradient accumulation (grad_accum_steps = A > 1): micro-batch i takes rows {i, A+i, 2A+i, ...}
+(a reshape and transpose: no rows move between devices); a `lax.scan` sums loss, metrics and
+gradients, then divides by A. For a mean of per-example losses this is the full-batch gradient up
+to rounding; for a batch-contrastive loss (InfoNCE, sigmoid) it is NOT: each micro-batch sees only
+B/A - 1 negatives (the standard semantics; accumulation exists to save memory).
 
-Metrics (all float32 scalars, prefixed 'train/'): the system's metrics, plus `loss`,
-`grad_norm` (global L2 norm of the raw gradients, frozen params included), `param_norm`
-(after the update) and `lr` (the base schedule at this step, before per-group multipliers).
-`grad_norm` and `param_norm` let the NaN guard catch a non-finite update even when the loss of
-that step was finite.
+Metrics (float32 scalars, prefixed 'train/'): the system's, plus `loss`, `grad_norm` (global L2
+norm of the raw gradients), `param_norm` (after the update) and `lr` (the base schedule, before
+per-group multipliers).
 
-State that is not learned by gradients (BatchNorm running statistics, an EMA codebook): a system
-whose params are a dict of collections may declare `mutable_collections = ('batch_stats', ...)`.
-Its `loss` then returns `(loss, (metrics, new_state))` with `new_state` a dict giving the new
-value of each of those collections (same structure as `params[name]`). The step zeroes their
-gradients (they add nothing to grad_norm or Adam's moments) and overwrites them with
-`new_state` after the optimizer update (so weight decay never reaches running statistics), so the state is sharded, donated and
-checkpointed like the parameters. With gradient accumulation the new states of the A
-micro-batches are averaged (for running means / EMAs this is one update with the mean of the
-micro-batch statistics; the sequential order of A small updates is not reproduced).
+Non-gradient state (BatchNorm statistics, an EMA codebook): a system may declare
+`mutable_collections = ('batch_stats', ...)`; its `loss` then returns
+`(loss, (metrics, new_state))`. Those collections get zero gradients and are overwritten with
+`new_state` after the update (so weight decay never reaches them); with accumulation the A new
+states are averaged.
 
-Skipping non-finite steps (`skip_non_finite`, the trainer's nan_policy='skip'): with
+Skipping non-finite steps (nan_policy='skip'): with
     ok = isfinite(loss) & isfinite(grad_norm) & isfinite(||params'||)
-(params' = the updated params, non-gradient state included) the step returns
-`where(ok, params', params)` and `where(ok, opt_state', opt_state)` leaf by leaf, inside the same
-jitted computation, so a NaN/inf batch or gradient leaves params and the optimizer moments
-untouched (Adam's moments would otherwise be poisoned for good). The step counter still
-advances (the batch was consumed; the schedule and the per-step rng stay aligned with the data).
-The metric `train/skipped` is 1.0 for a skipped step and 0.0 otherwise; `param_norm` is the norm
-of the params kept; the other metrics are those of the attempted step, so the trainer can name
-the first non-finite one.
+the step returns `where(ok, new, old)` for params and optimizer state, inside the same jitted
+computation, so a NaN batch never poisons Adam's moments. The step counter still advances (the
+batch was consumed). `train/skipped` is 1.0 for a skipped step; `param_norm` is that of the params
+kept; the other metrics are the attempted step's, so the trainer can name the non-finite one.
 """
 
 from collections.abc import Callable
