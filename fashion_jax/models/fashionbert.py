@@ -8,7 +8,7 @@ from the BERT tokenizer, which already holds [CLS] ... [SEP] [PAD]...):
              CNN = ResNet (ResNet-50 pooled, F = 2048, as the paper; the 'tiny' variant, F = 64,
              for smoke runs), inference-mode BatchNorm, FROZEN: the paper extracts the patch
              features once with a pretrained network, which is also what lets
-             launch/precompute_patches.py cache them for the cross-encoder evaluation.
+             `launch.prepare` (fashion_jax/prepare/patches.py) cache them.
              cnn = None ('pixels', a smoke-scale choice, NOT the paper's): each normalised
              patch average-pooled to q x q cells (q = pixel_pool; p % q == 0), flattened in
              (row, col, channel) order, F = 3 q^2. No parameters, so it is frozen and the MPM

@@ -125,7 +125,7 @@ def _training_pass(module: fb_lib.FashionBert, ids, text_mask, images, features,
                    deterministic: bool):
   """(features [B, P, F], hidden [B, L + P, D], align logits [B, 2]) in one bound call.
 
-  `features` (cached patch features, launch/precompute_patches.py) replace the CNN over `images`
+  `features` (cached patch features: `launch.prepare`, fashion_jax/prepare/patches.py) replace the CNN over `images`
   when given."""
   if features is None:
     features = module.patch_features(images)
