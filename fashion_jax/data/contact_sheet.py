@@ -7,13 +7,13 @@ build). `sheet` draws [(views, title, subtitle)] as one RGB image: per product t
 up to three more views at half size, and two text lines.
 """
 
-import importlib
 import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import tensorflow_datasets as tfds
 
+from fashion_jax.data import registry
 from fashion_jax.data import render
 from fashion_jax.data.builders import synthetic_catalog
 
@@ -23,10 +23,9 @@ _BG = (255, 255, 255)
 
 def products_from_dataset(dataset, split, num, data_dir=None):
   """[(images, title, subtitle)] from a prepared TFDS dataset, or None if it is not prepared."""
-  # Builders register with tfds when their module is imported.
-  importlib.import_module(f"fashion_jax.data.builders.{dataset.split('/')[0]}")
-  builder = tfds.builder(dataset, data_dir=data_dir)
-  if not builder.is_prepared():
+  try:
+    builder = registry.prepared_builder(dataset, data_dir or "")
+  except FileNotFoundError:
     return None
   ds = builder.as_dataset(split=split, shuffle_files=False).take(num)
   out = []

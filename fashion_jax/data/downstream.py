@@ -30,13 +30,13 @@ global stream position p = step * b + row, so start_step=n yields exactly batche
 """
 
 import functools
-import importlib
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fashion_jax.data import pipeline
+from fashion_jax.data import registry
 from fashion_jax.data import tokenizers
 
 UNKNOWN = "<unknown>"
@@ -45,17 +45,7 @@ _MAX_EPOCHS = 2**40
 
 def builder(name: str, data_dir: str = ""):
   """The prepared TFDS builder `name` ('fashioniq/triplets', ...); a clear error if not built."""
-  module = f"fashion_jax.data.builders.{name.split('/')[0]}"
-  try:
-    importlib.import_module(module)
-  except ModuleNotFoundError:
-    pass  # A dataset registered elsewhere or readable from data_dir.
-  b = tfds.builder(name, data_dir=data_dir or None)
-  if not b.is_prepared():
-    raise FileNotFoundError(
-        f"Dataset {name!r} is not built in data_dir={b.data_dir!r}; build it with "
-        f"`python -m launch.build_data --dataset={name} --data_dir=DIR --manual_dir=...`.")
-  return b
+  return registry.prepared_builder(name, data_dir, build_flags="--data_dir=DIR --manual_dir=...")
 
 
 @functools.lru_cache(maxsize=32)

@@ -20,10 +20,9 @@ and search/api users of those must not pay for TensorFlow.
 """
 
 import functools
-import importlib
-import importlib.util
 from typing import Any, NamedTuple
 
+from fashion_jax.data import registry
 from fashion_jax.evaluate import base
 
 
@@ -33,27 +32,11 @@ class DatasetInfo(NamedTuple):
   fields: tuple[str, ...]    # scalar text features, sorted
 
 
-def _builder(name: str, data_dir: str):
-  """The prepared TFDS builder `name` ('NAME[/CONFIG]'), its builder module imported first (it
-  registers NAME, as the input pipeline does); FileNotFoundError with the build command if it
-  is not built."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  module = f"fashion_jax.data.builders.{name.split('/')[0].split(':')[0]}"
-  if importlib.util.find_spec(module) is not None:
-    importlib.import_module(module)
-  builder = tfds.builder(name, data_dir=data_dir or None)
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"Dataset {name!r} is not built in data_dir={builder.data_dir!r}; build it with "
-        f"`python -m launch.build_data --dataset={name} --data_dir=DIR`.")
-  return builder
-
-
 @functools.lru_cache(maxsize=64)
 def dataset_info(name: str, data_dir: str = "") -> DatasetInfo:
   """Splits (with sizes) and scalar text fields of a built dataset, from its metadata."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  b = _builder(name, data_dir)
+  b = registry.prepared_builder(name, data_dir)
   fields = tuple(sorted(k for k, f in b.info.features.items()
                         if isinstance(f, tfds.features.Text)))
   splits = {s: int(info.num_examples) for s, info in b.info.splits.items()}
@@ -68,7 +51,7 @@ def _split_size(name: str, data_dir: str, split: str) -> int | None:
   if split.split("[")[0] not in info.splits:
     return None
   try:
-    return int(_builder(name, data_dir).info.splits[split].num_examples)
+    return int(registry.prepared_builder(name, data_dir).info.splits[split].num_examples)
   except (ValueError, KeyError):
     return None
 
@@ -76,7 +59,7 @@ def _split_size(name: str, data_dir: str, split: str) -> int | None:
 def _texts(name: str, data_dir: str, split: str, fields: tuple[str, ...]):
   """Iterator of {field: str} over the split, in file order, images never decoded."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  b = _builder(name, data_dir)
+  b = registry.prepared_builder(name, data_dir)
   skip = {k: tfds.decode.SkipDecoding() for k in b.info.features.keys() if k not in fields}
   ds = b.as_dataset(split=split, shuffle_files=False, decoders=skip or None)
   ds = ds.map(lambda ex: {f: ex[f] for f in fields})
