@@ -44,7 +44,7 @@ variant() {  # name, then benchmark flags; XLA_FLAGS from the environment.
 run_variant() {
   case $1 in
     cudnn_tests) FASHION_JAX_TEST_PLATFORMS=cuda timeout 150 $PY -m pytest -q \
-                     -p no:cacheprovider tests/test_layers.py -k cudnn 2>&1 | tail -5 ;;
+                     -p no:cacheprovider tests/test_layers.py tests/test_siglip.py -k cudnn 2>&1 | tail -5 ;;
     einsum_b256) variant "$1" --batch=256 --profile_dir="$RES/traces/$1" ;;
     cudnn_b256) variant "$1" --batch=256 --set model.attention_impl=cudnn \
                     --profile_dir="$RES/traces/$1" ;;

@@ -1,39 +1,62 @@
-"""A small public API for notebooks and scripts: FashionCLIP embeddings and zero-shot scoring.
+"""A small public API for notebooks and scripts: CLIP / SigLIP embeddings and zero-shot scoring.
 
-  fclip = FashionCLIP.from_pretrained("path/to/hf_clip_dir")   # or one of our export dirs
-  img = fclip.encode_images(["a.jpg", pil_image, uint8_array])  # [N, P] L2-normalised numpy
-  txt = fclip.encode_text(["red dress", "black shoes"])         # [M, P] L2-normalised numpy
-  probs = fclip.zero_shot_classify(images, ["dress", "shoe"])   # [N, K], rows sum to 1
-  cls = fclip.class_embeddings(["dress", "shoe"])               # [K, P], the prompts' average
-  fclip.save_pretrained("out_dir")                              # transformers CLIPModel layout
+  model = load("path/or/hub_id")          # FashionCLIP or FashionSigLIP, by what the dir holds
+  img = model.encode_images(["a.jpg", pil_image, uint8_array])  # [N, P] L2-normalised numpy
+  txt = model.encode_text(["red dress", "black shoes"])         # [M, P] L2-normalised numpy
+  probs = model.zero_shot_classify(images, ["dress", "shoe"])   # [N, K]
+  cls = model.class_embeddings(["dress", "shoe"])               # [K, P], the prompts' average
+  model.save_pretrained("out_dir")        # transformers CLIPModel / SiglipModel layout
+  fclip = FashionCLIP.from_pretrained("path/to/hf_clip_dir")    # CLIP only, as before
+
+What `load` (= DualEncoder.from_pretrained) reads, checked in this order:
+  1. a fashion_jax training workdir (checkpoints/ + config.json): its newest checkpoint;
+  2. an open_clip directory (open_clip_config.json; interop/open_clip.py converts it to the
+     transformers layout): checked BEFORE config.json because a hub repo such as
+     Marqo/marqo-fashionSigLIP also holds a custom-code config.json (model_type 'siglip' with
+     `auto_map`) that is not a SiglipModel; remote code is never run;
+  3. a transformers directory (config.json): model_type 'clip' -> FashionCLIP, 'siglip'
+     -> FashionSigLIP; anything else (a custom-code config included) is a ValueError naming it.
+A string that is no local directory is fetched from the HF hub where the network allows.
+FashionCLIP.from_pretrained / FashionSigLIP.from_pretrained load only their own kind.
 
 Images (`encode_images`): a list (or a single item) of file paths, PIL images or uint8 arrays
-[H, W, 3] / [H, W] of any size, or a uint8 array [N, H, W, 3]. These are preprocessed like
-transformers' CLIPProcessor: RGB, bicubic resize of the short side to the model's image_size
-(long side int(size * long / short)), centre crop, then /255 and CLIP mean/std (on the device).
-A FLOAT array is taken as already-preprocessed pixel values and must be 4-D, [N, 3, S, S]
-(CLIPProcessor's channels-first output) or [N, S, S, 3]; a dimension 1 of size 3 means
-channels-first.
+[H, W, 3] / [H, W] of any size, or a uint8 array [N, H, W, 3]. RGB, then resized to the model's
+image_size S like its processor:
+  CLIP ('shortest'): bicubic resize of the short side to S (long side int(S * long / short)),
+    centre crop (transformers' CLIPProcessor);
+  SigLIP ('squash'): bicubic resize to S x S, aspect ratio not kept, no crop
+    (SiglipImageProcessor);
+then /255 and the model's mean/std on the device (CLIP's statistics, 0.5 / 0.5 for SigLIP; an
+open_clip directory's preprocess_cfg sets mean, std, interpolation and resize mode). A FLOAT
+array is taken as already-preprocessed pixel values and must be 4-D, [N, 3, S, S] (the
+processors' channels-first output) or [N, S, S, 3]; a dimension 1 of size 3 means channels-first.
 
 Texts (`encode_text`) go through the checkpoint's own tokenizer (AutoTokenizer from the
-directory), truncated to the model's context like the tokenizer does (BOS ... EOS kept) and
-padded to the context.
+directory; an open_clip directory without one names its hub tokenizer), truncated to the
+model's context like the tokenizer does (BOS ... EOS kept):
+  CLIP: padded to the context, and the attention mask is passed (causal; EOS pooling);
+  SigLIP: padded to the context (64) with the tokenizer's pad id, which for SigLIP's
+    tokenizer is the EOS id, and NO attention mask: the model pools the last token and was
+    trained on such EOS-padded, unmasked text (transformers' docs: padding="max_length").
+An open_clip directory's text cleaning ('canonicalize', 'lower', 'whitespace') is applied before
+tokenizing (open_clip.clean_text).
 
 Zero-shot scoring uses evaluate/prompts.py, the one definition the zero-shot evaluator and the
-configs' zero-shot evaluations use too (the reference package's benchmark and its API used
-different prompts): each label's class embedding is the re-normalised average of the normalised
-embeddings of its prompts (prompts.TEMPLATES = "a photo of a {}" and the bare label), and
-probs = softmax(logit_scale * normalize(img) @ class^T), with the model's own clamped logit
-scale (the reference package normalised only one side and dropped the scale).
-
-`FashionCLIP.from_pretrained(workdir)` (or `from_workdir(workdir, step=...)`) loads a training
-run's checkpoint directly, with the run's own tokenizer.
+configs' zero-shot evaluations use too: each label's class embedding is the re-normalised average
+of the normalised embeddings of its prompts (prompts.TEMPLATES = "a photo of a {}" and the bare
+label), and with z = logit_scale * cos(image, class):
+  CLIP:   probs = softmax(z) over the labels (each row sums to 1);
+  SigLIP: probs = sigmoid(z + logit_bias), one independent probability per label (rows do NOT
+          sum to 1): how SigLIP was trained and how transformers' SiglipModel is read.
+The scale (and bias) are the model's own.
 """
 
+import dataclasses
 import os
 import pathlib
 from typing import Any, Optional, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,88 +64,202 @@ import numpy as np
 from fashion_jax.evaluate import prompts
 from fashion_jax.interop import hf_clip
 from fashion_jax.interop import hf_io
+from fashion_jax.interop import hf_siglip
+from fashion_jax.interop import open_clip as open_clip_lib
 from fashion_jax.models import clip as clip_lib
+from fashion_jax.models import siglip as siglip_lib
 from fashion_jax.train import restore
+
+RESIZE_MODES = ("shortest", "squash")
+_INTERPOLATIONS = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Image codes.
 
 
 def _load_tokenizer(path: pathlib.Path):
   """The tokenizer saved in an HF directory, or None when there is none."""
-  names = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+  names = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spiece.model")
   if not any((path / n).exists() for n in names):
     return None
   import transformers  # pylint: disable=g-import-not-at-top
   return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
-def resize_and_crop(image, size: int) -> np.ndarray:
-  """PIL image -> uint8 [size, size, 3]: RGB, bicubic short side -> size, centre crop."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+def _resample(interpolation: str) -> int:
+  if interpolation not in _INTERPOLATIONS:
+    raise ValueError(f"Unknown interpolation {interpolation!r}; expected one of "
+                     f"{sorted(_INTERPOLATIONS)}.")
+  return _INTERPOLATIONS[interpolation]
+
+
+def resize_and_crop(image, size: int, interpolation: str = "bicubic") -> np.ndarray:
+  """PIL image -> uint8 [size, size, 3]: RGB, short side -> size, centre crop (CLIP)."""
   image = image.convert("RGB")
   w, h = image.size
   short, long = min(w, h), max(w, h)
   new_long = int(size * long / short)
   new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-  image = image.resize((new_w, new_h), resample=Image.BICUBIC)
+  image = image.resize((new_w, new_h), resample=_resample(interpolation))
   top, left = (new_h - size) // 2, (new_w - size) // 2
   return np.asarray(image, np.uint8)[top:top + size, left:left + size]
 
 
-class FashionCLIP:
-  """FashionCLIP inference: see the module docstring.
+def resize_squash(image, size: int, interpolation: str = "bicubic") -> np.ndarray:
+  """PIL image -> uint8 [size, size, 3]: RGB, resized to size x size, no crop (SigLIP)."""
+  image = image.convert("RGB").resize((size, size), resample=_resample(interpolation))
+  return np.asarray(image, np.uint8)
+
+
+class DualEncoder:
+  """Inference with an image tower and a text tower; see the module docstring.
+
+  Subclasses (FashionCLIP, FashionSigLIP) set the model, the resize mode, how text is fed and
+  how zero-shot scores are read. `DualEncoder.from_pretrained(path)` (= `load`) picks the
+  subclass from what `path` holds.
 
   Args:
-    config: the model's CLIPConfig.
+    config: the model's config (CLIPConfig / SiglipConfig).
     params: the 'params' collection (numpy or jax arrays; boxes are unwrapped).
     tokenizer: a transformers tokenizer, or None (then encode_text raises).
     batch_size: images / texts per forward pass.
+    resize_mode: 'shortest' (resize + centre crop) or 'squash'; None: the model's default.
+    interpolation: the resize filter, 'bicubic' (both models' default), 'bilinear', ...
+    text_clean: None (the tokenizer's own handling) or an open_clip cleaning applied before
+      tokenizing (open_clip.CLEAN_KINDS: 'canonicalize', 'lower', 'whitespace').
+    context_length: tokens per text (default and maximum: the model's max_len).
   """
+  KIND_NAME = "CLIP or SigLIP"
+  DEFAULT_RESIZE = "shortest"
+  USES_TEXT_MASK = True
 
-  def __init__(self, config: clip_lib.CLIPConfig, params: Any, tokenizer: Optional[Any] = None,
-               batch_size: int = 32):
+  def __init__(self, config: Any, params: Any, tokenizer: Optional[Any] = None,
+               batch_size: int = 32, *, resize_mode: Optional[str] = None,
+               interpolation: str = "bicubic", text_clean: Optional[str] = None,
+               context_length: Optional[int] = None):
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     self.config = config
     self.params = jax.tree.map(jnp.asarray, nn.unbox(params))
     self.tokenizer = tokenizer
     self.batch_size = batch_size
-    model = clip_lib.CLIPModel(config)
+    self.resize_mode = resize_mode or self.DEFAULT_RESIZE
+    if self.resize_mode not in RESIZE_MODES:
+      raise ValueError(f"Unknown resize_mode {self.resize_mode!r}; expected one of "
+                       f"{RESIZE_MODES}.")
+    _resample(interpolation)
+    self.interpolation = interpolation
+    if text_clean is not None and text_clean not in open_clip_lib.CLEAN_KINDS:
+      raise ValueError(f"Unknown text_clean {text_clean!r}; expected None or one of "
+                       f"{open_clip_lib.CLEAN_KINDS}.")
+    self.text_clean = text_clean
+    self.context_length = int(context_length or config.text.max_len)
+    if not 0 < self.context_length <= config.text.max_len:
+      raise ValueError(f"context_length={context_length} exceeds the model's max_len="
+                       f"{config.text.max_len}.")
+    model = self._make_model(config)
+    cls = type(model)
     self._encode_images = jax.jit(
         lambda p, x, normalize: model.apply({"params": p}, x, normalize,
-                                            method=clip_lib.CLIPModel.encode_images),
-        static_argnums=2)
+                                            method=cls.encode_images), static_argnums=2)
     self._encode_texts = jax.jit(
         lambda p, ids, mask, normalize: model.apply({"params": p}, ids, mask, normalize,
-                                                    method=clip_lib.CLIPModel.encode_texts),
-        static_argnums=3)
-    self._scale = jax.jit(lambda p: model.apply({"params": p},
-                                                method=clip_lib.CLIPModel.logit_scale))
+                                                    method=cls.encode_texts), static_argnums=3)
+    self._scale = jax.jit(lambda p: model.apply({"params": p}, method=cls.logit_scale))
 
+  def _make_model(self, config: Any):
+    raise NotImplementedError
+
+  # ------------------------------------------------------------------------------- loading
   @classmethod
-  def from_pretrained(cls, path: str, batch_size: int = 32, **runtime) -> "FashionCLIP":
-    """From a transformers CLIPModel directory (ours or HF's), a hub id where reachable, or a
-    fashion_jax training workdir (its newest checkpoint; see `from_workdir`).
-
-    `runtime`: dtype / scan / remat_policy of the CLIPConfig.
-    """
+  def from_pretrained(cls, path: str, batch_size: int = 32, **runtime) -> "DualEncoder":
+    """From a training workdir, an open_clip directory, or a transformers CLIPModel /
+    SiglipModel directory (or hub id); see the module docstring. `runtime`: dtype / scan /
+    remat_policy / attention_impl of the model config. Called on a subclass, a checkpoint of
+    the other kind is a ValueError."""
     local = pathlib.Path(os.path.expanduser(str(path)))
     if (local / "checkpoints").is_dir() and (local / "config.json").exists():
       return cls.from_workdir(str(local), batch_size=batch_size)
     root = hf_io.resolve_hf_path(path)  # A local directory, or the hub snapshot's.
-    config, params = hf_clip.load_clip(str(root), **runtime)
-    return cls(config, params, _load_tokenizer(root), batch_size=batch_size)
+    if open_clip_lib.is_open_clip_dir(root):
+      return cls._from_open_clip(path, root, batch_size, runtime)
+    hf_config, _ = hf_io.load_hf_config(str(root))
+    if hf_config.get("auto_map"):
+      raise ValueError(
+          f"{path}: config.json is custom code (auto_map={hf_config['auto_map']}, "
+          f"model_type={hf_config.get('model_type')!r}), not a transformers CLIPModel or "
+          "SiglipModel, and there is no open_clip_config.json beside it; remote code is never "
+          "run.")
+    model_type = hf_config.get("model_type")
+    target = _KINDS.get(model_type)
+    if target is None:
+      raise ValueError(f"{path}: model_type {model_type!r} is not a CLIP or SigLIP model "
+                       f"(expected one of {sorted(_KINDS)}).")
+    cls._check_kind(target, path)
+    if target is FashionSigLIP:
+      config, params = hf_siglip.load_siglip(str(root), **runtime)
+    else:
+      config, params = hf_clip.load_clip(str(root), **runtime)
+    return target(config, params, _load_tokenizer(root), batch_size=batch_size)
+
+  @classmethod
+  def _check_kind(cls, target: type, path: str) -> None:
+    if not issubclass(target, cls):
+      raise ValueError(f"{path} is a {target.KIND_NAME} checkpoint, not a {cls.KIND_NAME} one: "
+                       f"load it with fashion_jax.api.load(path) (or {target.__name__}"
+                       ".from_pretrained).")
+
+  @classmethod
+  def _from_open_clip(cls, path: str, root: pathlib.Path, batch_size: int,
+                      runtime: dict) -> "DualEncoder":
+    """An open_clip directory through interop/open_clip.py's transformers-layout conversion."""
+    ckpt = open_clip_lib.to_hf(root)
+    if ckpt.kind not in _KINDS:
+      raise ValueError(f"{path}: open_clip model kind {ckpt.kind!r}, expected one of "
+                       f"{sorted(_KINDS)}.")
+    target = _KINDS[ckpt.kind]
+    cls._check_kind(target, path)
+    pre = dict(ckpt.preprocess or {})
+    if target is FashionSigLIP:
+      config = siglip_lib.SiglipConfig.from_hf(ckpt.hf_config, **runtime)
+    else:
+      config = clip_lib.CLIPConfig.from_hf(ckpt.hf_config, **runtime)
+    vision = dataclasses.replace(
+        config.vision, image_mean=tuple(pre.get("mean", config.vision.image_mean)),
+        image_std=tuple(pre.get("std", config.vision.image_std)))
+    config = config.replace(vision=vision)
+    if target is FashionSigLIP:
+      params = hf_siglip.hf_state_to_params(config, ckpt.hf_state)
+    else:
+      params = hf_clip.hf_state_to_params(config, ckpt.hf_state)
+    tokenizer = _load_tokenizer(root)
+    if tokenizer is None and ckpt.tokenizer_name:
+      import transformers  # pylint: disable=g-import-not-at-top
+      try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.tokenizer_name)
+      except Exception as e:  # pylint: disable=broad-except  Offline, unknown id: text disabled.
+        logging.warning("%s: tokenizer %r could not be loaded (%s: %s); encode_text will raise.",
+                        path, ckpt.tokenizer_name, type(e).__name__, e)
+    return target(config, params, tokenizer, batch_size=batch_size,
+                  resize_mode=pre.get("resize_mode"),
+                  interpolation=pre.get("interpolation", "bicubic"),
+                  text_clean=ckpt.text_clean,
+                  context_length=ckpt.context_length)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: Optional[int] = None,
-                   batch_size: int = 32) -> "FashionCLIP":
-    """From checkpoint `step` (None = newest) of a FashionCLIP training run's workdir."""
+                   batch_size: int = 32) -> "DualEncoder":
+    """From checkpoint `step` (None = newest) of a CLIP or SigLIP training run's workdir."""
     system, params, _ = restore.load_trained(workdir, step=step)
-    if not hasattr(system, "model_config") or not isinstance(system.model_config,
-                                                             clip_lib.CLIPConfig):
-      raise ValueError(f"{workdir} holds a {system.config.system!r} run, not a CLIP model.")
-    return cls(system.model_config, params, system.tokenizer.hf, batch_size=batch_size)
+    model_config = getattr(system, "model_config", None)
+    target = next((t for c, t in ((clip_lib.CLIPConfig, FashionCLIP),
+                                  (siglip_lib.SiglipConfig, FashionSigLIP))
+                   if isinstance(model_config, c)), None)
+    if target is None:
+      raise ValueError(f"{workdir} holds a {system.config.system!r} run, not a CLIP or SigLIP "
+                       "model.")
+    cls._check_kind(target, workdir)
+    return target(model_config, params, system.tokenizer.hf, batch_size=batch_size)
 
   @property
   def logit_scale(self) -> float:
-    """The clamped exp of the learnt log scale."""
+    """exp of the learnt log scale."""
     return float(self._scale(self.params))
 
   # ---------------------------------------------------------------------------------- images
@@ -142,7 +279,8 @@ class FashionCLIP:
       images = list(images)
     elif not isinstance(images, (list, tuple)):
       images = [images]
-    return np.stack([resize_and_crop(self._to_pil(im), s) for im in images])
+    resize = resize_and_crop if self.resize_mode == "shortest" else resize_squash
+    return np.stack([resize(self._to_pil(im), s, self.interpolation) for im in images])
 
   @staticmethod
   def _to_pil(image):
@@ -169,20 +307,35 @@ class FashionCLIP:
     return self._batched(lambda chunk: self._encode_images(self.params, chunk, normalize), x)
 
   # ------------------------------------------------------------------------------------ text
-  def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> (ids, attention_mask), int32 [M, max_len], truncated and padded to max_len."""
+  def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Texts -> (ids int32 [M, context_length], attention_mask int32 [M, L] or None).
+
+    Cleaned (text_clean), truncated and padded to context_length with the tokenizer's pad id
+    (its EOS when it has no pad token). The mask is None for a model fed without one (SigLIP).
+    """
     if self.tokenizer is None:
-      raise ValueError("This FashionCLIP has no tokenizer: load a directory that holds one or "
-                       "pass tokenizer= to the constructor.")
+      raise ValueError(f"This {type(self).__name__} has no tokenizer: load a directory that "
+                       "holds one or pass tokenizer= to the constructor.")
     if isinstance(texts, str):
       texts = [texts]
-    enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                         max_length=self.config.text.max_len, return_tensors="np")
-    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    if self.text_clean is not None:
+      texts = [open_clip_lib.clean_text(self.text_clean, t) for t in texts]
+    n = self.context_length
+    rows = self.tokenizer(texts, truncation=True, max_length=n)["input_ids"]
+    pad = self.tokenizer.pad_token_id
+    pad = self.tokenizer.eos_token_id if pad is None else pad
+    ids = np.full((len(rows), n), pad, np.int32)
+    mask = np.zeros((len(rows), n), np.int32)
+    for i, row in enumerate(rows):
+      ids[i, :len(row)] = row
+      mask[i, :len(row)] = 1
+    return ids, (mask if self.USES_TEXT_MASK else None)
 
   def encode_text(self, texts: Sequence[str], normalize: bool = True) -> np.ndarray:
     """Texts -> float32 [M, P] (L2-normalised unless normalize=False)."""
     ids, mask = self.tokenize(texts)
+    if mask is None:
+      return self._batched(lambda c: self._encode_texts(self.params, c, None, normalize), ids)
     both = np.concatenate([ids, mask], axis=1)
     l = ids.shape[1]
     return self._batched(
@@ -195,18 +348,20 @@ class FashionCLIP:
     return prompts.class_embeddings(lambda texts: self.encode_text(texts, normalize=False),
                                     labels, templates)
 
+  def probabilities(self, logits: np.ndarray) -> np.ndarray:
+    """Zero-shot probabilities [N, K] from logit_scale * cos [N, K] (module docstring)."""
+    raise NotImplementedError
+
   def zero_shot_classify(self, images: Any, labels: Sequence[str],
                          templates: str | Sequence[str] = prompts.TEMPLATES) -> np.ndarray:
     """Images, K labels -> probabilities [N, K] against `class_embeddings(labels, templates)`
-    (a single string is one template)."""
+    (a single string is one template); softmax for CLIP, per-label sigmoid for SigLIP."""
     cls = self.class_embeddings(labels, templates)
-    return prompts.probabilities(
-        prompts.logits(self.encode_images(images), cls, self.logit_scale))
+    return self.probabilities(prompts.logits(self.encode_images(images), cls, self.logit_scale))
 
   def save_pretrained(self, out_dir: str, overwrite: bool = False) -> pathlib.Path:
-    """Writes a transformers CLIPModel directory (weights, config, tokenizer, preprocessor)."""
-    return hf_clip.save_clip(out_dir, self.config, self.params, self.tokenizer,
-                             overwrite=overwrite)
+    """Writes a transformers directory (weights, config, tokenizer, preprocessor)."""
+    raise NotImplementedError
 
   def _batched(self, fn, x: np.ndarray) -> np.ndarray:
     """fn over chunks of `batch_size` rows; the last chunk is padded so shapes stay fixed."""
@@ -222,3 +377,64 @@ class FashionCLIP:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
       outs.append(np.asarray(fn(jnp.asarray(chunk)))[:bs - pad])
     return np.concatenate(outs)
+
+
+class FashionCLIP(DualEncoder):
+  """CLIP inference (transformers CLIPModel layout): softmax zero-shot, masked causal text."""
+  KIND_NAME = "CLIP"
+  DEFAULT_RESIZE = "shortest"
+  USES_TEXT_MASK = True
+
+  def _make_model(self, config: clip_lib.CLIPConfig):
+    return clip_lib.CLIPModel(config)
+
+  def probabilities(self, logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax (prompts.probabilities): each row sums to 1."""
+    return prompts.probabilities(logits)
+
+  def save_pretrained(self, out_dir: str, overwrite: bool = False) -> pathlib.Path:
+    """Writes a transformers CLIPModel directory (weights, config, tokenizer, preprocessor)."""
+    return hf_clip.save_clip(out_dir, self.config, self.params, self.tokenizer,
+                             overwrite=overwrite)
+
+
+class FashionSigLIP(DualEncoder):
+  """SigLIP inference (transformers SiglipModel layout): per-label sigmoid zero-shot, text
+  padded to the context with EOS and no attention mask, squash resize."""
+  KIND_NAME = "SigLIP"
+  DEFAULT_RESIZE = "squash"
+  USES_TEXT_MASK = False
+
+  def __init__(self, config: siglip_lib.SiglipConfig, params: Any, *args, **kwargs):
+    super().__init__(config, params, *args, **kwargs)
+    model = siglip_lib.SiglipModel(config)
+    self._bias = jax.jit(lambda p: model.apply({"params": p},
+                                               method=siglip_lib.SiglipModel.logit_bias))
+
+  def _make_model(self, config: siglip_lib.SiglipConfig):
+    return siglip_lib.SiglipModel(config)
+
+  @property
+  def logit_bias(self) -> float:
+    """The learnt bias b of logits = scale * cos + b."""
+    return float(self._bias(self.params))
+
+  def probabilities(self, logits: np.ndarray) -> np.ndarray:
+    """sigmoid(logits + logit_bias) per label, computed in float64: rows do not sum to 1."""
+    z = np.asarray(logits, np.float64) + self.logit_bias
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+  def save_pretrained(self, out_dir: str, overwrite: bool = False) -> pathlib.Path:
+    """Writes a transformers SiglipModel directory (weights, config, tokenizer, preprocessor)."""
+    return hf_siglip.save_siglip(out_dir, self.config, self.params, self.tokenizer,
+                                 overwrite=overwrite)
+
+
+_KINDS = {"clip": FashionCLIP, "siglip": FashionSigLIP}
+
+
+def load(path: str, batch_size: int = 32, **runtime) -> DualEncoder:
+  """FashionCLIP or FashionSigLIP from `path` (DualEncoder.from_pretrained; module docstring)."""
+  return DualEncoder.from_pretrained(path, batch_size=batch_size, **runtime)
+
+

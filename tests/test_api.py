@@ -6,6 +6,7 @@ import torch
 import transformers
 from PIL import Image
 
+from fashion_jax import api
 from fashion_jax.api import FashionCLIP
 from tests.test_clip_parity import TEXTS, make_hf_clip, make_tokenizer, random_images
 
@@ -114,3 +115,25 @@ def test_bad_inputs_raise_clear_errors(fclip):
   bare = FashionCLIP(fclip.config, fclip.params, tokenizer=None)
   with pytest.raises(ValueError, match="has no tokenizer"):
     bare.encode_text(["red dress"])
+
+
+def test_load_picks_clip_and_subclasses_refuse_the_other_kind(hf_dir, fclip):
+  path, _ = hf_dir
+  model = api.load(str(path))
+  assert type(model) is FashionCLIP and model.config == fclip.config
+  with pytest.raises(ValueError, match="is a CLIP checkpoint, not a SigLIP one"):
+    api.FashionSigLIP.from_pretrained(str(path))
+
+
+def test_text_clean_is_applied_before_the_tokenizer(fclip):
+  plain = FashionCLIP(fclip.config, fclip.params, fclip.tokenizer)
+  clean = FashionCLIP(fclip.config, fclip.params, fclip.tokenizer, text_clean="canonicalize")
+  ids, mask = clean.tokenize(["  Red, &amp; DRESS!"])
+  want_ids, want_mask = plain.tokenize(["red dress"])
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(mask, want_mask)
+  assert not np.array_equal(plain.tokenize(["Red, DRESS!"])[0], want_ids)
+  with pytest.raises(ValueError, match="Unknown text_clean 'ftfy'"):
+    FashionCLIP(fclip.config, fclip.params, fclip.tokenizer, text_clean="ftfy")
+  with pytest.raises(ValueError, match="Unknown resize_mode 'longest'"):
+    FashionCLIP(fclip.config, fclip.params, resize_mode="longest")

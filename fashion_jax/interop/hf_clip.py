@@ -185,8 +185,9 @@ def image_processor(config: clip_lib.CLIPConfig):
   """
   import transformers  # pylint: disable=g-import-not-at-top
   s = config.vision.image_size
-  return transformers.CLIPImageProcessorPil(size={"shortest_edge": s},
-                                            crop_size={"height": s, "width": s})
+  return transformers.CLIPImageProcessorPil(
+      size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+      image_mean=list(config.vision.image_mean), image_std=list(config.vision.image_std))
 
 
 def save_clip(out_dir: str, config: clip_lib.CLIPConfig, params: Any,

@@ -43,7 +43,7 @@ def resolve_hf_path(path_or_id: str) -> pathlib.Path:
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
     local = huggingface_hub.snapshot_download(
-        str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "merges.txt"])
+        str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"])
   except Exception as e:  # Offline, unknown id, auth...: one clear message.
     raise FileNotFoundError(
         f"{path_or_id!r} is not a local directory and could not be fetched from the HF hub "

@@ -38,9 +38,6 @@ from fashion_jax.models import vit as vit_lib
 DEFAULT_LOGIT_SCALE_INIT = math.log(1 / 0.07)
 
 # Our activation name <-> transformers' hidden_act. HF's 'gelu_new' is the same tanh formula.
-_ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-_ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu_new": "gelu_tanh"}
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,6 +56,15 @@ class CLIPConfig:
   attention_impl: str = "einsum"
 
   def __post_init__(self):
+    v, t = self.vision, self.text
+    clip_shape = dict(class_token=True, ln_pre=True, patch_bias=False, pool="cls")
+    clip_text = dict(causal=True, pool="eos", projection_bias=False)
+    for tower, cfg, want in (("vision", v, clip_shape), ("text", t, clip_text)):
+      bad = {k: getattr(cfg, k) for k, w in want.items() if getattr(cfg, k) != w}
+      if bad:
+        raise ValueError(f"CLIPConfig: the {tower} tower has {bad}, not CLIP's {want}: that is "
+                         "a SigLIP-shaped tower (models/siglip.py), which a CLIPModel (and its "
+                         "transformers export) cannot hold.")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype {self.dtype!r} not in {_DTYPES}.")
     layers.check_attention_impl(self.attention_impl, self.dtype)  # At config time, not trace.
@@ -93,10 +99,10 @@ class CLIPConfig:
     v, t = d["vision_config"], d["text_config"]
 
     def act(tower, name):
-      if name not in _ACT_FROM_HF:
+      if name not in layers.ACT_FROM_HF:
         raise ValueError(f"{tower} hidden_act {name!r} is not supported; expected one of "
-                         f"{sorted(_ACT_FROM_HF)}.")
-      return _ACT_FROM_HF[name]
+                         f"{sorted(layers.ACT_FROM_HF)}.")
+      return layers.ACT_FROM_HF[name]
 
     if v.get("num_channels", 3) != 3:
       raise ValueError(f"vision num_channels={v['num_channels']} is not supported (RGB only).")
@@ -120,7 +126,7 @@ class CLIPConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     """Keyword arguments of transformers.CLIPConfig describing this architecture."""
     for tower, a in (("vision", self.vision.act), ("text", self.text.act)):
-      if a not in _ACT_TO_HF:  # Unreachable for validated configs; kept as the export guard.
+      if a not in layers.ACT_TO_HF:  # Unreachable for validated configs; kept as the export guard.
         raise ValueError(f"The {tower} activation {a!r} has no transformers equivalent: "
                          "this tower cannot be exported to CLIPModel losslessly.")
     v, t = self.vision, self.text
@@ -129,12 +135,12 @@ class CLIPConfig:
         vision_config=dict(
             hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.num_layers,
             num_attention_heads=v.num_heads, patch_size=v.patch_size, image_size=v.image_size,
-            num_channels=3, hidden_act=_ACT_TO_HF[v.act], layer_norm_eps=v.layer_norm_eps,
+            num_channels=3, hidden_act=layers.ACT_TO_HF[v.act], layer_norm_eps=v.layer_norm_eps,
             projection_dim=self.projection_dim),
         text_config=dict(
             hidden_size=t.width, intermediate_size=t.mlp_dim, num_hidden_layers=t.num_layers,
             num_attention_heads=t.num_heads, vocab_size=t.vocab_size,
-            max_position_embeddings=t.max_len, hidden_act=_ACT_TO_HF[t.act],
+            max_position_embeddings=t.max_len, hidden_act=layers.ACT_TO_HF[t.act],
             layer_norm_eps=t.layer_norm_eps, eos_token_id=t.eos_token_id,
             bos_token_id=t.bos_token_id, pad_token_id=t.pad_token_id,
             projection_dim=self.projection_dim))

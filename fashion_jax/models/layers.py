@@ -1,7 +1,8 @@
 """Transformer layers shared by every encoder: attention, MLP, block, and the encoder stack.
 
-One set of modules serves CLIP's towers (pre-LN, quick_gelu, causal or full mask, eps 1e-5) and
-BERT (post-LN, exact erf GELU, padding mask, eps 1e-12).
+One set of modules serves CLIP's towers (pre-LN, quick_gelu, causal or full mask, eps 1e-5),
+SigLIP's (pre-LN, tanh GELU, full mask, eps 1e-6, attention-pooling head) and BERT (post-LN,
+exact erf GELU, padding mask, eps 1e-12).
 
 API (all Flax linen; `dtype` is the compute dtype, `param_dtype` the storage dtype, float32 by
 default; every parameter carries logical axis names from fashion_jax.parallel.axes):
@@ -39,7 +40,8 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
       (x [B, L, D], deterministic=True) -> [B, L, D]
     Sub-modules `fc1` (kernel [D, F] axes (embed, mlp)), `fc2` (kernel [F, D] axes (mlp, embed)).
     act: 'quick_gelu' (x sigmoid(1.702 x), CLIP), 'gelu' (exact, erf; BERT and CLIP 'gelu'),
-    'gelu_tanh' (tanh approximation). Unknown names raise ValueError.
+    'gelu_tanh' (tanh approximation; SigLIP, transformers' 'gelu_pytorch_tanh'). Unknown names
+    raise ValueError. ACT_TO_HF / ACT_FROM_HF translate to and from transformers' hidden_act.
 
   TransformerBlock(num_heads, mlp_dim, pre_norm=True, layer_norm_eps=1e-5, act='quick_gelu',
                    dropout_rate=0., attention_dropout_rate=0., attention_impl='einsum',
@@ -48,6 +50,14 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
     pre_norm (CLIP):  x = x + drop(attn(norm1(x)));  x = x + drop(mlp(norm2(x)))
     post_norm (BERT): x = norm1(x + drop(attn(x)));  x = norm2(x + drop(mlp(x)))
     Sub-modules `norm1`, `attn`, `norm2`, `mlp`.
+
+  AttentionPool(num_heads, mlp_dim, layer_norm_eps=1e-6, act='gelu_tanh', ...)
+      (x [B, L, D]) -> [B, D]
+    Multi-head attention pooling (SigLIP's "MAP" head, transformers'
+    SiglipMultiheadAttentionPoolingHead): one learnt query `probe` [1, 1, D] attends over x,
+      a = attn(probe, x, x);  y = a + mlp(norm(a));  out = y[:, 0].
+    Sub-modules `attn` (MultiHeadAttention with kv=x: the fused in_proj of torch's
+    nn.MultiheadAttention is the q/k/v projections stacked), `norm`, `mlp`; parameter `probe`.
 
   Encoder(num_layers, <TransformerBlock fields>, scan=False, remat_policy='none')
     (attention_impl and causal included: every block's attention uses them)
@@ -80,6 +90,10 @@ HIDDEN_AXES = ("act_batch", "act_length", "act_embed")
 REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+# Our activation name <-> transformers' hidden_act ('gelu_new' is the same tanh formula).
+ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh"}
 
 
 def check_attention_impl(impl: str, dtype: Any = None) -> str:
@@ -275,6 +289,33 @@ class TransformerBlock(nn.Module):
       x = norm1(x + drop(attn(x, mask, deterministic=deterministic), deterministic))
       x = norm2(x + drop(mlp(x, deterministic), deterministic))
     return nn.with_logical_constraint(x, HIDDEN_AXES)
+
+
+class AttentionPool(nn.Module):
+  """Multi-head attention pooling [B, L, D] -> [B, D]; see the module docstring."""
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  act: str = "gelu_tanh"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  attention_impl: str = "einsum"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.with_logical_constraint(x, HIDDEN_AXES)
+    d = x.shape[-1]
+    probe = self.param("probe", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, d), self.param_dtype)
+    q = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, d))
+    a = MultiHeadAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=self.kernel_init, attention_impl=self.attention_impl,
+                           name="attn")(q, kv=x)
+    h = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(a)
+    y = a + Mlp(self.mlp_dim, act=self.act, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=self.kernel_init, name="mlp")(h)
+    return y[:, 0]
 
 
 class _ScanBlock(TransformerBlock):

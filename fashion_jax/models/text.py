@@ -1,16 +1,22 @@
-"""The CLIP text transformer (the text tower of FashionCLIP and E2).
+"""The text transformer of the CLIP and SigLIP text towers (FashionCLIP, E2, SigLIP).
 
+CLIP (the defaults; transformers' CLIPTextModel + text_projection):
   ids [B, L] (L <= max_len) -> token embedding + position embedding [B, L, D]
   -> Encoder (pre-LN blocks, causal mask, AND the padding mask when one is given)
   -> final LayerNorm: tokens [B, L, D] -> the token at the EOS position: pooled [B, D]
   -> projection (no bias): embedding [B, P]
+SigLIP (causal=False, pool='last', projection_bias=True; transformers' SiglipTextModel):
+  the same, with a bidirectional encoder (the padding mask only when one is given), the LAST
+  token pooled (pool='last': position L - 1, whatever it holds) and a projection with a bias.
+  SigLIP was trained on ids padded to max_len with pad = EOS and no padding mask, so the pooled
+  token is an EOS that attended to the whole text (the api tokenizes that way).
 
-Pooling follows transformers' CLIPTextTransformer exactly:
+EOS pooling (pool='eos') follows transformers' CLIPTextTransformer exactly:
   - eos_token_id == 2 (the legacy value in OpenAI-converted configs): position argmax(ids), which
     is the EOS token only because it has the largest id of the original vocabulary;
   - otherwise: the first position where ids == eos_token_id (pad may equal EOS, so the FIRST one).
     A row without an EOS pools position 0, as HF's argmax over all-False does.
-Because the mask is causal, tokens after the EOS (padding) never influence the pooled vector.
+With the causal mask, tokens after the EOS (padding) never influence the pooled vector.
 """
 
 import dataclasses
@@ -23,14 +29,17 @@ import jax.numpy as jnp
 from fashion_jax.models import layers
 
 LEGACY_EOS_TOKEN_ID = 2
+POOLS = ("eos", "last")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """Architecture of the CLIP text tower.
+  """Architecture of the text tower (CLIP's by default; module docstring for SigLIP's).
 
   bos_token_id and pad_token_id do not change the forward pass; they are carried so that an
-  exported transformers config says what the tokenizer does.
+  exported transformers config says what the tokenizer does (None: the tokenizer has none).
+  causal: the causal mask (CLIP) or none (SigLIP). pool: 'eos' or 'last' (POOLS).
+  projection_bias: the output projection has a bias (SigLIP's `head`).
   """
   width: int
   num_layers: int
@@ -41,10 +50,15 @@ class TextConfig:
   act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   eos_token_id: int = 49407
-  bos_token_id: int = 49406
-  pad_token_id: int = 1
+  bos_token_id: Optional[int] = 49406
+  pad_token_id: Optional[int] = 1
+  causal: bool = True
+  pool: str = "eos"
+  projection_bias: bool = False
 
   def __post_init__(self):
+    if self.pool not in POOLS:
+      raise ValueError(f"Unknown text pool {self.pool!r}; expected one of {POOLS}.")
     if self.width % self.num_heads:
       raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}.")
     layers.activation(self.act)  # Validates the name.
@@ -78,10 +92,11 @@ def eos_positions(ids: jax.Array, eos_token_id: int) -> jax.Array:
 
 
 class TextTransformer(nn.Module):
-  """CLIP text tower: ids [B, L] -> {'embedding' [B, P], 'pooled' [B, D], 'tokens' [B, L, D]}.
+  """Text tower: ids [B, L] -> {'embedding' [B, P], 'pooled' [B, D], 'tokens' [B, L, D]}.
 
   'tokens' are after the final LayerNorm (as HF's last_hidden_state), 'pooled' the token at the
-  EOS position, 'embedding' its projection (not normalised; absent when output_dim is None).
+  EOS position (pool='eos') or the last one (pool='last'), 'embedding' its projection (not
+  normalised; absent when output_dim is None).
   `attention_mask` [B, L] (1 = token, 0 = padding) is optional. Outputs are float32.
   """
   config: TextConfig
@@ -111,7 +126,7 @@ class TextTransformer(nn.Module):
                      self.param_dtype)
     x = x + pos[:length].astype(self.dtype)[None]
     x = nn.with_logical_constraint(x, layers.HIDDEN_AXES)
-    # The causal mask is the Encoder's `causal` flag (fused kernels have a causal mode).
+    # The causal mask (CLIP) is the Encoder's `causal` flag (fused kernels have a causal mode).
     mask = None
     if attention_mask is not None:
       # Padding masks keys only (as HF does): a padded query row still sees the real tokens
@@ -121,15 +136,21 @@ class TextTransformer(nn.Module):
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pre_norm=True,
         layer_norm_eps=cfg.layer_norm_eps, act=cfg.act, dtype=self.dtype,
         param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
-        attention_impl=self.attention_impl, causal=True, name="encoder")(x, mask, deterministic)
+        attention_impl=self.attention_impl, causal=cfg.causal,
+        name="encoder")(x, mask, deterministic)
     x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
-    pooled = jnp.take_along_axis(
-        x, eos_positions(ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
+    if cfg.pool == "last":
+      pooled = x[:, -1]
+    else:
+      pooled = jnp.take_along_axis(
+          x, eos_positions(ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
     out = {"tokens": x.astype(jnp.float32), "pooled": pooled.astype(jnp.float32)}
     if self.output_dim is not None:
       out["embedding"] = nn.Dense(
-          self.output_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          name="projection", kernel_init=nn.with_logical_partitioning(
-              nn.initializers.normal(cfg.width ** -0.5), ("embed", None)))(pooled).astype(
-                  jnp.float32)
+          self.output_dim, use_bias=cfg.projection_bias, dtype=self.dtype,
+          param_dtype=self.param_dtype, name="projection",
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.normal(cfg.width ** -0.5), ("embed", None)),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(
+              pooled).astype(jnp.float32)
     return out

@@ -1,20 +1,26 @@
-"""The CLIP-shaped Vision Transformer (the image tower of FashionCLIP and E2).
+"""The Vision Transformer of the CLIP and SigLIP image towers (FashionCLIP, E2, SigLIP).
 
+CLIP (the defaults; transformers' CLIPVisionModel + visual_projection, hf_clip.py):
   pixels [B, H, W, 3] -> conv patch embedding (no bias) [B, N, D], N = (H / p) * (W / p)
   -> [class token; patches] + position embedding [B, 1 + N, D] -> pre-LayerNorm
   -> Encoder (pre-LN blocks, quick_gelu by default) -> tokens [B, 1 + N, D]
   -> post-LayerNorm of the CLS token: pooled [B, D] -> projection (no bias): embedding [B, P]
+SigLIP (class_token=False, ln_pre=False, patch_bias=True, pool='map'; transformers'
+SiglipVisionModel, hf_siglip.py):
+  pixels -> conv patch embedding (with bias) + position embedding [B, N, D] -> Encoder
+  -> post-LayerNorm of ALL tokens -> layers.AttentionPool ('head'): pooled [B, D]
 
-This is exactly transformers' CLIPVisionModel + visual_projection, so an HF checkpoint maps 1:1
-(fashion_jax/interop/hf_clip.py). Images are channels-last. uint8 images are normalised on the
-device with CLIP's mean/std (`normalize_images`); float images are taken as already normalised.
+The structure flags are ViTConfig fields whose defaults are CLIP, so a CLIP tower's parameters
+(names, shapes, rng order) and outputs do not depend on them. Images are channels-last. uint8
+images are normalised on the device with the config's image_mean / image_std (CLIP's by
+default, 0.5 / 0.5 for SigLIP; `normalize_images`); float images are taken as normalised.
 
 Named variants (`VIT_VARIANTS`): tiny, S/16, B/32, B/16, L/14; `vit_config(variant, **overrides)`
 builds a ViTConfig from one and any field may be overridden (width, num_layers, ...).
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,11 +31,21 @@ from fashion_jax.models import layers
 # OpenAI CLIP's pixel statistics (on [0, 1] RGB).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+POOLS = ("cls", "map")
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """Architecture of the CLIP vision tower."""
+  """Architecture of the vision tower (CLIP's by default; module docstring for SigLIP's).
+
+  class_token: prepend a learnt CLS token (and one more position embedding).
+  ln_pre: LayerNorm the embeddings before the encoder ('pre_norm').
+  patch_bias: the patch-embedding convolution has a bias.
+  pool: 'cls' (post-LN of token 0; needs class_token) or 'map' (post-LN of all tokens, then
+    multi-head attention pooling, layers.AttentionPool, sub-module 'head').
+  image_mean / image_std: per-channel statistics on [0, 1] RGB for the on-device uint8
+    normalisation (tuples; lists, e.g. from JSON, are converted).
+  """
   width: int
   num_layers: int
   num_heads: int
@@ -38,17 +54,35 @@ class ViTConfig:
   image_size: int
   act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
+  class_token: bool = True
+  ln_pre: bool = True
+  patch_bias: bool = False
+  pool: str = "cls"
+  image_mean: tuple[float, float, float] = CLIP_MEAN
+  image_std: tuple[float, float, float] = CLIP_STD
 
   def __post_init__(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size={self.image_size} is not a multiple of "
-                       f"patch_size={self.patch_size}.")
+    for name in ("image_mean", "image_std"):
+      value = tuple(float(v) for v in getattr(self, name))
+      if len(value) != 3 or (name == "image_std" and min(value) <= 0):
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected 3 per-channel values"
+                         f"{' > 0' if name == 'image_std' else ''}.")
+      object.__setattr__(self, name, value)  # Hashable and equal after a JSON round trip.
+    if self.pool not in POOLS:
+      raise ValueError(f"Unknown pool {self.pool!r}; expected one of {POOLS}.")
+    if self.pool == "cls" and not self.class_token:
+      raise ValueError("pool='cls' needs class_token=True (there is no CLS token to pool).")
+    if self.image_size < self.patch_size:
+      raise ValueError(f"image_size={self.image_size} is smaller than patch_size="
+                       f"{self.patch_size}.")
     if self.width % self.num_heads:
       raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}.")
     layers.activation(self.act)  # Validates the name.
 
   @property
   def num_patches(self) -> int:
+    """(image_size // patch_size)^2: like transformers, the valid convolution drops a remainder
+    (SigLIP So400m/14 at 384 px: 27 x 27 patches cover 378 px)."""
     return (self.image_size // self.patch_size) ** 2
 
 
@@ -72,25 +106,28 @@ def vit_config(variant: str, **overrides) -> ViTConfig:
   return ViTConfig(**fields)
 
 
-def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-  """uint8 [..., 3] in [0, 255] -> (x / 255 - CLIP_MEAN) / CLIP_STD in `dtype`.
+def normalize_images(images: jax.Array, dtype: Any = jnp.float32,
+                     mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD) -> jax.Array:
+  """uint8 [..., 3] in [0, 255] -> (x / 255 - mean) / std in `dtype` (CLIP's stats by default).
 
   Runs on the device inside the jitted step, so the host ships uint8 (4x less than float32).
   """
   if images.dtype != jnp.uint8:
     raise ValueError(f"normalize_images expects uint8 images, got {images.dtype}.")
   x = images.astype(jnp.float32) / 255.0
-  x = (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
   return x.astype(dtype)
 
 
 def embed_patches(module: nn.Module, cfg: ViTConfig, images: jax.Array) -> jax.Array:
-  """CLIP's input stem, run inside `module`'s compact call: [B, H, W, 3] -> [B, 1 + N, D].
+  """The input stem, run inside `module`'s compact call: [B, H, W, 3] -> [B, T, D].
 
-  uint8 images are normalised with CLIP's mean/std (float images are taken as normalised); conv
-  patch embedding without bias (`patch_embed`), then the class token (`class_embedding`) and the
-  position embedding (`pos_embedding`), created on `module` in this order so that any tower
-  built on this stem (ViT, E2) gets the same CLIP parameters from the same rng.
+  uint8 images are normalised with cfg.image_mean / image_std (float images are taken as
+  normalised); conv patch embedding (`patch_embed`, bias iff cfg.patch_bias), then the class
+  token (`class_embedding`, iff cfg.class_token; T = 1 + N, else T = N) and the position
+  embedding (`pos_embedding` [T, D]), created on `module` in this order so that any tower built
+  on this stem (ViT, E2) gets the same CLIP parameters from the same rng.
   """
   dtype, param_dtype = module.dtype, module.param_dtype
   if images.ndim != 4 or images.shape[-1] != 3:
@@ -98,31 +135,38 @@ def embed_patches(module: nn.Module, cfg: ViTConfig, images: jax.Array) -> jax.A
   if images.shape[1:3] != (cfg.image_size, cfg.image_size):
     raise ValueError(f"Images are {images.shape[1]}x{images.shape[2]} but the model expects "
                      f"{cfg.image_size}x{cfg.image_size}.")
-  x = normalize_images(images, dtype) if images.dtype == jnp.uint8 else images.astype(dtype)
+  if images.dtype == jnp.uint8:
+    x = normalize_images(images, dtype, cfg.image_mean, cfg.image_std)
+  else:
+    x = images.astype(dtype)
   x = nn.with_logical_constraint(x, ("act_batch", None, None, None))
   p = cfg.patch_size
-  x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+  x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias,
               dtype=dtype, param_dtype=param_dtype, name="patch_embed",
               kernel_init=nn.with_logical_partitioning(
                   nn.initializers.normal(0.02), (None, None, "conv_in", "embed")),
+              bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
               parent=module)(x)
   b = x.shape[0]
   x = x.reshape(b, -1, cfg.width)  # [B, N, D], patches in row-major order like torch's flatten.
-  cls = module.param("class_embedding", nn.with_logical_partitioning(
-      nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), param_dtype)
+  if cfg.class_token:
+    cls = module.param("class_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, cfg.width)), x], axis=1)
   pos = module.param("pos_embedding", nn.with_logical_partitioning(
-      nn.initializers.normal(0.02), (None, "embed")), (cfg.num_patches + 1, cfg.width),
-                     param_dtype)
-  cls = jnp.broadcast_to(cls.astype(dtype), (b, 1, cfg.width))
-  return jnp.concatenate([cls, x], axis=1) + pos.astype(dtype)[None]
+      nn.initializers.normal(0.02), (None, "embed")),
+                     (cfg.num_patches + int(cfg.class_token), cfg.width), param_dtype)
+  return x + pos.astype(dtype)[None]
 
 
 class VisionTransformer(nn.Module):
-  """CLIP ViT: images [B, H, W, 3] -> {'embedding' [B, P], 'pooled' [B, D], 'tokens' [B, 1+N, D]}.
+  """ViT: images [B, H, W, 3] -> {'embedding' [B, P], 'pooled' [B, D], 'tokens' [B, T, D]}.
 
-  'tokens' are the encoder's last hidden states (before the post-LN, as HF's last_hidden_state),
-  'pooled' the post-LN CLS token, 'embedding' its projection (not normalised); with
-  output_dim=None there is no projection and 'embedding' is absent. Outputs are float32.
+  'tokens' are transformers' last_hidden_state: the encoder's output, before the post-LN for
+  pool='cls' (CLIP) and after it for pool='map' (SigLIP). 'pooled' is the post-LN CLS token
+  ('cls') or the attention pool of the post-LN tokens ('map'); 'embedding' its projection (not
+  normalised); with output_dim=None there is no projection and 'embedding' is absent. Outputs
+  are float32.
   """
   config: ViTConfig
   output_dim: Optional[int]
@@ -137,14 +181,22 @@ class VisionTransformer(nn.Module):
     cfg = self.config
     x = embed_patches(self, cfg, images)
     x = nn.with_logical_constraint(x, layers.HIDDEN_AXES)
-    x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "pre_norm")(x)
+    if cfg.ln_pre:
+      x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "pre_norm")(x)
     x = layers.Encoder(
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pre_norm=True,
         layer_norm_eps=cfg.layer_norm_eps, act=cfg.act, dtype=self.dtype,
         param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
         attention_impl=self.attention_impl, name="encoder")(x, None, deterministic)
-    pooled = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype,
-                               "post_norm")(x[:, 0])
+    post_norm = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "post_norm")
+    if cfg.pool == "cls":
+      pooled = post_norm(x[:, 0])
+    else:
+      x = post_norm(x)
+      pooled = layers.AttentionPool(
+          cfg.num_heads, cfg.mlp_dim, layer_norm_eps=cfg.layer_norm_eps, act=cfg.act,
+          dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+          name="head")(x)
     out = {"tokens": x.astype(jnp.float32), "pooled": pooled.astype(jnp.float32)}
     if self.output_dim is not None:
       out["embedding"] = nn.Dense(
@@ -153,4 +205,3 @@ class VisionTransformer(nn.Module):
               nn.initializers.normal(cfg.width ** -0.5), ("embed", None)))(pooled).astype(
                   jnp.float32)
     return out
-

@@ -34,7 +34,7 @@ Measured on synthetic_catalog/smoke (experiments/vq_report.py): see the README's
 exp(-sum_k p_k log p_k) of the code histogram, and the share of codes never used.
 """
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax

@@ -191,7 +191,7 @@ def _tgir_head_composed(system, params, tokenize, batch_size):
 
 
 def _from_hf_dir(path: str, *, batch_size) -> Encoder:
-  fclip = api.FashionCLIP.from_pretrained(path, batch_size=batch_size)
+  fclip = api.load(path, batch_size=batch_size)
   size = int(fclip.config.vision.image_size)
   data = ml_collections.ConfigDict(dict(
       name="", data_dir="", image_size=size, text_fields=("title", "description"),
