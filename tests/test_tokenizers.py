@@ -10,6 +10,7 @@ import regex
 import transformers
 
 from fashion_jax.data import tokenizers
+from tests import test_siglip
 
 TEXTS = [
     "Red Polka-dot Silk Clutch",
@@ -261,3 +262,24 @@ def test_build_assets_reproduces_shipped_files(tmp_path):
       rebuilt = (tmp_path / sub / path.name).read_bytes()
       assert rebuilt == path.read_bytes(), (
           f"{sub}/{path.name} is stale: run python -m fashion_jax.data.tokenizers --build_assets")
+
+
+def test_siglip_pads_with_eos_and_needs_a_path(tmp_path):
+  """kind='siglip' pads to max_len with the EOS id (SigLIP pools the last position), whatever the
+  tokenizer's own pad id; the real tokens are transformers' own; no path is a clear error."""
+  test_siglip.make_siglip_tokenizer(tmp_path / "spm")
+  # A SigLIP tokenizer whose own pad is not its EOS: padding with hf's pad would be wrong.
+  hf = transformers.SiglipTokenizer.from_pretrained(str(tmp_path / "spm"), pad_token="<pad>")
+  hf.save_pretrained(str(tmp_path / "tok"))
+  assert hf.pad_token_id != hf.eos_token_id
+  tok = tokenizers.get_tokenizer("siglip", str(tmp_path / "tok"), 12)
+  texts = ["red wool coat", "black leather ankle boots with a side zip and a block heel " * 3]
+  ids, mask = tok(texts, with_mask=True)
+  assert ids.shape == (2, 12) and tok.pad_token_id == hf.eos_token_id
+  for row, m, text in zip(ids, mask, texts):
+    want = hf(text, truncation=True, max_length=12)["input_ids"]
+    assert list(row[:m.sum()]) == want and want[-1] == hf.eos_token_id
+    assert (row[m.sum():] == hf.eos_token_id).all()
+  assert mask[1].all()  # Truncated to 12, still ending in EOS.
+  with pytest.raises(ValueError, match="kind='siglip' ships no vocabulary"):
+    tokenizers.get_tokenizer("siglip", "", 12)

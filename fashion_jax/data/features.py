@@ -22,9 +22,10 @@ and names that key.
 
 Host ops and randomness. The ops of one batch share one numpy Generator (keyed by seed, host and
 step in the pipeline) and run in registration order: text, text_mask, mlm_ids, mlm_labels,
-patch_mask, tags, attributes, then the ops registered later (`register`). Each draws from the
-generator in turn, so this order is part of the data: it is the order of the hand-written
-closures these ops replaced, and every batch is bitwise what they made (tests/test_features.py).
+patch_mask, tags, attributes, then field_text, field_mask (multi-field training; they draw
+nothing), then the ops registered later (`register`). Each draws from the generator in turn, so
+this order is part of the data: it is the order of the hand-written closures these ops replaced,
+and every batch is bitwise what they made (tests/test_features.py).
 A newly registered op runs after all of these, so it never changes their values. Ops that come
 from one computation (the tokenizer's ids and mask, MLM's ids and labels) share it through
 `Context.once`: the first of them computes (and draws), the second reads.
@@ -69,13 +70,17 @@ class Context:
     rng: the batch's numpy Generator; ops draw from it in registration order.
     texts: object [b] of utf-8 bytes, the joined text fields of each example.
     tags: object [b, T] of utf-8 bytes, the raw tag fields (T = 0 when tag_fields is empty).
+    fields: object [b, F] of utf-8 bytes, the raw multi-field texts of `data.fields` (F = 0
+      when it is empty).
     tokenizer: the run's tokenizers.Tokenizer.
     step: the global step of the batch.
   """
 
   def __init__(self, *, rng: np.random.Generator, texts: np.ndarray, tags: np.ndarray,
-               tokenizer, step: int = 0):
+               tokenizer, step: int = 0, fields: np.ndarray | None = None):
     self.rng, self.texts, self.tags, self.tokenizer = rng, texts, tags, tokenizer
+    self.fields = (np.zeros((len(texts), 0), object) if fields is None
+                   else np.asarray(fields, dtype=object))
     self.step = int(step)
     self._memo = {}
 
@@ -175,9 +180,9 @@ def example_features(data) -> list[ExampleFeature]:
   ]
 
 
-# Intermediate per-example values the host ops consume (not batch keys): the joined text, and
-# the raw tag strings when tag_fields is set.
-EXAMPLE_INTERMEDIATES = ("text", "tags")
+# Intermediate per-example values the host ops consume (not batch keys): the joined text, the
+# raw tag strings when tag_fields is set, and the raw multi-field strings when fields is set.
+EXAMPLE_INTERMEDIATES = ("text", "tags", "fields")
 
 # ------------------------------------------------------------------------------------------------
 # Host ops. A factory (data, tok, resources) -> [HostFeature] declares its features for a
@@ -296,8 +301,61 @@ def _attributes(data, tok, resources):
                       f"{_PREPARE})")]
 
 
+def multi_fields(data) -> tuple[str, ...]:
+  """config.data.fields as a validated tuple of names (() = multi-field training off).
+
+  Raises:
+    ValueError naming the value: not a sequence of non-empty strings, or a repeated name.
+  """
+  fields = data.get("fields", ()) or ()
+  if isinstance(fields, str):
+    raise ValueError(f"config.data.fields={fields!r} must be a tuple of field names, e.g. "
+                     f"({fields!r},).")
+  fields = tuple(fields)
+  bad = [f for f in fields if not isinstance(f, str) or not f]
+  if bad:
+    raise ValueError(f"config.data.fields={fields!r}: {bad[0]!r} is not a field name.")
+  if len(set(fields)) != len(fields):
+    raise ValueError(f"config.data.fields={fields!r} repeats a field.")
+  return fields
+
+
+def field_present(raw: np.ndarray) -> np.ndarray:
+  """bool array of the shape of `raw` (utf-8 bytes or str): True where the field has text.
+
+  A field is missing when it is empty or only whitespace (the product schema writes '' for an
+  unknown value).
+  """
+  flat = [(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)).strip()
+          for v in np.asarray(raw, dtype=object).reshape(-1)]
+  return np.asarray([bool(v) for v in flat], bool).reshape(np.shape(raw))
+
+
+def _fields(data, tok, resources):
+  """field_text int32 [b, F, L] and field_mask bool [b, F]: each of the F = len(data.fields)
+  multi-field texts tokenized on its own, and whether the product has it (`field_present`).
+
+  A missing field is tokenized as '' (whatever the tokenizer makes of it) and MASKED: the
+  multi-field loss (losses/multifield.py) leaves that product out of that field's term.
+  """
+  del resources
+  fields = multi_fields(data)
+  length = _max_len(data, tok)
+  how = ("config.data.fields (the text fields of the multi-field loss, e.g. ('title', "
+         "'primary_color'))")
+
+  def tokenize(ctx):
+    b = ctx.batch_size
+    return ctx.tokenizer(ctx.fields.reshape(-1).tolist()).reshape(b, len(fields), -1)
+  return [HostFeature("field_text", np.int32, (None, len(fields), length), tokenize,
+                      enabled=bool(fields), enabled_by=how),
+          HostFeature("field_mask", np.bool_, (None, len(fields)),
+                      lambda ctx: field_present(ctx.fields), enabled=bool(fields),
+                      enabled_by=how)]
+
+
 # Registration order = the order the ops draw from the batch's Generator (module docstring).
-for _factory in (_text, _mlm, _patch_mask, _tags, _attributes):
+for _factory in (_text, _mlm, _patch_mask, _tags, _attributes, _fields):
   register(_factory, name=_factory.__name__[1:])
 
 

@@ -10,6 +10,7 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
   views (1 | 2), augment.crop_scale ((lo, hi) area fraction), augment.flip (bool),
   mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
   Optional: patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off),
+  fields (() = off; the multi-field texts, data/features.py),
   attributes ('' = off; a pseudo-attribute vocabulary, data/attributes.py), vq_codes ('' = off;
   an npz of cached VQ codes, prepare/vq_codes.py cache_codes), patch_features ('' = off; an npz
   of cached patch features, prepare/patches.py). `python -m launch.prepare` makes these three
@@ -29,6 +30,9 @@ Training batch (b = batch_size // process_count):
   patch_mask   bool  [b, g*g]      patch_mask.grid > 0: BEiT block mask, row-major.
   tags         int32 [b, T, L]     tag_fields non-empty: each tag field tokenized on its own
                                    (E2's entity texts).
+  field_text   int32 [b, F, L]     fields non-empty (multi-field contrastive training): each of
+                                   the F fields tokenized on its own.
+  field_mask   bool  [b, F]        True where the product has the field (non-blank text).
   attributes   bool  [b, A]        attributes set: which of the A vocabulary n-grams the
                                    example's text contains (FashionViL's PAC labels).
   vq_codes     int32 [b, g*g]      vq_codes set: the cached codes of the view in `image`. Codes
@@ -140,11 +144,16 @@ def _read(builder, split):
       read_config=tfds.ReadConfig(add_tfds_id=False))
 
 
-def _join_text(example, fields):
-  """Joins the non-empty `fields` with '. ' (each stripped of trailing spaces and periods)."""
+def _check_fields(example, fields, key="config.data.text_fields"):
+  """KeyError naming `key`, the missing field and the dataset's fields."""
   for f in fields:
     if f not in example:
-      raise KeyError(f"Text field {f!r} is not in the dataset; it has {sorted(example)}.")
+      raise KeyError(f"{key}: field {f!r} is not in the dataset; it has {sorted(example)}.")
+
+
+def _join_text(example, fields):
+  """Joins the non-empty `fields` with '. ' (each stripped of trailing spaces and periods)."""
+  _check_fields(example, fields)
   parts = tf.stack([tf.strings.regex_replace(tf.strings.strip(example[f]), r"[\s.]+$", "")
                     for f in fields])
   return tf.strings.reduce_join(tf.boolean_mask(parts, tf.strings.length(parts) > 0),
@@ -405,6 +414,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     raise ValueError(f"start_step={start_step} must be >= 0.")
   tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
   tag_fields = tuple(data.get("tag_fields", ()))
+  multi_fields = features.multi_fields(data)
   size, views, seed = int(data.image_size), int(data.views), int(config.seed)
   matcher = None
   if data.get("attributes"):
@@ -450,6 +460,9 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       out["image2"] = random_resized_crop(encoded[v2], keys[3], size, crop_scale, flip)
     if tag_fields:
       out["tags"] = tf.stack([ex[f] for f in tag_fields])
+    if multi_fields:
+      _check_fields(ex, multi_fields, "config.data.fields")
+      out["fields"] = tf.stack([ex[f] for f in multi_fields])
     if vq is not None:
       row = vq[0].lookup(ex["product_id"])
       tf.debugging.assert_non_negative(
@@ -463,14 +476,15 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       out["patch_features"] = tf.cast(tf.gather(cached[1][tf.maximum(row, 0)], v1), tf.float32)
     return out
 
-  def host_fn(step, texts, tags):
+  def host_fn(step, texts, tags, fields):
     ctx = features.Context(rng=_numpy_rng(seed, process_index, step, 0x6D61736B), texts=texts,
-                           tags=tags, tokenizer=tok, step=step)
+                           tags=tags, tokenizer=tok, step=step, fields=fields)
     return features.compute(host_ops, ctx)
 
   def finish(step, b):
     tags = b.pop("tags") if tag_fields else tf.zeros([batch, 0], tf.string)
-    results = tf.numpy_function(host_fn, [step, b.pop("text"), tags],
+    fields = b.pop("fields") if multi_fields else tf.zeros([batch, 0], tf.string)
+    results = tf.numpy_function(host_fn, [step, b.pop("text"), tags, fields],
                                 [tf.as_dtype(op.dtype) for op in host_ops], stateful=False)
     for op, value in zip(host_ops, results):
       value.set_shape(op.batch_shape(batch))

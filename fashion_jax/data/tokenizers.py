@@ -54,7 +54,7 @@ CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_SPLIT_REGEX = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
                     r"""[\p{N}]|[^\s\p{L}\p{N}]+""")
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-KINDS = ("clip", "bert")
+KINDS = ("clip", "bert", "siglip")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,12 +409,16 @@ class Tokenizer:
       raise ValueError(f"max_len={max_len} leaves no room for the two special tokens.")
     self.kind, self.hf, self.max_len = kind, hf, int(max_len)
     self.vocab_size = len(hf)
-    self.pad_token_id = hf.pad_token_id
-    self.bos_token_id = hf.bos_token_id if kind == "clip" else hf.cls_token_id
-    self.eos_token_id = hf.eos_token_id if kind == "clip" else hf.sep_token_id
-    self.mask_token_id = hf.mask_token_id if kind == "bert" else None
+    bert = kind == "bert"
+    self.eos_token_id = hf.sep_token_id if bert else hf.eos_token_id
+    # SigLIP has no BOS, and is padded with its EOS (how it was trained: the text tower pools
+    # the LAST position, so every padded row must end in EOS whatever the tokenizer's own pad).
+    self.pad_token_id = self.eos_token_id if kind == "siglip" else hf.pad_token_id
+    self.bos_token_id = hf.cls_token_id if bert else hf.bos_token_id
+    self.mask_token_id = hf.mask_token_id if bert else None
     self.special_ids = np.array(sorted(set(hf.all_special_ids)), np.int32)
-    if self.pad_token_id is None or self.eos_token_id is None or self.bos_token_id is None:
+    if (self.pad_token_id is None or self.eos_token_id is None
+        or (self.bos_token_id is None and kind != "siglip")):
       raise ValueError(f"Tokenizer {hf.name_or_path!r} lacks a pad/bos/eos token.")
     # is_continuation[id]: WordPiece piece that continues the previous word (`##...`).
     tokens = hf.convert_ids_to_tokens(list(range(self.vocab_size)))
@@ -429,6 +433,14 @@ class Tokenizer:
     if not texts:
       ids = np.zeros((0, self.max_len), np.int32)
       return (ids, ids.astype(bool)) if with_mask else ids
+    if self.kind == "siglip":  # Padded here with EOS (see __init__), not with hf's pad.
+      rows = self.hf(texts, truncation=True, max_length=self.max_len,
+                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+      ids = np.full((len(rows), self.max_len), self.pad_token_id, np.int32)
+      mask = np.zeros(ids.shape, bool)
+      for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, True
+      return (ids, mask) if with_mask else ids
     enc = self.hf(texts, padding="max_length", truncation=True, max_length=self.max_len,
                   return_attention_mask=with_mask, return_token_type_ids=False)
     ids = np.asarray(enc["input_ids"], np.int32)
@@ -439,18 +451,27 @@ class Tokenizer:
 
 def _load_hf(kind: str, path: str):
   import transformers  # pylint: disable=g-import-not-at-top
+  if kind == "siglip" and not path:
+    raise ValueError("data.tokenizer.kind='siglip' ships no vocabulary: set data.tokenizer.path "
+                     "to the SigLIP checkpoint's directory (its spiece.model).")
   path = path or str(CLIP_DIR if kind == "clip" else BERT_DIR)
   if not os.path.isdir(path):
     raise FileNotFoundError(
         f"Tokenizer path {path!r} is not a local directory (nothing is downloaded): give a "
-        "directory holding vocab.json+merges.txt (clip) or vocab.txt (bert).")
+        "directory holding vocab.json+merges.txt (clip), vocab.txt (bert) or spiece.model / "
+        "tokenizer.json (siglip).")
+  if kind == "siglip":  # SiglipTokenizer's spiece.model, else the directory's tokenizer.json.
+    if os.path.isfile(os.path.join(path, "spiece.model")):
+      return transformers.SiglipTokenizer.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
   cls = transformers.CLIPTokenizerFast if kind == "clip" else transformers.BertTokenizerFast
   return cls.from_pretrained(path)
 
 
 @functools.lru_cache(maxsize=16)
 def get_tokenizer(kind: str, path: str = "", max_len: int = 77) -> Tokenizer:
-  """The `kind` ('clip' | 'bert') tokenizer from `path` ('' = the shipped vocabulary)."""
+  """The `kind` ('clip' | 'bert' | 'siglip') tokenizer from `path` ('' = the shipped vocabulary;
+  siglip has none)."""
   if kind not in KINDS:
     raise ValueError(f"Unknown tokenizer kind {kind!r}; expected one of {KINDS}.")
   return Tokenizer(kind, _load_hf(kind, path), max_len)

@@ -44,6 +44,24 @@ With a mesh, query chunks are sharded over the mesh's batch axes (shard_map); th
 replicated and the per-image counts are summed over devices.
 `topk_retrieve` (running top-k merge, `jax.lax.top_k`) returns the retrieved lists themselves,
 e.g. to re-rank a two-tower top-k with a cross-encoder.
+
+Matryoshka widths. A system whose embeddings are trained at several prefix widths (its
+`matryoshka_dims`, e.g. (64, 128, 0); losses/matryoshka.py) is evaluated at each: the
+embeddings are cut with `matryoshka.truncate_and_normalize(x, m)` (the first m coordinates,
+re-L2-normalised) and every metric of the width m gets the suffix `@d{m}`
+(`test/full/t2i_R@10@d64`); the full width keeps the plain names and is used as embedded.
+
+Field queries (protocol `field`, `field_metrics`). Queries from ONE product field (colour,
+brand, category) against the product images: many products share a value, so there is one
+query per DISTINCT non-blank value (its text, through `query_template`), and its positives are
+every product with that value (a per-product query would repeat the same text, weighting
+frequent values by their frequency). Recall of all positives is meaningless here (R@10 of a
+colour with 80 products is at most 1/8), so the protocol reports, over the distinct values:
+    HITS@K = [ some matching product is in the top K ]
+    P@K    = #{matching products in the top K} / K
+    MRR    = 1 / rank of the first matching product
+(Marqo's category-to-product protocol: P@1/P@10/MRR), with the same pessimistic ties: a
+non-matching product that ties with a matching one is ranked ahead of it.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,6 +79,7 @@ import numpy as np
 
 from fashion_jax.evaluate import base
 from fashion_jax.evaluate import common
+from fashion_jax.losses import matryoshka
 from fashion_jax.parallel import axes
 
 DEFAULT_KS = (1, 5, 10)
@@ -613,6 +632,83 @@ def sample100_metrics(text_emb, image_emb, groups, fallback_groups=None, *,
 
 
 # ------------------------------------------------------------------------------------------------
+# Field queries.
+# ------------------------------------------------------------------------------------------------
+def field_queries(values: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
+  """(distinct non-blank values sorted, gallery indices of the products with each value).
+
+  Values are compared after stripping surrounding whitespace; blank values have no query.
+  """
+  groups: dict[str, list[int]] = {}
+  for i, v in enumerate(values):
+    v = str(v).strip()
+    if v:
+      groups.setdefault(v, []).append(i)
+  names = sorted(groups)
+  return names, [np.asarray(groups[n], np.int64) for n in names]
+
+
+def field_metrics(query_emb, image_emb, positives: Sequence[np.ndarray], *,
+                  ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+  """HITS@K, P@K and MRR of field queries (module docstring, "Field queries").
+
+  Args:
+    query_emb: [Q, D] one embedding per distinct value.
+    image_emb: [N, D] the gallery.
+    positives: Q arrays of gallery indices (each non-empty).
+    ks: cut-offs K (P@K over min(K, N) items when the gallery is smaller).
+
+  Returns:
+    {'HITS@K', 'P@K' for K in ks, 'MRR', 'num_queries'} as python floats. Scores come from one
+    float32 matmul; the ranking is pessimistic in ties.
+  """
+  q = np.asarray(query_emb, np.float32)
+  g = np.asarray(image_emb, np.float32)
+  if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+    raise ValueError(f"query_emb {q.shape} and image_emb {g.shape} must be [N, D] with the "
+                     "same D.")
+  if len(positives) != q.shape[0] or q.shape[0] == 0:
+    raise ValueError(f"{len(positives)} positive lists for {q.shape[0]} queries (need the "
+                     "same number, > 0).")
+  for k in ks:
+    if k < 1:
+      raise ValueError(f"Cut-off K={k} must be >= 1.")
+  n = g.shape[0]
+  scores = np.asarray(jax.device_get(_block_scores(jnp.asarray(q), jnp.asarray(g))))
+  hits = {k: [] for k in ks}
+  prec = {k: [] for k in ks}
+  rr = []
+  for row, pos in zip(scores, positives):
+    if len(pos) == 0:
+      raise ValueError("a field query has no matching product.")
+    match = np.zeros(n, bool)
+    match[pos] = True
+    best = row[match].max()
+    rank = 1 + int(np.sum(~match & (row >= best)))
+    # Sort by score, non-matching first among equal scores (pessimistic ties).
+    order = np.lexsort((match, -row))
+    rr.append(1.0 / rank)
+    for k in ks:
+      hits[k].append(rank <= k)
+      prec[k].append(match[order[:min(k, n)]].sum() / k)
+  out = {}
+  for k in ks:
+    out[f"HITS@{k}"] = float(np.mean(hits[k]))
+    out[f"P@{k}"] = float(np.mean(prec[k]))
+  out["MRR"] = float(np.mean(rr))
+  out["num_queries"] = float(len(positives))
+  return out
+
+
+_COUNTS = ("num_items", "num_queries", "fill_fallback_frac", "fill_any_frac")
+
+
+def _dim_suffix(dim: int, width: int) -> str:
+  """'' for the full width (dim 0 or the width), '@d{dim}' for a Matryoshka prefix."""
+  return "" if dim in (0, width) else f"@d{dim}"
+
+
+# ------------------------------------------------------------------------------------------------
 # The evaluator.
 # ------------------------------------------------------------------------------------------------
 class Evaluator:
@@ -627,6 +723,11 @@ class Evaluator:
   `fill_any_frac` (how often the sub-category had too few negatives); each protocol also gives
   `num_items` (products in the split). With `num_negatives` other than 100 the protocol is named
   `sample<num_negatives>`, so a number never claims a gallery it did not have.
+  Protocol 'field' (needs `query_field`): `{split}/field_{query_field}/{HITS@K,P@K,MRR,
+  num_queries}` (module docstring, "Field queries"); queries are `query_template` filled with
+  each distinct value, tokenized with config.data's tokenizer.
+  Matryoshka: `dims` (None = the system's `matryoshka_dims`, if any) are the prefix widths
+  evaluated; each metric of a width m below the full one carries the suffix `@d{m}`.
   """
 
   @classmethod
@@ -641,6 +742,10 @@ class Evaluator:
           a["split"], min_examples=2, warn_below=k + 1,
           why=f"full-gallery retrieval (R@K is 1 by construction when the gallery has <= K "
               f"products; K up to {k})"))
+    if "field" in a["protocols"] and a["query_field"]:
+      needs.append(base.DataNeed(
+          a["split"], fields=(a["query_field"],), labelled=(a["query_field"],), min_examples=2,
+          why=f"queries from the field {a['query_field']!r} against the product images"))
     if "sample100" in a["protocols"]:
       fields = tuple(f for f in (a["group_field"], a["fallback_field"]) if f)
       needs.append(base.DataNeed(
@@ -654,11 +759,25 @@ class Evaluator:
                batch_size: int = 64, chunk: int = 1024, num_queries: int = 1000,
                num_negatives: int = 100, repeats: int = 5, seed: int = 0,
                group_field: str = "subcategory", fallback_field: str | None = "category",
-               dataset_fn: Callable[..., Iterable[Mapping[str, np.ndarray]]] | None = None):
-    unknown = sorted(set(protocols) - {"full", "sample100"})
+               dataset_fn: Callable[..., Iterable[Mapping[str, np.ndarray]]] | None = None,
+               query_field: str | None = None, query_template: str = "{}",
+               dims: Sequence[int] | None = None,
+               tokenizer: Callable[[list[str]], np.ndarray] | None = None):
+    unknown = sorted(set(protocols) - {"full", "sample100", "field"})
     if unknown or not protocols:
       raise ValueError(f"Unknown retrieval protocol(s) {unknown or list(protocols)}; choose from "
-                       "'full', 'sample100'.")
+                       "'full', 'sample100', 'field'.")
+    if ("field" in protocols) != bool(query_field):
+      raise ValueError(f"protocols={tuple(protocols)} and query_field={query_field!r}: the "
+                       "'field' protocol and query_field go together (e.g. protocols=('field',),"
+                       " query_field='primary_color').")
+    if "{}" not in query_template:
+      raise ValueError(f"query_template={query_template!r} has no '{{}}' for the value.")
+    self.query_field, self.query_template = query_field, query_template
+    if dims is None:
+      dims = tuple(getattr(system, "matryoshka_dims", ()) or ())
+    self.dims = matryoshka.check_dims(tuple(dims) or (0,), what="dims")
+    self._tokenizer = tokenizer
     self.system, self.config, self.mesh = system, config, mesh
     self.split, self.protocols, self.ks = split, tuple(protocols), tuple(ks)
     self.batch_size, self.chunk = batch_size, chunk
@@ -672,23 +791,49 @@ class Evaluator:
     fields = ()
     if "sample100" in self.protocols:
       fields = tuple(f for f in (self.group_field, self.fallback_field) if f)
+    if "field" in self.protocols:
+      fields = tuple(dict.fromkeys(fields + (self.query_field,)))
     data = self.embedder.embed_split(
         params, common.eval_batches(self.config, self.split, batch_size=self.batch_size,
-                                    fields=fields, dataset_fn=self.dataset_fn), fields=fields)
+                                    fields=fields, dataset_fn=self.dataset_fn),
+        texts=bool(set(self.protocols) & {"full", "sample100"}), fields=fields)
+    width = data["image"].shape[1]
+    matryoshka.check_dims(self.dims, width, "dims")
+    queries = None
+    if "field" in self.protocols:
+      values, positives = field_queries(data[self.query_field])
+      if not values:
+        raise ValueError(f"split {self.split!r} has no product with a non-blank "
+                         f"{self.query_field!r}.")
+      tokenize = self._tokenizer or common.tokenizer_from_config(self.config)
+      queries = self.embedder.embed_tokens(
+          params, np.asarray(tokenize([self.query_template.format(v) for v in values])))
     out = {}
-    if "full" in self.protocols:
-      m = full_candidate_metrics(data["text"], data["image"], ks=self.ks,
-                                 query_chunk=self.chunk, gallery_chunk=self.chunk,
-                                 mesh=self.mesh)
-      m["num_items"] = float(data["image"].shape[0])
-      out.update({f"{self.split}/full/{k}": v for k, v in m.items()})
-    if "sample100" in self.protocols:
-      m = sample100_metrics(
-          data["text"], data["image"], data[self.group_field],
-          data[self.fallback_field] if self.fallback_field else None,
-          num_queries=self.num_queries, num_negatives=self.num_negatives,
-          repeats=self.repeats, seed=self.seed, ks=self.ks)
-      m["num_items"] = float(data["image"].shape[0])
-      protocol = f"sample{self.num_negatives}"
-      out.update({f"{self.split}/{protocol}/{k}": v for k, v in m.items()})
+    for dim in self.dims:
+      suffix = _dim_suffix(dim, width)
+      # Counts do not depend on the width: reported once, without a suffix.
+      emit = lambda prefix, m, sfx=suffix: out.update(
+          {f"{prefix}/{k}{sfx}": v for k, v in m.items() if not (sfx and k in _COUNTS)})
+      # The full width as embedded (already unit vectors); a prefix cut and re-normalised.
+      cut = lambda x, d=dim: (x if not suffix
+                              else matryoshka.truncate_and_normalize(np.asarray(x, np.float32), d))
+      image = cut(data["image"])
+      if "full" in self.protocols:
+        m = full_candidate_metrics(cut(data["text"]), image, ks=self.ks,
+                                   query_chunk=self.chunk, gallery_chunk=self.chunk,
+                                   mesh=self.mesh)
+        m["num_items"] = float(image.shape[0])
+        emit(f"{self.split}/full", m)
+      if "sample100" in self.protocols:
+        m = sample100_metrics(
+            cut(data["text"]), image, data[self.group_field],
+            data[self.fallback_field] if self.fallback_field else None,
+            num_queries=self.num_queries, num_negatives=self.num_negatives,
+            repeats=self.repeats, seed=self.seed, ks=self.ks)
+        m["num_items"] = float(image.shape[0])
+        emit(f"{self.split}/sample{self.num_negatives}", m)
+      if queries is not None:
+        m = field_metrics(cut(queries), image, positives, ks=self.ks)
+        m["num_items"] = float(image.shape[0])
+        emit(f"{self.split}/field_{self.query_field}", m)
     return out

@@ -1,8 +1,12 @@
-"""FashionCLIP: the CLIP dual encoder trained with symmetric InfoNCE over the global batch.
+"""FashionCLIP / FashionSigLIP: a CLIP or SigLIP dual encoder trained contrastively over the
+global batch (InfoNCE or the sigmoid loss, optionally multi-field and Matryoshka).
 
 Config keys this system reads (besides the trainer's and the pipeline's `data`):
-  model.variant          'tiny' | 'S/16' | 'B/32' | 'B/16' | 'L/14'
-  model.projection_dim   joint space width (None = the variant's)
+  model.family           'clip' (default; models/clip.py) | 'siglip' (models/siglip.py)
+  model.variant          clip: 'tiny' | 'S/16' | 'B/32' | 'B/16' | 'L/14';
+                         siglip: 'tiny' | 'B/16' | 'B/16-256' | 'So400m/14'
+  model.projection_dim   clip: joint space width (None = the variant's); siglip: must be None
+                         (the embedding width is the vision width)
   model.vision / .text   per-tower field overrides (e.g. vision.image_size, text.num_layers)
   model.dtype            compute dtype ('float32' on CPU, 'bfloat16' on accelerators)
   model.scan, model.remat_policy
@@ -14,51 +18,223 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
                          whose weights initialise every parameter (FashionCLIP's recipe: full
                          fine-tuning from a pretrained CLIP). Its config then defines the
                          architecture and `model.variant/vision/text` must be left unset.
+  init.hf_siglip_dir     the same for model.family='siglip': a transformers SiglipModel
+                         directory (e.g. google/siglip-base-patch16-224 saved locally).
+  init.open_clip_dir     instead of those: an open_clip checkpoint directory (open_clip_config
+                         .json + weights, e.g. Marqo/marqo-fashionSigLIP), converted by
+                         interop/open_clip.py; its kind ('clip' | 'siglip') must be
+                         model.family. One key per format (rather than one path whose format
+                         is guessed) so a config says what it loads and a wrong directory is
+                         refused under the key that named it.
 
 The text tower's vocabulary (size, bos/eos/pad ids) always comes from the tokenizer the pipeline
 uses (`data.tokenizer`), and its context from `data.max_len`: a model and a tokenizer that
 disagree cannot be configured.
 
+Objective (config.loss; every key optional, the defaults are FashionCLIP's InfoNCE exactly):
+  loss.kind              'infonce' (default) | 'sigmoid' (SigLIP's loss, losses/sigmoid.py)
+  loss.sigmoid_impl      'dense' (default) | 'blockwise' (model.loss_blocks text blocks) | 'ring'
+                         (texts passed around the mesh's batch shards; needs the trainer's mesh)
+  loss.text_weight       w of the image <-> `text` term (1.0; 0 = fields only)
+  loss.field_weights     one weight per entry of data.fields (default 1 each)
+  loss.matryoshka_weights  one weight c_g per entry of model.matryoshka_dims (default 1 each)
+  model.matryoshka_dims  () = off; e.g. (64, 128, 0): the loss is summed over the embedding
+                         prefixes of these widths, each re-normalised (0 = full width;
+                         losses/matryoshka.py)
+The loss is
+    L = sum_g c_g [ w_text L_pair(tn(img, m_g), tn(txt, m_g))
+                    + sum_f w_f L_pair(tn(img, m_g), tn(field_f, m_g); mask_f) ]
+(one g with m = full and no tn when matryoshka_dims is empty; losses/multifield.py). A product
+without field f (data/features.py's field_mask) is left out of the term of f. With the defaults
+(infonce, no fields, no Matryoshka) `loss` calls contrastive.info_nce exactly as before.
+
+Sigmoid loss on a CLIP model: the CLIP module has a learnable log-temperature (`logit_scale`)
+but no bias, so the system adds a top-level parameter `logit_bias` (init sigmoid.INIT_BIAS),
+and a randomly initialised CLIP starts at t' = sigmoid.INIT_LOG_TEMPERATURE instead of
+log(1/0.07). The HF CLIPModel export has no bias and leaves it out: cosine ranking and CLIP's
+softmax zero-shot do not depend on a constant bias.
+
 Batches: 'image' uint8 [B, S, S, 3] (normalised with CLIP's mean/std on the device), 'text'
-int32 [B, L].
+int32 [B, L]; with data.fields also 'field_text' int32 [B, F, L] and 'field_mask' bool [B, F].
 """
 
+import dataclasses
+import difflib
+import functools
 from typing import Any
 
+from absl import logging
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from fashion_jax.data import features
 from fashion_jax.data import tokenizers
 from fashion_jax.interop import hf_clip
 from fashion_jax.interop import hf_io
+from fashion_jax.interop import hf_siglip
+from fashion_jax.interop import open_clip
 from fashion_jax.losses import contrastive
+from fashion_jax.losses import matryoshka
+from fashion_jax.losses import multifield
+from fashion_jax.losses import sigmoid
 from fashion_jax.models import clip as clip_lib
+from fashion_jax.models import siglip as siglip_lib
+
+# The top-level config sections this system reads (systems/__init__.py).
+CONFIG_KEYS = ("model", "data", "init", "loss")
+
+FAMILIES = ("clip", "siglip")
+_INIT_KEY = {"clip": "hf_clip_dir", "siglip": "hf_siglip_dir"}  # The pretrained dir per family.
+LOSS_KINDS = ("infonce", "sigmoid")
+SIGMOID_IMPLS = ("dense", "blockwise", "ring")
+_LOSS_KEYS = ("kind", "sigmoid_impl", "text_weight", "field_weights", "matryoshka_weights")
 
 
-def model_config(config) -> clip_lib.CLIPConfig:
-  """The CLIPConfig a FashionCLIP run trains, from `config.model`, `config.data`, `config.init`."""
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The validated objective of a run (module docstring), from `config.loss` and friends.
+
+  Attributes:
+    kind: 'infonce' | 'sigmoid'.
+    sigmoid_impl: 'dense' | 'blockwise' | 'ring'.
+    loss_blocks: K of the blockwise InfoNCE / sigmoid (model.loss_blocks).
+    text_weight: weight of the image <-> text term (0 = no text term).
+    fields: the multi-field names (data.fields).
+    field_weights: one per field.
+    matryoshka_dims: () or the m_g (0 = full width).
+    matryoshka_weights: one c_g per dim.
+  """
+  kind: str = "infonce"
+  sigmoid_impl: str = "dense"
+  loss_blocks: int = 1
+  text_weight: float = 1.0
+  fields: tuple[str, ...] = ()
+  field_weights: tuple[float, ...] = ()
+  matryoshka_dims: tuple[int, ...] = ()
+  matryoshka_weights: tuple[float, ...] = ()
+
+  @property
+  def is_default(self) -> bool:
+    """FashionCLIP's original objective: one InfoNCE term, no fields, no Matryoshka."""
+    return (self.kind == "infonce" and not self.fields and not self.matryoshka_dims
+            and self.text_weight == 1.0)
+
+
+def objective(config) -> Objective:
+  """The Objective of `config` (config.loss, data.fields, model.matryoshka_dims/loss_blocks).
+
+  Raises:
+    ValueError naming the bad key and value (an unknown loss key, kind or implementation,
+    weights that do not match their fields or dims, no term at all, InfoNCE with both a field
+    mask and loss_blocks > 1).
+  """
+  loss = config.get("loss") or {}
+  for key in loss.keys():
+    if key not in _LOSS_KEYS:
+      close = difflib.get_close_matches(key, _LOSS_KEYS, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ValueError(f"Unknown config key config.loss.{key}{hint}; known keys: "
+                       f"{list(_LOSS_KEYS)}.")
+  kind = loss.get("kind", "infonce")
+  if kind not in LOSS_KINDS:
+    raise ValueError(f"config.loss.kind={kind!r} is not one of {LOSS_KINDS}.")
+  impl = loss.get("sigmoid_impl", "dense")
+  if impl not in SIGMOID_IMPLS:
+    raise ValueError(f"config.loss.sigmoid_impl={impl!r} is not one of {SIGMOID_IMPLS}.")
+  fields = features.multi_fields(config.data)
+  field_weights = loss.get("field_weights") or (1.0,) * len(fields)
+  field_weights = multifield.check_weights(field_weights, fields, "config.loss.field_weights")
+  (text_weight,) = multifield.check_weights((loss.get("text_weight", 1.0),), ("text",),
+                                            "config.loss.text_weight")
+  if text_weight == 0 and not fields:
+    raise ValueError("config.loss.text_weight=0 and config.data.fields is empty: the loss has "
+                     "no term.")
+  dims = matryoshka.check_dims(config.model.get("matryoshka_dims") or (),
+                               what="config.model.matryoshka_dims")
+  dim_weights = loss.get("matryoshka_weights") or (1.0,) * len(dims)
+  dim_weights = multifield.check_weights(dim_weights, dims, "config.loss.matryoshka_weights")
+  blocks = config.model.get("loss_blocks", 1)
+  if kind == "infonce" and fields and blocks > 1:
+    raise ValueError(f"config.model.loss_blocks={blocks} with config.data.fields={fields}: the "
+                     "masked InfoNCE of the field terms is dense only; set loss_blocks=1 (or "
+                     "use loss.kind='sigmoid', whose blockwise and ring forms take the mask).")
+  return Objective(kind=kind, sigmoid_impl=impl, loss_blocks=blocks, text_weight=text_weight,
+                   fields=fields, field_weights=field_weights, matryoshka_dims=dims,
+                   matryoshka_weights=dim_weights)
+
+
+def family(config) -> str:
+  """config.model.family ('clip' default | 'siglip'), validated against the init keys."""
+  fam = config.model.get("family", "clip")
+  if fam not in FAMILIES:
+    raise ValueError(f"config.model.family={fam!r} is not one of {FAMILIES}.")
+  init = config.get("init") or {}
+  wrong = {"clip": "hf_siglip_dir", "siglip": "hf_clip_dir"}[fam]
+  if init.get(wrong):
+    raise ValueError(f"config.init.{wrong}={init[wrong]!r} does not initialise a "
+                     f"model.family={fam!r} model; use init.{_INIT_KEY[fam]}.")
+  if init.get("open_clip_dir") and init.get(_INIT_KEY[fam]):
+    raise ValueError(f"config.init.open_clip_dir={init.open_clip_dir!r} and config.init."
+                     f"{_INIT_KEY[fam]}={init[_INIT_KEY[fam]]!r} are both set; set one.")
+  return fam
+
+
+@functools.lru_cache(maxsize=1)
+def _open_clip_checkpoint(path: str) -> open_clip.OpenClipCheckpoint:
+  """open_clip.to_hf(path), read once for model_config and pretrained_params (which clears it)."""
+  return open_clip.to_hf(path)
+
+
+def _check_vocab(key, path, cfg, tok, data):
+  """The checkpoint at config.init.<key> and the pipeline's tokenizer must agree."""
+  if cfg.text.vocab_size != tok.vocab_size:
+    raise ValueError(
+        f"init.{key}={path!r} has a text vocabulary of {cfg.text.vocab_size} tokens but "
+        f"data.tokenizer ({data.tokenizer.kind!r}, path={data.tokenizer.path!r}) has "
+        f"{tok.vocab_size}: point data.tokenizer.path at the checkpoint's tokenizer.")
+  if data.max_len > cfg.text.max_len:
+    raise ValueError(f"data.max_len={data.max_len} exceeds the checkpoint's context "
+                     f"{cfg.text.max_len}.")
+
+
+def model_config(config) -> clip_lib.CLIPConfig | siglip_lib.SiglipConfig:
+  """The CLIPConfig or SiglipConfig (model.family) a run trains, from `config.model`,
+  `config.data`, `config.init`."""
   m, data = config.model, config.data
+  fam = family(config)
   tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
   runtime = dict(dtype=m.dtype, scan=m.scan, remat_policy=m.remat_policy,
                  attention_impl=m.get("attention_impl", "einsum"))
-  if config.init.hf_clip_dir:
-    hf_config, _ = hf_io.load_hf_config(config.init.hf_clip_dir)
-    cfg = clip_lib.CLIPConfig.from_hf(hf_config, **runtime)
-    if cfg.text.vocab_size != tok.vocab_size:
-      raise ValueError(
-          f"init.hf_clip_dir={config.init.hf_clip_dir!r} has a text vocabulary of "
-          f"{cfg.text.vocab_size} tokens but data.tokenizer ({data.tokenizer.kind!r}, path="
-          f"{data.tokenizer.path!r}) has {tok.vocab_size}: point data.tokenizer.path at the "
-          "checkpoint's tokenizer.")
-    if data.max_len > cfg.text.max_len:
-      raise ValueError(f"data.max_len={data.max_len} exceeds the checkpoint's context "
-                       f"{cfg.text.max_len}.")
+  cls = clip_lib.CLIPConfig if fam == "clip" else siglip_lib.SiglipConfig
+  key = _INIT_KEY[fam]
+  init = config.get("init") or {}
+  if init.get(key):
+    hf_config, _ = hf_io.load_hf_config(init[key])
+    cfg = cls.from_hf(hf_config, **runtime)
+    _check_vocab(key, init[key], cfg, tok, data)
+    return cfg
+  if init.get("open_clip_dir"):
+    ckpt = _open_clip_checkpoint(init.open_clip_dir)
+    if ckpt.kind != fam:
+      raise ValueError(f"config.init.open_clip_dir={init.open_clip_dir!r} holds an open_clip "
+                       f"{ckpt.kind!r} model but config.model.family={fam!r}.")
+    cfg = cls.from_hf(ckpt.hf_config, **runtime)
+    _check_vocab("open_clip_dir", init.open_clip_dir, cfg, tok, data)
     return cfg
   text = dict(m.get("text") or {})
   text.update(vocab_size=tok.vocab_size, max_len=data.max_len, eos_token_id=tok.eos_token_id,
               bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
   vision = dict(m.get("vision") or {})
   vision.setdefault("image_size", data.image_size)
+  if fam == "siglip":
+    if m.get("projection_dim") is not None:
+      raise ValueError(f"config.model.projection_dim={m.projection_dim!r}: a SigLIP model's "
+                       "embedding width is its vision width (set model.vision.width).")
+    return siglip_lib.siglip_config(m.variant, vision=vision, text=text, **runtime)
+  if (config.get("loss") or {}).get("kind", "infonce") == "sigmoid":
+    runtime["logit_scale_init"] = sigmoid.INIT_LOG_TEMPERATURE  # SigLIP's t' init.
   return clip_lib.clip_config(m.variant, projection_dim=m.get("projection_dim"), vision=vision,
                               text=text, **runtime)
 
@@ -66,70 +242,181 @@ def model_config(config) -> clip_lib.CLIPConfig:
 class System:
   """FashionCLIP as a fashion_jax system (see systems/base.py)."""
 
-  required_features = ("image", "text")  # The batch keys `loss` reads (systems/base.py).
+  @staticmethod
+  def required_features(config) -> tuple[str, ...]:
+    """The batch keys `loss` reads (systems/base.py): image, text, and the multi-field pair."""
+    fields = features.multi_fields(config.data)
+    return ("image", "text") + (("field_text", "field_mask") if fields else ())
 
   def __init__(self, config):
     self.config = config
+    self.objective = objective(config)
+    self.family = family(config)
     self.model_config = model_config(config)
-    self.model = clip_lib.CLIPModel(self.model_config)
+    self.model = (clip_lib.CLIPModel(self.model_config) if self.family == "clip"
+                  else siglip_lib.SiglipModel(self.model_config))
     self.tokenizer = tokenizers.get_tokenizer(
         config.data.tokenizer.kind, config.data.tokenizer.path, config.data.max_len)
     if config.data.image_size != self.model_config.vision.image_size:
       raise ValueError(f"data.image_size={config.data.image_size} but the vision tower takes "
                        f"{self.model_config.vision.image_size} px images.")
+    width = self.model_config.projection_dim
+    matryoshka.check_dims(self.objective.matryoshka_dims, width,
+                          "config.model.matryoshka_dims")
+    # The prefixes evaluators and search report (0 = full width): evaluate/retrieval.py.
+    self.matryoshka_dims = self.objective.matryoshka_dims
+    # CLIP has no bias parameter: the sigmoid loss adds one beside the model's (docstring).
+    self._extra_bias = self.objective.kind == "sigmoid" and self.family == "clip"
 
   # --- trainer interface --------------------------------------------------------------------
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     s, l = self.model_config.vision.image_size, self.config.data.max_len
-    return {"image": np.zeros((batch_size, s, s, 3), np.uint8),
-            "text": np.zeros((batch_size, l), np.int32)}
+    batch = {"image": np.zeros((batch_size, s, s, 3), np.uint8),
+             "text": np.zeros((batch_size, l), np.int32)}
+    f = len(self.objective.fields)
+    if f:
+      batch["field_text"] = np.zeros((batch_size, f, l), np.int32)
+      batch["field_mask"] = np.zeros((batch_size, f), bool)
+    return batch
 
   def init(self, rng: jax.Array, batch) -> Any:
-    return self.model.init(rng, batch["image"], batch["text"])["params"]
-
-  def pretrained_params(self):
-    """Unboxed numpy params from `init.hf_clip_dir`, or None for a random init."""
-    if not self.config.init.hf_clip_dir:
-      return None
-    _, params = hf_clip.load_clip(
-        self.config.init.hf_clip_dir, dtype=self.model_config.dtype,
-        scan=self.model_config.scan, remat_policy=self.model_config.remat_policy)
+    params = self.model.init(rng, batch["image"], batch["text"])["params"]
+    if self._extra_bias:
+      params = {**params, "logit_bias": nn.LogicallyPartitioned(
+          jnp.full((), sigmoid.INIT_BIAS, jnp.float32), names=())}
     return params
 
-  def loss(self, params, batch, rng, train: bool = True):
-    """Symmetric InfoNCE over the global batch.
+  def pretrained_params(self):
+    """Unboxed numpy params from `init.hf_clip_dir` / `init.hf_siglip_dir` (by model.family)
+    or `init.open_clip_dir`, or None for a random init."""
+    init = self.config.get("init") or {}
+    interop = hf_clip if self.family == "clip" else hf_siglip
+    if init.get(_INIT_KEY[self.family]):
+      _, state = hf_io.load_hf_checkpoint(init[_INIT_KEY[self.family]])
+      # self.model_config was made from the same directory's config (model_config).
+      params = interop.hf_state_to_params(self.model_config, state)
+    elif init.get("open_clip_dir"):
+      ckpt = _open_clip_checkpoint(init.open_clip_dir)
+      params = interop.hf_state_to_params(self.model_config, ckpt.hf_state)
+      _open_clip_checkpoint.cache_clear()  # Do not hold a second copy of the weights.
+    else:
+      return None
+    if self._extra_bias:
+      params = {**params, "logit_bias": np.full((), sigmoid.INIT_BIAS, np.float32)}
+    return params
 
-    Memory levers (losses/contrastive.py; neither changes the loss beyond rounding):
-    `model.encode_chunks` K encodes the batch K row-chunks at a time with rematerialisation
-    (gradient cache), `model.loss_blocks` computes the [B, B] logits in row blocks.
+  def _model_params(self, params):
+    """The CLIP module's own parameters (without the sigmoid loss's `logit_bias`)."""
+    if not self._extra_bias:
+      return params
+    return {k: v for k, v in params.items() if k != "logit_bias"}
+
+  def _pair_loss(self, scale, log_t, bias):
+    """(img, txt, mask) -> (loss, metrics) of the configured kind and implementation."""
+    obj = self.objective
+    if obj.kind == "infonce":
+      def pair(img, txt, mask):
+        if mask is None:
+          return contrastive.info_nce(img, txt, scale, num_blocks=obj.loss_blocks)
+        return multifield.masked_info_nce(img, txt, scale, mask)
+      return pair
+    if obj.sigmoid_impl == "dense":
+      return lambda img, txt, mask: sigmoid.sigmoid_loss(img, txt, log_t, bias, pair_mask=mask)
+    if obj.sigmoid_impl == "blockwise":
+      return lambda img, txt, mask: sigmoid.blockwise_sigmoid_loss(
+          img, txt, log_t, bias, num_blocks=obj.loss_blocks, pair_mask=mask)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      raise ValueError("config.loss.sigmoid_impl='ring' needs the trainer's mesh (the loss runs "
+                       "under jax.sharding.use_abstract_mesh in train/step.py); none is set.")
+    return lambda img, txt, mask: sigmoid.ring_sigmoid_loss(img, txt, log_t, bias, mesh=mesh,
+                                                            pair_mask=mask)
+
+  def loss(self, params, batch, rng, train: bool = True):
+    """The objective of the module docstring over the global batch.
+
+    Memory levers (losses/contrastive.py, losses/sigmoid.py; none changes the loss beyond
+    rounding): `model.encode_chunks` K encodes the batch K row-chunks at a time with
+    rematerialisation (gradient cache), `model.loss_blocks` computes the [B, B] logits in
+    blocks (InfoNCE, or the sigmoid loss with sigmoid_impl='blockwise').
     """
     del rng, train  # No dropout in CLIP.
-    m_cfg = self.config.model
-    chunks, blocks = m_cfg.get("encode_chunks", 1), m_cfg.get("loss_blocks", 1)
-    variables = {"params": params}
+    obj = self.objective
+    chunks = self.config.model.get("encode_chunks", 1)
+    variables = {"params": self._model_params(params)}
     img = contrastive.map_in_chunks(
         lambda x: self.model.apply(variables, x, method=self.model.encode_images),
         batch["image"], num_chunks=chunks)
-    txt = contrastive.map_in_chunks(
+    encode_texts = lambda ids: contrastive.map_in_chunks(
         lambda x: self.model.apply(variables, x, method=self.model.encode_texts),
-        batch["text"], num_chunks=chunks)
+        ids, num_chunks=chunks)
     scale = self.model.apply(variables, method=self.model.logit_scale)
-    loss, m = contrastive.info_nce(img, txt, scale, num_blocks=blocks)
-    return loss, {"loss": loss, "i2t_acc": m["a2b_acc"], "t2i_acc": m["b2a_acc"],
-                  "logit_scale": scale}
+    if obj.is_default:  # FashionCLIP's objective, exactly as it always was.
+      loss, m = contrastive.info_nce(img, encode_texts(batch["text"]), scale,
+                                     num_blocks=obj.loss_blocks)
+      return loss, {"loss": loss, "i2t_acc": m["a2b_acc"], "t2i_acc": m["b2a_acc"],
+                    "logit_scale": scale}
+
+    log_t = bias = None
+    if obj.kind == "sigmoid":
+      log_t, bias = params["logit_scale"], params["logit_bias"]
+    texts, masks, weights, names = [], [], [], []
+    if obj.text_weight > 0:
+      texts.append(encode_texts(batch["text"]))
+      masks.append(None)
+      weights.append(obj.text_weight)
+      names.append("text")
+    if obj.fields:
+      ids = batch["field_text"]                                   # [B, F, L]
+      b, f = ids.shape[:2]
+      # One encode of the B * F field texts (rows b-major: the batch sharding is kept).
+      emb = encode_texts(ids.reshape((b * f,) + ids.shape[2:])).reshape(b, f, -1)
+      for k, name in enumerate(obj.fields):
+        texts.append(emb[:, k])
+        masks.append(batch["field_mask"][:, k])
+        weights.append(obj.field_weights[k])
+        names.append(name)
+    pair = self._pair_loss(scale, log_t, bias)
+    terms = lambda i, ts: multifield.multi_field_loss(pair, i, ts, masks, weights, names)
+    if obj.matryoshka_dims:
+      loss, metrics = matryoshka.matryoshka_loss(terms, img, texts, obj.matryoshka_dims,
+                                                 obj.matryoshka_weights)
+    else:
+      loss, metrics = terms(img, texts)
+    # temperature / bias are the same in every term: reported once, as logit_scale / _bias.
+    metrics = {k: v for k, v in metrics.items()
+               if k.split("/")[0] not in ("temperature", "bias")}
+    metrics.update(loss=loss, logit_scale=scale)
+    if obj.kind == "sigmoid":
+      metrics["logit_bias"] = bias
+    return loss, jax.lax.stop_gradient(metrics)
 
   # --- two-tower interface (evaluators, product search) -------------------------------------
   def embed_images(self, params, images: jax.Array) -> jax.Array:
+    params = self._model_params(params)
     return self.model.apply({"params": params}, images, method=self.model.encode_images)
 
   def embed_texts(self, params, tokens: jax.Array) -> jax.Array:
+    params = self._model_params(params)
     return self.model.apply({"params": params}, tokens, method=self.model.encode_texts)
 
   def logit_scale(self, params) -> jax.Array:
+    params = self._model_params(params)
     return self.model.apply({"params": params}, method=self.model.logit_scale)
 
   # --- export ---------------------------------------------------------------------------------
   def export(self, params, out_dir: str, overwrite: bool = False):
-    """A transformers CLIPModel directory (weights, config, tokenizer, preprocessor)."""
-    return hf_clip.save_clip(out_dir, self.model_config, params, tokenizer=self.tokenizer.hf,
-                             overwrite=overwrite)
+    """A transformers CLIPModel or SiglipModel directory (by model.family): weights, config,
+    tokenizer, preprocessor.
+
+    A sigmoid-trained CLIP's `logit_bias` is not part of the CLIPModel format and is left out
+    (logged): rankings and softmax zero-shot do not depend on it.
+    """
+    if self.family == "siglip":
+      return hf_siglip.save_siglip(out_dir, self.model_config, params,
+                                   tokenizer=self.tokenizer.hf, overwrite=overwrite)
+    if self._extra_bias:
+      logging.warning("export: the sigmoid loss's logit_bias=%s is not part of a CLIPModel "
+                      "directory and is left out.", np.asarray(params["logit_bias"]))
+    return hf_clip.save_clip(out_dir, self.model_config, self._model_params(params),
+                             tokenizer=self.tokenizer.hf, overwrite=overwrite)

@@ -1,0 +1,101 @@
+"""Multi-field contrastive losses: one image against several text fields, missing ones masked.
+
+A product has an image and several text fields (title, description, colour, material, ...;
+data/features.py's `field_text` / `field_mask`). The loss pairs the image with each field:
+
+    L = sum_f w_f * L_pair(img, txt_f; mask_f)
+
+L_pair is InfoNCE (`masked_info_nce`) or SigLIP's sigmoid loss (losses/sigmoid.py, which
+takes the same [B] mask as `pair_mask`). mask_f[i] False (product i has no field f) removes
+row i from the term of field f ENTIRELY: image i and text i are neither positives nor negatives
+there, i.e. the term equals the unmasked loss of the sub-batch of products that have the
+field. (Embedding an empty string instead would teach every product without a colour to match
+the same "empty" text.) A term with no valid row is 0. The weights are summed, not averaged
+(Marqo's GCL-style "7-part loss"; their weights are unpublished: the config sets them).
+
+InfoNCE with a mask is losses/regional.py's `masked_info_nce` (E2's, `valid=` the mask):
+with N valid rows and S = scale * a b^T,
+
+    L = 1/2 [ -(1/N) sum_{i: m_i} log( e^{S_ii} / sum_{j: m_j} e^{S_ij} )
+              -(1/N) sum_{j: m_j} log( e^{S_jj} / sum_{i: m_i} e^{S_ij} ) ]
+
+(masked logits are replaced by float32's lowest value, so they drop out exactly, with zero
+gradient, and a term with no valid row is 0, not NaN). `masked_info_nce` here only checks the
+shapes and calls it. With every row valid it equals contrastive.info_nce up to float32 rounding;
+the FashionCLIP system calls info_nce itself when there is no mask, so its default objective is
+unchanged bit for bit.
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fashion_jax.losses import regional
+
+PairLoss = Callable[[jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, dict]]
+
+
+def masked_info_nce(a: jax.Array, b: jax.Array, scale: jax.Array,
+                    mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Symmetric InfoNCE of the valid rows of (a, b) (module docstring), dense [B, B] logits.
+
+  Args:
+    a: [B, D] embeddings (images), row i paired with row i of `b`.
+    b: [B, D] embeddings (texts).
+    scale: scalar multiplier of the similarities (exp of CLIP's logit_scale).
+    mask: [B] bool, False = leave the pair i out; None = all valid.
+
+  Returns:
+    regional.masked_info_nce(a, b, scale, valid=mask): the float32 loss (0 when no row is
+    valid) and metrics a2b_acc, b2a_acc (over the valid rows), valid_frac.
+  """
+  if a.ndim != 2 or a.shape != b.shape:
+    raise ValueError(f"masked_info_nce: a {a.shape} and b {b.shape} must both be [B, D].")
+  if mask is not None and jnp.shape(mask) != (a.shape[0],):
+    raise ValueError(f"masked_info_nce: mask {jnp.shape(mask)} must be [B] = ({a.shape[0]},).")
+  valid = None if mask is None else jnp.asarray(mask).astype(bool)
+  loss, metrics = regional.masked_info_nce(a, b, scale, valid=valid)
+  return loss, jax.lax.stop_gradient(metrics)
+
+
+def check_weights(weights: Sequence[float], names: Sequence[str], what: str) -> tuple[float, ...]:
+  """One finite, non-negative float weight per name; ValueError naming `what` otherwise."""
+  weights = tuple(weights)
+  if len(weights) != len(names):
+    raise ValueError(f"{what}={weights!r} must have one weight per entry of {tuple(names)!r}.")
+  for w in weights:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
+      raise ValueError(f"{what}={weights!r}: {w!r} is not a finite weight >= 0.")
+  return tuple(float(w) for w in weights)
+
+
+def multi_field_loss(pair_loss: PairLoss, img: jax.Array, texts: Sequence[jax.Array],
+                     masks: Sequence[jax.Array | None], weights: Sequence[float],
+                     names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """sum_f w_f * pair_loss(img, texts[f], masks[f]) (module docstring).
+
+  Args:
+    pair_loss: (img [B, D], txt [B, D], mask [B] bool or None) -> (loss, metrics).
+    img: [B, D] image embeddings.
+    texts: one [B, D] text embedding per field.
+    masks: one [B] bool mask (or None = all valid) per field.
+    weights: w_f, one per field (terms of weight 0 are still computed: pass only the fields
+      you train on).
+    names: one metric name per field.
+
+  Returns:
+    (loss, metrics): metrics `loss/{name}` (each unweighted term) and every metric of each
+    term as `{metric}/{name}`, all scalars, not differentiated.
+  """
+  if not (len(texts) == len(masks) == len(weights) == len(names)) or not texts:
+    raise ValueError(f"multi_field_loss: {len(texts)} texts, {len(masks)} masks, "
+                     f"{len(weights)} weights and {len(names)} names must match (and be > 0).")
+  total = jnp.zeros((), jnp.float32)
+  metrics = {}
+  for txt, mask, w, name in zip(texts, masks, weights, names):
+    loss, m = pair_loss(img, txt, mask)
+    total = total + float(w) * loss
+    metrics[f"loss/{name}"] = loss
+    metrics.update({f"{k}/{name}": v for k, v in m.items()})
+  return total, jax.lax.stop_gradient(metrics)

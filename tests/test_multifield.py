@@ -1,0 +1,207 @@
+"""Multi-field contrastive loss: values and gradients against float64 numpy, masks exact."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fashion_jax.evaluate import retrieval
+from fashion_jax.losses import contrastive
+from fashion_jax.losses import multifield
+from fashion_jax.losses import sigmoid
+from tests import test_matryoshka as tm
+
+
+def _unit(rng, n, d):
+  x = rng.normal(size=(n, d))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _data(n=12, d=8, num_fields=3, seed=0):
+  rng = np.random.default_rng(seed)
+  img = _unit(rng, n, d)
+  texts = [(img + 0.8 * _unit(rng, n, d)) for _ in range(num_fields)]
+  texts = [(t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32) for t in texts]
+  masks = [rng.random(n) > 0.35 for _ in range(num_fields)]
+  masks[0][:] = True          # A field every product has.
+  masks[1][[0, 3]] = False    # Some missing.
+  masks[2][:] = False         # A field no product of this batch has: the term is 0.
+  masks[2][5] = True          # ... except one (a term of a single pair).
+  return img, texts, masks
+
+
+def _np_info_nce(a, b, scale, m):
+  """float64: 1/2 [mean over valid i of CE(row i over valid j) + same for columns]."""
+  a, b, m = np.float64(a), np.float64(b), np.asarray(m, bool)
+  if not m.any():
+    return 0.0
+  s = scale * (a[m] @ b[m].T)
+  diag = np.diag(s)
+  row = np.log(np.exp(s).sum(1)) - diag
+  col = np.log(np.exp(s).sum(0)) - diag
+  return 0.5 * (row.mean() + col.mean())
+
+
+def _np_sigmoid(a, b, lt, bias, m):
+  a, b, m = np.float64(a), np.float64(b), np.float64(m)
+  z = np.exp(lt) * (a @ b.T) + bias
+  labels = 2.0 * np.eye(len(a)) - 1.0
+  return np.sum(np.outer(m, m) * np.logaddexp(0.0, -labels * z)) / max(m.sum(), 1.0)
+
+
+def np_multi_field_loss(kind, img, texts, masks, weights, scale=7.0, lt=math.log(10.0),
+                        bias=-5.0):
+  """float64 numpy: sum_f w_f L(img, texts[f]; masks[f]), L = InfoNCE or the sigmoid loss."""
+  if kind == "infonce":
+    terms = [_np_info_nce(img, t, scale, m) for t, m in zip(texts, masks)]
+  else:
+    terms = [_np_sigmoid(img, t, lt, bias, m) for t, m in zip(texts, masks)]
+  return sum(w * t for w, t in zip(weights, terms))
+
+
+def _np_grad(f, x, h=1e-6):
+  """Central differences of a float64 scalar function of the array x."""
+  x = np.float64(x)
+  g = np.zeros_like(x)
+  for idx in np.ndindex(*x.shape):
+    e = np.zeros_like(x)
+    e[idx] = h
+    g[idx] = (f(x + e) - f(x - e)) / (2 * h)
+  return g
+
+
+def _jax_multi(kind, img, texts, masks, weights, scale=7.0, lt=math.log(10.0), bias=-5.0):
+  if kind == "infonce":
+    pair = lambda a, b, m: multifield.masked_info_nce(a, b, scale, m)
+  else:
+    pair = lambda a, b, m: sigmoid.sigmoid_loss(a, b, lt, bias, pair_mask=m)
+  names = [f"f{i}" for i in range(len(texts))]
+  return multifield.multi_field_loss(pair, img, texts, [jnp.asarray(m) for m in masks],
+                                     weights, names)
+
+
+@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
+def test_multi_field_loss_equals_numpy_values_and_grads(kind):
+  img, texts, masks = _data()
+  weights = (1.0, 0.5, 2.0)
+  fn = lambda i, ts: _jax_multi(kind, i, ts, masks, weights)[0]
+  loss, (g_img, g_txt) = jax.value_and_grad(fn, argnums=(0, 1))(img, texts)
+  want = np_multi_field_loss(kind, img, texts, masks, weights)
+  np.testing.assert_allclose(float(loss), want, rtol=2e-6, atol=2e-6)
+  want_img = _np_grad(lambda x: np_multi_field_loss(kind, x, texts, masks, weights), img)
+  np.testing.assert_allclose(np.asarray(g_img), want_img, rtol=1e-4, atol=2e-6)
+  for f in range(3):
+    def vary(t, f=f):
+      ts = list(texts)
+      ts[f] = t
+      return np_multi_field_loss(kind, img, ts, masks, weights)
+    np.testing.assert_allclose(np.asarray(g_txt[f]), _np_grad(vary, texts[f]),
+                               rtol=1e-4, atol=2e-6)
+    # A missing field's text gets no gradient at all.
+    assert np.all(np.asarray(g_txt[f])[~masks[f]] == 0.0)
+
+
+@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
+def test_a_missing_field_is_excluded(kind):
+  img, texts, masks = _data(seed=3)
+  weights = (1.0, 1.0, 1.0)
+  base, _ = _jax_multi(kind, img, texts, masks, weights)
+  changed = [t.copy() for t in texts]
+  rng = np.random.default_rng(9)
+  for f in range(3):
+    changed[f][~masks[f]] = _unit(rng, int((~masks[f]).sum()), img.shape[1])
+  other, _ = _jax_multi(kind, img, changed, masks, weights)
+  assert float(other) == float(base)
+  # ... and changing a PRESENT field's text does change it.
+  changed[1][masks[1].argmax()] *= -1.0
+  assert float(_jax_multi(kind, img, changed, masks, weights)[0]) != float(base)
+
+
+def test_masked_info_nce_without_mask_equals_info_nce():
+  img, texts, _ = _data(n=16, seed=5)
+  got, gm = multifield.masked_info_nce(img, texts[0], 9.0)
+  want, wm = contrastive.info_nce(img, texts[0], 9.0)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  assert float(gm["a2b_acc"]) == float(wm["a2b_acc"])
+
+
+def test_masked_info_nce_of_no_valid_row_is_zero_and_finite():
+  img, texts, _ = _data(n=6)
+  mask = jnp.zeros(6, bool)
+  loss, grads = jax.value_and_grad(
+      lambda a, b: multifield.masked_info_nce(a, b, 5.0, mask)[0], argnums=(0, 1))(img, texts[0])
+  assert float(loss) == 0.0
+  assert all(np.all(np.asarray(g) == 0.0) for g in grads)
+
+
+def test_bad_shapes_and_weights_are_named():
+  img, texts, masks = _data(n=6)
+  with pytest.raises(ValueError, match=r"mask \(5,\) must be \[B\] = \(6,\)"):
+    multifield.masked_info_nce(img, texts[0], 1.0, jnp.ones(5, bool))
+  with pytest.raises(ValueError, match=r"field_weights=\(1.0, -1.0\): -1.0 is not"):
+    multifield.check_weights((1.0, -1.0), ("title", "colour"), "field_weights")
+  with pytest.raises(ValueError, match=r"one weight per entry of \('title',\)"):
+    multifield.check_weights((1.0, 2.0), ("title",), "field_weights")
+
+
+def _brute_field_metrics(q, g, values, names, ks):
+  """Independent float64 reference: sort each query's gallery (score desc, NON-matching first
+  on ties) and read the matches off the list."""
+  s = np.float64(q) @ np.float64(g).T
+  out = {f"HITS@{k}": [] for k in ks} | {f"P@{k}": [] for k in ks} | {"MRR": []}
+  for row, name in zip(s, names):
+    match = [str(v).strip() == name for v in values]
+    ranked = sorted(range(len(row)), key=lambda j: (-row[j], match[j]))
+    first = next(r for r, j in enumerate(ranked) if match[j]) + 1
+    out["MRR"].append(1.0 / first)
+    for k in ks:
+      out[f"HITS@{k}"].append(first <= k)
+      out[f"P@{k}"].append(sum(match[j] for j in ranked[:k]) / k)
+  return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def test_field_metrics_equal_a_brute_force_ranking_with_ties():
+  rng = np.random.default_rng(0)
+  values = np.array(["red", "navy", "", "red ", "green", "navy", "red", "navy", "green", ""],
+                    object)
+  g = _unit(rng, len(values), 4)
+  g[7] = g[6]  # A navy image equal to a red one: ties are pessimistic.
+  names, positives = retrieval.field_queries(values)
+  assert names == ["green", "navy", "red"]
+  assert [p.tolist() for p in positives] == [[4, 8], [1, 5, 7], [0, 3, 6]]
+  q = _unit(rng, 3, 4)
+  q[2] = g[6]  # The red query's best image ties with a navy one.
+  got = retrieval.field_metrics(q, g, positives, ks=(1, 5))
+  want = _brute_field_metrics(q, g, values, names, (1, 5))
+  for k, v in want.items():
+    assert got[k] == pytest.approx(v, abs=1e-12), k
+  assert got["num_queries"] == 3.0
+  assert got["MRR"] < 1.0  # The tie counted against the red query.
+
+
+def test_retrieval_evaluator_field_protocol():
+  system = tm._StubSystem()  # pylint: disable=protected-access
+  params, dataset_fn, raw = tm.stub_data(fields=("colour",))
+  tokenized = {}
+
+  def tokenizer(texts):
+    ids = np.asarray([[3 + i % 40] * 5 for i in range(len(texts))], np.int32)
+    tokenized.update(zip(texts, ids.tolist()))
+    return ids
+  ev = retrieval.Evaluator(system, config=None, split="test", protocols=("field",),
+                           query_field="colour", query_template="a {} product", batch_size=8,
+                           dataset_fn=dataset_fn, tokenizer=tokenizer)
+  out = ev.run(params)
+  assert sorted(tokenized) == ["a green product", "a navy product", "a red product"]
+  names, positives = retrieval.field_queries(raw["colour"])
+  img = np.asarray(system.embed_images(params, jnp.asarray(raw["images"])))
+  q = np.asarray(system.embed_texts(params, jnp.asarray(tokenizer(
+      [f"a {n} product" for n in names]))))
+  want = retrieval.field_metrics(q, img, positives)
+  assert out["test/field_colour/P@5"] == want["P@5"]
+  assert out["test/field_colour/MRR"] == want["MRR"]
+  assert "test/field_colour/MRR@d4" in out
+  with pytest.raises(ValueError, match=r"'field' protocol and query_field go together"):
+    retrieval.Evaluator(system, config=None, protocols=("field",), dataset_fn=dataset_fn)
