@@ -194,7 +194,9 @@ EXPORT_FILES = frozenset({
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
     "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-    "processor_config.json"})
+    "processor_config.json",
+    # The ONNX export (interop/onnx_export.py, launch.export --format=onnx).
+    "image_encoder.onnx", "text_encoder.onnx", "preprocess.json"})
 _SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
 EXPORT_SUBDIRS = frozenset({"clip", "bert", "fusion_bert", "cnn"})
 
