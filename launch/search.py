@@ -13,10 +13,14 @@ r"""Product search: build an index of a catalog's image embeddings, then query i
     #    full-candidate t2i R@K of the same model on the same split (exact index).
     python -m launch.search evaluate --index_dir=runs/search_test --k=10
 
-Index kinds: `--kind=exact` (default; brute force, the evaluator's top-k code) or `--kind=ivf`
-(inverted file over spherical k-means lists, `--num_lists`, `--nprobe`; for catalogs of millions;
-its recall against exact is measured by launch/benchmark_search.py and by
-`evaluate --recall_vs_exact`).
+Index kinds (`--kind`): exact (default; brute force, the evaluator's top-k code), the FAISS
+approximate indexes ivf_flat, ivf_pq and hnsw (the `search` extra: pip install -e .[search]),
+for catalogs of millions, or ivf (our own IVF: faster than faiss only for large query batches at
+nprobe >= 16; docs/search.md). `--params=name=value,...` sets their parameters at build (names and
+defaults: fashion_jax/search/index.py PARAM_DEFAULTS, e.g. --params=nlist=4096,nprobe=32 or
+--params=M=32,efConstruction=200,efSearch=64), all recorded in meta.json; at query / evaluate
+time it overrides the search-time ones for that run (--params=nprobe=64, --params=efSearch=256).
+Their recall against exact search: `evaluate --recall_vs_exact`, and benchmarks/benchmark_search.py.
 
 The model used for queries is loaded from the path the index was built with (meta.json) unless
 --model is given, at its newest checkpoint unless --step is given. The index records the
@@ -33,15 +37,21 @@ import sys
 from absl import app
 from absl import flags
 
+from fashion_jax.search import encoders
+from fashion_jax.search import index as index_lib
+from fashion_jax.search import products
+from fashion_jax.search import sheet
+
 _MODEL = flags.DEFINE_string("model", None, "Training workdir or exported CLIPModel directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: newest).")
 _DATASET = flags.DEFINE_string("dataset", "synthetic_catalog/smoke", "TFDS NAME[/CONFIG].")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to index (tfds slicing allowed).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' = tfds's default).")
 _INDEX_DIR = flags.DEFINE_string("index_dir", None, "Directory of the product index.")
-_KIND = flags.DEFINE_enum("kind", "exact", ["exact", "ivf"], "Index kind.")
-_NUM_LISTS = flags.DEFINE_integer("num_lists", None, "IVF lists (default 2 sqrt(N)).")
-_NPROBE = flags.DEFINE_integer("nprobe", None, "IVF lists scanned per query.")
+_KIND = flags.DEFINE_enum("kind", "exact", list(index_lib.KINDS), "Index kind (build).")
+_PARAMS = flags.DEFINE_list(
+    "params", [], "name=value,...: build: the index's parameters (index.PARAM_DEFAULTS[kind]); "
+    "query/evaluate: search-time overrides (nprobe; efSearch; refine).")
 _THUMB = flags.DEFINE_integer("thumb_size", 64, "Thumbnail side stored for sheets (0 = none).")
 _MAX = flags.DEFINE_integer("max_products", None, "Index at most this many products.")
 _TEXT = flags.DEFINE_multi_string("text", [], "Text query (repeatable); with --image: the "
@@ -53,29 +63,53 @@ _FIELDS = flags.DEFINE_list("fields", None, "evaluate: product fields joined int
                             "(default: the model's text fields, as the evaluator).")
 _MAX_QUERIES = flags.DEFINE_integer("max_queries", None, "evaluate: the texts of this many "
                                     "products (drawn with seed 0) are the queries (default: all).")
-_RECALL = flags.DEFINE_bool("recall_vs_exact", False, "evaluate: also the IVF recall@k "
-                            "against exact search, for the same queries.")
+_RECALL = flags.DEFINE_bool("recall_vs_exact", False, "evaluate: also the approximate index's "
+                            "recall@k against exact search, for the same queries.")
 _ALLOW_MISMATCH = flags.DEFINE_bool(
     "allow_model_mismatch", False, "query/evaluate: use a model other than the one the index was "
     "built with (another checkpoint step or run) instead of refusing; results are then suspect.")
 
 
+def parse_params(specs) -> dict[str, int]:
+  """['nprobe=32', ...] -> {'nprobe': 32} (names are checked by the index); UsageError for an
+  entry that is not name=integer."""
+  out = {}
+  for spec in specs:
+    name, _, value = spec.partition("=")
+    try:
+      out[name.strip()] = int(value)
+    except ValueError:
+      raise app.UsageError(f"--params entry {spec!r} is not name=integer.") from None
+  return out
+
+
+def _search_params(index) -> dict[str, int]:
+  """--params as search-time overrides, checked against the index's kind."""
+  params = parse_params(_PARAMS.value)
+  allowed = index_lib.SEARCH_PARAMS[index.meta.get("kind", "exact")]
+  bad = sorted(set(params) - set(allowed))
+  if bad:
+    raise app.UsageError(f"--params: {bad} are not search parameters of this "
+                         f"{index.meta.get('kind', 'exact')} index; it has {list(allowed)}.")
+  return params
+
+
 def _load_index():
-  from fashion_jax.search import products  # pylint: disable=g-import-not-at-top
-  return products.ProductIndex.load(_INDEX_DIR.value,
-                                    allow_model_mismatch=_ALLOW_MISMATCH.value)
+  try:
+    return products.ProductIndex.load(_INDEX_DIR.value,
+                                      allow_model_mismatch=_ALLOW_MISMATCH.value)
+  except ImportError as e:  # A FAISS index without faiss: the message names the extra.
+    sys.exit(f"error: {e}")
 
 
 def _encoder(index):
   """The query model, checked against the index's (StaleIndexError before any query runs)."""
-  from fashion_jax.search import encoders  # pylint: disable=g-import-not-at-top
   enc = encoders.load_encoder(_MODEL.value or index.meta["model"], step=_STEP.value)
   index.check_model(enc)
   return enc
 
 
 def _k(index) -> int:
-  from fashion_jax.search import index as index_lib  # pylint: disable=g-import-not-at-top
   try:
     k, note = index_lib.resolve_k(_K.value, len(index), "indexed products")
   except ValueError as e:
@@ -86,26 +120,23 @@ def _k(index) -> int:
 
 
 def build():
-  from fashion_jax.search import encoders, products  # pylint: disable=g-import-not-at-top
   if not _MODEL.value:
     raise app.UsageError("build needs --model (a workdir or an exported model directory).")
-  ivf = {}
-  if _KIND.value == "ivf":
-    ivf = {k: v for k, v in (("num_lists", _NUM_LISTS.value), ("nprobe", _NPROBE.value))
-           if v is not None}
-  elif _NUM_LISTS.value or _NPROBE.value:
-    raise app.UsageError("--num_lists/--nprobe apply to --kind=ivf only.")
+  params = parse_params(_PARAMS.value)
+  bad = sorted(set(params) - set(index_lib.PARAM_DEFAULTS[_KIND.value]))
+  if bad:  # Before the model and the catalog are read.
+    raise app.UsageError(f"--params: {bad} are not parameters of --kind={_KIND.value}; it has "
+                         f"{list(index_lib.PARAM_DEFAULTS[_KIND.value])}.")
   enc = encoders.load_encoder(_MODEL.value, step=_STEP.value)
   index = products.build_product_index(enc, _DATASET.value, _SPLIT.value,
                                        data_dir=_DATA_DIR.value, kind=_KIND.value,
-                                       thumb_size=_THUMB.value, max_products=_MAX.value, **ivf)
+                                       thumb_size=_THUMB.value, max_products=_MAX.value, **params)
   index.save(_INDEX_DIR.value)
-  print(f"indexed {len(index)} products of {_DATASET.value}:{_SPLIT.value} ({_KIND.value}, "
-        f"dim {index.meta['dim']}) -> {_INDEX_DIR.value}")
+  print(f"indexed {len(index)} products of {_DATASET.value}:{_SPLIT.value} ({_KIND.value} "
+        f"{index.meta['index_params']}, dim {index.meta['dim']}) -> {_INDEX_DIR.value}")
 
 
 def query():
-  from fashion_jax.search import encoders, products, sheet  # pylint: disable=g-import-not-at-top
   texts, images = _TEXT.value, _IMAGE.value
   if not texts and not images:
     raise app.UsageError("query needs --text and/or --image.")
@@ -115,8 +146,8 @@ def query():
     raise app.UsageError(f"--text: {e}") from e
   index = _load_index()
   k = _k(index)
+  kw = _search_params(index)
   enc = _encoder(index)
-  kw = {"nprobe": _NPROBE.value} if _NPROBE.value else {}
   queries, results = [], []
   if images and texts:  # Text-modified image queries, paired in order.
     if len(images) != len(texts):
@@ -140,31 +171,27 @@ def query():
 
 
 def evaluate():
-  from fashion_jax.search import index as index_lib  # pylint: disable=g-import-not-at-top
   index = _load_index()
   k = _k(index)
+  kw = _search_params(index)
   enc = _encoder(index)
-  if _RECALL.value and index.meta["kind"] != "ivf":
-    raise app.UsageError("--recall_vs_exact needs an IVF index.")
-  kw = {}
-  if _NPROBE.value:
-    if index.meta["kind"] != "ivf":
-      raise app.UsageError("--nprobe applies to an IVF index only.")
-    kw["nprobe"] = _NPROBE.value
+  kind = index.meta.get("kind", "exact")
+  if _RECALL.value and kind == "exact":
+    raise app.UsageError("--recall_vs_exact needs an approximate index (this one is exact).")
   rows = index.sample_rows(_MAX_QUERIES.value)
-  kind = index.meta["kind"]
-  if kind == "ivf":
-    kind += f", nprobe {kw.get('nprobe', index.index.nprobe)}"
-  out = {"protocol": f"full ({index.meta['split']}, {len(index)} products, {kind}; queries: "
-                     f"{len(rows)} products' texts)"}
+  params = {n: kw.get(n, index.index.description()["params"][n])
+            for n in index_lib.SEARCH_PARAMS[kind]}
+  out = {"protocol": f"full ({index.meta['split']}, {len(index)} products, {kind}"
+                     f"{' ' + str(params) if params else ''}; queries: {len(rows)} products' "
+                     "texts)"}
   q = enc.embed_texts(index.query_texts(_FIELDS.value, rows))
   out.update(index.text_query_hits(enc, _K.value, rows=rows, queries=q, **kw))
   if _RECALL.value:
-    exact = index_lib.ExactIndex(index.index.vectors)
+    exact = index_lib.ExactIndex(index.index.reconstruct())
     _, ids_e, t_e = index_lib.timed_search(exact, q, k)
     _, ids_a, t_a = index_lib.timed_search(index.index, q, k, **kw)
-    out.update({f"recall@{k}_vs_exact": index_lib.recall_at_k(index.index.item_ids[ids_e], ids_a),
-                "exact_s": t_e, "ivf_s": t_a})
+    out.update({f"recall@{k}_vs_exact": index_lib.recall_at_k(ids_a, ids_e), "exact_s": t_e,
+                f"{kind}_s": t_a})
   print(json.dumps(out, indent=1))
 
 
@@ -175,7 +202,6 @@ def main(argv):
                          f"got {argv[1:]}")
   if not _INDEX_DIR.value:
     raise app.UsageError("--index_dir is required.")
-  from fashion_jax.search import products  # pylint: disable=g-import-not-at-top
   try:
     commands[argv[1]]()
   except products.StaleIndexError as e:

@@ -97,12 +97,14 @@ def test_bad_inputs_name_the_value(data):
   ivf = index_lib.IVFIndex.build(items[:200], num_lists=8)
   with pytest.raises(ValueError, match="nprobe=9"):
     ivf.search(queries, 3, nprobe=9)
+  with pytest.raises(ValueError, match=r"ivf index has no search parameter\(s\) \['efSearch'\]"):
+    ivf.search(queries, 3, efSearch=9)
   with pytest.raises(ValueError, match="num_lists=300"):
     index_lib.spherical_kmeans(items[:200], 300)
   with pytest.raises(ValueError, match="non-finite"):
     index_lib.ExactIndex(np.full((3, 4), np.nan))
-  with pytest.raises(ValueError, match="Unknown index kind 'hnsw'"):
-    index_lib.build_index(items, "hnsw")
+  with pytest.raises(ValueError, match="Unknown index kind 'hnsw2'"):
+    index_lib.build_index(items, "hnsw2")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,3 +211,37 @@ def test_fashionvil_tgir_query_is_the_mean_fused_image_positions(tmp_path):
   composed = encoders._fashionvil_composed(system, params, tokenize, batch_size=3)  # pylint: disable=protected-access
   got = composed(images, [f"q{i}" for i in range(len(text))])
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_search_cli_builds_a_faiss_index_and_overrides_its_knob(trained, tmp_path):
+  """`build --kind=ivf_flat --params=...` records the parameters; `query --params=nprobe=...`
+  overrides the search knob for one run (all lists: the exact index's answer); a parameter the
+  kind does not have is refused before the model loads."""
+  pytest.importorskip("faiss")
+  from fashion_jax.search import encoders, products  # pylint: disable=g-import-not-at-top
+  workdir, data_dir, _ = trained
+  env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+  idx_dir = str(tmp_path / "idx")
+
+  def cli(*args):
+    return subprocess.run([sys.executable, "-m", "launch.search", *args, f"--index_dir={idx_dir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = cli("build", f"--model={workdir}", "--dataset=synthetic_catalog/tiny",
+             f"--data_dir={data_dir}", "--kind=hnsw", "--params=nprobe=2")
+  assert proc.returncode != 0 and "['nprobe'] are not parameters of --kind=hnsw" in proc.stderr
+  proc = cli("build", f"--model={workdir}", "--dataset=synthetic_catalog/tiny",
+             f"--data_dir={data_dir}", "--kind=ivf_flat", "--params=nlist=2,nprobe=1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(os.path.join(idx_dir, "meta.json")) as f:
+    meta = json.load(f)
+  assert meta["kind"] == "ivf_flat" and meta["index_params"] == {"nlist": 2, "nprobe": 1}
+  enc = encoders.load_encoder(workdir)
+  exact = products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir)
+  text = products.join_text([exact.products[0][f] for f in exact.meta["text_fields"]])
+  want = [h.product["product_id"] for h in exact.search_text(enc, [text], 8)[0]]
+  proc = cli("query", f"--text={text}", "--k=8", "--params=nprobe=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("    ")] == want
+  proc = cli("query", f"--text={text}", "--params=efSearch=5")
+  assert proc.returncode != 0 and "['efSearch'] are not search parameters" in proc.stderr

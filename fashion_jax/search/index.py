@@ -1,36 +1,55 @@
-"""Vector indexes over product embeddings: exact top-k and an inverted-file (IVF) index.
+"""Vector indexes over product embeddings: exact top-k, and FAISS approximate indexes.
 
-Both score a query q [D] against item x [D] by the inner product s(q, x) = <q, x> (the cosine
+All score a query q [D] against item x [D] by the inner product s(q, x) = <q, x> (the cosine
 for the L2-normalised embeddings every fashion_jax two-tower model produces) and return the k
-best items, best first; ties resolve to the lower item index (as `retrieval.topk_retrieve`).
+best items, best first, as (scores float32 [Q, k], item indices int64 [Q, k]).
 
 ExactIndex: brute force, `fashion_jax.evaluate.retrieval.topk_retrieve` (a jitted running top-k
-over gallery chunks: memory O(query_chunk x (gallery_chunk + k)), work 2 Q N D flops). This is
-the same code the retrieval evaluator's lists come from, so exact search and the evaluator agree.
+over gallery chunks: memory O(query_chunk x (gallery_chunk + k)), work 2 Q N D flops); ties
+resolve to the lower item index. This is the same code the retrieval evaluator's lists come
+from, so exact search and the evaluator agree, and it is the ground truth the approximate
+indexes' recall is measured against (`recall_at_k`).
 
-IVFIndex (inverted file, as in Jegou et al. 2011 / faiss' IndexIVFFlat, written here in JAX and
-numpy):
+FaissIndex (the `search` extra, faiss-cpu; imported only when one is built or loaded, and its
+absence is an ImportError naming the extra): kinds
+  ivf_flat  inverted file (Jegou et al. 2011): spherical k-means lists (`nlist`), the `nprobe`
+            lists nearest the query scanned exactly;
+  ivf_pq    the same lists holding product-quantised codes (`m` sub-vectors of `nbits` bits),
+            optionally re-ranked exactly (`refine` x k candidates, keeping the full vectors);
+  hnsw      a hierarchical navigable small-world graph (Malkov & Yashunin 2018) over the full
+            vectors: degree `M`, candidate lists `efConstruction` (build) / `efSearch` (query).
+Every parameter and its default is in PARAM_DEFAULTS (the one place: the CLI and the benchmark
+read names from it); SEARCH_PARAMS are those a single query may override (faiss
+SearchParameters per call, so the index is not mutated and concurrent queries may differ). The
+metric is inner product and the items must be unit-norm (checked at build). Deliberate choices:
+k-means trains on at most TRAIN_POINTS_PER_LIST * nlist rows (a seeded sample; faiss' own cap is
+256 per list); IVF-PQ's polysemous training (Hamming pre-filter codes, unused here) is off; HNSW
+searches with max(efSearch, k), since a shorter candidate list returns fewer than k items.
+IVFIndex (kind 'ivf'): our own inverted file, the same algorithm as ivf_flat written in JAX and
+numpy, kept for one regime where it measurably beats faiss (docs/search.md): large query batches
+at high nprobe, since it scans list-major (all the queries probing list l scored against it in
+one matmul, so each list is read once per batch; faiss scans query by query). faiss is far
+faster one query at a time and builds faster.
   * build: spherical k-means (Lloyd) on a sample of the items gives `nlist` unit centroids
     C [nlist, D]; every item goes to the list of its best centroid argmax_c <x, C_c>;
     items are stored contiguously list by list (`offsets` [nlist + 1]).
   * search: the query's `nprobe` best centroids name the lists to scan; the items of those lists
-    are scored exactly and the k best kept. Work per query: nlist D + (nprobe N / nlist) D,
-    instead of N D. Lists are scanned list-major (every query probing list l is scored against
-    it in one matmul), so the cost is a few BLAS calls per list whatever the number of queries.
-  Recall against exact search (`recall_at_k`) rises with nprobe; nprobe = nlist is exact.
+    are scored exactly and the k best kept (ties: lower item index); nprobe = nlist is exact.
   k-means details, chosen deliberately: k-means++ seeding (Arthur & Vassilvitskii 2007) on the
-  training sample, with weights ||x - c||^2 = 2 (1 - <x, c>) for unit vectors (one pass over
-  the sample per centroid: the cost of one Lloyd iteration; uniform seeding leaves two
-  centroids in one cluster and merges two others, which then never separate); a centroid that
-  loses all its items keeps its previous position; training uses at most `train_size` items (default 64 per list), assignment then
-  covers every item.
+  training sample, with weights ||x - c||^2 = 2 (1 - <x, c>) for unit vectors (uniform seeding
+  leaves two centroids in one cluster and merges two others, which then never separate); a
+  centroid that loses all its items keeps its previous position; training uses at most
+  `train_size` items (default 64 per list), assignment then covers every item.
 
-Persistence: `save(path)` writes one .npz (arrays only, no pickle); `load_index(path)` reads
-either kind back.
+Persistence: ExactIndex and IVFIndex `save` one .npz (arrays only, no pickle); FaissIndex.save
+writes faiss' own format (faiss.write_index), its kind and parameters going in the caller's
+meta.json (`description()`); `load_index(path, kind, params)` reads any of them back.
 """
 
+from collections.abc import Sequence
 import functools
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +58,30 @@ import threadpoolctl
 
 from fashion_jax.evaluate import retrieval
 
-KINDS = ("exact", "ivf")
+FAISS_KINDS = ("ivf_flat", "ivf_pq", "hnsw")
+KINDS = ("exact", "ivf") + FAISS_KINDS
+
+# Every tunable of every kind, with its default: the one place they are defined (launch/search.py
+# and the benchmark take their names from here). None = derived from the data (resolve_params).
+#   nlist: inverted lists (k-means centroids); nprobe: lists scanned per query (search time).
+#   m, nbits: IVF-PQ codes of m sub-vectors of nbits each (m * nbits / 8 bytes per item);
+#   refine: re-rank refine * k PQ candidates by their exact inner product (0 = off; keeps the
+#     full vectors, so the index is as large as IVF-Flat's plus the codes; search time).
+#   M: HNSW graph degree (2M links on the bottom layer); efConstruction / efSearch: the
+#     candidate-list lengths while building / searching (efSearch: search time).
+PARAM_DEFAULTS: dict[str, dict[str, int | None]] = {
+    "exact": {},
+    "ivf": {"num_lists": None, "nprobe": None},
+    "ivf_flat": {"nlist": None, "nprobe": 16},
+    "ivf_pq": {"nlist": None, "nprobe": 16, "m": None, "nbits": 8, "refine": 0},
+    "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 64},
+}
+# The parameters a query may override (the rest are fixed when the index is built).
+SEARCH_PARAMS: dict[str, tuple[str, ...]] = {
+    "exact": (), "ivf": ("nprobe",), "ivf_flat": ("nprobe",), "ivf_pq": ("nprobe", "refine"),
+    "hnsw": ("efSearch",)}
+TRAIN_POINTS_PER_LIST = 64  # IVF k-means trains on at most this many rows per list.
+UNIT_NORM_TOLERANCE = 1e-3  # |1 - ||x||| allowed for the items of a FAISS index.
 
 
 def _as_matrix(x, name: str) -> np.ndarray:
@@ -86,6 +128,7 @@ class ExactIndex:
   """
 
   kind = "exact"
+  filename = "index.npz"
 
   def __init__(self, vectors):
     self.vectors = _as_matrix(vectors, "vectors")
@@ -97,8 +140,11 @@ class ExactIndex:
   def dim(self) -> int:
     return self.vectors.shape[1]
 
-  def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """float [Q, D] queries -> (scores float32 [Q, k], item indices int64 [Q, k]), best first."""
+  def search(self, queries, k: int, **search_params) -> tuple[np.ndarray, np.ndarray]:
+    """float [Q, D] queries -> (scores float32 [Q, k], item indices int64 [Q, k]), best first.
+
+    Exact search has no search parameters: any (nprobe=...) is a ValueError naming it."""
+    _check_names(self.kind, search_params, (), "search")
     queries = _as_matrix(queries, "queries")
     if queries.shape[1] != self.dim:
       raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dim}.")
@@ -108,6 +154,13 @@ class ExactIndex:
 
   def arrays(self) -> dict[str, np.ndarray]:
     return {"vectors": self.vectors}
+
+  def description(self) -> dict[str, Any]:
+    return {"kind": self.kind, "params": {}}
+
+  def reconstruct(self) -> np.ndarray:
+    """float32 [N, D] the indexed vectors, row i = item i."""
+    return self.vectors
 
   def save(self, path: str) -> None:
     np.savez(path, kind=np.asarray(self.kind), **self.arrays())
@@ -212,6 +265,7 @@ class IVFIndex:
   """
 
   kind = "ivf"
+  filename = "index.npz"
 
   def __init__(self, centroids, vectors, item_ids, offsets, nprobe: int):
     self.centroids = _as_matrix(centroids, "centroids")
@@ -263,7 +317,7 @@ class IVFIndex:
       raise ValueError(f"nprobe={nprobe} must be in [1, {self.num_lists}] (the number of lists).")
     return int(nprobe)
 
-  def search(self, queries, k: int, nprobe: int | None = None
+  def search(self, queries, k: int, nprobe: int | None = None, **search_params
              ) -> tuple[np.ndarray, np.ndarray]:
     """float [Q, D] -> (scores float32 [Q, k], item indices int64 [Q, k]), best first.
 
@@ -271,6 +325,7 @@ class IVFIndex:
     The matmuls are many and small ([m, D] x [D, ~N/nlist]): they run on one BLAS thread, since
     a multi-threaded BLAS spends up to 100x their work waking its threads.
     """
+    _check_names(self.kind, search_params, ("nprobe",), "search")
     queries = _as_matrix(queries, "queries")
     if queries.shape[1] != self.dim:
       raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dim}.")
@@ -315,6 +370,15 @@ class IVFIndex:
       cand_s[qi, slot, :kk] = np.take_along_axis(s, top, axis=1)
       cand_i[qi, slot, :kk] = self.item_ids[lo + top]
 
+  def description(self) -> dict[str, Any]:
+    return {"kind": self.kind, "params": {"num_lists": self.num_lists, "nprobe": self.nprobe}}
+
+  def reconstruct(self) -> np.ndarray:
+    """float32 [N, D] the indexed vectors, row i = item i."""
+    out = np.empty_like(self.vectors)
+    out[self.item_ids] = self.vectors
+    return out
+
   def arrays(self) -> dict[str, np.ndarray]:
     return {"centroids": self.centroids, "vectors": self.vectors, "item_ids": self.item_ids,
             "offsets": self.offsets, "nprobe": np.asarray(self.nprobe)}
@@ -326,27 +390,263 @@ class IVFIndex:
     return np.diff(self.offsets)
 
 
-def build_index(vectors, kind: str = "exact", **ivf_kwargs):
-  """`kind` 'exact' -> ExactIndex(vectors); 'ivf' -> IVFIndex.build(vectors, **ivf_kwargs)."""
+# ------------------------------------------------------------------------------------------------
+# FAISS backends.
+# ------------------------------------------------------------------------------------------------
+def _faiss():
+  """The faiss module, or an ImportError naming the extra that installs it."""
+  try:
+    import faiss  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"The approximate index kinds {FAISS_KINDS} use faiss, which is not installed here: "
+        "pip install -e .[search] (faiss-cpu); or use kind='exact'.") from e
+  return faiss
+
+
+def _check_unit_norm(x: np.ndarray, name: str) -> None:
+  norms = np.linalg.norm(x, axis=1)
+  bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+  if bad.size:
+    raise ValueError(f"{name} row {bad[0]} has norm {norms[bad[0]]:.6f}: the FAISS indexes rank "
+                     "by inner product on L2-normalised vectors (the cosine); normalise the "
+                     "embeddings first (fashion_jax models already do).")
+
+
+def _check_names(kind: str, given: dict[str, Any], allowed: Sequence[str], what: str) -> None:
+  bad = sorted(set(given) - set(allowed))
+  if bad:
+    raise ValueError(f"{kind} index has no {what} parameter(s) {bad}; its {what} parameters are "
+                     f"{list(allowed)}.")
+
+
+def _check_int(kind: str, name: str, value: Any, lo: int, hi: int | None = None,
+               why: str = "") -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{kind} parameter {name}={value!r} must be an integer.")
+  if value < lo or (hi is not None and value > hi):
+    span = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+    raise ValueError(f"{kind} parameter {name}={value} must be in {span}{why}.")
+  return int(value)
+
+
+def check_kind(kind: str) -> str:
+  if kind not in KINDS:
+    raise ValueError(f"Unknown index kind {kind!r}; choose from {KINDS}.")
+  return kind
+
+
+def default_nlist(n: int) -> int:
+  """round(4 sqrt(N)), at most N // 39 (faiss' minimum of 39 training points per list), >= 1."""
+  return int(max(1, min(round(4 * np.sqrt(n)), n // 39)))
+
+
+def default_pq_m(dim: int) -> int:
+  """The largest divisor of D with at least 8 dimensions per sub-quantizer (D = 512 -> 64:
+  64 bytes per vector at nbits 8)."""
+  return max(m for m in range(1, dim + 1) if dim % m == 0 and dim // m >= 8 or m == 1)
+
+
+def resolve_params(kind: str, params: dict[str, Any], num_items: int, dim: int
+                   ) -> dict[str, int]:
+  """The full parameter set of a `kind` index over num_items x dim: `params` over
+  PARAM_DEFAULTS[kind], None defaults resolved (default_nlist, default_pq_m); ValueError naming
+  an unknown kind, an unknown parameter name or an out-of-range value."""
+  check_kind(kind)
+  _check_names(kind, params, tuple(PARAM_DEFAULTS[kind]), "index")
+  p = {**PARAM_DEFAULTS[kind], **{k: v for k, v in params.items() if v is not None}}
+  if "nlist" in p:
+    p["nlist"] = _check_int(kind, "nlist", default_nlist(num_items) if p["nlist"] is None
+                            else p["nlist"], 1, num_items, " (the number of items)")
+    if params.get("nprobe") is None:  # The default, on an index of fewer lists: all of them.
+      p["nprobe"] = min(p["nprobe"], p["nlist"])
+    p["nprobe"] = _check_int(kind, "nprobe", p["nprobe"], 1, p["nlist"], " (nlist)")
+  if kind == "ivf_pq":
+    p["m"] = _check_int(kind, "m", default_pq_m(dim) if p["m"] is None else p["m"], 1, dim)
+    if dim % p["m"]:
+      raise ValueError(f"ivf_pq parameter m={p['m']} must divide the dimension {dim}.")
+    p["nbits"] = _check_int(kind, "nbits", p["nbits"], 1, 16)
+    if 2 ** p["nbits"] > num_items:
+      raise ValueError(f"ivf_pq parameter nbits={p['nbits']} needs at least 2**nbits = "
+                       f"{2 ** p['nbits']} items to train its codebooks; there are {num_items}.")
+    p["refine"] = _check_int(kind, "refine", p["refine"], 0)
+  if kind == "hnsw":
+    for name in ("M", "efConstruction", "efSearch"):
+      p[name] = _check_int(kind, name, p[name], 2 if name == "M" else 1)
+  return p
+
+
+class FaissIndex:
+  """A FAISS index (IVF-Flat, IVF-PQ or HNSW) behind the ExactIndex interface (module docstring).
+
+  Build with `FaissIndex.build(vectors, kind, **params)` or `build_index`.
+
+  Attributes:
+    kind: 'ivf_flat', 'ivf_pq' or 'hnsw'.
+    params: the full parameter set (resolve_params), including the search defaults.
+    faiss_index: the faiss.Index.
+  """
+
+  filename = "index.faiss"
+
+  def __init__(self, faiss_index, kind: str, params: dict[str, int]):
+    if kind not in FAISS_KINDS:
+      raise ValueError(f"Unknown FAISS index kind {kind!r}; choose from {FAISS_KINDS}.")
+    self.faiss_index = faiss_index
+    self.kind = kind
+    self.params = dict(params)
+
+  @classmethod
+  def build(cls, vectors, kind: str, *, seed: int = 0, **params) -> "FaissIndex":
+    """Trains (IVF: spherical k-means on at most TRAIN_POINTS_PER_LIST * nlist rows drawn with
+    `seed`; IVF-PQ: its codebooks on the same rows) and adds every row of `vectors` [N, D]
+    (unit norm), row i getting id i."""
+    faiss = _faiss()
+    vectors = _as_matrix(vectors, "vectors")
+    _check_unit_norm(vectors, "vectors")
+    n, dim = vectors.shape
+    if kind not in FAISS_KINDS:
+      check_kind(kind)
+      raise ValueError(f"kind {kind!r} is not a FAISS index kind {FAISS_KINDS}.")
+    p = resolve_params(kind, params, n, dim)
+    metric = faiss.METRIC_INNER_PRODUCT
+    if kind == "hnsw":
+      index = faiss.index_factory(dim, f"HNSW{p['M']},Flat", metric)
+      index.hnsw.efConstruction = p["efConstruction"]
+      index.hnsw.efSearch = p["efSearch"]
+    else:
+      codes = "Flat" if kind == "ivf_flat" else f"PQ{p['m']}x{p['nbits']}"
+      refine = ",RFlat" if kind == "ivf_pq" and p["refine"] else ""
+      index = faiss.index_factory(dim, f"IVF{p['nlist']},{codes}{refine}", metric)
+      ivf = faiss.extract_index_ivf(index)
+      ivf.cp.spherical = True
+      ivf.cp.seed = seed
+      ivf.nprobe = p["nprobe"]
+      if kind == "ivf_pq":
+        pq_ivf = faiss.downcast_index(ivf)
+        pq_ivf.pq.cp.seed = seed
+        # Polysemous training (codes ordered for Hamming pre-filtering, which we never use)
+        # is on by default and costs seconds even on a few thousand items.
+        pq_ivf.do_polysemous_training = False
+        if p["refine"]:
+          index.k_factor = float(p["refine"])
+      train = min(n, max(TRAIN_POINTS_PER_LIST * p["nlist"], 2 ** p.get("nbits", 0) * 39))
+      rows = np.random.default_rng(seed).choice(n, train, replace=False) if train < n else None
+      index.train(vectors if rows is None else vectors[np.sort(rows)])
+    index.add(vectors)
+    return cls(index, kind, p)
+
+  def __len__(self) -> int:
+    return int(self.faiss_index.ntotal)
+
+  @property
+  def dim(self) -> int:
+    return int(self.faiss_index.d)
+
+  def search_parameters(self, k: int, **overrides):
+    """faiss SearchParameters for a top-k search: this index's search defaults updated by
+    `overrides` (a plain SearchParametersIVF, for the base index alone, for ivf_pq with
+    refine=0 on a refined index). ValueError for a name that is not a search parameter of this
+    kind or an out-of-range value. HNSW searches with max(efSearch, k): a shorter candidate
+    list returns fewer than k items (faiss pads with -1), which a caller asking for k results
+    never wants."""
+    faiss = _faiss()
+    _check_names(self.kind, overrides, SEARCH_PARAMS[self.kind], "search")
+    p = {**{name: self.params[name] for name in SEARCH_PARAMS[self.kind]},
+         **{name: v for name, v in overrides.items() if v is not None}}
+    if self.kind == "hnsw":
+      ef = _check_int(self.kind, "efSearch", p["efSearch"], 1)
+      return faiss.SearchParametersHNSW(efSearch=max(ef, k))
+    ivf = faiss.SearchParametersIVF(nprobe=_check_int(
+        self.kind, "nprobe", p["nprobe"], 1, self.params["nlist"], " (nlist)"))
+    if self.kind == "ivf_pq" and self.params["refine"]:
+      refine = _check_int(self.kind, "refine", p["refine"], 0)
+      if refine:
+        return faiss.IndexRefineSearchParameters(k_factor=float(refine), base_index_params=ivf)
+      return ivf
+    if self.kind == "ivf_pq" and p["refine"]:
+      raise ValueError(f"refine={p['refine']} needs an ivf_pq index built with refine >= 1 (it "
+                       "keeps the full vectors to re-rank); this one was built with refine=0.")
+    return ivf
+
+  def search(self, queries, k: int, **search_params) -> tuple[np.ndarray, np.ndarray]:
+    """float [Q, D] -> (scores float32 [Q, k], item indices int64 [Q, k]), best first.
+
+    search_params: SEARCH_PARAMS[kind] overrides for this call only (nprobe, efSearch, refine);
+    the index itself is not changed, so concurrent searches with different settings are safe.
+    Missing results (fewer than k items reached) are id -1 with score -inf.
+    """
+    queries = _as_matrix(queries, "queries")
+    if queries.shape[1] != self.dim:
+      raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dim}.")
+    _check_k(k, len(self))
+    params = self.search_parameters(k, **search_params)
+    index = self.faiss_index
+    if self.kind == "ivf_pq" and self.params["refine"] and not isinstance(
+        params, _faiss().IndexRefineSearchParameters):
+      index = _faiss().downcast_index(index.base_index)
+    scores, ids = index.search(np.ascontiguousarray(queries), k, params=params)
+    ids = ids.astype(np.int64)
+    return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids
+
+  def description(self) -> dict[str, Any]:
+    return {"kind": self.kind, "params": dict(self.params)}
+
+  def reconstruct(self) -> np.ndarray:
+    """float32 [N, D] the indexed vectors, row i = item i (exact reference searches); kinds that
+    keep them exactly only: IVF-PQ without refine stores lossy codes, a ValueError."""
+    faiss = _faiss()
+    index = self.faiss_index
+    if self.kind == "ivf_pq":
+      if not self.params["refine"]:
+        raise ValueError("an ivf_pq index built with refine=0 keeps only lossy PQ codes, not the "
+                         "vectors; rebuild with refine >= 1 or use the exact index's vectors.")
+      index = faiss.downcast_index(index.refine_index)
+    elif self.kind == "ivf_flat":
+      faiss.extract_index_ivf(index).make_direct_map()
+    return index.reconstruct_n(0, len(self))
+
+  def save(self, path: str) -> None:
+    """faiss.write_index (the kind and params go in the caller's meta.json: `description`)."""
+    _faiss().write_index(self.faiss_index, path)
+
+
+def build_index(vectors, kind: str = "exact", **params):
+  """An index of `kind` (KINDS) over `vectors` [N, D]; `params` are PARAM_DEFAULTS[kind]'s names
+  (plus `seed` for the trained kinds); ValueError naming an unknown kind or parameter.
+  kind 'ivf' is our IVFIndex.build; the FAISS kinds are FaissIndex.build."""
+  check_kind(kind)
   if kind == "exact":
-    if ivf_kwargs:
-      raise ValueError(f"exact index takes no IVF options; got {sorted(ivf_kwargs)}.")
+    _check_names(kind, params, (), "index")
     return ExactIndex(vectors)
   if kind == "ivf":
-    return IVFIndex.build(vectors, **ivf_kwargs)
-  raise ValueError(f"Unknown index kind {kind!r}; choose from {KINDS}.")
+    _check_names(kind, params, (*PARAM_DEFAULTS["ivf"], "seed"), "index")
+    return IVFIndex.build(vectors, **params)
+  return FaissIndex.build(vectors, kind, **params)
 
 
-def load_index(path: str):
-  """An index saved by `save` (either kind)."""
+def load_index(path: str, kind: str | None = None, params: dict[str, Any] | None = None):
+  """An index written by `save`: an .npz (ExactIndex, or our IVF) reads its kind from the file;
+  a FAISS file needs the `kind` and `params` its writer recorded (`description()`, kept in the
+  product index's meta.json). Reading a FAISS file without faiss is an ImportError naming the
+  extra that installs it."""
+  if kind in FAISS_KINDS:
+    if params is None:
+      raise ValueError(f"{path}: a {kind} index needs the params recorded with it.")
+    faiss = _faiss()
+    return FaissIndex(faiss.read_index(path), kind, params)
+  if kind is not None:
+    check_kind(kind)
   with np.load(path, allow_pickle=False) as z:
-    kind = str(z["kind"])
-    if kind == "exact":
+    stored = str(z["kind"])
+    if kind is not None and stored != kind:
+      raise ValueError(f"{path} holds a {stored!r} index, not {kind!r}.")
+    if stored == "exact":
       return ExactIndex(z["vectors"])
-    if kind == "ivf":
+    if stored == "ivf":
       return IVFIndex(z["centroids"], z["vectors"], z["item_ids"], z["offsets"],
                       int(z["nprobe"]))
-  raise ValueError(f"{path}: unknown index kind {kind!r}.")
+  raise ValueError(f"{path}: unknown index kind {stored!r}.")
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:

@@ -3,15 +3,18 @@
 Build: every product of one split of a TFDS product dataset (synthetic_catalog, fashiongen,
 image_text_folder/<your shop>, ...) is read by the evaluation pipeline
 (`fashion_jax.data.pipeline.make_eval_dataset`: first view, short side -> S, centre crop, in split
-order), its image embedded by the model (`encoders.Encoder`), and the embeddings [N, D] put in an
-exact or IVF index (`index.py`). Row i of the index is product i of the split (the dataset
-`index`), as in the retrieval evaluator.
+order), its image embedded by the model (`encoders.Encoder`), and the embeddings [N, D] put in a
+vector index of any `index.KINDS` (exact, or FAISS IVF-Flat / IVF-PQ / HNSW). Row i of the index
+is product i of the split (the dataset `index`), as in the retrieval evaluator.
 
 Saved as a directory:
-  meta.json        model path, dataset, split, kind, dimension, text fields, counts, and
-                   model_identity: {path, step, fingerprint} of the model that embedded the
-                   images (encoders.Encoder.identity)
-  index.npz        the vector index (index.py)
+  meta.json        model path, dataset, split, dimension, text fields, counts; the index's
+                   `kind` and `index_params` (every build and default search parameter,
+                   index.resolve_params); and model_identity: {path, step, fingerprint} of the
+                   model that embedded the images (encoders.Encoder.identity)
+  index.npz        the exact index (vectors) or our IVF (index.py), or
+  index.faiss      a FAISS index in faiss' own format (faiss.write_index; reading it needs the
+                   `search` extra, pip install -e .[search])
   products.json    per product: product_id, title and the tag fields the dataset has, plus the
                    text the model's evaluator would pair with it (config.data.text_fields joined)
   thumbs.npy       uint8 [N, t, t, 3] thumbnails for contact sheets (optional, --thumb_size)
@@ -44,6 +47,7 @@ from fashion_jax.search import encoders as encoders_lib
 from fashion_jax.search import index as index_lib
 from fashion_jax.data import pipeline
 
+INDEX_FILES = ("index.npz", "index.faiss")
 SHOW_FIELDS = ("product_id", "title", "category", "subcategory", "brand", "season", "color")
 
 
@@ -108,8 +112,15 @@ class ProductIndex:
 
   # -- persistence -----------------------------------------------------------------------------
   def save(self, directory: str) -> str:
+    """Writes the directory of the module docstring; meta.json's kind / index_params are taken
+    from the index itself (`description()`), and an index file of another kind is removed."""
     os.makedirs(directory, exist_ok=True)
-    self.index.save(os.path.join(directory, "index.npz"))
+    description = self.index.description()
+    self.meta.update(kind=description["kind"], index_params=description["params"])
+    for name in INDEX_FILES:
+      if name != self.index.filename and os.path.exists(os.path.join(directory, name)):
+        os.remove(os.path.join(directory, name))
+    self.index.save(os.path.join(directory, self.index.filename))
     with open(os.path.join(directory, "products.json"), "w") as f:
       json.dump(self.products, f)
     with open(os.path.join(directory, "meta.json"), "w") as f:
@@ -131,7 +142,10 @@ class ProductIndex:
     with open(os.path.join(directory, "products.json")) as f:
       products = json.load(f)
     thumbs = os.path.join(directory, "thumbs.npy")
-    return cls(index_lib.load_index(os.path.join(directory, "index.npz")), products, meta,
+    kind = meta.get("kind", "exact")
+    name = "index.npz" if kind in ("exact", "ivf") else "index.faiss"
+    index = index_lib.load_index(os.path.join(directory, name), kind, meta.get("index_params"))
+    return cls(index, products, meta,
                np.load(thumbs) if os.path.exists(thumbs) else None,
                allow_model_mismatch=allow_model_mismatch, directory=directory)
 
@@ -179,7 +193,9 @@ class ProductIndex:
   def search(self, query_embeddings: np.ndarray, k: int, **kwargs) -> list[list[Hit]]:
     """float [Q, D] -> Q lists of up to k Hits, best first (k capped as `resolve_k`).
 
-    The embeddings must come from the index's model; the search_* methods check that."""
+    The embeddings must come from the index's model; the search_* methods check that.
+    kwargs: the index's search-time parameters for this query (index.SEARCH_PARAMS: nprobe,
+    efSearch, refine); a name the index's kind does not have is a ValueError naming it."""
     k = self.resolve_k(k)
     scores, rows = self.index.search(np.asarray(query_embeddings, np.float32), k, **kwargs)
     return [[Hit(r + 1, float(s), int(i), self.products[int(i)])
@@ -270,7 +286,8 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
     encoder: the model.
     dataset: TFDS name[/config], built in `data_dir` ('' = tfds's default).
     split: e.g. 'test'; tfds slicing ('train[:1000]') works.
-    kind: 'exact' or 'ivf'; index_kwargs go to IVFIndex.build (num_lists, nprobe, ...).
+    kind: one of index.KINDS; index_kwargs: its parameters (index.PARAM_DEFAULTS[kind]: nlist,
+      nprobe, m, nbits, refine, M, efConstruction, efSearch), recorded in meta.json.
     thumb_size: side of the stored thumbnails; 0 = none.
     max_products: stop after this many (None = the whole split).
     batch_size: eval batch size (the retrieval evaluator's default is 64; the same batch shape
@@ -308,7 +325,5 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
           "data_dir": data_dir, "kind": kind, "dim": int(vectors.shape[1]), "num_products": n,
           "image_size": encoder.image_size, "text_fields": list(text_fields),
           "fields": list(fields), "thumb_size": thumb_size,
-          "model_identity": encoder.identity}
-  if kind == "ivf":
-    meta.update(num_lists=index.num_lists, nprobe=index.nprobe)
+          "model_identity": encoder.identity, "index_params": index.description()["params"]}
   return ProductIndex(index, products[:n], meta, np.stack(thumbs[:n]) if thumbs else None)
