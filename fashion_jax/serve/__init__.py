@@ -1,0 +1,1 @@
+"""An HTTP product-search service over a saved ProductIndex (docs/serve.md)."""
