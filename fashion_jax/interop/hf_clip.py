@@ -41,17 +41,18 @@ from fashion_jax.models import layers
 _IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 # kind -> (HF array -> Flax array given the Flax shape, Flax array -> HF array).
-_TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
+TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     "same": (lambda a, s: a.reshape(s), lambda a: a),
     "linear": (lambda a, s: a.T, lambda a: a.T),
     "qkv_kernel": (lambda a, s: a.T.reshape(s), lambda a: a.reshape(a.shape[0], -1).T),
     "qkv_bias": (lambda a, s: a.reshape(s), lambda a: a.reshape(-1)),
     "out_kernel": (lambda a, s: a.T.reshape(s), lambda a: a.reshape(-1, a.shape[-1]).T),
     "conv": (lambda a, s: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
+    "scalar": (lambda a, s: a.reshape(s), lambda a: a.reshape(1)),  # HF [1] <-> our [].
 }
 
 
-def _encoder_map(hf: str, fx: tuple[str, ...], num_layers: int):
+def encoder_map(hf: str, fx: tuple[str, ...], num_layers: int):
   for i in range(num_layers):
     h, f = f"{hf}.layers.{i}", fx + (f"layers_{i}",)
     for hf_name, fx_name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
@@ -66,7 +67,7 @@ def _encoder_map(hf: str, fx: tuple[str, ...], num_layers: int):
       yield f"{h}.mlp.fc{n}.bias", f + ("mlp", f"fc{n}", "bias"), "same"
 
 
-def _ln(hf: str, fx: tuple[str, ...]):
+def ln(hf: str, fx: tuple[str, ...]):
   yield f"{hf}.weight", fx + ("scale",), "same"
   yield f"{hf}.bias", fx + ("bias",), "same"
 
@@ -86,25 +87,70 @@ def key_map(config: clip_lib.CLIPConfig) -> list[tuple[str, tuple[str, ...], str
        "same"),
       ("text_model.embeddings.position_embedding.weight", ("text", "pos_embedding"), "same"),
   ]
-  entries += _ln(f"{v[0]}.pre_layrnorm", v[1] + ("pre_norm",))
-  entries += _ln(f"{v[0]}.post_layernorm", v[1] + ("post_norm",))
-  entries += _ln(f"{t[0]}.final_layer_norm", t[1] + ("final_norm",))
-  entries += _encoder_map(f"{v[0]}.encoder", v[1] + ("encoder",), config.vision.num_layers)
-  entries += _encoder_map(f"{t[0]}.encoder", t[1] + ("encoder",), config.text.num_layers)
+  entries += ln(f"{v[0]}.pre_layrnorm", v[1] + ("pre_norm",))
+  entries += ln(f"{v[0]}.post_layernorm", v[1] + ("post_norm",))
+  entries += ln(f"{t[0]}.final_layer_norm", t[1] + ("final_norm",))
+  entries += encoder_map(f"{v[0]}.encoder", v[1] + ("encoder",), config.vision.num_layers)
+  entries += encoder_map(f"{t[0]}.encoder", t[1] + ("encoder",), config.text.num_layers)
   return entries
 
 
-@functools.lru_cache(maxsize=16)
-def _flax_shapes(config: clip_lib.CLIPConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Flax param path -> shape in the per-layer layout, from eval_shape (nothing allocated)."""
-  shapes = jax.eval_shape(functools.partial(clip_lib.init_params, config.replace(scan=False)),
+def flax_shapes(init_params: Callable, config: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flax param path -> shape in the per-layer layout of `init_params(config, rng)`'s model,
+  from eval_shape (nothing allocated)."""
+  shapes = jax.eval_shape(functools.partial(init_params, config.replace(scan=False)),
                           jax.random.PRNGKey(0))
   flat = jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))[0]
   return {tuple(k.key for k in path): tuple(x.shape) for path, x in flat}
 
 
+@functools.lru_cache(maxsize=16)
+def _flax_shapes(config: clip_lib.CLIPConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  return flax_shapes(clip_lib.init_params, config)
+
+
+KeyMap = list[tuple[str, tuple[str, ...], str]]  # (HF key, Flax path, TRANSFORMS kind)
+
+
+def state_to_params(entries: KeyMap, shapes: dict, state: dict[str, np.ndarray],
+                    scan: bool) -> dict:
+  """HF state (checked by the caller) -> our params (numpy float32), per `entries`; the layer
+  layout follows `scan`. Shared by every transformers model whose keys map one to one."""
+  params: dict = {}
+  for hf, path, kind in entries:
+    arr = np.asarray(state[hf], np.float32)
+    _set(params, path, np.array(TRANSFORMS[kind][0](arr, shapes[path]), np.float32, order="C"))
+  return layers.stack_layers(params) if scan else params
+
+
+def params_to_state(entries: KeyMap, shapes: dict, params: Any, what: str
+                    ) -> dict[str, np.ndarray]:
+  """Our params (boxed or not, per-layer or scanned, possibly sharded) -> HF state, per
+  `entries`. Params outside the map, missing ones or a wrong shape raise CheckpointMismatchError
+  naming them (`what`: the transformers class that could not hold them losslessly)."""
+  host = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), nn.unbox(params))
+  host = layers.unstack_layers(host)
+  flat = {tuple(k.key for k in path): x
+          for path, x in jax.tree_util.tree_flatten_with_path(host)[0]}
+  expected = {path for _, path, _ in entries}
+  extra = sorted("/".join(p) for p in set(flat) - expected)
+  missing = sorted("/".join(p) for p in expected - set(flat))
+  if extra or missing:
+    raise hf_io.CheckpointMismatchError(
+        f"These params are not a plain model of this config, so transformers' {what} cannot "
+        f"hold them losslessly: unexpected {extra[:10]}, missing {missing[:10]}.")
+  state = {}
+  for hf, path, kind in entries:
+    if flat[path].shape != shapes[path]:
+      raise hf_io.CheckpointMismatchError(
+          f"param {'/'.join(path)}: shape {flat[path].shape} != expected {shapes[path]} "
+          f"(for HF key {hf!r}).")
+    state[hf] = np.array(TRANSFORMS[kind][1](flat[path]), np.float32, order="C")
+  return state
+
+
 def _hf_shape(kind: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  return _TRANSFORMS[kind][1](np.empty(flax_shape, np.float32)).shape
+  return TRANSFORMS[kind][1](np.empty(flax_shape, np.float32)).shape
 
 
 def expected_hf_shapes(config: clip_lib.CLIPConfig) -> dict[str, tuple[int, ...]]:
@@ -119,12 +165,6 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
-def _get(tree: dict, path: tuple[str, ...]):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
 def hf_state_to_params(config: clip_lib.CLIPConfig, state: dict[str, np.ndarray]) -> dict:
   """A transformers CLIPModel state dict (numpy) -> our params (numpy float32).
 
@@ -133,37 +173,13 @@ def hf_state_to_params(config: clip_lib.CLIPConfig, state: dict[str, np.ndarray]
   """
   hf_io.check_state(expected_hf_shapes(config), state, what="transformers CLIPModel",
                     ignore_unexpected=_IGNORED)
-  fx = _flax_shapes(config)
-  params: dict = {}
-  for hf, path, kind in key_map(config):
-    arr = np.asarray(state[hf], np.float32)
-    _set(params, path, np.array(_TRANSFORMS[kind][0](arr, fx[path]), np.float32, order="C"))
-  return layers.stack_layers(params) if config.scan else params
+  return state_to_params(key_map(config), _flax_shapes(config), state, config.scan)
 
 
 def params_to_hf_state(config: clip_lib.CLIPConfig, params: Any) -> dict[str, np.ndarray]:
   """Our params (boxed or not, per-layer or scanned, possibly sharded) -> HF state dict."""
   config.to_hf_dict()  # Refuses what CLIPModel cannot represent before any work.
-  host = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), nn.unbox(params))
-  host = layers.unstack_layers(host)
-  fx = _flax_shapes(config)
-  flat = {tuple(k.key for k in path): x
-          for path, x in jax.tree_util.tree_flatten_with_path(host)[0]}
-  expected = {path for _, path, _ in key_map(config)}
-  extra = sorted("/".join(p) for p in set(flat) - expected)
-  missing = sorted("/".join(p) for p in expected - set(flat))
-  if extra or missing:
-    raise hf_io.CheckpointMismatchError(
-        "These params are not a plain CLIP of this config, so transformers' CLIPModel cannot "
-        f"hold them losslessly: unexpected {extra[:10]}, missing {missing[:10]}.")
-  state = {}
-  for hf, path, kind in key_map(config):
-    if flat[path].shape != fx[path]:
-      raise hf_io.CheckpointMismatchError(
-          f"param {'/'.join(path)}: shape {flat[path].shape} != expected {fx[path]} "
-          f"(for HF key {hf!r}).")
-    state[hf] = np.array(_TRANSFORMS[kind][1](flat[path]), np.float32, order="C")
-  return state
+  return params_to_state(key_map(config), _flax_shapes(config), params, "CLIPModel")
 
 
 def load_clip(path_or_id: str, **runtime) -> tuple[clip_lib.CLIPConfig, dict]:

@@ -26,24 +26,19 @@ import functools
 import pathlib
 from typing import Any, Optional
 
-import flax.linen as nn
-import jax
 import numpy as np
 
 from fashion_jax.interop import hf_clip
 from fashion_jax.interop import hf_io
-from fashion_jax.models import layers
 from fashion_jax.models import siglip as siglip_lib
 
 _IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 _HEAD = "vision_model.head.attention"
 _QKV = ("q_proj", "k_proj", "v_proj")
 
-# hf_clip's transforms (the same tensor layouts), plus the [1] <-> [] scalars.
-_TRANSFORMS = dict(hf_clip._TRANSFORMS,  # pylint: disable=protected-access
-                   scalar=(lambda a, s: a.reshape(s), lambda a: a.reshape(1)))
-_encoder_map = hf_clip._encoder_map  # pylint: disable=protected-access
-_ln = hf_clip._ln  # pylint: disable=protected-access
+_TRANSFORMS = hf_clip.TRANSFORMS  # The same tensor layouts as CLIP's.
+_encoder_map = hf_clip.encoder_map
+_ln = hf_clip.ln
 
 
 def key_map(config: siglip_lib.SiglipConfig) -> list[tuple[str, tuple[str, ...], str]]:
@@ -106,11 +101,7 @@ def merge_in_proj(state: dict) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _flax_shapes(config: siglip_lib.SiglipConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Flax param path -> shape in the per-layer layout, from eval_shape (nothing allocated)."""
-  shapes = jax.eval_shape(functools.partial(siglip_lib.init_params, config.replace(scan=False)),
-                          jax.random.PRNGKey(0))
-  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(shapes))[0]
-  return {tuple(k.key for k in path): tuple(x.shape) for path, x in flat}
+  return hf_clip.flax_shapes(siglip_lib.init_params, config)
 
 
 def expected_hf_shapes(config: siglip_lib.SiglipConfig) -> dict[str, tuple[int, ...]]:
@@ -121,12 +112,6 @@ def expected_hf_shapes(config: siglip_lib.SiglipConfig) -> dict[str, tuple[int, 
   return {k: tuple(a.shape) for k, a in merge_in_proj(virtual).items()}
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
 def hf_state_to_params(config: siglip_lib.SiglipConfig, state: dict[str, np.ndarray]) -> dict:
   """A transformers SiglipModel state dict (numpy) -> our params (numpy float32).
 
@@ -135,37 +120,14 @@ def hf_state_to_params(config: siglip_lib.SiglipConfig, state: dict[str, np.ndar
   """
   hf_io.check_state(expected_hf_shapes(config), state, what="transformers SiglipModel",
                     ignore_unexpected=_IGNORED)
-  state = split_in_proj(state)
-  fx = _flax_shapes(config)
-  params: dict = {}
-  for hf, path, kind in key_map(config):
-    arr = np.asarray(state[hf], np.float32)
-    _set(params, path, np.array(_TRANSFORMS[kind][0](arr, fx[path]), np.float32, order="C"))
-  return layers.stack_layers(params) if config.scan else params
+  return hf_clip.state_to_params(key_map(config), _flax_shapes(config), split_in_proj(state),
+                                 config.scan)
 
 
 def params_to_hf_state(config: siglip_lib.SiglipConfig, params: Any) -> dict[str, np.ndarray]:
   """Our params (boxed or not, per-layer or scanned, possibly sharded) -> HF state dict."""
-  host = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), nn.unbox(params))
-  host = layers.unstack_layers(host)
-  fx = _flax_shapes(config)
-  flat = {tuple(k.key for k in path): x
-          for path, x in jax.tree_util.tree_flatten_with_path(host)[0]}
-  expected = {path for _, path, _ in key_map(config)}
-  extra = sorted("/".join(p) for p in set(flat) - expected)
-  missing = sorted("/".join(p) for p in expected - set(flat))
-  if extra or missing:
-    raise hf_io.CheckpointMismatchError(
-        "These params are not a plain SigLIP of this config, so transformers' SiglipModel "
-        f"cannot hold them losslessly: unexpected {extra[:10]}, missing {missing[:10]}.")
-  state = {}
-  for hf, path, kind in key_map(config):
-    if flat[path].shape != fx[path]:
-      raise hf_io.CheckpointMismatchError(
-          f"param {'/'.join(path)}: shape {flat[path].shape} != expected {fx[path]} "
-          f"(for HF key {hf!r}).")
-    state[hf] = np.array(_TRANSFORMS[kind][1](flat[path]), np.float32, order="C")
-  return merge_in_proj(state)
+  return merge_in_proj(hf_clip.params_to_state(key_map(config), _flax_shapes(config), params,
+                                               "SiglipModel"))
 
 
 def load_siglip(path_or_id: str, **runtime) -> tuple[siglip_lib.SiglipConfig, dict]:

@@ -236,22 +236,26 @@ class CLIPModel(nn.Module):
             "logits_per_text": logits.T, "logit_scale": scale}
 
 
-def dummy_inputs(config: CLIPConfig, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
-  """Zero images [B, S, S, 3] uint8 and ids [B, max_len] int32, for init and eval_shape."""
+def dummy_inputs(config: Any, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Zero images [B, S, S, 3] uint8 and ids [B, max_len] int32, for init and eval_shape (of
+  any two-tower config with `vision.image_size` and `text.max_len`: CLIP's, SigLIP's)."""
   s = config.vision.image_size
   return (jnp.zeros((batch_size, s, s, 3), jnp.uint8),
           jnp.zeros((batch_size, config.text.max_len), jnp.int32))
 
 
-def init_params(config: CLIPConfig, rng: jax.Array) -> Any:
-  """The boxed (nn.LogicallyPartitioned) 'params' collection of CLIPModel(config).
+def init_params(config: CLIPConfig, rng: jax.Array, model_cls: Optional[type] = None) -> Any:
+  """The boxed (nn.LogicallyPartitioned) 'params' collection of CLIPModel(config) (or of
+  `model_cls(config)`, another two-tower model such as SigLIP's).
 
   Meant to be run under jax.eval_shape or jax.jit(out_shardings=...), not eagerly for big models.
   """
-  return CLIPModel(config).init(rng, *dummy_inputs(config))["params"]
+  return (model_cls or CLIPModel)(config).init(rng, *dummy_inputs(config))["params"]
 
 
-def count_params(config: CLIPConfig) -> int:
-  """Number of parameters of CLIPModel(config), from shapes only (nothing is allocated)."""
-  shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.PRNGKey(0))
+def count_params(config: CLIPConfig, model_cls: Optional[type] = None) -> int:
+  """Number of parameters of CLIPModel(config) (or `model_cls(config)`), from shapes only
+  (nothing is allocated)."""
+  shapes = jax.eval_shape(functools.partial(init_params, config, model_cls=model_cls),
+                          jax.random.PRNGKey(0))
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes))))

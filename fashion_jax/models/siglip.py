@@ -19,13 +19,11 @@ transformers' SiglipConfig (or its config.json dict).
 """
 
 import dataclasses
-import functools
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fashion_jax.losses import sigmoid as sigmoid_lib
 from fashion_jax.models import clip as clip_lib
@@ -272,22 +270,14 @@ class SiglipModel(nn.Module):
             "logits_per_text": logits.T, "logit_scale": scale, "logit_bias": bias}
 
 
-def dummy_inputs(config: SiglipConfig, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
-  """Zero images [B, S, S, 3] uint8 and ids [B, max_len] int32, for init and eval_shape."""
-  s = config.vision.image_size
-  return (jnp.zeros((batch_size, s, s, 3), jnp.uint8),
-          jnp.zeros((batch_size, config.text.max_len), jnp.int32))
+dummy_inputs = clip_lib.dummy_inputs  # Zero uint8 images and int32 ids of a config's shapes.
 
 
 def init_params(config: SiglipConfig, rng: jax.Array) -> Any:
-  """The boxed (nn.LogicallyPartitioned) 'params' collection of SiglipModel(config).
-
-  Meant to be run under jax.eval_shape or jax.jit(out_shardings=...), not eagerly for big models.
-  """
-  return SiglipModel(config).init(rng, *dummy_inputs(config))["params"]
+  """The boxed 'params' collection of SiglipModel(config) (clip.init_params)."""
+  return clip_lib.init_params(config, rng, SiglipModel)
 
 
 def count_params(config: SiglipConfig) -> int:
-  """Number of parameters of SiglipModel(config), from shapes only (nothing is allocated)."""
-  shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.PRNGKey(0))
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes))))
+  """Number of parameters of SiglipModel(config), from shapes only."""
+  return clip_lib.count_params(config, SiglipModel)
