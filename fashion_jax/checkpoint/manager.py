@@ -79,6 +79,7 @@ from orbax.checkpoint import checkpoint_args
 from orbax.checkpoint import checkpoint_managers
 
 from fashion_jax import faults
+from fashion_jax.parallel import sharding as sharding_lib
 
 # Suffix of a finalised checkpoint renamed aside while it is saved again with its metrics
 # (Checkpointer.save_again_with_metrics); orbax lists only integer names, so it is never a step.
@@ -111,10 +112,6 @@ class NoCheckpointError(FileNotFoundError):
 # ------------------------------------------------------------------------------------------------
 # Fingerprints.
 # ------------------------------------------------------------------------------------------------
-def _path(path) -> str:
-  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-
-
 def _words(x: jax.Array) -> jax.Array:
   """The bits of `x` as uint32 words, same leading shape (64-bit types get a trailing 2)."""
   if x.dtype == jnp.bool_:
@@ -149,7 +146,7 @@ def fingerprint(tree: Any) -> dict[str, list[int]]:
   """{array path ('params/tower_a/dense_in/kernel'): [s1, s2]} of every array leaf of `tree`."""
   flat = jax.tree_util.tree_leaves_with_path(tree)
   sums = jax.device_get(_all_sums([jnp.asarray(x) for _, x in flat]))
-  return {_path(p): [int(s[0]), int(s[1])] for (p, _), s in zip(flat, sums)}
+  return {sharding_lib.path_str(p): [int(s[0]), int(s[1])] for (p, _), s in zip(flat, sums)}
 
 
 def verify(step: int, tree: Any, saved: Mapping[str, Any] | None) -> None:

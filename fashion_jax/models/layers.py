@@ -108,6 +108,11 @@ def check_attention_impl(impl: str, dtype: Any = None) -> str:
   return impl
 
 
+def compute_dtype(name: Any) -> Any:
+  """A config's dtype ('float32', 'bfloat16', 'float16', or a dtype) as a jnp dtype."""
+  return jnp.dtype(name) if isinstance(name, str) else name
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   """The activation function named `name` ('quick_gelu', 'gelu', 'gelu_tanh')."""
   if name == "quick_gelu":

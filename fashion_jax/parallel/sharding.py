@@ -37,6 +37,11 @@ def path_str(path) -> str:
   return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
+def flat_by_path(tree: Any) -> dict[str, Any]:
+  """{path_str(path): leaf} of every leaf of `tree`."""
+  return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def fill_from_host(boxed: Any, src: Mapping[str, np.ndarray]) -> Any:
   """Replaces every leaf of `boxed` whose path_str is in `src` by that host array, cast to the
   leaf's dtype; other leaves are kept. Used inside a system's traced init (pretrained weights):

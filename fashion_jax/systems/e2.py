@@ -84,10 +84,6 @@ def model_config(config) -> e2_lib.E2Config:
                           gumbel_tau=float(m.get("gumbel_tau", 1.0)))
 
 
-def _flat(tree) -> dict[str, Any]:
-  return {sharding_lib.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def _read_checkpoint(workdir: str) -> dict[str, np.ndarray]:
   """'/'-joined path -> numpy array of every param of the newest checkpoint of `workdir`.
 
@@ -95,7 +91,7 @@ def _read_checkpoint(workdir: str) -> dict[str, np.ndarray]:
   read_params, which also works while the init is being traced); read-only: another run's.
   """
   params, _ = checkpoint_restore.read_params(workdir)
-  return {k: np.asarray(v) for k, v in _flat(params).items()}
+  return {k: np.asarray(v) for k, v in sharding_lib.flat_by_path(params).items()}
 
 
 class System:
@@ -143,7 +139,7 @@ class System:
     init = self.config.init
     if init.get("hf_clip_dir"):
       _, params = hf_clip.load_clip(init.hf_clip_dir, dtype=self.model_config.clip.dtype)
-      return _flat(params)
+      return sharding_lib.flat_by_path(params)
     if init.get("checkpoint"):
       return _read_checkpoint(init.checkpoint)
     return {}
@@ -161,7 +157,7 @@ class System:
     src = self._pretrained
     if not src:
       return boxed
-    want = _flat(nn.unbox(boxed))
+    want = sharding_lib.flat_by_path(nn.unbox(boxed))
     for name, x in src.items():
       if name not in want:
         if name.startswith("vision/") and e2_lib.is_new_param(name.split("/")[1]):

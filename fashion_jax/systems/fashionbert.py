@@ -77,10 +77,6 @@ TASK_ORDER = ("mlm", "tia", "mpm")
 _CNN_PROBES = ("params/cnn/stem_conv/kernel", "batch_stats/cnn/stem_bn/mean")
 
 
-def _dtype(name):
-  return jnp.dtype(name) if isinstance(name, str) else name
-
-
 def model_config(config) -> fb_lib.FashionBert:
   """The FashionBert module of a config (architecture from HF directories when given)."""
   m, data, init = config.model, config.data, config.init
@@ -88,7 +84,7 @@ def model_config(config) -> fb_lib.FashionBert:
     raise ValueError(f"FashionBERT reads BERT WordPiece ids; data.tokenizer.kind="
                      f"{data.tokenizer.kind!r} must be 'bert'.")
   tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
-  runtime = dict(dtype=_dtype(m.dtype), scan=m.scan, remat_policy=m.remat_policy)
+  runtime = dict(dtype=layers.compute_dtype(m.dtype), scan=m.scan, remat_policy=m.remat_policy)
   if init.get("hf_bert_dir"):
     hf_config, _ = hf_io.load_hf_config(init.hf_bert_dir)
     bert = hf_bert.bert_from_hf_config(hf_config, **runtime, **dict(m.get("bert") or {}))
@@ -115,9 +111,9 @@ def model_config(config) -> fb_lib.FashionBert:
     cnn = None
   elif init.get("hf_resnet_dir"):
     hf_config, _ = hf_io.load_hf_config(init.hf_resnet_dir)
-    cnn = hf_resnet.resnet_from_hf_config(hf_config, dtype=_dtype(m.dtype))
+    cnn = hf_resnet.resnet_from_hf_config(hf_config, dtype=layers.compute_dtype(m.dtype))
   else:
-    cnn = resnet_lib.resnet(m.cnn_variant, dtype=_dtype(m.dtype))
+    cnn = resnet_lib.resnet(m.cnn_variant, dtype=layers.compute_dtype(m.dtype))
   return fb_lib.FashionBert(bert=bert, cnn=cnn, grid=int(m.grid), pixel_pool=pixel_pool)
 
 

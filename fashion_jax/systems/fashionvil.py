@@ -92,7 +92,6 @@ from fashion_jax.losses import fashionvil as losses
 from fashion_jax.models import bert as bert_lib
 from fashion_jax.models import fashionvil as fvil
 from fashion_jax.models import layers
-from fashion_jax.models import resnet as resnet_lib
 
 CONFIG_KEYS = ("model", "data", "init", "objective")
 # model.bert keys that still apply when the architecture comes from init.hf_bert_dir.
@@ -111,10 +110,6 @@ TASK_METRICS = {
     "mvc": ("i2t_acc", "t2i_acc", "scale"),
     "pac": ("image_loss", "text_loss", "rows_with_attributes"),
 }
-
-
-def _dtype(name):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 class System:
@@ -145,7 +140,7 @@ class System:
                        f"{data.tokenizer.kind!r}.")
     self.tokenizer = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path,
                                               data.max_len)
-    dtype = _dtype(m.dtype)
+    dtype = layers.compute_dtype(m.dtype)
     scan, remat_policy = bool(m.get("scan", False)), str(m.get("remat_policy", "none"))
     init = config.get("init", {})
     resnet_overrides = m.get("resnet")

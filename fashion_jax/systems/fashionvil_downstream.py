@@ -56,10 +56,6 @@ CONFIG_KEYS = ("model", "data", "init", "objective")
 PRETRAINING_ONLY = ("pac_weight",)
 
 
-def _flat(tree) -> dict[str, Any]:
-  return {sharding_lib.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 @functools.lru_cache(maxsize=4)
 def read_pretrained(workdir: str) -> dict[str, np.ndarray]:
   """'/'-joined path -> host numpy array of every parameter of the newest checkpoint of a
@@ -71,7 +67,7 @@ def read_pretrained(workdir: str) -> dict[str, np.ndarray]:
   if name not in ("fashionvil", "fashionvil_downstream"):
     raise ValueError(f"init.checkpoint={workdir!r} is a {name!r} run, not a FashionViL one.")
   params, _ = checkpoint_restore.read_params(workdir)
-  return {k: np.asarray(v) for k, v in _flat(params).items()}
+  return {k: np.asarray(v) for k, v in sharding_lib.flat_by_path(params).items()}
 
 
 class System:
@@ -132,7 +128,7 @@ class System:
     """
     if not self._pretrained:
       return boxed
-    want = _flat(nn.unbox(boxed))
+    want = sharding_lib.flat_by_path(nn.unbox(boxed))
     src = {}
     for name, x in self._pretrained.items():
       collection, _, rest = name.partition("/")
