@@ -20,6 +20,7 @@ from fashion_jax.data import derived
 from fashion_jax.data.builders import fashioniq  # pylint: disable=unused-import
 from fashion_jax.data.builders import polyvore_outfits  # pylint: disable=unused-import
 from fashion_jax.data.builders import synthetic_catalog  # pylint: disable=unused-import
+from fashion_jax.parallel import sharding as sharding_lib
 from fashion_jax.prepare import downstream as driver
 from fashion_jax.systems import fashionvil_downstream as ds_system
 from fashion_jax.train import loop
@@ -90,8 +91,8 @@ def test_downstream_init_holds_every_pretrained_backbone_array(pretrained, data_
   params = nn.unbox(system.init(jax.random.key(1), system.dummy_batch(2)))
   _, pre, _ = restore.load_trained(pretrained)
   for collection in ("params", "batch_stats"):
-    got = ds_system._flat(params[collection]["vil"])  # pylint: disable=protected-access
-    want = ds_system._flat(pre[collection])  # pylint: disable=protected-access
+    got = sharding_lib.flat_by_path(params[collection]["vil"])
+    want = sharding_lib.flat_by_path(pre[collection])
     assert set(got) == set(want)
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
