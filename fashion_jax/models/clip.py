@@ -41,8 +41,29 @@ DEFAULT_LOGIT_SCALE_INIT = math.log(1 / 0.07)
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+class TowerConfig:
+  """replace / to_dict / from_dict of the two-tower configs (CLIPConfig, SiglipConfig): frozen
+  dataclasses with a `vision` ViTConfig and a `text` TextConfig."""
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]):
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)  # ml_collections.ConfigDict too.
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"Unknown {cls.__name__} fields {sorted(unknown)}.")
+    d["vision"] = vit_lib.ViTConfig(**dict(d["vision"]))
+    d["text"] = text_lib.TextConfig(**dict(d["text"]))
+    return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
-class CLIPConfig:
+class CLIPConfig(TowerConfig):
   """Architecture (vision, text, projection_dim, logit scale init) and run-time options."""
   vision: vit_lib.ViTConfig
   text: text_lib.TextConfig
@@ -68,22 +89,6 @@ class CLIPConfig:
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype {self.dtype!r} not in {_DTYPES}.")
     layers.check_attention_impl(self.attention_impl, self.dtype)  # At config time, not trace.
-
-  def replace(self, **kw) -> "CLIPConfig":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "CLIPConfig":
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)  # ml_collections.ConfigDict too.
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"Unknown CLIPConfig fields {sorted(unknown)}.")
-    d["vision"] = vit_lib.ViTConfig(**dict(d["vision"]))
-    d["text"] = text_lib.TextConfig(**dict(d["text"]))
-    return cls(**d)
 
   @classmethod
   def from_hf(cls, hf: Any, **runtime) -> "CLIPConfig":

@@ -56,7 +56,7 @@ SIGLIP_VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipConfig:
+class SiglipConfig(clip_lib.TowerConfig):
   """Architecture (vision, text, logit scale / bias init) and run-time options, as CLIPConfig."""
   vision: vit_lib.ViTConfig
   text: text_lib.TextConfig
@@ -82,22 +82,6 @@ class SiglipConfig:
   def projection_dim(self) -> int:
     """The embedding width: the vision width (the text tower projects to it)."""
     return self.vision.width
-
-  def replace(self, **kw) -> "SiglipConfig":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "SiglipConfig":
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)  # ml_collections.ConfigDict too.
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"Unknown SiglipConfig fields {sorted(unknown)}.")
-    d["vision"] = vit_lib.ViTConfig(**dict(d["vision"]))
-    d["text"] = text_lib.TextConfig(**dict(d["text"]))
-    return cls(**d)
 
   @classmethod
   def from_hf(cls, hf: Any, **runtime) -> "SiglipConfig":
