@@ -3,13 +3,18 @@ r"""Train-step throughput of the FashionCLIP model: ours (JAX) vs transformers' 
 One step = forward of both towers on a batch of (image, text) pairs, CLIP's symmetric InfoNCE
 with the learnt logit scale, backward, and an AdamW update of every parameter. Both frameworks
 get identical inputs, model config, loss and optimizer hyper-parameters, on the same machine in
-the same run; steps/s are the median over the timed steps.
+the same run; each run's step time is the median over its timed steps, and --repeats runs
+alternate the two frameworks (a load change hits both): the report gives the median over the
+runs, their min-max, and the ratio of the medians, with os.getloadavg() before and after.
 
 COMMANDS
-  # CPU, the README comparison (float32, B/32, 224 px, context 77, batch 8):
-  python -m benchmarks.benchmark_model
+  # CPU, the README comparison (float32, B/32, 224 px, context 77, batch 8), idle machine:
+  python -m benchmarks.benchmark_model --repeats=5
   # GPU: B/16 bfloat16 throughput and model FLOPs utilisation (ours only):
   python -m benchmarks.benchmark_model --variant=B/16 --dtype=bfloat16 --batch=256 --no-torch
+  # GPU, cuDNN attention with the tokens padded once per tower instead of per attention call:
+  python -m benchmarks.benchmark_model --variant=B/16 --dtype=bfloat16 --batch=256 --no-torch \
+      --repeats=1 --attention_impl=cudnn --seq_pad_multiple=8
 
 MFU = analytic model FLOPs per step / step time / peak FLOPs of the device. Model FLOPs count
 the matmuls of forward (2 m n k each) x 3 for forward + backward, rematerialisation excluded
@@ -68,7 +73,8 @@ def time_steps(step, state, warmup, steps):
   return statistics.median(times), state
 
 
-def bench_jax(config, images, ids, warmup, steps):
+def jax_step_fn(config, images, ids):
+  """(step(state) -> state, initial state, first-step seconds incl. compile): our jitted step."""
   model = clip_lib.CLIPModel(config)
   params = jax.jit(functools.partial(clip_lib.init_params, config))(jax.random.PRNGKey(0))
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -95,12 +101,17 @@ def bench_jax(config, images, ids, warmup, steps):
 
   t0 = time.perf_counter()
   state = step((params, opt_state))
-  compile_s = time.perf_counter() - t0
+  return step, state, time.perf_counter() - t0
+
+
+def bench_jax(config, images, ids, warmup, steps):
+  step, state, compile_s = jax_step_fn(config, images, ids)
   sec, _ = time_steps(step, state, max(warmup - 1, 0), steps)
   return sec, compile_s
 
 
-def bench_torch(config, images, ids, warmup, steps):
+def torch_step_fn(config, images, ids):
+  """A no-argument function running one transformers CLIPModel train step (eager torch)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -112,12 +123,22 @@ def bench_torch(config, images, ids, warmup, steps):
   pixels_u8 = torch.from_numpy(images).permute(0, 3, 1, 2)
   input_ids = torch.from_numpy(ids).long()
 
-  def step(state):
+  def step():
     opt.zero_grad(set_to_none=True)
     pixels = (pixels_u8.float() / 255.0 - mean) / std  # Same on-step normalisation as ours.
     loss = model(input_ids=input_ids, pixel_values=pixels, return_loss=True).loss
     loss.backward()
     opt.step()
+
+  return step
+
+
+def bench_torch(config, images, ids, warmup, steps):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch_step = torch_step_fn(config, images, ids)
+
+  def step(state):
+    torch_step()
     return state
 
   sec, _ = time_steps(step, None, warmup, steps)
@@ -131,37 +152,65 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="alternating fashion_jax / torch runs; medians and min-max over them")
   parser.add_argument("--scan", action="store_true", help="nn.scan over layers")
   parser.add_argument("--remat", default="none", help="'none' or a jax.checkpoint_policies name")
+  parser.add_argument("--attention_impl", default="einsum", help="layers.ATTENTION_IMPLS")
+  parser.add_argument("--seq_pad_multiple", type=int, default=0,
+                      help="pad each tower's tokens once to a multiple of this (0: never)")
   parser.add_argument("--no-torch", dest="torch", action="store_false")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="device peak for MFU when its kind is not in the table")
   args = parser.parse_args(argv)
 
   config = clip_lib.clip_config(args.variant, dtype=args.dtype, scan=args.scan,
-                                remat_policy=args.remat)
+                                remat_policy=args.remat, attention_impl=args.attention_impl,
+                                seq_pad_multiple=args.seq_pad_multiple)
   images, ids = make_batch(config, args.batch)
   print(machine_info())
   print(f"model: CLIP {args.variant} ({clip_lib.count_params(config):,} params), "
         f"{config.vision.image_size} px, context {config.text.max_len}, batch {args.batch}, "
-        f"compute {args.dtype}, scan={args.scan}, remat={args.remat}; AdamW lr={LR} "
+        f"compute {args.dtype}, scan={args.scan}, remat={args.remat}, attention "
+        f"{args.attention_impl}, seq_pad_multiple={args.seq_pad_multiple}; AdamW lr={LR} "
         f"wd={WEIGHT_DECAY}; warmup {args.warmup}, timed {args.steps} (median)")
 
-  sec, compile_s = bench_jax(config, images, ids, args.warmup, args.steps)
+  if args.torch and args.dtype != "float32":
+    raise SystemExit("The torch comparison runs float32 only; pass --no-torch for bfloat16.")
+  print(f"loadavg before: {os.getloadavg()}", flush=True)
+  jax_step, state, compile_s = jax_step_fn(config, images, ids)
+  if args.torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_step = torch_step_fn(config, images, ids)
+  jax_s, torch_s = [], []
+  for r in range(args.repeats):  # Alternate the frameworks: a load change hits both.
+    sec, state = time_steps(jax_step, state, args.warmup if r else max(args.warmup - 1, 0),
+                            args.steps)
+    jax_s.append(sec)
+    line = f"repeat {r}: fashion_jax {sec * 1e3:.0f} ms/step"
+    if args.torch:
+      tsec, _ = time_steps(lambda s: torch_step() or s, None, args.warmup, args.steps)
+      torch_s.append(tsec)
+      line += f", torch {tsec * 1e3:.0f} ms/step, ratio {tsec / sec:.2f}x"
+    print(line, flush=True)
+  print(f"loadavg after: {os.getloadavg()}")
+  sec = statistics.median(jax_s)
   flops = flops_lib.clip_train_flops_per_step(config, args.batch, config.text.max_len)
   peak = flops_lib.peak_flops(args.dtype, args.peak_tflops)
   mfu = f"{flops / sec / peak:.1%}" if peak else "n/a (unknown peak; pass --peak_tflops)"
+  spread = lambda xs: f"median of {len(xs)} runs, min-max {min(xs) * 1e3:.0f}-{max(xs) * 1e3:.0f}"
   print(f"fashion_jax (jit): {1 / sec:.3f} steps/s, {args.batch / sec:.1f} examples/s, "
-        f"{sec * 1e3:.0f} ms/step (first step incl. compile {compile_s:.1f} s); "
-        f"model FLOPs/step {flops / 1e12:.3f} TFLOP, {flops / sec / 1e12:.2f} TFLOP/s, MFU {mfu}")
+        f"{sec * 1e3:.0f} ms/step ({spread(jax_s)}; first step incl. compile "
+        f"{compile_s:.1f} s); model FLOPs/step {flops / 1e12:.3f} TFLOP, "
+        f"{flops / sec / 1e12:.2f} TFLOP/s, MFU {mfu}")
   if args.torch:
-    if args.dtype != "float32":
-      raise SystemExit("The torch comparison runs float32 only; pass --no-torch for bfloat16.")
-    tsec, threads, version = bench_torch(config, images, ids, args.warmup, args.steps)
-    print(f"torch {version} transformers CLIPModel (eager, {threads} threads): "
-          f"{1 / tsec:.3f} steps/s, {tsec * 1e3:.0f} ms/step")
-    print(f"ratio fashion_jax / torch (steps/s): {tsec / sec:.2f}x")
-
+    tsec = statistics.median(torch_s)
+    ratios = [t / j for t, j in zip(torch_s, jax_s)]
+    print(f"torch {torch.__version__} transformers CLIPModel (eager, "
+          f"{torch.get_num_threads()} threads): "
+          f"{1 / tsec:.3f} steps/s, {tsec * 1e3:.0f} ms/step ({spread(torch_s)})")
+    print(f"ratio fashion_jax / torch (steps/s): {tsec / sec:.2f}x (ratio of the medians; "
+          f"per repeat {min(ratios):.2f}-{max(ratios):.2f}x)")
 
 if __name__ == "__main__":
   main()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fashion_jax.models import layers
+from fashion_jax.models import vit as vit_lib
 from tests import numerics
 
 
@@ -216,3 +217,60 @@ def test_padding_odd_lengths_is_exact(causal, masked):
   np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
   for a, b in zip(g1, g0):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_bias,size", [(False, 16), (True, 18)])  # 18: VALID drops 2 px.
+def test_patch_embed_matmul_equals_the_strided_conv(use_bias, size):
+  """vit.PatchEmbed (reshape + matmul) == nn.Conv(stride = kernel = p, VALID) + reshape:
+  the same parameters from the same rng, the same values, input and parameter gradients."""
+  p, d = 4, 8
+  x = jnp.asarray(np.random.RandomState(0).randn(2, size, size, 3).astype(np.float32))
+  conv = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=use_bias,
+                 kernel_init=nn.initializers.normal(0.02))
+  mm = vit_lib.PatchEmbed(d, p, use_bias=use_bias)
+  params = nn.unbox(mm.init(jax.random.PRNGKey(3), x))
+  conv_params = conv.init(jax.random.PRNGKey(3), x)
+  assert jax.tree.structure(params) == jax.tree.structure(conv_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(conv_params)):
+    np.testing.assert_array_equal(a, b)  # nn.Conv's init order and initialisers: same draws.
+  params = _randomize(params, 1)  # Non-zero bias too.
+  ref = lambda p_, x_: conv.apply(p_, x_).reshape(x.shape[0], -1, d)
+  new = lambda p_, x_: mm.apply(p_, x_)
+  np.testing.assert_allclose(new(params, x), ref(params, x), rtol=1e-5, atol=1e-6)
+  w = jnp.asarray(np.random.RandomState(2).randn(*ref(params, x).shape).astype(np.float32))
+  g_ref = jax.grad(lambda *a: (ref(*a) * w).sum(), argnums=(0, 1))(params, x)
+  g_new = jax.grad(lambda *a: (new(*a) * w).sum(), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl,causal,masked,scan", [
+    ("einsum", False, False, False), ("xla", False, True, False), ("xla", True, False, False),
+    ("einsum", True, True, True)])
+def test_padding_once_per_tower_equals_unpadded(impl, causal, masked, scan):
+  """Encoder(seq_pad_multiple=8): 13 tokens padded once to 16 at the entry, padded keys masked
+  by length, sliced at the exit == the unpadded stack: values, parameter and input gradients."""
+  rs = np.random.RandomState(0)
+  b, l = 2, 13
+  x = jnp.asarray(rs.randn(b, l, 16).astype(np.float32))
+  mask = jnp.asarray(np.array([[1] * l, [1] * 9 + [0] * 4], bool)[:, None, None, :]) \
+      if masked else None
+  kw = dict(num_layers=2, num_heads=4, mlp_dim=24, attention_impl=impl, causal=causal, scan=scan)
+  plain, padded = layers.Encoder(**kw), layers.Encoder(**kw, seq_pad_multiple=8)
+  params = _randomize(plain.init(jax.random.PRNGKey(0), x, mask), 1)
+  w = jnp.asarray(rs.randn(b, l, 16).astype(np.float32))
+  def run(model):
+    f = lambda p, x_: (model.apply(p, x_, mask) * w).sum()
+    return model.apply(params, x, mask), jax.grad(f, argnums=(0, 1))(params, x)
+  (y0, g0), (y1, g1) = run(plain), run(padded)
+  assert y1.shape == y0.shape == (b, l, 16)
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_seq_pad_multiple_must_not_be_negative():
+  x = jnp.zeros((1, 3, 8))
+  with pytest.raises(ValueError, match="seq_pad_multiple=-8 must be >= 0"):
+    layers.Encoder(num_layers=1, num_heads=2, mlp_dim=8, seq_pad_multiple=-8).init(
+        jax.random.PRNGKey(0), x)

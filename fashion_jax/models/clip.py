@@ -75,6 +75,9 @@ class CLIPConfig(TowerConfig):
   # How both towers compute attention: 'einsum' | 'xla' | 'cudnn' (layers.ATTENTION_IMPLS; same
   # parameters and function, 'cudnn' is the fused kernel for NVIDIA GPUs in bf16/fp16).
   attention_impl: str = "einsum"
+  # Pad each tower's tokens once to a multiple of this (layers.Encoder; 0 = never): with
+  # 'cudnn', instead of padding odd lengths (50, 197, 77) in every attention call. Exact.
+  seq_pad_multiple: int = 0
 
   def __post_init__(self):
     v, t = self.vision, self.text
@@ -89,6 +92,8 @@ class CLIPConfig(TowerConfig):
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype {self.dtype!r} not in {_DTYPES}.")
     layers.check_attention_impl(self.attention_impl, self.dtype)  # At config time, not trace.
+    if self.seq_pad_multiple < 0:
+      raise ValueError(f"seq_pad_multiple={self.seq_pad_multiple} must be >= 0 (0: no padding).")
 
   @classmethod
   def from_hf(cls, hf: Any, **runtime) -> "CLIPConfig":
@@ -197,7 +202,8 @@ class CLIPModel(nn.Module):
     """The vision tower; subclasses (E2) replace it, keeping the text tower and logit scale."""
     return vit_lib.VisionTransformer(cfg.vision, cfg.projection_dim, dtype=dtype,
                                      scan=cfg.scan, remat_policy=cfg.remat_policy,
-                                     attention_impl=cfg.attention_impl)
+                                     attention_impl=cfg.attention_impl,
+                                     seq_pad_multiple=cfg.seq_pad_multiple)
 
   def setup(self):
     cfg = self.clip_config()
@@ -205,7 +211,8 @@ class CLIPModel(nn.Module):
     self.vision = self.make_vision(cfg, dtype)
     self.text = text_lib.TextTransformer(cfg.text, cfg.projection_dim, dtype=dtype,
                                          scan=cfg.scan, remat_policy=cfg.remat_policy,
-                                         attention_impl=cfg.attention_impl)
+                                         attention_impl=cfg.attention_impl,
+                                         seq_pad_multiple=cfg.seq_pad_multiple)
     self.log_scale = self.param(
         "logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32)

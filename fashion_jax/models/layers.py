@@ -67,6 +67,14 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
     (nn.scan; compiles one block instead of N).
     remat_policy: 'none' (store all activations) or the name of a jax.checkpoint_policies
     member, e.g. 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable'.
+    seq_pad_multiple (0 = off): pad the tokens ONCE at the stack's entry to a multiple of it
+    (zeros), run every block on [B, L', D] with the padded keys masked by length (key_lengths
+    = L: the fused kernels' key_value_seq_lengths, a length mask for 'einsum'), and slice the
+    padded rows off at the exit. Exact: a padded key never gets attention weight (masked) and
+    the padded query rows only influence themselves (LayerNorm and MLP act per token; their
+    rows stay finite), so real rows and all gradients equal the unpadded stack's. It replaces
+    the per-call padding of odd lengths that cuDNN needs ('cudnn' pads each attention to a
+    multiple of 8 otherwise: 12 pads and slices of q/k/v per tower and step).
   stack_layers(params) / unstack_layers(params): convert a params tree between the two layouts
     (every dict holding layers_0..layers_{N-1} <-> one 'layers' dict of [N, ...] leaves).
 
@@ -147,18 +155,22 @@ def _flat_init(init: Initializer, num_in_axes: int) -> Initializer:
 
 
 def fused_attention(q, k, v, mask, causal: bool, implementation: str,
-                    pad_odd: Optional[bool] = None) -> jax.Array:
+                    pad_odd: Optional[bool] = None,
+                    key_lengths: Optional[jax.Array] = None) -> jax.Array:
   """jax.nn.dot_product_attention(implementation=...) on [B, L, H, Dh] q, k, v.
 
   pad_odd (default: implementation == 'cudnn', which refuses odd lengths in training): odd
   lengths are padded to a multiple of 8 and the padding masked by sequence lengths, so the
   result equals unpadded attention; the padded query rows are sliced off.
+  key_lengths [B] int32 (optional): keys at positions >= key_lengths[b] are masked (the API's
+  key_value_seq_lengths; what an Encoder padded once per tower passes, see Encoder).
   """
   if pad_odd is None:
     pad_odd = implementation == "cudnn"
   b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
   if not pad_odd or (lq % 2 == 0 and lk % 2 == 0):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        key_value_seq_lengths=key_lengths,
                                         implementation=implementation)
   pq, pk = -lq % 8, -lk % 8
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
@@ -167,7 +179,8 @@ def fused_attention(q, k, v, mask, causal: bool, implementation: str,
   out = jax.nn.dot_product_attention(
       pad(q, pq), pad(k, pk), pad(v, pk), mask=mask, is_causal=causal,
       query_seq_lengths=jnp.full((b,), lq, jnp.int32),
-      key_value_seq_lengths=jnp.full((b,), lk, jnp.int32), implementation=implementation)
+      key_value_seq_lengths=jnp.full((b,), lk, jnp.int32) if key_lengths is None else key_lengths,
+      implementation=implementation)
   return out[:, :lq]
 
 
@@ -184,7 +197,8 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
-               kv: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+               kv: Optional[jax.Array] = None, deterministic: bool = True,
+               key_lengths: Optional[jax.Array] = None) -> jax.Array:
     impl = check_attention_impl(self.attention_impl, self.dtype)
     if impl != "einsum" and self.dropout_rate > 0 and not deterministic:
       raise ValueError(f"attention_impl={impl!r} has no attention dropout but dropout_rate="
@@ -213,6 +227,9 @@ class MultiHeadAttention(nn.Module):
       if self.causal:
         causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
         mask = causal if mask is None else jnp.logical_and(mask, causal)
+      if key_lengths is not None:
+        valid = jnp.arange(k.shape[1])[None, None, None, :] < key_lengths[:, None, None, None]
+        mask = valid if mask is None else jnp.logical_and(mask, valid)
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(
           jnp.float32(head_dim))
       if mask is not None:
@@ -224,7 +241,7 @@ class MultiHeadAttention(nn.Module):
     else:
       if mask is not None:  # The API wants boolean [B|1, H|1, Lq, Lk] (flax's are float).
         mask = jnp.reshape(mask.astype(bool), (1,) * (4 - mask.ndim) + mask.shape)
-      out = fused_attention(q, k, v, mask, self.causal, impl)
+      out = fused_attention(q, k, v, mask, self.causal, impl, key_lengths=key_lengths)
     out = nn.with_logical_constraint(out, head_axes)
     out = nn.Einsum(
         (self.num_heads, head_dim, d_model), "blhk,hkd->bld", dtype=self.dtype,
@@ -276,7 +293,8 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, key_lengths: Optional[jax.Array] = None
+               ) -> jax.Array:
     x = nn.with_logical_constraint(x, HIDDEN_AXES)
     norm1 = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")
     norm2 = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")
@@ -288,10 +306,12 @@ class TransformerBlock(nn.Module):
               param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="mlp")
     drop = nn.Dropout(self.dropout_rate)
     if self.pre_norm:
-      x = x + drop(attn(norm1(x), mask, deterministic=deterministic), deterministic)
+      x = x + drop(attn(norm1(x), mask, deterministic=deterministic,
+                        key_lengths=key_lengths), deterministic)
       x = x + drop(mlp(norm2(x), deterministic), deterministic)
     else:
-      x = norm1(x + drop(attn(x, mask, deterministic=deterministic), deterministic))
+      x = norm1(x + drop(attn(x, mask, deterministic=deterministic, key_lengths=key_lengths),
+                         deterministic))
       x = norm2(x + drop(mlp(x, deterministic), deterministic))
     return nn.with_logical_constraint(x, HIDDEN_AXES)
 
@@ -326,8 +346,9 @@ class AttentionPool(nn.Module):
 class _ScanBlock(TransformerBlock):
   """TransformerBlock with the (carry, output) signature nn.scan expects."""
 
-  def __call__(self, x, mask=None, deterministic=True):  # pylint: disable=arguments-renamed
-    return super().__call__(x, mask, deterministic), None
+  def __call__(self, x, mask=None, deterministic=True,  # pylint: disable=arguments-renamed
+               key_lengths=None):
+    return super().__call__(x, mask, deterministic, key_lengths), None
 
 
 class Encoder(nn.Module):
@@ -347,6 +368,9 @@ class Encoder(nn.Module):
   remat_policy: str = "none"
   attention_impl: str = "einsum"
   causal: bool = False
+  # Pad the tokens once, at the stack's entry, to a multiple of this (0 or 1: never), masking
+  # the padded keys by length; sliced off at the exit. See the module docstring.
+  seq_pad_multiple: int = 0
 
   def _block_kwargs(self):
     return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=self.pre_norm,
@@ -358,6 +382,19 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
                deterministic: bool = True) -> jax.Array:
+    if self.seq_pad_multiple < 0:
+      raise ValueError(f"seq_pad_multiple={self.seq_pad_multiple} must be >= 0 (0: no padding).")
+    length = x.shape[1]
+    pad = -length % self.seq_pad_multiple if self.seq_pad_multiple > 1 else 0
+    key_lengths = None
+    if pad:
+      x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+      key_lengths = jnp.full((x.shape[0],), length, jnp.int32)
+      if mask is not None:  # Padded keys: masked (by length too); padded query rows: see all.
+        mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad if mask.shape[2] > 1 else 0),
+                              (0, pad if mask.shape[3] > 1 else 0)),
+                       constant_values=True)
     block_cls = _ScanBlock if self.scan else TransformerBlock
     if self.remat_policy != "none":
       if self.remat_policy not in REMAT_POLICIES:
@@ -370,12 +407,16 @@ class Encoder(nn.Module):
     if self.scan:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                           "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=self.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(name="layers", **self._block_kwargs())(x, mask, deterministic)
+      x, _ = stack(name="layers", **self._block_kwargs())(x, mask, deterministic, key_lengths)
     else:
       for i in range(self.num_layers):
-        x = block_cls(name=f"layers_{i}", **self._block_kwargs())(x, mask, deterministic)
+        x = block_cls(name=f"layers_{i}", **self._block_kwargs())(x, mask, deterministic,
+                                                                   key_lengths)
+    if pad:
+      x = x[:, :length]
     return nn.with_logical_constraint(x, HIDDEN_AXES)
 
 

@@ -106,6 +106,7 @@ class TextTransformer(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   attention_impl: str = "einsum"  # layers.ATTENTION_IMPLS.
+  seq_pad_multiple: int = 0  # layers.Encoder: pad the tokens once per tower (0: never).
 
   @nn.compact
   def __call__(self, ids: jax.Array, attention_mask: Optional[jax.Array] = None,
@@ -136,7 +137,8 @@ class TextTransformer(nn.Module):
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pre_norm=True,
         layer_norm_eps=cfg.layer_norm_eps, act=cfg.act, dtype=self.dtype,
         param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
-        attention_impl=self.attention_impl, causal=cfg.causal,
+        attention_impl=self.attention_impl,
+        seq_pad_multiple=self.seq_pad_multiple, causal=cfg.causal,
         name="encoder")(x, mask, deterministic)
     x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
     if cfg.pool == "last":

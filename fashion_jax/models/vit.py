@@ -120,6 +120,46 @@ def normalize_images(images: jax.Array, dtype: Any = jnp.float32,
   return x.astype(dtype)
 
 
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch embedding: [B, H, W, C] -> [B, N, D], N = (H // p) * (W // p).
+
+  The same function and parameters as nn.Conv(D, (p, p), strides=(p, p), padding='VALID')
+  followed by a reshape to [B, N, D] (patches in row-major order, like torch's flatten):
+  `kernel` [p, p, C, D] (HWIO, axes (None, None, 'conv_in', 'embed')) and `bias` [D] iff
+  use_bias, created in nn.Conv's order with its initialisers, so checkpoints and the init rng
+  are unchanged. Because the stride equals the kernel size, the convolution is exactly
+      y[b, n] = patches[b, n] @ kernel.reshape(p * p * C, D) (+ bias),
+  patches[b, i * (W // p) + j] = x[b, i p:(i + 1) p, j p:(j + 1) p, :].ravel()  (rows, cols, C),
+  which is computed here as one reshape + transpose and a matmul instead: XLA's CPU backend
+  runs the strided convolution, and above all its kernel gradient (a window-dilated
+  convolution), through a generic convolution path, while the matmul goes to the same dot
+  kernels as the rest of the model. Pixels beyond the last whole patch are dropped (VALID).
+  """
+  features: int
+  patch_size: int
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p, d = self.patch_size, self.features
+    b, h, w, c = x.shape
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, None, "conv_in", "embed")), (p, p, c, d),
+                        self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ("embed",)), (d,), self.param_dtype) if self.use_bias \
+        else None
+    gh, gw = h // p, w // p
+    x = x[:, :gh * p, :gw * p].astype(self.dtype)
+    x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+    y = jnp.einsum("bnk,kd->bnd", x, kernel.astype(self.dtype).reshape(p * p * c, d))
+    if bias is not None:
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def embed_patches(module: nn.Module, cfg: ViTConfig, images: jax.Array) -> jax.Array:
   """The input stem, run inside `module`'s compact call: [B, H, W, 3] -> [B, T, D].
 
@@ -140,15 +180,9 @@ def embed_patches(module: nn.Module, cfg: ViTConfig, images: jax.Array) -> jax.A
   else:
     x = images.astype(dtype)
   x = nn.with_logical_constraint(x, ("act_batch", None, None, None))
-  p = cfg.patch_size
-  x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias,
-              dtype=dtype, param_dtype=param_dtype, name="patch_embed",
-              kernel_init=nn.with_logical_partitioning(
-                  nn.initializers.normal(0.02), (None, None, "conv_in", "embed")),
-              bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-              parent=module)(x)
+  x = PatchEmbed(cfg.width, cfg.patch_size, use_bias=cfg.patch_bias, dtype=dtype,
+                 param_dtype=param_dtype, name="patch_embed", parent=module)(x)  # [B, N, D]
   b = x.shape[0]
-  x = x.reshape(b, -1, cfg.width)  # [B, N, D], patches in row-major order like torch's flatten.
   if cfg.class_token:
     cls = module.param("class_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), param_dtype)
@@ -175,6 +209,7 @@ class VisionTransformer(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   attention_impl: str = "einsum"  # layers.ATTENTION_IMPLS.
+  seq_pad_multiple: int = 0  # layers.Encoder: pad the tokens once per tower (0: never).
 
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
@@ -187,7 +222,8 @@ class VisionTransformer(nn.Module):
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pre_norm=True,
         layer_norm_eps=cfg.layer_norm_eps, act=cfg.act, dtype=self.dtype,
         param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
-        attention_impl=self.attention_impl, name="encoder")(x, None, deterministic)
+        attention_impl=self.attention_impl,
+        seq_pad_multiple=self.seq_pad_multiple, name="encoder")(x, None, deterministic)
     post_norm = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "post_norm")
     if cfg.pool == "cls":
       pooled = post_norm(x[:, 0])

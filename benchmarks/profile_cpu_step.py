@@ -1,0 +1,204 @@
+r"""Where the CPU train step's time goes, and what each lever buys, side by side in one process.
+
+The step is benchmarks/benchmark_model.py's (CLIP B/32, 224 px, context 77, float32, batch 8,
+forward + backward + AdamW, donated state). Two modes:
+
+  # Levers A/B, interleaved rounds in ONE process (same load for every row), torch included:
+  python -m benchmarks.profile_cpu_step --rounds=3 --steps=3
+  # Account of one configuration from a jax.profiler trace (XLA CPU thunks by kind):
+  XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python -m benchmarks.profile_cpu_step --trace
+
+Rows of the A/B mode (each a separately jitted step; its median over all rounds, min-max):
+  conv_patch:   the patch embedding as the strided nn.Conv it was before (the reference);
+  default:      the current model (patch embedding as reshape + matmul, vit.PatchEmbed);
+  xla_attn:     attention_impl='xla' (jax.nn.dot_product_attention) instead of 'einsum';
+  torch:        transformers' CLIPModel, eager, torch.optim.AdamW (benchmark_model.bench_torch).
+Rounds interleave the rows (A B C T, A B C T, ...) so a load change hits all of them; the
+ratios are the useful numbers on a shared machine. os.getloadavg() is printed before/after.
+
+The trace account sums the duration of every XLA CPU thunk event on the Eigen worker threads
+(per step, divided by the number of worker threads: the share of the 2 cores' time), grouped
+by the thunk's fusion kind (name without its '.N' suffix) and by what it computes:
+  matmul (ynn_fusion / dot: YNNPACK and Eigen dots), adamw (the optimizer's loop fusions, the
+  ones whose operands are Adam's mu/nu or that update a parameter), copies/transposes, other.
+"""
+
+import argparse
+import collections
+import functools
+import glob
+import os
+import re
+import statistics
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import benchmark_model as bm
+from fashion_jax.losses.contrastive import info_nce
+from fashion_jax.models import clip as clip_lib
+from fashion_jax.models import vit as vit_lib
+
+
+class ConvPatchEmbed(nn.Module):
+  """The previous stem: nn.Conv(stride = kernel = p, VALID) + reshape (vit.PatchEmbed's twin)."""
+  features: int
+  patch_size: int
+  use_bias: bool = False
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    y = nn.Conv(self.features, (p, p), strides=(p, p), padding="VALID", use_bias=self.use_bias,
+                dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+    return y.reshape(x.shape[0], -1, self.features)
+
+
+def make_step(config, images, ids, conv_patch=False):
+  """(jitted donated step(state) -> state, initial state) for `config`."""
+  model = clip_lib.CLIPModel(config)
+  params = nn.unbox(jax.jit(functools.partial(clip_lib.init_params, config))(
+      jax.random.PRNGKey(0)))
+  if conv_patch:
+    params["vision"]["patch_embed"] = {"conv": params["vision"]["patch_embed"]}
+  tx = optax.adamw(bm.LR, b1=bm.BETAS[0], b2=bm.BETAS[1], eps=bm.EPS,
+                   weight_decay=bm.WEIGHT_DECAY)
+  images, ids = jnp.asarray(images), jnp.asarray(ids)
+
+  def loss_fn(p):
+    out = model.apply({"params": p}, images, ids, deterministic=False)
+    return info_nce(out["image_embeds"], out["text_embeds"], out["logit_scale"])[0]
+
+  def train_step(state):
+    p, o = state
+    grads = jax.grad(loss_fn)(p)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o
+
+  step = jax.jit(train_step, donate_argnums=0)
+  if conv_patch:  # Trace with the stem swapped; the jitted function is traced only here.
+    original = vit_lib.PatchEmbed
+    vit_lib.PatchEmbed = ConvPatchEmbed
+    try:
+      step = step.lower((params, tx.init(params))).compile()
+    finally:
+      vit_lib.PatchEmbed = original
+  return step, (params, tx.init(params))
+
+
+def ab(args):
+  base = clip_lib.clip_config(args.variant)
+  images, ids = bm.make_batch(base, args.batch)
+  rows = {"conv_patch": dict(conv_patch=True), "default": {},
+          "xla_attn": dict(config=base.replace(attention_impl="xla"))}
+  steps, states, times = {}, {}, collections.defaultdict(list)
+  for name, kw in rows.items():
+    steps[name], states[name] = make_step(kw.get("config", base), images, ids,
+                                          kw.get("conv_patch", False))
+    states[name] = jax.block_until_ready(steps[name](states[name]))  # Compile + warm up.
+  torch_step = None
+  if args.torch:
+    torch_step = bm.torch_step_fn(base, images, ids)
+    torch_step()
+  print(f"loadavg before: {os.getloadavg()}", flush=True)
+  for r in range(args.rounds):
+    for name in rows:
+      for _ in range(args.steps):
+        t0 = time.perf_counter()
+        states[name] = jax.block_until_ready(steps[name](states[name]))
+        times[name].append(time.perf_counter() - t0)
+    if torch_step is not None:
+      for _ in range(args.steps):
+        t0 = time.perf_counter()
+        torch_step()
+        times["torch"].append(time.perf_counter() - t0)
+    print(f"round {r}: " + ", ".join(f"{k} {statistics.median(v[-args.steps:]) * 1e3:.0f} ms"
+                                      for k, v in times.items()), flush=True)
+  print(f"loadavg after: {os.getloadavg()}")
+  ref = statistics.median(times["torch"]) if "torch" in times else None
+  print(f"{'row':12s} {'median ms':>10s} {'min-max ms':>16s} {'torch/row':>10s}")
+  for name, ts in times.items():
+    med = statistics.median(ts)
+    ratio = f"{ref / med:.2f}x" if ref else "-"
+    print(f"{name:12s} {med * 1e3:10.0f} {min(ts) * 1e3:7.0f}-{max(ts) * 1e3:<8.0f} {ratio:>10s}")
+
+
+def categorize(name: str, hlo_line: str) -> str:
+  if name.startswith(("ynn_fusion", "dot", "xnn_fusion", "onednn")):
+    return "matmul"
+  if re.search(r"__(mu|nu)__", hlo_line) or name.startswith("multiply_add_fusion"):
+    return "adamw"
+  if re.search(r"copy|transpose", name):
+    return "copy/transpose"
+  if name.startswith("convolution"):
+    return "convolution"
+  return "other (LayerNorm, softmax, GELU, bias, residual, loss, scatter)"
+
+
+def trace(args):
+  from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
+  config = clip_lib.clip_config(args.variant)
+  images, ids = bm.make_batch(config, args.batch)
+  step, state = make_step(config, images, ids)
+  state = jax.block_until_ready(step(state))
+  hlo = {}
+  for line in step.lower(state).compile().as_text().splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+    if m:
+      hlo[m.group(1)] = line
+  out = tempfile.mkdtemp(prefix="cpu_step_trace_")
+  print(f"loadavg before: {os.getloadavg()}", flush=True)
+  jax.profiler.start_trace(out)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    state = jax.block_until_ready(step(state))
+  wall = (time.perf_counter() - t0) / args.steps
+  jax.profiler.stop_trace()
+  print(f"loadavg after: {os.getloadavg()}; {wall * 1e3:.0f} ms/step while tracing; trace {out}")
+  pb = glob.glob(os.path.join(out, "**", "*.xplane.pb"), recursive=True)[-1]
+  by_kind, by_cat, threads = collections.Counter(), collections.Counter(), set()
+  for plane in _profile_data.ProfileData.from_file(pb).planes:
+    for line in plane.lines:
+      if not line.name.startswith("tf_XLAEigen"):
+        continue
+      threads.add(line.name)
+      for ev in line.events:
+        if ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+          continue
+        name = ev.name.removeprefix("end: ")
+        by_kind[re.sub(r"\.\d+$", "", name)] += ev.duration_ns
+        by_cat[categorize(name, hlo.get(name, ""))] += ev.duration_ns
+  per_step = lambda ns: ns / 1e6 / args.steps / max(len(threads), 1)
+  total = sum(by_cat.values())
+  print(f"\n{len(threads)} worker threads; ms per step = thread time / threads")
+  print(f"{'category':64s} {'ms/step':>8s} {'share':>6s}")
+  for k, v in by_cat.most_common():
+    print(f"{k:64s} {per_step(v):8.0f} {v / total:6.1%}")
+  print(f"{'(sum of thunks)':64s} {per_step(total):8.0f}")
+  print(f"\n{'thunk kind':40s} {'ms/step':>8s} {'share':>6s}")
+  for k, v in by_kind.most_common(args.top):
+    print(f"{k:40s} {per_step(v):8.0f} {v / total:6.1%}")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--variant", default="B/32", help="clip_config variant ('tiny': a smoke run)")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
+  parser.add_argument("--no-torch", dest="torch", action="store_false")
+  parser.add_argument("--trace", action="store_true", help="profile account instead of A/B")
+  parser.add_argument("--top", type=int, default=15)
+  args = parser.parse_args(argv)
+  print(bm.machine_info())
+  trace(args) if args.trace else ab(args)  # pylint: disable=expression-not-assigned
+
+
+if __name__ == "__main__":
+  main()
