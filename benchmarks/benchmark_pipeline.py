@@ -2,6 +2,7 @@ r"""Training-pipeline throughput per CPU core: our tf.data path vs a plain PIL +
 
 COMMAND
   python -m benchmarks.benchmark_pipeline [--num_images=512] [--batch=64] [--repeats=3]
+      [--feed_samples_per_s=22104]
 
 The work: decode a 256 px JPEG, random resized crop (area 0.08-1, aspect 3/4-4/3) to 224,
 random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):
@@ -10,6 +11,9 @@ random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):
                    RandomResizedCrop on a PIL image, ToTensor + Normalize as numpy float32,
                    stacked into a batch), one process.
   jpeg_decode_only tf.io.decode_jpeg of the whole image: the ceiling of any full-decode path.
+  crop_decode_only profile row: our crop window sampling + decode_and_crop_jpeg alone (no
+                   resize, no flip; only the crop's shape is batched, so no batch copy). Its gap
+                   to ours_uint8 is the bilinear resize, the flip and the rounding.
   tfdata_naive     tf.data, full decode_jpeg -> crop -> resize -> float normalise, one thread.
   ours_normalised  our crop (pipeline.crop_resize_float: decode ONLY the crop window with
                    decode_and_crop_jpeg + integer DCT, flip the small uint8 crop, bilinear
@@ -26,6 +30,17 @@ random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):
                    TPU/GPU it runs on the accelerator, not a host core.
   uint8+dev_bN     ours_uint8 then dev_normalise_bN on the same core:
                    1 / (1/ours_uint8 + 1/dev_normalise_bN).
+  train_pipeline   the whole training pipeline (pipeline.make_train_iterator) over a TFDS
+                   product dataset holding the same JPEG files (one view each) and catalog texts:
+                   TFRecord parsing, text join, product hashes, the same crop, batching, and the
+                   host step (CLIP tokenizer, max_len 77). Steady state: every text was seen in
+                   the warm-up epoch, so the token cache (features.TokenCache) serves them.
+  train_no_cache   the same with data.token_cache=0: every batch tokenized, as before the token
+                   cache and as the first epoch still is.
+
+"x ceiling" divides by jpeg_decode_only of the same run. The last lines turn the train_pipeline
+rate into the cores one host needs to feed `--feed_samples_per_s` (default: 8 H100s at the
+FashionCLIP B/16 bf16 cuDNN batch-512 step of docs/benchmarks.md, 8 x 2,763 samples/s).
 
 "One core": tf.data runs with options.threading.private_threadpool_size = 1 and
 max_intra_op_parallelism = 1 (and TF's inter/intra-op pools at 1), jax with one intra-op
@@ -41,6 +56,7 @@ grain ('textures': more detail, slower to decode); written as JPEG (quality 90) 
 """
 
 import argparse
+import gc
 import os
 import pathlib
 import platform
@@ -50,10 +66,19 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
 
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# After the environment above (TF's log level, XLA's one-thread flag) is set.
+from fashion_jax.data import catalog  # pylint: disable=wrong-import-position
+from fashion_jax.data import pipeline  # pylint: disable=wrong-import-position
+from fashion_jax.data import render  # pylint: disable=wrong-import-position
+from fashion_jax.data import schema  # pylint: disable=wrong-import-position
+
 SIZE, SOURCE = 224, 256
+# docs/benchmarks.md "Accelerator efficiency": B/16 bf16, cuDNN attention, batch 512, one H100.
+H100_SAMPLES_PER_S = 2763
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 
@@ -72,8 +97,6 @@ def write_images(out_dir: pathlib.Path, n: int, source: str) -> list[str]:
   out_dir = out_dir / source
   out_dir.mkdir(parents=True, exist_ok=True)
   if source == "catalog":
-    from fashion_jax.data import catalog  # pylint: disable=g-import-not-at-top
-    from fashion_jax.data import render  # pylint: disable=g-import-not-at-top
     def image(i):
       return render.make_product(catalog.sample_spec("train", i), image_size=SOURCE)["images"][0]
   else:
@@ -91,6 +114,60 @@ def write_images(out_dir: pathlib.Path, n: int, source: str) -> list[str]:
       Image.fromarray(image(i)).save(path, quality=90)
     paths.append(str(path))
   return paths
+
+
+def product_dataset(paths: list[str], data_dir: pathlib.Path) -> str:
+  """A TFDS product dataset (data/schema.py) of `paths` (one view each, the files' own bytes)
+  with the synthetic catalog's texts, built once in data_dir; returns its name."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class PipelineBenchProducts(tfds.core.GeneratorBasedBuilder):
+    """Products i = 0..n-1: texts of catalog.sample_spec('train', i), image paths[i]."""
+    VERSION = tfds.core.Version(f"1.0.{len(paths)}")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=schema.product_features())
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      names = schema.product_features().keys()
+      for i, path in enumerate(paths):
+        spec = catalog.sample_spec("train", i)
+        title, description = catalog.describe(spec)
+        example = dict(catalog.spec_fields(spec), title=title, description=description,
+                       images=[pathlib.Path(path).read_bytes()])
+        yield f"{i:05d}", {k: example[k] for k in names}
+
+  builder = PipelineBenchProducts(data_dir=str(data_dir))
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  return builder.name
+
+
+def train_pipeline(name, data_dir, num_images, batch, token_cache):
+  """fn(epochs) -> consumes `epochs` epochs of make_train_iterator batches (views=1, the
+  benchmark's crop and flip, CLIP tokenizer at 77) on one core, from a fresh iterator that is
+  deleted afterwards (so no prefetching runs on while other rows are timed). The iterators share
+  one dataset, hence one token cache: warm after the first call."""
+  config = ml_collections.ConfigDict(dict(seed=0, batch_size=batch, data=dict(
+      name=name, data_dir=str(data_dir), train_split="train", image_size=SIZE,
+      text_fields=("title", "description"), tokenizer=dict(kind="clip", path=""), max_len=77,
+      views=1, augment=dict(crop_scale=SCALE, flip=True), mlm_prob=0.0,
+      patch_mask=dict(grid=0, count=0), shuffle_buffer=num_images, prefetch=2,
+      token_cache=token_cache)))
+  dataset = _one_core(pipeline.make_train_iterator(config, process_index=0,
+                                                   process_count=1).dataset)
+
+  def consume(epochs):
+    it = iter(dataset)
+    for _ in range(epochs * (num_images // batch)):
+      next(it)
+    del it
+    gc.collect()
+  return consume
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,9 +223,6 @@ def _one_core(ds):
 
 def tf_dataset(paths, batch, kind):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  mean = tf.constant(pipeline.CLIP_MEAN) * 255.0
-  std = tf.constant(pipeline.CLIP_STD) * 255.0
   # x * scale + offset with constants pre-tiled to [S, S, 3]: Eigen broadcasting of a size-3
   # axis runs about 2x slower than a same-shape elementwise op.
   clip_mean, clip_std = np.array(pipeline.CLIP_MEAN), np.array(pipeline.CLIP_STD)
@@ -179,7 +253,20 @@ def tf_dataset(paths, batch, kind):
     del i
     return tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
 
-  fn = dict(naive=naive, ours=ours, ours_normalised=ours_normalised, decode=decode_only)[kind]
+  def crop_decode(i, path):
+    encoded = tf.io.read_file(path)
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.image.extract_jpeg_shape(encoded), tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=tf.stack([tf.constant(0, tf.int64), i]), min_object_covered=0.0,
+        aspect_ratio_range=RATIO, area_range=SCALE, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.image.decode_and_crop_jpeg(
+        encoded, tf.stack([begin[0], begin[1], extent[0], extent[1]]), channels=3,
+        dct_method="INTEGER_FAST")
+    return tf.shape(crop)  # Crops differ in size: nothing to batch but their shapes.
+
+  fn = dict(naive=naive, ours=ours, ours_normalised=ours_normalised, decode=decode_only,
+            crop_decode=crop_decode)[kind]
   return _one_core(ds.map(fn).batch(batch, drop_remainder=True))
 
 
@@ -204,6 +291,9 @@ def main(argv=None):
   parser.add_argument("--num_images", type=int, default=512)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--feed_samples_per_s", type=float, default=8 * H100_SAMPLES_PER_S,
+                      help="samples/s one host must feed (default: 8 H100s, FashionCLIP B/16 "
+                      "bf16 cuDNN batch 512)")
   parser.add_argument("--image_dir", default="/tmp/fashion_jax_bench_jpeg256")
   parser.add_argument("--source", choices=("catalog", "textures"), default="catalog",
                       help="synthetic catalog renders, or smooth colour noise + grain (JPEGs "
@@ -216,12 +306,13 @@ def main(argv=None):
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
   import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
+  load0 = os.getloadavg()
   paths = write_images(pathlib.Path(args.image_dir), args.num_images, args.source)
   n = (len(paths) // args.batch) * args.batch
   datasets = {name: tf_dataset(paths, args.batch, kind) for name, kind in [
-      ("jpeg_decode_only", "decode"), ("tfdata_naive", "naive"),
+      ("jpeg_decode_only", "decode"), ("crop_decode_only", "crop_decode"),
+      ("tfdata_naive", "naive"),
       ("ours_normalised", "ours_normalised"), ("ours_uint8", "ours")]}
   batches = [b.numpy() for b in datasets["ours_uint8"]]
   shards = [s for b in batches for s in np.split(b, args.batch // 8)]
@@ -235,20 +326,41 @@ def main(argv=None):
   fns.update({name: (lambda ds=ds: [None for _ in ds]) for name, ds in datasets.items()})
   fns["dev_normalise_b64"] = lambda: run_norm(batches)
   fns["dev_normalise_b8"] = lambda: run_norm(shards)
-  rows = {name: (n / wall, n / cpu) for name, (wall, cpu) in timed(fns, args.repeats).items()}
+  name = product_dataset(paths, pathlib.Path(args.image_dir) / args.source / "tfds")
+  # Each train row runs 1 and 3 epochs from a fresh iterator; the difference (2 epochs) is the
+  # steady-state work, without the start-up (shuffle buffer fill) and the run-ahead thrown away.
+  for row, cache in (("train_pipeline", 1 << 19), ("train_no_cache", 0)):
+    consume = train_pipeline(name, pathlib.Path(args.image_dir) / args.source / "tfds", n,
+                             args.batch, cache)
+    fns[f"{row}@1"], fns[f"{row}@3"] = (lambda c=consume: c(1)), (lambda c=consume: c(3))
+  times = timed(fns, args.repeats)
+  rows = {name: (n / wall, n / cpu) for name, (wall, cpu) in times.items() if "@" not in name}
+  for row in ("train_pipeline", "train_no_cache"):
+    rows[row] = tuple(2 * n / (b - a) for a, b in zip(times[f"{row}@1"], times[f"{row}@3"]))
   for b in ("b64", "b8"):
     rows[f"uint8+dev_{b}"] = tuple(1.0 / (1.0 / a + 1.0 / d) for a, d in zip(
         rows["ours_uint8"], rows[f"dev_normalise_{b}"]))
 
+  load = os.getloadavg()
   print(f"machine: {cpu_model()}, {os.cpu_count()} cores visible "
         f"({len(os.sched_getaffinity(0))} usable), {platform.platform()}")
   print(f"tensorflow {tf.__version__}, jax {jax.__version__} on {jax.devices()[0].platform}; "
         f"{n} JPEGs {SOURCE}px ({args.source}), crop -> {SIZE}, batch {args.batch}, "
         f"median of {args.repeats}")
-  base = rows["pil_numpy_loop"][1]
-  print(f"{'path':<18} {'img/s wall':>11} {'img/cpu-s':>10} {'x PIL loop':>11}")
-  for name, (wall_rate, cpu_rate) in rows.items():
-    print(f"{name:<18} {wall_rate:>11.0f} {cpu_rate:>10.0f} {cpu_rate / base:>11.2f}")
+  print(f"load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+  base, ceiling = rows["pil_numpy_loop"][1], rows["jpeg_decode_only"][1]
+  print(f"{'path':<18} {'img/s wall':>11} {'img/cpu-s':>10} {'x PIL loop':>11} "
+        f"{'x ceiling':>10}")
+  for row, (wall_rate, cpu_rate) in rows.items():
+    print(f"{row:<18} {wall_rate:>11.0f} {cpu_rate:>10.0f} {cpu_rate / base:>11.2f} "
+          f"{cpu_rate / ceiling:>10.2f}")
+  per_core = rows["train_pipeline"][1]
+  print(f"feeding {args.feed_samples_per_s:,.0f} samples/s (default: 8 x {H100_SAMPLES_PER_S:,} "
+        f"samples/s, B/16 bf16 cuDNN batch 512 on an H100) at train_pipeline's "
+        f"{per_core:,.0f} img/cpu-s takes {args.feed_samples_per_s / per_core:.1f} cores "
+        f"({args.feed_samples_per_s / rows['train_no_cache'][1]:.1f} without the token cache, "
+        f"{args.feed_samples_per_s / ceiling:.1f} at the decode ceiling)")
 
 
 if __name__ == "__main__":

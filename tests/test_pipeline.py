@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from fashion_jax.data import features
 from fashion_jax.data import pipeline
 from fashion_jax.data import schema
 from fashion_jax.data import tokenizers
@@ -225,6 +226,37 @@ def test_crop_is_the_same_for_jpeg_and_other_formats():
     assert np.abs(a.astype(float) - b).mean() < 3  # Same window, JPEG noise only.
 
 
+@pytest.mark.parametrize("kind", ["bert", "clip"])
+def test_token_cache_equals_the_tokenizer(kind):
+  tok = tokenizers.get_tokenizer(kind, "", 12)
+  cache = features.TokenCache(tok, max_entries=5)
+  texts = [b"red shirt", b"a navy skirt with a very long description indeed", b"red shirt", b"",
+           "boots".encode(), b"totes", b"red shirt", b"green coat", b"black hat"]
+  for _ in range(2):  # Second pass: hits, and misses beyond max_entries.
+    for batch in (texts, texts[::-1], texts[2:5]):
+      ids, mask = cache(batch, with_mask=True)
+      want_ids, want_mask = tok(batch, with_mask=True)
+      np.testing.assert_array_equal(ids, want_ids)
+      np.testing.assert_array_equal(mask, want_mask)
+      assert ids.dtype == want_ids.dtype and mask.dtype == want_mask.dtype
+      np.testing.assert_array_equal(cache(batch), want_ids)
+  assert len(cache) == 5
+  assert cache.mask_token_id == tok.mask_token_id and cache.max_len == tok.max_len
+  assert cache([]).shape == (0, 12)
+  with pytest.raises(ValueError, match="max_entries=-1"):
+    features.TokenCache(tok, max_entries=-1)
+
+
+def test_token_cache_keeps_batches_bytewise(data_dir):
+  # Two epochs (the second one served from the cache) equal the batches of the uncached run.
+  on = make_config(data_dir, fields=("title", "brand"))
+  off = make_config(data_dir, fields=("title", "brand"), token_cache=0)
+  a = take(pipeline.make_train_iterator(on, process_index=0, process_count=1), 13)
+  b = take(pipeline.make_train_iterator(off, process_index=0, process_count=1), 13)
+  for x, y in zip(a, b):
+    assert_batches_equal(x, y)
+
+
 def test_bad_train_configs(data_dir):
   with pytest.raises(ValueError, match="batch_size=10 .*process_count=3"):
     pipeline.make_train_iterator(make_config(data_dir, batch_size=10), process_index=0,
@@ -238,6 +270,9 @@ def test_bad_train_configs(data_dir):
   with pytest.raises(ValueError, match="crop_scale"):
     pipeline.make_train_iterator(make_config(data_dir, **{"augment.crop_scale": (0.0, 1.0)}),
                                  process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="token_cache=-2"):
+    pipeline.make_train_iterator(make_config(data_dir, token_cache=-2), process_index=0,
+                                 process_count=1)
   with pytest.raises(ValueError, match="no split 'nope'"):
     pipeline.make_train_iterator(make_config(data_dir, train_split="nope"), process_index=0,
                                  process_count=1)
@@ -338,3 +373,49 @@ def test_synthetic_catalog_tiny(tmp_path):
                                   process_index=0, process_count=1)
   rows = [t for b in ds for t, v in zip(b["title"], b["valid"]) if v]
   assert ds.num_examples == 8 and len(rows) == 8 and all(rows)
+
+
+def test_eval_resize_mode_squash_matches_pil(data_dir):
+  size = 32
+  config = make_config(data_dir, image_size=size, resize_mode="squash")
+  batch = next(iter(pipeline.make_eval_dataset(config, "test", batch_size=4,
+                                               fields=("product_id",), process_index=0,
+                                               process_count=1)))
+  first_views = [product(int(pid[1:]))["images"][0] for pid in batch["product_id"]]
+  expected = np.stack([np.asarray(Image.fromarray(v).resize((size, size), Image.BICUBIC))
+                       for v in first_views])
+  assert batch["image"].shape == (4, size, size, 3)
+  # JPEG-decoded view vs the original pixels, and TF bicubic vs PIL bicubic: a few levels.
+  assert np.abs(batch["image"].astype(float) - expected).mean() < 4
+  cropped = pipeline.clip_image_preprocess(first_views, size)
+  crop_config = make_config(data_dir, image_size=size, resize_mode="crop")
+  crop_batch = next(iter(pipeline.make_eval_dataset(crop_config, "test", batch_size=4,
+                                                    process_index=0, process_count=1)))
+  assert np.abs(crop_batch["image"].astype(float) - cropped).mean() < 4
+
+
+def test_squash_resize_equals_pil_on_smooth_images():
+  rng = np.random.default_rng(1)
+  for h, w, size in [(40, 48, 32), (90, 60, 48), (20, 30, 64)]:
+    image = np.asarray(Image.fromarray(rng.integers(0, 255, (h // 4, w // 4, 3), np.uint8))
+                       .resize((w, h), Image.BILINEAR))
+    ours = pipeline.resize_squash(tf.io.encode_png(image), size).numpy()
+    pil = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
+    assert np.abs(ours.astype(float) - pil).max() <= 3, (h, w, size)
+    # The whole image, not CLIP's centre crop (which differs by far more).
+    cropped = pipeline.resize_center_crop(tf.io.encode_png(image), size).numpy()
+    assert np.abs(cropped.astype(float) - pil).mean() > 4 * np.abs(ours.astype(float) - pil).mean()
+
+
+def test_eval_resize_mode_unknown(data_dir):
+  with pytest.raises(ValueError, match="resize_mode='shortest'"):
+    pipeline.make_eval_dataset(make_config(data_dir, resize_mode="shortest"), "test",
+                               batch_size=4, process_index=0, process_count=1)
+
+
+def test_resize_mode_of_open_clip_preprocess():
+  assert pipeline.resize_mode_of("squash") == "squash"
+  assert pipeline.resize_mode_of("shortest") == "crop"
+  with pytest.raises(ValueError, match="'longest'"):
+    pipeline.resize_mode_of("longest")

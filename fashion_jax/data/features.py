@@ -41,6 +41,7 @@ dtype and shape (checked on every batch; a mismatch is a ValueError naming the f
 """
 
 import dataclasses
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -97,6 +98,82 @@ class Context:
   def tokens(self) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [b, L], mask bool [b, L]) of `texts` (computed once per batch)."""
     return self.once("tokens", lambda: self.tokenizer(self.texts.tolist(), with_mask=True))
+
+
+# Default of config.data.token_cache: at most this many distinct texts keep their token rows
+# (L = 77: 385 bytes of rows plus the dict entry and key, ~0.66 KB per text with the arrays'
+# doubling slack, so up to ~350 MB of host memory; a 50k-product catalog needs ~35 MB).
+DEFAULT_TOKEN_CACHE = 1 << 19
+
+
+class TokenCache:
+  """A tokenizer that keeps the rows of the texts it has seen: tokenize once per text, not once
+  per epoch.
+
+  Same call contract as tokenizers.Tokenizer: texts (list of str or utf-8 bytes) [N] -> ids
+  [N, L] (, mask [N, L]) of the tokenizer's dtypes, and bitwise the tokenizer's rows: each row
+  depends on its own text only (padding to max_len, truncation per text), so a cached row is the
+  one the tokenizer makes in any batch. Texts not seen yet are tokenized together in one call;
+  the first `max_entries` distinct texts are kept (no eviction: a catalog's texts recur every
+  epoch, and beyond the cap the tokenizer simply runs). max_entries=0 turns caching off.
+  Attributes other than the call (mask_token_id, is_special, ...) are the tokenizer's.
+  Thread-safe (tf.data may run the host step of two batches at once).
+  """
+
+  def __init__(self, tokenizer, max_entries: int = DEFAULT_TOKEN_CACHE):
+    if int(max_entries) != max_entries or max_entries < 0:
+      raise ValueError(f"TokenCache max_entries={max_entries} must be an integer >= 0 "
+                       "(config.data.token_cache; 0 = off).")
+    self.tokenizer, self.max_entries = tokenizer, int(max_entries)
+    self._rows: dict[Any, int] = {}
+    self._ids = self._mask = None  # [capacity, L], allocated on the first call.
+    self._lock = threading.Lock()
+
+  def __getattr__(self, name):
+    if name == "tokenizer":  # Not set yet (e.g. while unpickling): no recursion.
+      raise AttributeError(name)
+    return getattr(self.tokenizer, name)
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def _store(self, texts: list, ids: np.ndarray, mask: np.ndarray) -> None:
+    """Keeps the rows of `texts` (new, distinct) while there is room."""
+    keep = min(len(texts), self.max_entries - len(self._rows))
+    if keep <= 0:
+      return
+    start = len(self._rows)
+    if self._ids is None or start + keep > len(self._ids):
+      capacity = min(self.max_entries, max(2 * (start + keep), 1024))
+      grown_ids = np.zeros((capacity, ids.shape[1]), ids.dtype)
+      grown_mask = np.zeros((capacity, mask.shape[1]), mask.dtype)
+      if self._ids is not None:
+        grown_ids[:start], grown_mask[:start] = self._ids[:start], self._mask[:start]
+      self._ids, self._mask = grown_ids, grown_mask
+    self._ids[start:start + keep], self._mask[start:start + keep] = ids[:keep], mask[:keep]
+    for i, text in enumerate(texts[:keep]):
+      self._rows[text] = start + i
+
+  def __call__(self, texts, *, with_mask: bool = False):
+    texts = list(texts)
+    if not self.max_entries or not texts:
+      return self.tokenizer(texts, with_mask=with_mask)
+    with self._lock:
+      rows = self._rows
+      missing = list(dict.fromkeys(t for t in texts if t not in rows))
+      fresh = {}
+      if missing:
+        ids, mask = self.tokenizer(missing, with_mask=True)
+        self._store(missing, ids, mask)
+        fresh = {t: i for i, t in enumerate(missing) if t not in rows}
+      if not fresh:
+        index = [rows[t] for t in texts]
+        out_ids, out_mask = self._ids[index], self._mask[index]
+      else:  # Some texts beyond max_entries: their rows come from this call only.
+        out_ids = np.stack([ids[fresh[t]] if t in fresh else self._ids[rows[t]] for t in texts])
+        out_mask = np.stack([mask[fresh[t]] if t in fresh else self._mask[rows[t]]
+                             for t in texts])
+    return (out_ids, out_mask) if with_mask else out_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +248,9 @@ def example_features(data) -> list[ExampleFeature]:
       ExampleFeature("subcategory_key", np.int32, ()),
       ExampleFeature("image2", np.uint8, (s, s, 3), enabled=int(data.views) == 2,
                      enabled_by="config.data.views=2 (a second view of the product)"),
+      ExampleFeature("pair_weight", np.float32, (), enabled=bool(data.get("pair_weight_field")),
+                     enabled_by="config.data.pair_weight_field (a numeric schema field: the "
+                     "per-pair relevance score, losses/pair_weights.py)"),
       ExampleFeature("vq_codes", np.int32, (None,), enabled=bool(data.get("vq_codes")),
                      enabled_by=f"config.data.vq_codes (cached VQ codes; {_PREPARE})"),
       ExampleFeature("patch_features", np.float32, (None, None),

@@ -9,10 +9,14 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
   tokenizer.kind ('clip' | 'bert'), tokenizer.path ('' = shipped vocab), max_len (L),
   views (1 | 2), augment.crop_scale ((lo, hi) area fraction), augment.flip (bool),
   mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
-  Optional: patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off),
+  Optional: resize_mode ('crop' | 'squash': the eval image resize, see EvalDataset; SigLIP and
+  open_clip 'squash' checkpoints want 'squash', resize_mode_of maps open_clip's value),
+  patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off),
   fields (() = off; the multi-field texts, data/features.py),
   attributes ('' = off; a pseudo-attribute vocabulary, data/attributes.py), vq_codes ('' = off;
-  an npz of cached VQ codes, prepare/vq_codes.py cache_codes), patch_features ('' = off; an npz
+  an npz of cached VQ codes, prepare/vq_codes.py cache_codes), token_cache (distinct texts whose
+  token rows are kept, features.TokenCache; default features.DEFAULT_TOKEN_CACHE, 0 = off;
+  batches are bitwise the same either way), patch_features ('' = off; an npz
   of cached patch features, prepare/patches.py). `python -m launch.prepare` makes these three
   into <workdir>/prepared/ and launch.train fills the keys (fashion_jax/prepare/manifest.py);
   a path that does not exist is a FileNotFoundError naming the key and that command.
@@ -62,8 +66,6 @@ and yields exactly the batches n, n+1, ... of the uninterrupted run. The shuffle
 shuffle (records are read sequentially); its quality depends on shuffle_buffer.
 """
 
-import importlib
-import importlib.util
 import math
 import os
 
@@ -73,6 +75,7 @@ import tensorflow_datasets as tfds
 
 from fashion_jax.data import attributes as attributes_lib
 from fashion_jax.data import features
+from fashion_jax.data import registry
 from fashion_jax.data import schema
 from fashion_jax.data import tokenizers
 
@@ -96,22 +99,15 @@ def normalize_on_device(images, mean=CLIP_MEAN, std=CLIP_STD):
 
 
 def _builder(data):
-  """The TFDS builder of config.data.name ('NAME[/CONFIG]').
+  """The TFDS builder of config.data.name ('NAME[/CONFIG]'), built in config.data.data_dir.
 
-  fashion_jax/data/builders/NAME.py is imported first when it exists (it registers NAME with
-  tfds, as launch/build_data.py does), and its `check_built(builder)`, if any, is called on the
-  built dataset; other names must already be registered or be readable from data_dir's files.
+  registry.prepared_builder finds it (FileNotFoundError naming the build command when it is not
+  built); the builder module's `check_built(builder)`, if it has one, is then called on it
+  (image_text_folder warns when its catalog changed since the build).
   """
-  module_name = f"fashion_jax.data.builders.{data.name.split('/')[0].split(':')[0]}"
-  module = None
-  if importlib.util.find_spec(module_name) is not None:
-    module = importlib.import_module(module_name)
-  builder = tfds.builder(data.name, data_dir=data.data_dir or None)
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"Dataset {data.name!r} is not built in data_dir={builder.data_dir!r}; build it with "
-        f"`python -m launch.build_data --dataset={data.name} --data_dir=DIR`.")
-  if hasattr(module, "check_built"):  # image_text_folder: warns if its catalog changed since.
+  builder = registry.prepared_builder(data.name, data.data_dir)
+  module = registry.builder_module(data.name)
+  if hasattr(module, "check_built"):
     module.check_built(builder)
   return builder
 
@@ -263,6 +259,44 @@ def resize_center_crop(encoded, size):
   return _to_uint8(image[top:top + size, left:left + size])
 
 
+def resize_squash(encoded, size):
+  """Encoded image -> uint8 [size, size, 3]: the whole image resized to the square (bicubic).
+
+  No crop and the aspect ratio is not kept: SiglipImageProcessor's geometry and open_clip's
+  resize_mode 'squash'. Bicubic with antialias approximates PIL's bicubic within a few levels.
+  """
+  image = tf.image.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+  return _to_uint8(tf.image.resize(image, [size, size], method="bicubic", antialias=True))
+
+
+# config.data.resize_mode -> the eval pipeline's resize (see EvalDataset).
+RESIZE_MODES = {"crop": resize_center_crop, "squash": resize_squash}
+# open_clip's preprocess_cfg resize_mode -> config.data.resize_mode.
+_OPEN_CLIP_RESIZE = {"shortest": "crop", "squash": "squash"}
+
+
+def resize_mode_of(open_clip_resize_mode: str) -> str:
+  """config.data.resize_mode for an open_clip preprocess_cfg resize_mode.
+
+  'shortest' (short side to S, centre crop) -> 'crop'; 'squash' -> 'squash'. ValueError names
+  any other value ('longest', i.e. letterboxing, has no eval resize here).
+  """
+  if open_clip_resize_mode not in _OPEN_CLIP_RESIZE:
+    raise ValueError(f"open_clip resize_mode={open_clip_resize_mode!r} has no "
+                     f"config.data.resize_mode; supported: {sorted(_OPEN_CLIP_RESIZE)}.")
+  return _OPEN_CLIP_RESIZE[open_clip_resize_mode]
+
+
+def _resize_mode(data) -> str:
+  """config.data.resize_mode ('crop' when absent); ValueError naming any other value."""
+  mode = data.get("resize_mode", "crop") or "crop"
+  if mode not in RESIZE_MODES:
+    raise ValueError(f"config.data.resize_mode={mode!r} must be one of {sorted(RESIZE_MODES)}: "
+                     "'crop' (short side to image_size, centre crop; CLIP) or 'squash' (the "
+                     "whole image to image_size x image_size; SigLIP).")
+  return mode
+
+
 def clip_image_preprocess(images, size: int) -> np.ndarray:
   """CLIPProcessor's geometry in PIL: bicubic resize of the short side to `size`, centre crop.
 
@@ -303,6 +337,10 @@ def _check_data_config(data):
     raise ValueError(f"config.data.image_size={data.image_size} must be positive.")
   if not data.text_fields:
     raise ValueError("config.data.text_fields is empty.")
+  cache = data.get("token_cache", features.DEFAULT_TOKEN_CACHE)
+  if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
+    raise ValueError(f"config.data.token_cache={cache!r} must be an integer >= 0: the distinct "
+                     "texts whose token rows are kept (features.TokenCache); 0 = off.")
   for key in ("vq_codes", "patch_features"):
     if data.get(key) and (tuple(data.augment.crop_scale) != (1.0, 1.0) or data.augment.flip):
       raise ValueError(
@@ -413,6 +451,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0.")
   tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
+  # Per iterator: texts recur every epoch, so from the second epoch on the host step reads rows.
+  cached_tok = features.TokenCache(tok, data.get("token_cache", features.DEFAULT_TOKEN_CACHE))
   tag_fields = tuple(data.get("tag_fields", ()))
   multi_fields = features.multi_fields(data)
   size, views, seed = int(data.image_size), int(data.views), int(config.seed)
@@ -463,6 +503,9 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     if multi_fields:
       _check_fields(ex, multi_fields, "config.data.fields")
       out["fields"] = tf.stack([ex[f] for f in multi_fields])
+    if data.get("pair_weight_field"):  # Per-pair relevance score (losses/pair_weights.py).
+      _check_fields(ex, (data.pair_weight_field,), "config.data.pair_weight_field")
+      out["pair_weight"] = tf.strings.to_number(ex[data.pair_weight_field], tf.float32)
     if vq is not None:
       row = vq[0].lookup(ex["product_id"])
       tf.debugging.assert_non_negative(
@@ -478,7 +521,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
 
   def host_fn(step, texts, tags, fields):
     ctx = features.Context(rng=_numpy_rng(seed, process_index, step, 0x6D61736B), texts=texts,
-                           tags=tags, tokenizer=tok, step=step, fields=fields)
+                           tags=tags, tokenizer=cached_tok, step=step, fields=fields)
     return features.compute(host_ops, ctx)
 
   def finish(step, b):
@@ -512,7 +555,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
 class EvalDataset:
   """Padded evaluation batches of one split; every host yields `num_batches` batches.
 
-  Batch: image uint8 [B, S, S, 3] (first view, resize_center_crop), text int32 [B, L],
+  Batch: image uint8 [B, S, S, 3] (first view; config.data.resize_mode 'crop' (default):
+  resize_center_crop, CLIP's geometry; 'squash': resize_squash, SigLIP's), text int32 [B, L],
   text_mask bool [B, L], valid bool [B] (False on padding rows), index int32 [B] (position
   within the split; -1 on padding rows), and each requested raw field as a numpy object array
   of python str ('' on padding rows).
@@ -527,6 +571,7 @@ class EvalDataset:
     self.process_index, self.process_count = _processes(process_index, process_count)
     self.batch_size, self.fields, self.split = int(batch_size), tuple(fields), split
     self.size = int(data.image_size)
+    self.resize_mode = _resize_mode(data)
     self._text_fields = tuple(data.text_fields)
     self._tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
     self._builder = _builder(data)
@@ -545,9 +590,10 @@ class EvalDataset:
   def _dataset(self):
     # Plain locals, not `self`: autograph cannot convert a closure over `self` and says so.
     size, text_fields, fields = self.size, self._text_fields, self.fields
+    resize = RESIZE_MODES[self.resize_mode]
 
     def example(ex):
-      out = dict(image=resize_center_crop(ex[schema.IMAGES][0], size),
+      out = dict(image=resize(ex[schema.IMAGES][0], size),
                  text=_join_text(ex, text_fields))
       out.update({f"raw/{f}": ex[f] for f in fields})
       return out
