@@ -14,8 +14,8 @@ smoke: a small SigLIP trained from scratch on the built-in synthetic catalog, on
   python -m launch.train --config=configs/fashionsiglip.py:smoke --workdir=runs/fsiglip_smoke
   python -m launch.evaluate --config=configs/fashionsiglip.py:smoke --workdir=runs/fsiglip_smoke
   Reported: test full-candidate t2i/i2t R@K at each Matryoshka width (`.../t2i_R@10@d32`, the
-  full width unsuffixed) and colour / sub-category query retrieval (`test/field_primary_color/
-  HITS@10`, `P@10`, `MRR`).
+  full width unsuffixed) and colour / brand / category / sub-category query retrieval
+  (`test/field_primary_color/HITS@10`, `P@10`, `MRR`).
 
 base: fine-tune a pretrained SigLIP B/16 at 224 px (a local transformers SiglipModel directory,
   e.g. google/siglip-base-patch16-224 saved with save_pretrained), every layer, small lr; its own
@@ -40,6 +40,17 @@ Comparisons at equal steps and seed (the same smoke schedule; each one key away)
   single field (text only):     --config.data.fields=() --config.loss.field_weights=()
   no Matryoshka:                --config.model.matryoshka_dims=() \
                                 --config.loss.matryoshka_weights=()
+  width m alone (m = 32, 64):   --config.model.matryoshka_dims='(m,)' \
+                                --config.loss.matryoshka_weights='(1.0,)'
+  All rows, several seeds, one table (docs/results/fashionsiglip.md):
+  python -m experiments.fashionsiglip_compare --root=/tmp/fsiglip_cmp --data_dir=DATA_DIR \
+      --seeds=0,1 --steps=600
+
+Graded relevance (GCL's per-pair weights, losses/pair_weights.py): a numeric column of the
+catalog (e.g. an image_text_folder `score` column) weighs each product's positive terms:
+  --config.data.pair_weight_field=score --config.loss.pair_weight.score_range='(0.0, 5.0)' \
+      --config.loss.pair_weight.weight_range='(0.2, 1.0)'
+(a score below 0 weighs 0.2, above 5 weighs 1, linear between; '' = off, the default.)
 """
 
 import ml_collections
@@ -76,17 +87,20 @@ def get_config(arg: str = "smoke"):
       name="synthetic_catalog/smoke", data_dir="", train_split="train", image_size=64,
       text_fields=("title", "description"), tokenizer=dict(kind="clip", path=""), max_len=64,
       views=1, augment=dict(crop_scale=(0.7, 1.0), flip=False), mlm_prob=0.0,
-      patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2, fields=SMOKE_FIELDS)
+      patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2, fields=SMOKE_FIELDS,
+      pair_weight_field="",
+      resize_mode="squash")  # SigLIP's eval resize: the whole image to the square, no crop.
 
   # --- model: fashion_jax/systems/fashionclip.py (family 'siglip') ----------------------------
   c.model = dict(family="siglip", variant="tiny", projection_dim=None,
                  vision=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512, patch_size=8),
                  text=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512),
                  dtype="float32", scan=False, remat_policy="none", attention_impl="einsum",
-                 encode_chunks=1, loss_blocks=1, matryoshka_dims=(32, 64, 0))
+                 seq_pad_multiple=0, encode_chunks=1, loss_blocks=1, matryoshka_dims=(32, 64, 0))
   c.init = dict(hf_siglip_dir="", open_clip_dir="")
   c.loss = dict(kind="sigmoid", sigmoid_impl="dense", text_weight=1.0,
-                field_weights=(1.0,) * len(SMOKE_FIELDS), matryoshka_weights=(1.0, 1.0, 1.0))
+                field_weights=(1.0,) * len(SMOKE_FIELDS), matryoshka_weights=(1.0, 1.0, 1.0),
+                pair_weight=dict(score_range=(0.0, 1.0), weight_range=(0.0, 1.0)))
 
   # --- trainer: FashionCLIP smoke's schedule, so the two compare at equal steps ----------------
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
@@ -94,7 +108,7 @@ def get_config(arg: str = "smoke"):
   c.total_steps = 600
   schedule = dict(lr=1e-3, weight_decay=0.1, warmup_steps=50, eval_every=100, log_every=25)
   probe_splits = fashionclip_config.PROBE_SPLITS
-  query_fields = ("primary_color", "subcategory")
+  query_fields = ("primary_color", "brand", "category", "subcategory")
 
   if arg in ("base", "pod"):
     c.data.name = "synthetic_catalog/base"
@@ -108,7 +122,7 @@ def get_config(arg: str = "smoke"):
   if arg == "base":
     c.model = dict(family="siglip", variant="B/16", projection_dim=None, vision=None,
                    text=None, dtype="float32", scan=False, remat_policy="none",
-                   attention_impl="einsum", encode_chunks=1, loss_blocks=1,
+                   attention_impl="einsum", seq_pad_multiple=0, encode_chunks=1, loss_blocks=1,
                    matryoshka_dims=(64, 256, 0))
     c.init.hf_siglip_dir = ""  # Required for the recipe: set it on the command line.
     c.batch_size = 256
@@ -117,7 +131,7 @@ def get_config(arg: str = "smoke"):
   elif arg == "pod":
     c.model = dict(family="siglip", variant="B/16", projection_dim=None, vision=None,
                    text=None, dtype="bfloat16", scan=True, remat_policy="nothing_saveable",
-                   attention_impl="einsum", encode_chunks=2, loss_blocks=1,
+                   attention_impl="einsum", seq_pad_multiple=0, encode_chunks=2, loss_blocks=1,
                    matryoshka_dims=(64, 256, 0))
     c.loss.sigmoid_impl = "ring"
     c.mesh = dict(data=1, fsdp=-1, tensor=1)

@@ -10,6 +10,7 @@ import pytest
 from fashion_jax.evaluate import retrieval
 from fashion_jax.losses import contrastive
 from fashion_jax.losses import multifield
+from fashion_jax.losses import pair_weights
 from fashion_jax.losses import sigmoid
 from tests import test_matryoshka as tm
 
@@ -32,32 +33,38 @@ def _data(n=12, d=8, num_fields=3, seed=0):
   return img, texts, masks
 
 
-def _np_info_nce(a, b, scale, m):
-  """float64: 1/2 [mean over valid i of CE(row i over valid j) + same for columns]."""
+def _np_info_nce(a, b, scale, m, v=None):
+  """float64: 1/2 [(1/N) sum over valid i of v_i CE(row i over valid j) + same for columns];
+  v = per-pair weights (1 each when None), N = the number of valid rows."""
   a, b, m = np.float64(a), np.float64(b), np.asarray(m, bool)
   if not m.any():
     return 0.0
+  v = np.ones(m.sum()) if v is None else np.float64(v)[m]
   s = scale * (a[m] @ b[m].T)
   diag = np.diag(s)
   row = np.log(np.exp(s).sum(1)) - diag
   col = np.log(np.exp(s).sum(0)) - diag
-  return 0.5 * (row.mean() + col.mean())
+  return 0.5 * ((v * row).mean() + (v * col).mean())
 
 
-def _np_sigmoid(a, b, lt, bias, m):
+def _np_sigmoid(a, b, lt, bias, m, v=None):
   a, b, m = np.float64(a), np.float64(b), np.float64(m)
   z = np.exp(lt) * (a @ b.T) + bias
   labels = 2.0 * np.eye(len(a)) - 1.0
-  return np.sum(np.outer(m, m) * np.logaddexp(0.0, -labels * z)) / max(m.sum(), 1.0)
+  c = np.ones_like(z)
+  if v is not None:
+    c[np.diag_indices(len(a))] = np.float64(v)
+  return np.sum(np.outer(m, m) * c * np.logaddexp(0.0, -labels * z)) / max(m.sum(), 1.0)
 
 
 def np_multi_field_loss(kind, img, texts, masks, weights, scale=7.0, lt=math.log(10.0),
-                        bias=-5.0):
-  """float64 numpy: sum_f w_f L(img, texts[f]; masks[f]), L = InfoNCE or the sigmoid loss."""
+                        bias=-5.0, pair_weight=None):
+  """float64 numpy: sum_f w_f L(img, texts[f]; masks[f]), L = InfoNCE or the sigmoid loss, its
+  positive terms weighted by `pair_weight` (one per product, the same in every field)."""
   if kind == "infonce":
-    terms = [_np_info_nce(img, t, scale, m) for t, m in zip(texts, masks)]
+    terms = [_np_info_nce(img, t, scale, m, pair_weight) for t, m in zip(texts, masks)]
   else:
-    terms = [_np_sigmoid(img, t, lt, bias, m) for t, m in zip(texts, masks)]
+    terms = [_np_sigmoid(img, t, lt, bias, m, pair_weight) for t, m in zip(texts, masks)]
   return sum(w * t for w, t in zip(weights, terms))
 
 
@@ -72,11 +79,13 @@ def _np_grad(f, x, h=1e-6):
   return g
 
 
-def _jax_multi(kind, img, texts, masks, weights, scale=7.0, lt=math.log(10.0), bias=-5.0):
+def _jax_multi(kind, img, texts, masks, weights, scale=7.0, lt=math.log(10.0), bias=-5.0,
+               pair_weight=None):
   if kind == "infonce":
-    pair = lambda a, b, m: multifield.masked_info_nce(a, b, scale, m)
+    pair = lambda a, b, m: multifield.masked_info_nce(a, b, scale, m, weight=pair_weight)
   else:
-    pair = lambda a, b, m: sigmoid.sigmoid_loss(a, b, lt, bias, pair_mask=m)
+    pair = lambda a, b, m: sigmoid.sigmoid_loss(a, b, lt, bias, pair_mask=m,
+                                                pair_weight=pair_weight)
   names = [f"f{i}" for i in range(len(texts))]
   return multifield.multi_field_loss(pair, img, texts, [jnp.asarray(m) for m in masks],
                                      weights, names)
@@ -101,6 +110,81 @@ def test_multi_field_loss_equals_numpy_values_and_grads(kind):
                                rtol=1e-4, atol=2e-6)
     # A missing field's text gets no gradient at all.
     assert np.all(np.asarray(g_txt[f])[~masks[f]] == 0.0)
+
+
+def _pair_weight(n, seed=4):
+  w = 1.5 * np.random.default_rng(seed).random(n)
+  w[2] = 0.0
+  return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
+def test_pair_weighted_multi_field_loss_equals_numpy_values_and_grads(kind):
+  img, texts, masks = _data()
+  weights, v = (1.0, 0.5, 2.0), _pair_weight(len(img))
+  fn = lambda i, ts: _jax_multi(kind, i, ts, masks, weights, pair_weight=v)[0]
+  loss, (g_img, g_txt) = jax.value_and_grad(fn, argnums=(0, 1))(img, texts)
+  np_loss = lambda i, ts: np_multi_field_loss(kind, i, ts, masks, weights, pair_weight=v)
+  np.testing.assert_allclose(float(loss), np_loss(img, texts), rtol=2e-6, atol=2e-6)
+  assert not np.isclose(float(loss), np_multi_field_loss(kind, img, texts, masks, weights),
+                        rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(g_img), _np_grad(lambda x: np_loss(x, texts), img),
+                             rtol=1e-4, atol=2e-6)
+  for f in range(3):
+    def vary(t, f=f):
+      ts = list(texts)
+      ts[f] = t
+      return np_loss(img, ts)
+    np.testing.assert_allclose(np.asarray(g_txt[f]), _np_grad(vary, texts[f]),
+                               rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 4])
+def test_pair_weighted_info_nce_equals_numpy_values_and_grads(num_blocks):
+  img, texts, _ = _data(n=16, seed=6)
+  v = _pair_weight(16)
+  fn = lambda a, b: contrastive.info_nce(a, b, 6.0, num_blocks=num_blocks, pair_weight=v)[0]
+  loss, (g_a, g_b) = jax.value_and_grad(fn, argnums=(0, 1))(img, texts[0])
+  m = np.ones(16, bool)
+  np_loss = lambda a, b: _np_info_nce(a, b, 6.0, m, v)
+  np.testing.assert_allclose(float(loss), np_loss(img, texts[0]), rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(g_a), _np_grad(lambda x: np_loss(x, texts[0]), img),
+                             rtol=1e-4, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(g_b), _np_grad(lambda x: np_loss(img, x), texts[0]),
+                             rtol=1e-4, atol=2e-6)
+
+
+def test_pair_weights_of_one_equal_the_unweighted_losses():
+  img, texts, masks = _data(n=16, seed=7)
+  ones = np.ones(16, np.float32)
+  grad = lambda f: jax.value_and_grad(f, argnums=(0, 1))(img, texts[0])
+  for blocks in (1, 4):  # Bitwise: the weights multiply by exactly 1.0.
+    plain = grad(lambda a, b, k=blocks: contrastive.info_nce(a, b, 6.0, num_blocks=k)[0])
+    ones_ = grad(lambda a, b, k=blocks: contrastive.info_nce(a, b, 6.0, num_blocks=k,
+                                                              pair_weight=ones)[0])
+    for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(ones_)):
+      np.testing.assert_array_equal(x, y)
+  # The masked InfoNCE with weights has its own code path: equal within 1e-7.
+  mask = jnp.asarray(masks[1])
+  plain = grad(lambda a, b: multifield.masked_info_nce(a, b, 6.0, mask)[0])
+  ones_ = grad(lambda a, b: multifield.masked_info_nce(a, b, 6.0, mask, weight=ones)[0])
+  for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(ones_)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_score_to_weight_is_the_clipped_affine_map():
+  s = np.array([-1.0, 0.0, 0.5, 1.5, 3.0, 4.0, 9.0], np.float32)
+  got = np.asarray(pair_weights.score_to_weight(jnp.asarray(s), (0.0, 3.0), (0.2, 1.4)))
+  u = np.clip((np.float64(s) - 0.0) / 3.0, 0.0, 1.0)
+  np.testing.assert_allclose(got, 0.2 + 1.2 * u, rtol=1e-6)
+  # The defaults: a score in [0, 1] is its own weight.
+  np.testing.assert_array_equal(
+      np.asarray(pair_weights.score_to_weight(jnp.asarray([0.0, 0.25, 1.0, 2.0]))),
+      [0.0, 0.25, 1.0, 1.0])
+  with pytest.raises(ValueError, match=r"score_range=\(1.0, 1.0\)"):
+    pair_weights.check_ranges((1.0, 1.0), (0.0, 1.0))
+  with pytest.raises(ValueError, match=r"weight_range=\(-0.5, 1.0\)"):
+    pair_weights.check_ranges((0.0, 1.0), (-0.5, 1.0))
 
 
 @pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
@@ -140,6 +224,10 @@ def test_bad_shapes_and_weights_are_named():
   img, texts, masks = _data(n=6)
   with pytest.raises(ValueError, match=r"mask \(5,\) must be \[B\] = \(6,\)"):
     multifield.masked_info_nce(img, texts[0], 1.0, jnp.ones(5, bool))
+  with pytest.raises(ValueError, match=r"weight \(5,\) must be \[B\] = \(6,\)"):
+    multifield.masked_info_nce(img, texts[0], 1.0, jnp.ones(6, bool), weight=jnp.ones(5))
+  with pytest.raises(ValueError, match=r"pair_weight \(5,\) must be \[B\] = \(6,\)"):
+    contrastive.info_nce(img, texts[0], 1.0, pair_weight=jnp.ones(5))
   with pytest.raises(ValueError, match=r"field_weights=\(1.0, -1.0\): -1.0 is not"):
     multifield.check_weights((1.0, -1.0), ("title", "colour"), "field_weights")
   with pytest.raises(ValueError, match=r"one weight per entry of \('title',\)"):

@@ -248,6 +248,7 @@ def test_api_zero_shot_is_sigmoid_of_scaled_cosine_plus_bias(hf, tmp_path):
   np.testing.assert_array_equal(again.encode_text(TEXTS), sig.encode_text(TEXTS))
 
 
+@pytest.mark.slow  # ~25 s: four recompiles of the model.
 def test_levers_give_the_plain_embeddings(imported):
   """scan + remat, the 'xla' attention path and bf16 compute against the plain float32 model."""
   config, params = imported

@@ -30,26 +30,44 @@ def _mask(n, seed=1):
   return m
 
 
-def _np_loss(x, y, lt, b, mask=None):
-  """float64 numpy: -(1/N) sum_ij m_i m_j log sigmoid(l_ij (e^t' <x_i, y_j> + b))."""
+def _np_pair_weights(n, weight):
+  """c_ij: the pair weight w_i on the diagonal (the positives), 1 elsewhere; float64."""
+  c = np.ones((n, n))
+  if weight is not None:
+    c[np.diag_indices(n)] = np.float64(weight)
+  return c
+
+
+def _np_loss(x, y, lt, b, mask=None, weight=None):
+  """float64 numpy: -(1/N) sum_ij m_i m_j c_ij log sigmoid(l_ij (e^t' <x_i, y_j> + b)), with
+  c_ii = weight_i and c_ij = 1 off the diagonal (all 1 without weights)."""
   x, y = np.float64(x), np.float64(y)
   m = np.ones(len(x)) if mask is None else np.float64(mask)
   z = np.exp(lt) * (x @ y.T) + b
   labels = 2.0 * np.eye(len(x)) - 1.0
+  c = _np_pair_weights(len(x), weight)
   # -log sigmoid(u) = log(1 + e^-u).
-  return np.sum(np.outer(m, m) * np.logaddexp(0.0, -labels * z)) / max(m.sum(), 1.0)
+  return np.sum(np.outer(m, m) * c * np.logaddexp(0.0, -labels * z)) / max(m.sum(), 1.0)
 
 
-def _np_grads(x, y, lt, b, mask=None):
+def _np_grads(x, y, lt, b, mask=None, weight=None):
   """Analytic gradients of `_np_loss` w.r.t. (x, y, t', b), float64."""
   x, y = np.float64(x), np.float64(y)
   m = np.ones(len(x)) if mask is None else np.float64(mask)
   t = np.exp(lt)
   s = x @ y.T
   labels = 2.0 * np.eye(len(x)) - 1.0
+  c = _np_pair_weights(len(x), weight)
   # d/dz log(1 + e^(-l z)) = -l / (1 + e^(l z)).
-  gz = -np.outer(m, m) * labels / (1.0 + np.exp(labels * (t * s + b))) / max(m.sum(), 1.0)
+  gz = -np.outer(m, m) * c * labels / (1.0 + np.exp(labels * (t * s + b))) / max(m.sum(), 1.0)
   return t * gz @ y, t * gz.T @ x, t * np.sum(gz * s), np.sum(gz)
+
+
+def _weights(n, seed=2):
+  """Graded pair weights in [0, 2), one exactly 0 and one exactly 1."""
+  w = 2.0 * np.random.default_rng(seed).random(n)
+  w[1], w[2] = 0.0, 1.0
+  return w.astype(np.float32)
 
 
 def _value_and_grads(fn):
@@ -68,20 +86,22 @@ def _assert_same(got, want, rtol, atol):
     np.testing.assert_allclose(metrics[k], metrics_w[k], rtol=rtol, atol=atol, err_msg=k)
 
 
-def _dense_single_device(x, y, lt, b, mask=None):
+def _dense_single_device(x, y, lt, b, mask=None, weight=None):
   dev = jax.devices()[0]
   args = [jax.device_put(v, dev) for v in (x, y, np.float32(lt), np.float32(b))]
-  return _value_and_grads(lambda *a: sigmoid.sigmoid_loss(*a, pair_mask=mask))(*args)
+  return _value_and_grads(
+      lambda *a: sigmoid.sigmoid_loss(*a, pair_mask=mask, pair_weight=weight))(*args)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_numpy_reference_gradients_match_finite_differences(masked):
+@pytest.mark.parametrize("masked,weighted", [(False, False), (True, False), (True, True)])
+def test_numpy_reference_gradients_match_finite_differences(masked, weighted):
   # The analytic numpy gradients used below are themselves checked in float64.
   x, y = _pairs(n=6, d=4)
   mask = _mask(6) if masked else None
+  weight = _weights(6) if weighted else None
   lt, b = math.log(3.0), 0.5
   h = 1e-5
-  grads = _np_grads(x, y, lt, b, mask)
+  grads = _np_grads(x, y, lt, b, mask, weight)
   for k, (v, g) in enumerate(zip((x, y, lt, b), grads)):
     v = np.array(v, np.float64)
     fd = np.zeros_like(v)
@@ -91,7 +111,7 @@ def test_numpy_reference_gradients_match_finite_differences(masked):
         w = v.copy()
         w[idx] += sgn * h
         args[k] = w
-        fd[idx] += sgn * _np_loss(*args, mask) / (2 * h)
+        fd[idx] += sgn * _np_loss(*args, mask, weight) / (2 * h)
     np.testing.assert_allclose(g, fd, rtol=0, atol=1e-8)
 
 
@@ -115,6 +135,44 @@ def test_dense_matches_float64_formula(lt, b, masked):
   assert float(metrics["num_valid"]) == m.sum()
 
 
+@pytest.mark.parametrize("lt,b", _PARAMS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_pair_weights_match_float64_formula(lt, b, masked):
+  x, y = _pairs()
+  mask = _mask(len(x)) if masked else None
+  weight = _weights(len(x))
+  (loss, metrics), grads = _dense_single_device(x, y, lt, b, mask, weight)
+  np.testing.assert_allclose(loss, _np_loss(x, y, lt, b, mask, weight), rtol=1e-6)
+  for g, g_np in zip(grads, _np_grads(x, y, lt, b, mask, weight)):
+    np.testing.assert_allclose(g, g_np, rtol=1e-6, atol=1e-6)
+  # The weights move the loss well beyond the tolerance above (a negative control; in the sharp
+  # setting the positives are already near log sigmoid = 0, so weighting them moves it less
+  # than float32 rounding) but not the metrics.
+  if (lt, b) != _PARAMS[2]:
+    assert abs(float(loss) - _np_loss(x, y, lt, b, mask)) > 1e-3
+  (_, plain_metrics), _ = _dense_single_device(x, y, lt, b, mask)
+  for k, v in plain_metrics.items():
+    np.testing.assert_allclose(metrics[k], v, rtol=1e-6, err_msg=k)
+
+
+def test_pair_weights_of_one_equal_the_unweighted_loss_bitwise():
+  x, y = _pairs(n=32)
+  mask = _mask(32)
+  ones = np.ones(32, np.float32)
+  lt, b = _PARAMS[1]
+  for fn in (lambda *a, **k: sigmoid.sigmoid_loss(*a, **k),
+             lambda *a, **k: sigmoid.blockwise_sigmoid_loss(*a, num_blocks=4, **k)):
+    for m in (None, mask):
+      want = _value_and_grads(lambda *a, m=m, fn=fn: fn(*a, pair_mask=m))(
+          x, y, np.float32(lt), np.float32(b))
+      got = _value_and_grads(lambda *a, m=m, fn=fn: fn(*a, pair_mask=m, pair_weight=ones))(
+          x, y, np.float32(lt), np.float32(b))
+      _assert_same(got, want, rtol=0, atol=0)
+  mesh_config = {"data": 4, "fsdp": 2}
+  _assert_same(_ring(mesh_config, x, y, lt, b, mask, ones), _ring(mesh_config, x, y, lt, b, mask),
+               rtol=0, atol=0)
+
+
 def test_pair_mask_is_the_loss_of_the_valid_sub_batch():
   x, y = _pairs()
   mask = _mask(len(x))
@@ -136,13 +194,13 @@ def test_init_constants():
   assert sigmoid.INIT_BIAS == -10.0
 
 
-def _ring(mesh_config, x, y, lt, b, mask=None):
+def _ring(mesh_config, x, y, lt, b, mask=None, weight=None):
   mesh = mesh_lib.create_mesh(mesh_config)
   rows = NamedSharding(mesh, P(("data", "fsdp")))
   args = (jax.device_put(x, rows), jax.device_put(y, rows), np.float32(lt), np.float32(b))
 
   def fn(*a):
-    return sigmoid.ring_sigmoid_loss(*a, mesh=mesh, pair_mask=mask)
+    return sigmoid.ring_sigmoid_loss(*a, mesh=mesh, pair_mask=mask, pair_weight=weight)
 
   return _value_and_grads(fn)(*args)
 
@@ -160,6 +218,21 @@ def test_ring_matches_single_device_dense(mesh_config, masked, params):
   mask = _mask(32) if masked else None
   want = _dense_single_device(x, y, *params, mask)
   _assert_same(_ring(mesh_config, x, y, *params, mask), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_config", [{"data": 4, "fsdp": 2}, {"data": 8}])
+def test_weighted_ring_and_blockwise_match_weighted_dense(mesh_config):
+  x, y = _pairs(n=32)
+  mask, weight = _mask(32), _weights(32)
+  params = _PARAMS[2]
+  want = _dense_single_device(x, y, *params, mask, weight)
+  _assert_same(_ring(mesh_config, x, y, *params, mask, weight), want, rtol=1e-5, atol=1e-6)
+
+  def fn(*a):
+    return sigmoid.blockwise_sigmoid_loss(*a, num_blocks=8, pair_mask=mask, pair_weight=weight)
+
+  _assert_same(_value_and_grads(fn)(x, y, *map(np.float32, params)), want, rtol=1e-5,
+               atol=1e-6)
 
 
 @pytest.mark.parametrize("wrong_perm", [
@@ -204,6 +277,8 @@ def test_bad_shapes_raise():
     sigmoid.blockwise_sigmoid_loss(x, y, 0.0, 0.0, num_blocks=5)
   with pytest.raises(ValueError, match="pair_mask"):
     sigmoid.sigmoid_loss(x, y, 0.0, 0.0, pair_mask=np.ones(11, bool))
+  with pytest.raises(ValueError, match=r"pair_weight \(12, 1\) must be \[B\] = \(12,\)"):
+    sigmoid.sigmoid_loss(x, y, 0.0, 0.0, pair_weight=np.ones((12, 1), np.float32))
 
 
 def _compiled(fn, mesh, n, d):

@@ -54,8 +54,8 @@ def _unblock(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(out, ("act_batch",) + (None,) * (out.ndim - 1))
 
 
-def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, num_blocks: int = 1
-             ) -> tuple[jax.Array, dict]:
+def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, num_blocks: int = 1,
+             pair_weight: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Symmetric InfoNCE (CLIP's loss) of paired embeddings.
 
   Args:
@@ -65,6 +65,10 @@ def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, num_blocks: int = 1
       logit_scale <= log 100, train/optimizer.py).
     num_blocks: 1 = dense [B, B] logits; K > 1 = the blockwise computation of the module
       docstring (K must divide B). Same loss and gradients up to float32 rounding.
+    pair_weight: optional [B] float v (GCL's per-pair weights, losses/pair_weights.py): row i's
+      and column i's cross-entropy terms are multiplied by v_i, still averaged over the B rows:
+      loss = 1/2 [ (1/B) sum_i v_i CE_row(i) + (1/B) sum_i v_i CE_col(i) ]. v all 1 gives the
+      unweighted loss bitwise (a product with exactly 1.0).
 
   Returns:
     loss = 1/2 [ CE(S, I) + CE(S^T, I) ] with S = scale * a b^T (mean over rows), and metrics
@@ -77,14 +81,20 @@ def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, num_blocks: int = 1
   b = b.astype(jnp.float32)
   n = a.shape[0]
   _check_blocks(n, num_blocks, "num_blocks")
+  v = None
+  if pair_weight is not None:
+    if jnp.shape(pair_weight) != (n,):
+      raise ValueError(f"info_nce: pair_weight {jnp.shape(pair_weight)} must be [B] = ({n},).")
+    v = jnp.asarray(pair_weight, jnp.float32)
+  weigh = (lambda x: x) if v is None else (lambda x: v * x)
   if num_blocks > 1:
-    return _blockwise_info_nce(a, b, scale, num_blocks)
+    return _blockwise_info_nce(a, b, scale, num_blocks, weigh)
   logits = scale * (a @ b.T)  # [B, B]
   labels = jnp.arange(logits.shape[0])
   log_p_a2b = jax.nn.log_softmax(logits, axis=1)
   log_p_b2a = jax.nn.log_softmax(logits, axis=0)
-  loss_a2b = -jnp.mean(log_p_a2b[labels, labels])
-  loss_b2a = -jnp.mean(log_p_b2a[labels, labels])
+  loss_a2b = -jnp.mean(weigh(log_p_a2b[labels, labels]))
+  loss_b2a = -jnp.mean(weigh(log_p_b2a[labels, labels]))
   loss = 0.5 * (loss_a2b + loss_b2a)
   metrics = {
       "a2b_acc": jnp.mean(jnp.argmax(logits, axis=1) == labels),
@@ -93,8 +103,9 @@ def info_nce(a: jax.Array, b: jax.Array, scale: jax.Array, num_blocks: int = 1
   return loss, metrics
 
 
-def _blockwise_info_nce(a, b, scale, k):
-  """`info_nce` with K row blocks (see the module docstring). a, b: float32 [B, D]."""
+def _blockwise_info_nce(a, b, scale, k, weigh):
+  """`info_nce` with K row blocks (see the module docstring). a, b: float32 [B, D]; weigh:
+  [B] -> [B], the per-pair weighting of the row / column terms (identity when unweighted)."""
   n = a.shape[0]
   rows = _row_blocks(a, k)                                  # [K, B/K, D]
   # Column of row j of block i is j K + i: its positive.
@@ -117,7 +128,7 @@ def _blockwise_info_nce(a, b, scale, k):
   (col_max, col_sum), (pos, row_lse, row_hit) = jax.lax.scan(body, init, (rows, pos_cols))
   pos, row_lse, row_hit = _unblock(pos), _unblock(row_lse), _unblock(row_hit)  # [B] each
   col_lse = col_max + jnp.log(col_sum)
-  loss = 0.5 * (jnp.mean(row_lse - pos) + jnp.mean(col_lse - pos))
+  loss = 0.5 * (jnp.mean(weigh(row_lse - pos)) + jnp.mean(weigh(col_lse - pos)))
   metrics = {"a2b_acc": jnp.mean(row_hit), "b2a_acc": jnp.mean(pos >= col_max)}
   return loss, metrics
 

@@ -20,7 +20,9 @@ with N valid rows and S = scale * a b^T,
               -(1/N) sum_{j: m_j} log( e^{S_jj} / sum_{i: m_i} e^{S_ij} ) ]
 
 (masked logits are replaced by float32's lowest value, so they drop out exactly, with zero
-gradient, and a term with no valid row is 0, not NaN). `masked_info_nce` here only checks the
+gradient, and a term with no valid row is 0, not NaN). With GCL's per-pair weights v
+(losses/pair_weights.py) each sum over i (resp. j) weighs its term by v_i (v_j), still divided
+by N. `masked_info_nce` here only checks the
 shapes and calls it. With every row valid it equals contrastive.info_nce up to float32 rounding;
 the FashionCLIP system calls info_nce itself when there is no mask, so its default objective is
 unchanged bit for bit.
@@ -37,7 +39,8 @@ PairLoss = Callable[[jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, d
 
 
 def masked_info_nce(a: jax.Array, b: jax.Array, scale: jax.Array,
-                    mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                    mask: jax.Array | None = None, *, weight: jax.Array | None = None
+                    ) -> tuple[jax.Array, dict]:
   """Symmetric InfoNCE of the valid rows of (a, b) (module docstring), dense [B, B] logits.
 
   Args:
@@ -45,18 +48,53 @@ def masked_info_nce(a: jax.Array, b: jax.Array, scale: jax.Array,
     b: [B, D] embeddings (texts).
     scale: scalar multiplier of the similarities (exp of CLIP's logit_scale).
     mask: [B] bool, False = leave the pair i out; None = all valid.
+    weight: optional [B] float v, GCL's per-pair weights (losses/pair_weights.py): the row and
+      column terms of pair i are multiplied by v_i, still divided by N (module docstring).
 
   Returns:
-    regional.masked_info_nce(a, b, scale, valid=mask): the float32 loss (0 when no row is
-    valid) and metrics a2b_acc, b2a_acc (over the valid rows), valid_frac.
+    Without `weight`: regional.masked_info_nce(a, b, scale, valid=mask); with it,
+    `_weighted_masked_info_nce` (the same formula with v; all-ones v equals the former within
+    float32 rounding). The float32 loss (0 when no row is valid) and metrics a2b_acc, b2a_acc
+    (over the valid rows, unweighted), valid_frac.
   """
   if a.ndim != 2 or a.shape != b.shape:
     raise ValueError(f"masked_info_nce: a {a.shape} and b {b.shape} must both be [B, D].")
-  if mask is not None and jnp.shape(mask) != (a.shape[0],):
-    raise ValueError(f"masked_info_nce: mask {jnp.shape(mask)} must be [B] = ({a.shape[0]},).")
+  n = a.shape[0]
+  if mask is not None and jnp.shape(mask) != (n,):
+    raise ValueError(f"masked_info_nce: mask {jnp.shape(mask)} must be [B] = ({n},).")
+  if weight is not None and jnp.shape(weight) != (n,):
+    raise ValueError(f"masked_info_nce: weight {jnp.shape(weight)} must be [B] = ({n},).")
   valid = None if mask is None else jnp.asarray(mask).astype(bool)
-  loss, metrics = regional.masked_info_nce(a, b, scale, valid=valid)
+  if weight is None:
+    loss, metrics = regional.masked_info_nce(a, b, scale, valid=valid)
+  else:
+    valid = jnp.ones((n,), bool) if valid is None else valid
+    loss, metrics = _weighted_masked_info_nce(a, b, scale, valid,
+                                              jnp.asarray(weight, jnp.float32))
   return loss, jax.lax.stop_gradient(metrics)
+
+
+def _weighted_masked_info_nce(a, b, scale, valid, v):
+  """1/2 [ -(1/N) sum_{i valid} v_i log softmax_{j valid}(S_i.)_i + the same over columns ],
+  S = scale a b^T in float32; an invalid row/column is replaced by float32's lowest value
+  (it drops out exactly, zero gradient); 0 when N = 0."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  s = scale * (a @ b.T)
+  both = valid[:, None] & valid[None, :]
+  s = jnp.where(both, s, jnp.finfo(jnp.float32).min)
+  diag = jnp.diagonal(s)
+  row = jax.nn.logsumexp(s, axis=1) - diag
+  col = jax.nn.logsumexp(s, axis=0) - diag
+  w = jnp.where(valid, v, 0.0)
+  count = jnp.sum(valid.astype(jnp.float32))
+  loss = 0.5 * (jnp.sum(w * row) + jnp.sum(w * col)) / jnp.maximum(count, 1.0)
+  idx = jnp.arange(a.shape[0])
+  hits_a2b = (jnp.argmax(s, axis=1) == idx) & valid
+  hits_b2a = (jnp.argmax(s, axis=0) == idx) & valid
+  metrics = {"a2b_acc": jnp.sum(hits_a2b) / jnp.maximum(count, 1.0),
+             "b2a_acc": jnp.sum(hits_b2a) / jnp.maximum(count, 1.0),
+             "valid_frac": count / a.shape[0]}
+  return loss, metrics
 
 
 def check_weights(weights: Sequence[float], names: Sequence[str], what: str) -> tuple[float, ...]:

@@ -23,6 +23,11 @@ Deliberate choices:
   anything. With w_ij = m_i m_j and N = sum_i m_i:
       loss = -(1/N) sum_ij w_ij log sigmoid(l_ij z_ij)      (0 when N = 0)
   i.e. exactly the unmasked loss of the sub-batch of valid rows.
+* `pair_weight` [B] float (optional, GCL's per-pair weights, losses/pair_weights.py): the
+  POSITIVE term of pair i is multiplied by v_i, the negatives are not:
+      loss = -(1/N) sum_ij w_ij c_ij log sigmoid(l_ij z_ij),  c_ii = v_i, c_ij = 1 (i != j)
+  still divided by N (not by sum v). With every v_i = 1 the loss and gradients are bitwise
+  the unweighted ones (the code multiplies by exactly 1.0).
 * Metrics (never differentiated: wrapped in stop_gradient): `pos_logit` (mean z_ii over valid
   rows), `neg_logit` (mean z_ij, i != j, over valid pairs), `temperature` t, `bias` b,
   `num_valid` N.
@@ -82,8 +87,9 @@ INIT_BIAS = -10.0                       # b, the paper's init.
 _Sums = tuple[jax.Array, jax.Array, jax.Array]
 
 
-def _prepare(img, txt, log_temperature, bias, pair_mask):
-  """float32 copies of the inputs and the [B] float mask; checks the shapes."""
+def _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight=None):
+  """float32 copies of the inputs, the [B] float mask and the [B] float32 pair weights (None
+  when not given); checks the shapes."""
   if img.ndim != 2 or img.shape != txt.shape:
     raise ValueError(f"sigmoid loss: img {img.shape} and txt {txt.shape} must both be [B, D].")
   n = img.shape[0]
@@ -93,14 +99,29 @@ def _prepare(img, txt, log_temperature, bias, pair_mask):
     if jnp.shape(pair_mask) != (n,):
       raise ValueError(f"sigmoid loss: pair_mask {jnp.shape(pair_mask)} must be [B] = ({n},).")
     mask = jnp.asarray(pair_mask).astype(jnp.float32)
+  weight = None
+  if pair_weight is not None:
+    if jnp.shape(pair_weight) != (n,):
+      raise ValueError(f"sigmoid loss: pair_weight {jnp.shape(pair_weight)} must be [B] = "
+                       f"({n},).")
+    weight = jnp.asarray(pair_weight, jnp.float32)
   return (img.astype(jnp.float32), txt.astype(jnp.float32),
-          jnp.asarray(log_temperature, jnp.float32), jnp.asarray(bias, jnp.float32), mask)
+          jnp.asarray(log_temperature, jnp.float32), jnp.asarray(bias, jnp.float32), mask,
+          weight)
 
 
-def _block_sums(x, y, mx, my, log_t, bias, positive) -> _Sums:
+def _positive_weights(w, positive, vx):
+  """w [r, c] with the positive entries also multiplied by the row's pair weight vx [r]."""
+  if vx is None:
+    return w
+  return w * jnp.where(positive, vx[:, None], 1.0)
+
+
+def _block_sums(x, y, mx, my, log_t, bias, positive, vx=None) -> _Sums:
   """(loss sum, positive-logit sum, negative-logit sum) of the block x [r, D] vs y [c, D].
 
   `positive`: [r, c] bool marking the matching pairs of the block, or None (none in it).
+  `vx`: [r] pair weights of the rows (their positive terms), or None.
   """
   z = jnp.exp(log_t) * (x @ y.T) + bias                    # [r, c]
   w = mx[:, None] * my[None, :]
@@ -108,7 +129,7 @@ def _block_sums(x, y, mx, my, log_t, bias, positive) -> _Sums:
     loss = -jnp.sum(w * jax.nn.log_sigmoid(-z))
     return loss, jnp.zeros((), jnp.float32), jnp.sum(w * z)
   sign = jnp.where(positive, 1.0, -1.0)
-  loss = -jnp.sum(w * jax.nn.log_sigmoid(sign * z))
+  loss = -jnp.sum(_positive_weights(w, positive, vx) * jax.nn.log_sigmoid(sign * z))
   wz = w * z
   return loss, jnp.sum(jnp.where(positive, wz, 0.0)), jnp.sum(jnp.where(positive, 0.0, wz))
 
@@ -128,7 +149,8 @@ def _finish(sums: _Sums, count, log_t, bias) -> tuple[jax.Array, dict]:
 
 
 def sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array, bias: jax.Array,
-                 *, pair_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                 *, pair_mask: jax.Array | None = None, pair_weight: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict]:
   """SigLIP's sigmoid loss with dense [B, B] logits (the reference computation).
 
   Args:
@@ -137,29 +159,32 @@ def sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array, bia
     log_temperature: scalar t' (t = exp(t')); init `INIT_LOG_TEMPERATURE`.
     bias: scalar b; init `INIT_BIAS`.
     pair_mask: optional [B] bool; False rows are left out entirely (module docstring).
+    pair_weight: optional [B] float; v_i multiplies the positive term of pair i (module
+      docstring; the metrics are unweighted).
 
   Returns:
     (loss, metrics): the loss of the module docstring (a float32 scalar) and the metrics
     pos_logit, neg_logit, temperature, bias, num_valid (not differentiated).
   """
-  x, y, log_t, b, m = _prepare(img, txt, log_temperature, bias, pair_mask)
+  x, y, log_t, b, m, v = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight)
   positive = jnp.eye(x.shape[0], dtype=bool)
-  return _finish(_block_sums(x, y, m, m, log_t, b, positive), jnp.sum(m), log_t, b)
+  return _finish(_block_sums(x, y, m, m, log_t, b, positive, v), jnp.sum(m), log_t, b)
 
 
 def blockwise_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array,
                            bias: jax.Array, *, num_blocks: int,
-                           pair_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                           pair_mask: jax.Array | None = None,
+                           pair_weight: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """`sigmoid_loss` as a rematerialised scan over `num_blocks` text blocks (no [B, B] buffer).
 
   Args:
-    img, txt, log_temperature, bias, pair_mask: as `sigmoid_loss`.
+    img, txt, log_temperature, bias, pair_mask, pair_weight: as `sigmoid_loss`.
     num_blocks: K, must divide B; 1 is one block of B texts (the dense logits in a scan).
 
   Returns:
     What `sigmoid_loss` returns, up to float32 summation order.
   """
-  x, y, log_t, b, m = _prepare(img, txt, log_temperature, bias, pair_mask)
+  x, y, log_t, b, m, v = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight)
   n = x.shape[0]
   # Same row-block layout and checks as the blockwise InfoNCE.
   contrastive._check_blocks(n, num_blocks, "num_blocks")  # pylint: disable=protected-access
@@ -171,7 +196,7 @@ def blockwise_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.
   @functools.partial(jax.checkpoint, prevent_cse=False)   # Backward recomputes the block.
   def body(carry, xs):
     y_k, m_k, cols_k = xs
-    sums = _block_sums(x, y_k, m, m_k, log_t, b, rows[:, None] == cols_k[None, :])
+    sums = _block_sums(x, y_k, m, m_k, log_t, b, rows[:, None] == cols_k[None, :], v)
     return jax.tree.map(jnp.add, carry, sums), None
 
   init = (jnp.zeros((), jnp.float32),) * 3
@@ -184,21 +209,25 @@ def _ring_permutation(n: int) -> list[tuple[int, int]]:
   return [(r, (r + 1) % n) for r in range(n)]
 
 
-def _block_grads(x, y, mx, my, log_t, bias, positive, scale):
+def _block_grads(x, y, mx, my, log_t, bias, positive, scale, vx=None):
   """Cotangents (dx, dy, dlog_t, dbias) of scale * (block loss sum of `_block_sums`)."""
   t = jnp.exp(log_t)
   s = x @ y.T
   z = t * s + bias
   sign = -1.0 if positive is None else jnp.where(positive, 1.0, -1.0)
+  w = mx[:, None] * my[None, :]
+  if positive is not None:
+    w = _positive_weights(w, positive, vx)
   # d/dz of -w log sigmoid(l z) = -w l sigmoid(-l z).
-  gz = -scale * (mx[:, None] * my[None, :]) * sign * jax.nn.sigmoid(-sign * z)   # [r, c]
+  gz = -scale * w * sign * jax.nn.sigmoid(-sign * z)                               # [r, c]
   return t * (gz @ y), t * (gz.T @ x), t * jnp.sum(gz * s), jnp.sum(gz)
 
 
-def _ring_forward(x, y, m, log_t, bias, *, axis, n):
-  """Per-device body of the ring: global sums and the number of valid rows."""
+def _ring_forward(x, y, m, v, log_t, bias, *, axis, n):
+  """Per-device body of the ring: global sums and the number of valid rows. v: the local pair
+  weights, or None; only step 0 (the device's own texts) holds positives."""
   perm = _ring_permutation(n)
-  sums = _block_sums(x, y, m, m, log_t, bias, jnp.eye(x.shape[0], dtype=bool))
+  sums = _block_sums(x, y, m, m, log_t, bias, jnp.eye(x.shape[0], dtype=bool), v)
 
   def step(_, carry):
     y_c, m_c, sums = carry
@@ -210,12 +239,12 @@ def _ring_forward(x, y, m, log_t, bias, *, axis, n):
   return lax.psum(sums, axis), lax.psum(jnp.sum(m), axis)
 
 
-def _ring_backward(x, y, m, log_t, bias, g, *, axis, n):
+def _ring_backward(x, y, m, v, log_t, bias, g, *, axis, n):
   """Per-device backward ring: (dx, dy, dlog_t, dbias) for the loss cotangent g."""
   perm = _ring_permutation(n)
   scale = g / jnp.maximum(lax.psum(jnp.sum(m), axis), 1.0)
   dx, dy_c, dlog_t, dbias = _block_grads(x, y, m, m, log_t, bias,
-                                         jnp.eye(x.shape[0], dtype=bool), scale)
+                                         jnp.eye(x.shape[0], dtype=bool), scale, v)
 
   def step(_, carry):
     y_c, m_c, dy_c, dx, dlog_t, dbias = carry
@@ -232,12 +261,13 @@ def _ring_backward(x, y, m, log_t, bias, g, *, axis, n):
 
 def ring_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array,
                       bias: jax.Array, *, mesh: jax.sharding.Mesh,
-                      pair_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                      pair_mask: jax.Array | None = None,
+                      pair_weight: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """`sigmoid_loss` with the texts passed around a ring of the mesh's batch shards.
 
   Args:
-    img, txt, log_temperature, bias, pair_mask: as `sigmoid_loss` (global arrays; they are
-      sharded over the batch axes inside, whatever their sharding is outside).
+    img, txt, log_temperature, bias, pair_mask, pair_weight: as `sigmoid_loss` (global arrays;
+      they are sharded over the batch axes inside, whatever their sharding is outside).
     mesh: a mesh with the axes of `axes.BATCH_AXES` ('data', 'fsdp'); n = data * fsdp must
       divide B. Other axes (tensor) hold replicas.
 
@@ -250,34 +280,44 @@ def ring_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array
     raise ValueError(f"ring_sigmoid_loss: the mesh {dict(mesh.shape)} lacks the batch axes "
                      f"{missing}; expected {axes.BATCH_AXES}.")
   n = mesh_lib.batch_axes_size(mesh)
-  x, y, log_t, b, m = _prepare(img, txt, log_temperature, bias, pair_mask)
+  x, y, log_t, b, m, v = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight)
   if x.shape[0] % n:
     raise ValueError(f"ring_sigmoid_loss: B={x.shape[0]} is not divisible by the {n} batch "
                      f"shards of the mesh {dict(mesh.shape)}.")
   axis = tuple(axes.BATCH_AXES)
   rows, vec, rep = P(axis, None), P(axis), P()
-  forward = jax.shard_map(functools.partial(_ring_forward, axis=axis, n=n), mesh=mesh,
-                          in_specs=(rows, rows, vec, rep, rep), out_specs=((rep,) * 3, rep))
-  backward = jax.shard_map(functools.partial(_ring_backward, axis=axis, n=n), mesh=mesh,
-                           in_specs=(rows, rows, vec, rep, rep, rep),
+  weighted = v is not None
+  if not weighted:  # A placeholder that the bodies ignore (v=None there): same program.
+    v = m
+
+  def fwd_body(x, y, m, v, log_t, b):
+    return _ring_forward(x, y, m, v if weighted else None, log_t, b, axis=axis, n=n)
+
+  def bwd_body(x, y, m, v, log_t, b, g):
+    return _ring_backward(x, y, m, v if weighted else None, log_t, b, g, axis=axis, n=n)
+
+  forward = jax.shard_map(fwd_body, mesh=mesh, in_specs=(rows, rows, vec, vec, rep, rep),
+                          out_specs=((rep,) * 3, rep))
+  backward = jax.shard_map(bwd_body, mesh=mesh, in_specs=(rows, rows, vec, vec, rep, rep, rep),
                            out_specs=(rows, rows, rep, rep))
 
   @jax.custom_vjp
-  def loss_fn(x, y, m, log_t, b):
-    sums, count = forward(x, y, m, log_t, b)
+  def loss_fn(x, y, m, v, log_t, b):
+    sums, count = forward(x, y, m, v, log_t, b)
     return _finish(sums, count, log_t, b)
 
-  def loss_fwd(x, y, m, log_t, b):
-    return loss_fn(x, y, m, log_t, b), (x, y, m, log_t, b)
+  def loss_fwd(x, y, m, v, log_t, b):
+    return loss_fn(x, y, m, v, log_t, b), (x, y, m, v, log_t, b)
 
   def loss_bwd(res, cotangents):
     g, _ = cotangents  # The metrics are stop_gradient'ed: their cotangent is ignored.
-    x, y, m, log_t, b = res
-    dx, dy, dlog_t, dbias = backward(x, y, m, log_t, b, g)
-    return dx, dy, jnp.zeros_like(m), dlog_t, dbias
+    x, y, m, v, log_t, b = res
+    dx, dy, dlog_t, dbias = backward(x, y, m, v, log_t, b, g)
+    # The pair weights are data (scores), not trained: no cotangent.
+    return dx, dy, jnp.zeros_like(m), jnp.zeros_like(v), dlog_t, dbias
 
   loss_fn.defvjp(loss_fwd, loss_bwd)
-  loss, metrics = loss_fn(x, y, m, log_t, b)
+  loss, metrics = loss_fn(x, y, m, v, log_t, b)
   return loss, jax.lax.stop_gradient(metrics)
 
 

@@ -66,11 +66,14 @@ class SiglipConfig(clip_lib.TowerConfig):
   scan: bool = False
   remat_policy: str = "none"
   attention_impl: str = "einsum"
+  seq_pad_multiple: int = 0  # As CLIPConfig's: pad each tower's tokens once (0 = never).
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype {self.dtype!r} not in {_DTYPES}.")
     layers.check_attention_impl(self.attention_impl, self.dtype)
+    if self.seq_pad_multiple < 0:
+      raise ValueError(f"seq_pad_multiple={self.seq_pad_multiple} must be >= 0 (0: no padding).")
     for tower, cfg, want in (("vision", self.vision, VISION_STRUCTURE),
                              ("text", self.text, TEXT_STRUCTURE)):
       for field, value in want.items():
@@ -210,7 +213,7 @@ class SiglipModel(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     runtime = dict(dtype=dtype, scan=cfg.scan, remat_policy=cfg.remat_policy,
-                   attention_impl=cfg.attention_impl)
+                   attention_impl=cfg.attention_impl, seq_pad_multiple=cfg.seq_pad_multiple)
     self.vision = vit_lib.VisionTransformer(cfg.vision, None, **runtime)
     self.text = text_lib.TextTransformer(cfg.text, cfg.projection_dim, **runtime)
     self.log_scale = self.param(

@@ -41,12 +41,21 @@ Objective (config.loss; every key optional, the defaults are FashionCLIP's InfoN
   model.matryoshka_dims  () = off; e.g. (64, 128, 0): the loss is summed over the embedding
                          prefixes of these widths, each re-normalised (0 = full width;
                          losses/matryoshka.py)
+  data.pair_weight_field '' = off; a numeric column of the dataset (e.g. an image_text_folder
+                         catalog's `score`): the per-product relevance score s_i, batch feature
+                         `pair_weight` float32 [B]
+  loss.pair_weight       dict(score_range=(s_lo, s_hi), weight_range=(w_lo, w_hi)), default
+                         (0, 1) and (0, 1): GCL's score-to-weight map v_i = w_lo + (w_hi - w_lo)
+                         clip((s_i - s_lo) / (s_hi - s_lo), 0, 1) (losses/pair_weights.py); v_i
+                         multiplies the POSITIVE terms of pair i in every term below (text and
+                         each field, each Matryoshka width), InfoNCE or sigmoid
 The loss is
     L = sum_g c_g [ w_text L_pair(tn(img, m_g), tn(txt, m_g))
                     + sum_f w_f L_pair(tn(img, m_g), tn(field_f, m_g); mask_f) ]
 (one g with m = full and no tn when matryoshka_dims is empty; losses/multifield.py). A product
 without field f (data/features.py's field_mask) is left out of the term of f. With the defaults
-(infonce, no fields, no Matryoshka) `loss` calls contrastive.info_nce exactly as before.
+(infonce, no fields, no Matryoshka, no pair weights) `loss` calls contrastive.info_nce exactly as
+before.
 
 Sigmoid loss on a CLIP model: the CLIP module has a learnable log-temperature (`logit_scale`)
 but no bias, so the system adds a top-level parameter `logit_bias` (init sigmoid.INIT_BIAS),
@@ -55,7 +64,8 @@ log(1/0.07). The HF CLIPModel export has no bias and leaves it out: cosine ranki
 softmax zero-shot do not depend on a constant bias.
 
 Batches: 'image' uint8 [B, S, S, 3] (normalised with CLIP's mean/std on the device), 'text'
-int32 [B, L]; with data.fields also 'field_text' int32 [B, F, L] and 'field_mask' bool [B, F].
+int32 [B, L]; with data.fields also 'field_text' int32 [B, F, L] and 'field_mask' bool [B, F];
+with data.pair_weight_field also 'pair_weight' float32 [B] (the raw scores).
 """
 
 import dataclasses
@@ -70,6 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fashion_jax.data import features
+from fashion_jax.data import pipeline
 from fashion_jax.data import tokenizers
 from fashion_jax.interop import hf_clip
 from fashion_jax.interop import hf_io
@@ -78,6 +89,7 @@ from fashion_jax.interop import open_clip
 from fashion_jax.losses import contrastive
 from fashion_jax.losses import matryoshka
 from fashion_jax.losses import multifield
+from fashion_jax.losses import pair_weights
 from fashion_jax.losses import sigmoid
 from fashion_jax.models import clip as clip_lib
 from fashion_jax.models import siglip as siglip_lib
@@ -89,7 +101,9 @@ FAMILIES = ("clip", "siglip")
 _INIT_KEY = {"clip": "hf_clip_dir", "siglip": "hf_siglip_dir"}  # The pretrained dir per family.
 LOSS_KINDS = ("infonce", "sigmoid")
 SIGMOID_IMPLS = ("dense", "blockwise", "ring")
-_LOSS_KEYS = ("kind", "sigmoid_impl", "text_weight", "field_weights", "matryoshka_weights")
+_LOSS_KEYS = ("kind", "sigmoid_impl", "text_weight", "field_weights", "matryoshka_weights",
+              "pair_weight")
+_PAIR_WEIGHT_KEYS = ("score_range", "weight_range")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +119,8 @@ class Objective:
     field_weights: one per field.
     matryoshka_dims: () or the m_g (0 = full width).
     matryoshka_weights: one c_g per dim.
+    pair_weight_field: '' or the dataset column of the per-pair scores (data.pair_weight_field).
+    score_range, weight_range: the score-to-weight map (losses/pair_weights.py).
   """
   kind: str = "infonce"
   sigmoid_impl: str = "dense"
@@ -114,12 +130,16 @@ class Objective:
   field_weights: tuple[float, ...] = ()
   matryoshka_dims: tuple[int, ...] = ()
   matryoshka_weights: tuple[float, ...] = ()
+  pair_weight_field: str = ""
+  score_range: tuple[float, float] = pair_weights.DEFAULT_SCORE_RANGE
+  weight_range: tuple[float, float] = pair_weights.DEFAULT_WEIGHT_RANGE
 
   @property
   def is_default(self) -> bool:
-    """FashionCLIP's original objective: one InfoNCE term, no fields, no Matryoshka."""
+    """FashionCLIP's original objective: one InfoNCE term, no fields, no Matryoshka, no pair
+    weights."""
     return (self.kind == "infonce" and not self.fields and not self.matryoshka_dims
-            and self.text_weight == 1.0)
+            and self.text_weight == 1.0 and not self.pair_weight_field)
 
 
 def objective(config) -> Objective:
@@ -128,7 +148,7 @@ def objective(config) -> Objective:
   Raises:
     ValueError naming the bad key and value (an unknown loss key, kind or implementation,
     weights that do not match their fields or dims, no term at all, InfoNCE with both a field
-    mask and loss_blocks > 1).
+    mask and loss_blocks > 1, a bad pair-weight column name or score-to-weight map).
   """
   loss = config.get("loss") or {}
   for key in loss.keys():
@@ -160,9 +180,22 @@ def objective(config) -> Objective:
     raise ValueError(f"config.model.loss_blocks={blocks} with config.data.fields={fields}: the "
                      "masked InfoNCE of the field terms is dense only; set loss_blocks=1 (or "
                      "use loss.kind='sigmoid', whose blockwise and ring forms take the mask).")
+  weight_field = config.data.get("pair_weight_field") or ""
+  if not isinstance(weight_field, str):
+    raise ValueError(f"config.data.pair_weight_field={weight_field!r} must be a column name "
+                     "(e.g. 'score') or '' (off).")
+  pw = dict(loss.get("pair_weight") or {})
+  unknown = sorted(set(pw) - set(_PAIR_WEIGHT_KEYS))
+  if unknown:
+    raise ValueError(f"Unknown config key(s) config.loss.pair_weight.{unknown[0]}; known keys: "
+                     f"{list(_PAIR_WEIGHT_KEYS)}.")
+  score_range, weight_range = pair_weights.check_ranges(
+      pw.get("score_range", pair_weights.DEFAULT_SCORE_RANGE),
+      pw.get("weight_range", pair_weights.DEFAULT_WEIGHT_RANGE))
   return Objective(kind=kind, sigmoid_impl=impl, loss_blocks=blocks, text_weight=text_weight,
                    fields=fields, field_weights=field_weights, matryoshka_dims=dims,
-                   matryoshka_weights=dim_weights)
+                   matryoshka_weights=dim_weights, pair_weight_field=weight_field,
+                   score_range=score_range, weight_range=weight_range)
 
 
 def family(config) -> str:
@@ -206,7 +239,8 @@ def model_config(config) -> clip_lib.CLIPConfig | siglip_lib.SiglipConfig:
   fam = family(config)
   tok = tokenizers.get_tokenizer(data.tokenizer.kind, data.tokenizer.path, data.max_len)
   runtime = dict(dtype=m.dtype, scan=m.scan, remat_policy=m.remat_policy,
-                 attention_impl=m.get("attention_impl", "einsum"))
+                 attention_impl=m.get("attention_impl", "einsum"),
+                 seq_pad_multiple=int(m.get("seq_pad_multiple", 0)))
   cls = clip_lib.CLIPConfig if fam == "clip" else siglip_lib.SiglipConfig
   key = _INIT_KEY[fam]
   init = config.get("init") or {}
@@ -220,6 +254,12 @@ def model_config(config) -> clip_lib.CLIPConfig | siglip_lib.SiglipConfig:
     if ckpt.kind != fam:
       raise ValueError(f"config.init.open_clip_dir={init.open_clip_dir!r} holds an open_clip "
                        f"{ckpt.kind!r} model but config.model.family={fam!r}.")
+    want = pipeline.resize_mode_of(ckpt.preprocess["resize_mode"])
+    if data.get("resize_mode", "crop") != want:
+      raise ValueError(f"config.init.open_clip_dir={init.open_clip_dir!r} preprocesses with "
+                       f"resize_mode={ckpt.preprocess['resize_mode']!r}: set "
+                       f"config.data.resize_mode={want!r} (now "
+                       f"{data.get('resize_mode', 'crop')!r}).")
     cfg = cls.from_hf(ckpt.hf_config, **runtime)
     _check_vocab("open_clip_dir", init.open_clip_dir, cfg, tok, data)
     return cfg
@@ -244,9 +284,12 @@ class System:
 
   @staticmethod
   def required_features(config) -> tuple[str, ...]:
-    """The batch keys `loss` reads (systems/base.py): image, text, and the multi-field pair."""
+    """The batch keys `loss` reads (systems/base.py): image, text, the multi-field pair and the
+    per-pair scores."""
     fields = features.multi_fields(config.data)
-    return ("image", "text") + (("field_text", "field_mask") if fields else ())
+    weighted = bool(config.data.get("pair_weight_field"))
+    return (("image", "text") + (("field_text", "field_mask") if fields else ())
+            + (("pair_weight",) if weighted else ()))
 
   def __init__(self, config):
     self.config = config
@@ -277,6 +320,8 @@ class System:
     if f:
       batch["field_text"] = np.zeros((batch_size, f, l), np.int32)
       batch["field_mask"] = np.zeros((batch_size, f), bool)
+    if self.objective.pair_weight_field:
+      batch["pair_weight"] = np.ones((batch_size,), np.float32)
     return batch
 
   def init(self, rng: jax.Array, batch) -> Any:
@@ -311,26 +356,30 @@ class System:
       return params
     return {k: v for k, v in params.items() if k != "logit_bias"}
 
-  def _pair_loss(self, scale, log_t, bias):
-    """(img, txt, mask) -> (loss, metrics) of the configured kind and implementation."""
+  def _pair_loss(self, scale, log_t, bias, weight=None):
+    """(img, txt, mask) -> (loss, metrics) of the configured kind and implementation; `weight`
+    [B] (or None): the per-pair weights of the positive terms, the same in every term."""
     obj = self.objective
     if obj.kind == "infonce":
       def pair(img, txt, mask):
         if mask is None:
-          return contrastive.info_nce(img, txt, scale, num_blocks=obj.loss_blocks)
-        return multifield.masked_info_nce(img, txt, scale, mask)
+          return contrastive.info_nce(img, txt, scale, num_blocks=obj.loss_blocks,
+                                      pair_weight=weight)
+        return multifield.masked_info_nce(img, txt, scale, mask, weight=weight)
       return pair
     if obj.sigmoid_impl == "dense":
-      return lambda img, txt, mask: sigmoid.sigmoid_loss(img, txt, log_t, bias, pair_mask=mask)
+      return lambda img, txt, mask: sigmoid.sigmoid_loss(img, txt, log_t, bias, pair_mask=mask,
+                                                         pair_weight=weight)
     if obj.sigmoid_impl == "blockwise":
       return lambda img, txt, mask: sigmoid.blockwise_sigmoid_loss(
-          img, txt, log_t, bias, num_blocks=obj.loss_blocks, pair_mask=mask)
+          img, txt, log_t, bias, num_blocks=obj.loss_blocks, pair_mask=mask,
+          pair_weight=weight)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
       raise ValueError("config.loss.sigmoid_impl='ring' needs the trainer's mesh (the loss runs "
                        "under jax.sharding.use_abstract_mesh in train/step.py); none is set.")
     return lambda img, txt, mask: sigmoid.ring_sigmoid_loss(img, txt, log_t, bias, mesh=mesh,
-                                                            pair_mask=mask)
+                                                            pair_mask=mask, pair_weight=weight)
 
   def loss(self, params, batch, rng, train: bool = True):
     """The objective of the module docstring over the global batch.
@@ -376,7 +425,11 @@ class System:
         masks.append(batch["field_mask"][:, k])
         weights.append(obj.field_weights[k])
         names.append(name)
-    pair = self._pair_loss(scale, log_t, bias)
+    weight = None
+    if obj.pair_weight_field:  # GCL's score-to-weight of the raw scores, on the device.
+      weight = pair_weights.score_to_weight(batch["pair_weight"], obj.score_range,
+                                            obj.weight_range)
+    pair = self._pair_loss(scale, log_t, bias, weight)
     terms = lambda i, ts: multifield.multi_field_loss(pair, i, ts, masks, weights, names)
     if obj.matryoshka_dims:
       loss, metrics = matryoshka.matryoshka_loss(terms, img, texts, obj.matryoshka_dims,

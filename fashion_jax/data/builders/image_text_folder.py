@@ -43,6 +43,14 @@ Columns (first alias present wins; override any of them with an ImageTextFolderC
   category, subcategory, brand, season, composition, gender: the product-schema fields.
   ANY OTHER COLUMN becomes a tag: a Text feature named after the column (lower-cased,
                non-alphanumerics -> '_', e.g. "Colour Name" -> colour_name).
+               A numeric tag column can grade each product's image-text pair (e.g. `score`,
+               a relevance from raters or search logs): training reads it with
+               `--config.data.pair_weight_field=score` (parsed as float32 per product; a
+               blank or non-numeric cell stops the input pipeline with TensorFlow's "could
+               not correctly convert string: <the cell>"; a missing column is a KeyError
+               naming config.data.pair_weight_field and the dataset's columns) and
+               weighs that product's positive loss terms by GCL's score-to-weight map
+               (fashion_jax/losses/pair_weights.py).
 
 Why the features are known at `_info` time: TFDS fixes an example's features before the data
 is read. Three sources, in order:
