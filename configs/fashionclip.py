@@ -9,6 +9,16 @@ smoke: a small CLIP trained from scratch on the built-in synthetic catalog, on a
   Expect (2 CPU cores, minutes): test full-candidate t2i R@10 far above chance (chance = 10/500),
   see README for the measured table.
 
+own: the smoke model trained from scratch on a shop's own catalog (an image_text_folder): a CLIP
+  BPE learnt on the catalog's train texts (every brand / product word one token, not byte
+  pieces), no random crop (a crop removes small brand marks and labels), test-split evaluation
+  only. docs/results/recipe_strength.md compares it with a minimal JAX CLIP at equal samples.
+  python -m launch.build_data --dataset=image_text_folder/myshop --manual_dir=/data/myshop
+  python -m fashion_jax.data.tokenizers --catalog_vocab=runs/myshop_vocab \
+      --dataset=image_text_folder/myshop
+  python -m launch.train --config=configs/fashionclip.py:own --workdir=runs/myshop \
+      --config.data.name=image_text_folder/myshop --config.data.tokenizer.path=runs/myshop_vocab
+
 base: FashionCLIP's recipe: CLIP ViT-B/32 at 224 px, every layer fine-tuned from a pretrained
   CLIP (a local HF CLIPModel directory, e.g. openai/clip-vit-base-patch32 or
   laion/CLIP-ViT-B-32-laion2B-s34B-b79K saved with save_pretrained), its own tokenizer.
@@ -67,8 +77,9 @@ def _schedule(c, *, lr, weight_decay, warmup_steps, eval_every, log_every):
 
 
 def get_config(arg: str = "smoke"):
-  if arg not in ("smoke", "base", "pod"):
-    raise ValueError(f"configs/fashionclip.py: unknown variant {arg!r}; use smoke, base or pod.")
+  if arg not in ("smoke", "own", "base", "pod"):
+    raise ValueError(f"configs/fashionclip.py: unknown variant {arg!r}; use smoke, own, base or "
+                     "pod.")
   c = ml_collections.ConfigDict()
   c.system = "fashionclip"
   c.seed = 0
@@ -85,7 +96,7 @@ def get_config(arg: str = "smoke"):
                  vision=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512, patch_size=8),
                  text=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512),
                  dtype="float32", scan=False, remat_policy="none", attention_impl="einsum",
-                 encode_chunks=1, loss_blocks=1)
+                 seq_pad_multiple=0, encode_chunks=1, loss_blocks=1)
   c.init = dict(hf_clip_dir="")
 
   # --- trainer -------------------------------------------------------------------------------
@@ -96,6 +107,15 @@ def get_config(arg: str = "smoke"):
   _schedule(c, lr=1e-3, weight_decay=0.1, warmup_steps=50, eval_every=100, log_every=25)
   c.evals.update(_evals(("test",) + PROBE_SPLITS, every=0))
 
+  if arg == "own":
+    c.data.name = "image_text_folder/myshop"  # Set it on the command line.
+    # The path of `python -m fashion_jax.data.tokenizers --catalog_vocab=DIR` ('' = shipped).
+    c.data.tokenizer = dict(kind="clip", path="")
+    c.data.augment = dict(crop_scale=(1.0, 1.0), flip=False)
+    c.evals.update(_evals(("test",), every=0))
+    for split in PROBE_SPLITS:
+      for name in (f"retrieval_{split}", f"retrieval_{split}_sample100", f"zeroshot_{split}"):
+        del c.evals[name]
   if arg in ("base", "pod"):
     c.data.name = "synthetic_catalog/base"
     c.data.image_size = 224
@@ -104,7 +124,7 @@ def get_config(arg: str = "smoke"):
   if arg == "base":
     c.model = dict(variant="B/32", projection_dim=None, vision=None, text=None,
                    dtype="float32", scan=False, remat_policy="none",
-                   attention_impl="einsum", encode_chunks=1, loss_blocks=1)
+                   attention_impl="einsum", seq_pad_multiple=0, encode_chunks=1, loss_blocks=1)
     c.init.hf_clip_dir = ""  # Required for the recipe: set it on the command line.
     c.batch_size = 256
     c.total_steps = 20000
@@ -118,7 +138,7 @@ def get_config(arg: str = "smoke"):
     # (9.8 GiB/chip). README "Memory plan" has the table.
     c.model = dict(variant="B/16", projection_dim=None, vision=None, text=None,
                    dtype="bfloat16", scan=True, remat_policy="nothing_saveable",
-                   attention_impl="einsum", encode_chunks=2, loss_blocks=8)
+                   attention_impl="einsum", seq_pad_multiple=0, encode_chunks=2, loss_blocks=8)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.batch_size = 32768
     c.total_steps = 10000

@@ -11,6 +11,7 @@ import transformers
 
 from fashion_jax.data import tokenizers
 from tests import test_siglip
+from tests import torchvision_cpu
 
 TEXTS = [
     "Red Polka-dot Silk Clutch",
@@ -283,3 +284,101 @@ def test_siglip_pads_with_eos_and_needs_a_path(tmp_path):
   assert mask[1].all()  # Truncated to 12, still ending in EOS.
   with pytest.raises(ValueError, match="kind='siglip' ships no vocabulary"):
     tokenizers.get_tokenizer("siglip", "", 12)
+
+
+# ------------------------------------------------------------------------------------------------
+# open_clip text cleaning.
+# ------------------------------------------------------------------------------------------------
+
+
+def _open_clip_dir(path, text_cfg):
+  """The shipped CLIP vocab files plus an open_clip_config.json with `text_cfg` in `path`."""
+  path.mkdir()
+  for f in tokenizers.CLIP_DIR.iterdir():
+    (path / f.name).write_bytes(f.read_bytes())
+  (path / "open_clip_config.json").write_text(json.dumps(dict(model_cfg=dict(
+      embed_dim=8, vision_cfg=dict(width=8), text_cfg=text_cfg))))
+  return str(path)
+
+
+# Dirty catalogue text, and what open_clip's three cleanings make of it (its tokenizer module:
+# ftfy.fix_text, html.unescape twice, strip; whitespace collapse; 'canonicalize' also maps '_' to
+# ' ', drops string.punctuation and lower-cases).
+DIRTY = "  Navy &amp;amp; Red_stripe   SHIRT \u2013 \u201cslim\u201d fit!! "
+CLEANED = dict(lower='navy & red_stripe shirt \u2013 "slim" fit!!',
+               whitespace='Navy & Red_stripe SHIRT \u2013 "slim" fit!!',
+               canonicalize="navy red stripe shirt \u2013 slim fit")
+
+
+@pytest.mark.parametrize("clean", ["lower", "whitespace", "canonicalize"])
+def test_open_clip_dir_cleans_as_its_config_says(tmp_path, clean):
+  path = _open_clip_dir(tmp_path / "oc", dict(tokenizer_kwargs=dict(clean=clean)))
+  tok = tokenizers.get_tokenizer("clip", path, 24)
+  assert tok.clean == clean
+  plain = tokenizers.get_tokenizer("clip", str(tokenizers.CLIP_DIR), 24)
+  assert plain.clean is None
+  np.testing.assert_array_equal(tok([DIRTY, b"Red_shirt"]),
+                                plain([CLEANED[clean], open_clip_clean(clean, "Red_shirt")]))
+  if clean == "canonicalize":  # Punctuation and '&amp;amp;' gone: not the raw tokenisation.
+    assert not np.array_equal(tok([DIRTY]), plain([DIRTY]))
+
+
+def open_clip_clean(kind, s):
+  """The cleanings for a plain ASCII word with '_' (no ftfy / html effects)."""
+  s = " ".join(s.split())
+  if kind == "canonicalize":
+    return s.replace("_", " ").lower()
+  return s.lower() if kind == "lower" else s
+
+
+def test_open_clip_default_cleaning_and_bad_value(tmp_path):
+  # open_clip's defaults: 'lower' for its CLIP BPE, 'whitespace' with an HF tokenizer.
+  assert tokenizers.open_clip_cleaning(_open_clip_dir(tmp_path / "a", {})) == "lower"
+  assert tokenizers.open_clip_cleaning(_open_clip_dir(
+      tmp_path / "b", dict(hf_tokenizer_name="org/tok"))) == "whitespace"
+  assert tokenizers.open_clip_cleaning(str(tokenizers.CLIP_DIR)) is None
+  assert tokenizers.open_clip_cleaning("") is None
+  bad = _open_clip_dir(tmp_path / "c", dict(tokenizer_kwargs=dict(clean="shout")))
+  with pytest.raises(ValueError, match="'shout'"):
+    tokenizers.get_tokenizer("clip", bad, 16)
+  with pytest.raises(ValueError, match="clean='upper'"):
+    tokenizers.Tokenizer("clip", tokenizers.get_tokenizer("clip").hf, 16, clean="upper")
+
+
+def test_open_clip_cleaning_matches_open_clip():
+  """Our cleanings equal open_clip's own get_clean_fn (skipped without open_clip)."""
+  try:
+    ocl = torchvision_cpu.import_open_clip()
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"open_clip unavailable: {e}")
+  for kind, expected in CLEANED.items():
+    assert ocl.tokenizer.get_clean_fn(kind)(DIRTY) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# A vocabulary learnt on a user's own catalog.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_catalog_bpe_makes_catalog_words_single_tokens(tmp_path):
+  catalog = ["Qorvane saffron ribbed pendant", "Handmade locket by Qorvane, oxblood, petite.",
+             "Zanmophel cobalt latticed sash"] * 2
+  n = tokenizers.build_catalog_bpe(catalog, tmp_path / "v")
+  vocab = json.loads((tmp_path / "v" / "vocab.json").read_text(encoding="utf-8"))
+  ranks = {tuple(line.split()): i for i, line in enumerate(
+      (tmp_path / "v" / "merges.txt").read_text(encoding="utf-8").splitlines()[1:])}
+  assert n == len(vocab)
+  shipped = tokenizers.get_tokenizer("clip", "", 32)
+  ours = tokenizers.get_tokenizer("clip", str(tmp_path / "v"), 32)
+  hf = transformers.CLIPTokenizerFast.from_pretrained(str(tmp_path / "v"))
+  texts = ["Qorvane oxblood locket", "Zanmophel sash", "an unseen Brandname 😀"]
+  for text in texts:
+    ids = clip_reference(text, vocab, ranks)  # The independent BPE.
+    assert ours([text])[0].tolist() == _pad(ids, 32, ours.bos_token_id, ours.eos_token_id,
+                                            ours.pad_token_id)
+    assert hf(text)["input_ids"][1:-1] == ids
+  for word in ("qorvane", "oxblood", "zanmophel"):  # One token here, byte pieces when shipped.
+    assert len(ours.hf.tokenize(word)) == 1
+    assert len(shipped.hf.tokenize(word)) > 1
+  with pytest.raises(ValueError, match="no texts"):
+    tokenizers.build_catalog_bpe([], tmp_path / "w")

@@ -27,6 +27,13 @@ largest id, argmax(ids) also lands on the first EOS: both rules pick the same po
 exported CLIPTextConfig must carry eos_token_id = bos+1 of this vocab (tokenizer.eos_token_id),
 not HF's default 49407.
 
+open_clip text cleaning: a tokenizer loaded from an open_clip checkpoint directory (one with
+open_clip_config.json, e.g. Marqo-FashionCLIP saved locally) cleans every text as that checkpoint
+was trained (text_cfg.tokenizer_kwargs.clean: 'lower' | 'whitespace' | 'canonicalize', defaulted
+as open_clip does; interop/open_clip.clean_text) before tokenising, in training, evaluation and
+the API alike. Other directories and the shipped vocabularies clean nothing beyond the
+tokenizer's own normaliser.
+
 BERT WordPiece (assets/bert_wordpiece/): lowercase, accents stripped, `##` continuation prefix,
 special tokens [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4. Characters outside its alphabet become
 [UNK] (WordPiece's rule); printable ASCII is always in the alphabet.
@@ -45,6 +52,7 @@ import random
 import numpy as np
 
 from fashion_jax.data import schema
+from fashion_jax.interop import open_clip
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
 CLIP_DIR = ASSETS_DIR / "clip_bpe"
@@ -378,6 +386,44 @@ def build_bert_wordpiece(texts: list[str], out_dir, vocab_size: int = 8192) -> i
   return len(vocab)
 
 
+def dataset_texts(name: str, data_dir: str = "", split: str = "train",
+                  fields: tuple[str, ...] = ("title", "description")) -> list[str]:
+  """Every non-blank `fields` text of a built TFDS product dataset's `split` (images skipped).
+
+  KeyError names a field the dataset lacks; ValueError a split it lacks.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: TensorFlow)
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if split not in builder.info.splits:
+    raise ValueError(f"{name} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+  missing = [f for f in fields if f not in builder.info.features]
+  if missing:
+    raise KeyError(f"Fields {missing} are not in {name}; it has "
+                   f"{sorted(builder.info.features)}.")
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={schema.IMAGES: tfds.decode.SkipDecoding()})
+  texts = []
+  for ex in ds.map(lambda ex: {f: ex[f] for f in fields}).as_numpy_iterator():
+    texts.extend(t for t in (ex[f].decode("utf-8", "replace").strip() for f in fields) if t)
+  return texts
+
+
+def build_catalog_bpe(texts: list[str], out_dir, vocab_size: int = 8192) -> int:
+  """A CLIP BPE vocabulary for a user's own catalog: learnt on the catalog's train `texts` plus
+  the generic fashion corpus (so words outside the catalog still split into fashion sub-words).
+
+  Why: the shipped vocabulary never saw a shop's brand and product names; it splits each into
+  several byte pieces, which a small text tower trained from scratch must learn to compose.
+  Learnt on the catalog, every word that occurs twice becomes ONE token, as in a word-level
+  vocabulary, while any other text still tokenises (byte fallback) and the vocabulary stays a
+  CLIP one (exports as a CLIPTokenizer). Load it with kind='clip', path=out_dir. Returns the
+  vocab size.
+  """
+  if not texts:
+    raise ValueError("build_catalog_bpe: no texts (is the catalog's train split empty?).")
+  return build_clip_bpe(list(texts) + generic_fashion_corpus(), out_dir, vocab_size)
+
+
 def build_assets(out_dir=ASSETS_DIR, clip_vocab_size: int = 8192, bert_vocab_size: int = 8192):
   """Builds both shipped vocabularies into out_dir/{clip_bpe,bert_wordpiece}."""
   texts = corpus()
@@ -398,16 +444,20 @@ class Tokenizer:
   __call__(texts) -> int32 [N, max_len]:
     clip: <|startoftext|> tokens... <|endoftext|> then <|endoftext|> padding (HF's pad for CLIP).
     bert: [CLS] tokens... [SEP] then [PAD] (id pad_token_id).
+  clean: None, or an open_clip cleaning applied to every text first (module docstring).
   Over-long text keeps its first max_len - 2 tokens and still ends with EOS/[SEP] (HF's
   truncation, and what OpenAI's clip.tokenize(truncate=True) does).
   """
 
-  def __init__(self, kind: str, hf, max_len: int):
+  def __init__(self, kind: str, hf, max_len: int, clean: str | None = None):
     if kind not in KINDS:
       raise ValueError(f"Unknown tokenizer kind {kind!r}; expected one of {KINDS}.")
     if max_len < 2:
       raise ValueError(f"max_len={max_len} leaves no room for the two special tokens.")
-    self.kind, self.hf, self.max_len = kind, hf, int(max_len)
+    if clean is not None and clean not in open_clip.CLEAN_KINDS:
+      raise ValueError(f"Unknown text cleaning clean={clean!r}; expected None or one of "
+                       f"{open_clip.CLEAN_KINDS}.")
+    self.kind, self.hf, self.max_len, self.clean = kind, hf, int(max_len), clean
     self.vocab_size = len(hf)
     bert = kind == "bert"
     self.eos_token_id = hf.sep_token_id if bert else hf.eos_token_id
@@ -430,6 +480,8 @@ class Tokenizer:
   def __call__(self, texts, *, with_mask: bool = False):
     """list of str (or utf-8 bytes) [N] -> ids int32 [N, max_len] (, mask bool [N, max_len])."""
     texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in texts]
+    if self.clean is not None:
+      texts = [open_clip.clean_text(self.clean, t) for t in texts]
     if not texts:
       ids = np.zeros((0, self.max_len), np.int32)
       return (ids, ids.astype(bool)) if with_mask else ids
@@ -468,13 +520,26 @@ def _load_hf(kind: str, path: str):
   return cls.from_pretrained(path)
 
 
+def open_clip_cleaning(path: str) -> str | None:
+  """The text cleaning of the open_clip checkpoint directory `path`, None if `path` is not one.
+
+  open_clip's rule (open_clip.text_clean_of); ValueError names a bad tokenizer_kwargs.clean.
+  """
+  if not path or not open_clip.is_open_clip_dir(path):
+    return None
+  model_cfg, _ = open_clip.read_config(pathlib.Path(path))
+  return open_clip.text_clean_of(model_cfg["text_cfg"],
+                                 f"{pathlib.Path(path) / open_clip.CONFIG_FILE}: model_cfg")
+
+
 @functools.lru_cache(maxsize=16)
 def get_tokenizer(kind: str, path: str = "", max_len: int = 77) -> Tokenizer:
   """The `kind` ('clip' | 'bert' | 'siglip') tokenizer from `path` ('' = the shipped vocabulary;
-  siglip has none)."""
+  siglip has none). An open_clip checkpoint directory's cleaning is applied (open_clip_cleaning).
+  """
   if kind not in KINDS:
     raise ValueError(f"Unknown tokenizer kind {kind!r}; expected one of {KINDS}.")
-  return Tokenizer(kind, _load_hf(kind, path), max_len)
+  return Tokenizer(kind, _load_hf(kind, path), max_len, clean=open_clip_cleaning(path))
 
 
 def main(argv=None):
@@ -483,10 +548,22 @@ def main(argv=None):
   parser.add_argument("--out_dir", default=str(ASSETS_DIR))
   parser.add_argument("--clip_vocab_size", type=int, default=8192)
   parser.add_argument("--bert_vocab_size", type=int, default=8192)
+  parser.add_argument("--catalog_vocab", default="",
+                      help="write a CLIP BPE learnt on --dataset's train texts to this folder")
+  parser.add_argument("--dataset", default="", help="a built TFDS product dataset")
+  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--fields", default="title,description")
   args = parser.parse_args(argv)
-  if not args.build_assets:
-    parser.error("nothing to do: pass --build_assets")
-  print(build_assets(args.out_dir, args.clip_vocab_size, args.bert_vocab_size))
+  if args.catalog_vocab:
+    if not args.dataset:
+      parser.error("--catalog_vocab needs --dataset (e.g. image_text_folder/myshop)")
+    texts = dataset_texts(args.dataset, args.data_dir, "train", tuple(args.fields.split(",")))
+    n = build_catalog_bpe(texts, args.catalog_vocab, args.clip_vocab_size)
+    print(dict(texts=len(texts), clip_vocab=n, out_dir=args.catalog_vocab))
+  elif args.build_assets:
+    print(build_assets(args.out_dir, args.clip_vocab_size, args.bert_vocab_size))
+  else:
+    parser.error("nothing to do: pass --build_assets or --catalog_vocab")
 
 
 if __name__ == "__main__":

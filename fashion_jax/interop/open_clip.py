@@ -144,6 +144,24 @@ def _basic_clean(s: str) -> str:
   return html.unescape(html.unescape(ftfy.fix_text(s))).strip()
 
 
+def text_clean_of(text_cfg: dict, where: str) -> str:
+  """The clean_text kind an open_clip text_cfg asks for (open_clip's rule).
+
+  text_cfg.tokenizer_kwargs.clean when given, else 'whitespace' with an HF tokenizer
+  (text_cfg.hf_tokenizer_name) and 'lower' with open_clip's own CLIP BPE. ValueError, prefixed
+  with `where` (the config file and key), for tokenizer_kwargs that is not an object or a kind
+  not in CLEAN_KINDS.
+  """
+  kwargs = text_cfg.get("tokenizer_kwargs") or {}
+  if not isinstance(kwargs, dict):
+    raise ValueError(f"{where}.text_cfg.tokenizer_kwargs={kwargs!r} is not an object.")
+  clean = kwargs.get("clean", "whitespace" if text_cfg.get("hf_tokenizer_name") else "lower")
+  if clean not in CLEAN_KINDS:
+    raise ValueError(f"{where}.text_cfg.tokenizer_kwargs.clean={clean!r} is not one of "
+                     f"{CLEAN_KINDS}.")
+  return clean
+
+
 def clean_text(kind: str, s: str) -> str:
   """open_clip's text cleaning of `s` (tokenizer.get_clean_fn(kind)), applied before tokenising.
 
@@ -614,13 +632,7 @@ def to_hf(path_or_id: str, vision_heads: Optional[int] = None) -> OpenClipCheckp
     hf_config, hf_state, _ = _clip(model_cfg, state, where)
   hf_state = {k: np.array(a, np.float32, order="C") for k, a in hf_state.items()}
   tokenizer_name = t.get("hf_tokenizer_name") or None
-  tokenizer_kwargs = t.get("tokenizer_kwargs") or {}
-  if not isinstance(tokenizer_kwargs, dict):
-    raise ValueError(f"{where}.text_cfg.tokenizer_kwargs={tokenizer_kwargs!r} is not an object.")
-  text_clean = tokenizer_kwargs.get("clean", "whitespace" if tokenizer_name else "lower")
-  if text_clean not in CLEAN_KINDS:
-    raise ValueError(f"{where}.text_cfg.tokenizer_kwargs.clean={text_clean!r} is not one of "
-                     f"{CLEAN_KINDS}.")
+  text_clean = text_clean_of(t, where)
   return OpenClipCheckpoint(
       kind=kind, hf_config=hf_config, hf_state=hf_state,
       preprocess=_preprocess(kind, preprocess_cfg, f"{root / CONFIG_FILE}: preprocess_cfg"),
