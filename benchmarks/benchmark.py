@@ -34,6 +34,7 @@ import functools
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -57,10 +58,54 @@ from fashion_jax.train import plan
 
 SYSTEMS = {  # system -> config file; the variant is --variant (default smoke).
     "fashionclip": "configs/fashionclip.py",
+    "fashionsiglip": "configs/fashionsiglip.py",  # The FashionCLIP system, family 'siglip'.
     "e2": "configs/e2.py",
     "fashionvil": "configs/fashionvil.py",
     "fashionbert": "configs/fashionbert.py",
 }
+
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 1, "u4": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+                "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"\s*(?:ROOT\s+)?%?([^\s=]+) = (\(.*?\)|\S+) ([a-z][a-z0-9\-]*)\((.*?)\)")
+
+
+def _shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string (an array shape or a tuple of them; layouts ignored)."""
+  total = 0
+  for dtype, dims in _SHAPE.findall(shape):
+    if dtype in _DTYPE_BYTES:
+      total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Per collective kind: {'count', 'operand_bytes'} summed over a compiled HLO module's text.
+
+  `compiled.as_text()` prints operands by name only, so every instruction's result shape is
+  read first and an operand's bytes are its producer's result bytes (parameters included).
+  Async pairs count once, at their `-start`. Static count: an op in a while body (scan) counts
+  once, whatever the trip count. Bytes are per device (SPMD: one device's program).
+  """
+  shapes, ops = {}, []
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, shape, op, operands = m.groups()
+    shapes[name] = shape
+    kind = op[:-len("-start")] if op.endswith("-start") else op
+    if kind in COLLECTIVES:
+      ops.append((kind, [o.strip().lstrip("%") for o in operands.split(",") if o.strip()]))
+  out = {k: {"count": 0, "operand_bytes": 0} for k in COLLECTIVES}
+  for kind, operands in ops:
+    out[kind]["count"] += 1
+    out[kind]["operand_bytes"] += sum(_shape_bytes(shapes.get(o.split(" ")[-1].lstrip("%"),
+                                                              "")) for o in operands)
+  return out
 
 
 @functools.lru_cache(maxsize=None)  # One measurement per process: every row shares the peak.
@@ -153,14 +198,16 @@ def time_step(step, state, batch, warmup: int, repeats: int, rounds: int = 3):
 
 def bench_system(name: str, variant: str, overrides: list[str], batch_size: int, warmup: int,
                  repeats: int, peak_tflops: float, profile_dir: str = "",
-                 profile_steps: int = 3) -> dict:
+                 profile_steps: int = 3, strategy: str = "dp") -> dict:
+  """One benchmark row. strategy: the mesh over all devices, 'dp' (data=N, the default) or
+  'fsdp' (fsdp=N: params, gradients and Adam state sharded; plan.strategy_mesh)."""
   config = configs.get(f"{SYSTEMS[name]}:{variant}", overrides)
   with tempfile.TemporaryDirectory() as tmp:
     _fill_system_files(config, tmp)
     if batch_size:
       config.batch_size = batch_size
     n = len(jax.devices())
-    config.mesh = dict(data=n, fsdp=1, tensor=1)
+    config.mesh = plan.strategy_mesh(strategy, n, 1)
     mesh = mesh_lib.create_mesh(config.mesh)
     full = config_check.with_defaults(config)
     rules = sharding_lib.logical_rules(full.sharding_rules)
@@ -205,7 +252,8 @@ def bench_system(name: str, variant: str, overrides: list[str], batch_size: int,
               samples_per_s=full.batch_size / sec, flops_per_step=flops, flops_source=source,
               tflops_per_s=flops / sec / 1e12, peak_tflops=peak, peak_source=peak_source,
               mfu=flops / sec / (n * peak * 1e12), warmup=warmup, repeats=repeats,
-              xla_flags=os.environ.get("XLA_FLAGS", ""), profile=profile)
+              xla_flags=os.environ.get("XLA_FLAGS", ""), profile=profile, strategy=strategy,
+              collectives=collective_bytes(compiled.as_text()))
 
 
 def markdown(rows: list[dict]) -> str:

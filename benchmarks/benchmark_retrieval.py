@@ -11,6 +11,10 @@ memory is its own):
   ours      fashion_jax.evaluate.retrieval.full_candidate_metrics on N texts x N images (both
             directions, R@1/5/10, HITS, MRR), chunk x chunk blocks, never an N x N matrix; at N
             and at ref_n.
+  sharded   `ours` on --devices (8) fake CPU devices over the mesh the trainer's periodic
+            evaluation uses (create_mesh({data: -1, fsdp: 1, tensor: 1}): query chunks sharded,
+            gallery replicated, per-image counts psummed); at N and at ref_n. Every metric must
+            equal the single-device one exactly, or the command exits non-zero.
   numpy     the full-matrix reference at ref_n: S = T I^T (float32 BLAS), pessimistic ranks
             (S >= diag) per row and per column; its metrics must equal ours at ref_n.
 Data: T ~ N(0, I_D) normalised; image i = normalise(T_i + sigma * noise), planted positives with
@@ -20,9 +24,10 @@ Peak memory: resource.getrusage(RUSAGE_SELF).ru_maxrss of each child (the proces
 set, in MiB), reported as the peak and as the increase over the RSS right after the data was
 generated (the embeddings themselves: 2 N D x 4 bytes).
 Matmul floor: 2 N^2 D flops / rate, rate = the better of the two measured matmul rates (the
-floor is then the lowest defensible time); ours as a fraction = floor / our wall time. Our wall time
-includes the compilation (~1 s) and both passes (pair scores: one block per query chunk;
-counts: every block once, serving both directions).
+floor is then the lowest defensible time); the table reports wall / floor (1.2 = 1.2x the
+floor). Our wall time includes the compilation (~1 s) and both passes (pair scores: one block
+per query chunk; counts: every block once, serving both directions). The load average before
+and after the run is printed: compare runs only when idle.
 """
 
 import argparse
@@ -34,7 +39,12 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from fashion_jax.evaluate import retrieval
+from fashion_jax.parallel import mesh as mesh_lib
 
 
 def _maxrss_mib() -> float:
@@ -71,8 +81,6 @@ def numpy_full_matrix_metrics(t, i, ks=(1, 5, 10)):
 
 
 def phase_matmul(args):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   def rate(m, k, n, reps):
     a = jnp.ones((m, k), jnp.float32)
@@ -95,11 +103,32 @@ def phase_matmul(args):
 def phase_ours(args):
   t, i = make_data(args.n, args.d, args.sigma)
   base = _rss_mib()
-  from fashion_jax.evaluate import retrieval  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   m = retrieval.full_candidate_metrics(t, i, query_chunk=args.chunk, gallery_chunk=args.chunk)
   wall = time.perf_counter() - t0
   return {"wall_s": wall, "peak_mib": _maxrss_mib(), "base_mib": base, "metrics": m}
+
+
+def phase_sharded(args):
+  """`ours` over the trainer's evaluation mesh on `--devices` fake CPU devices.
+
+  The trainer builds its evaluators with the training mesh (train/loop.py:
+  `mesh_lib.create_mesh(config.mesh)`, FashionCLIP's `{data: -1, fsdp: 1, tensor: 1}`), and
+  `full_ranks` shards the query chunks over its batch axes (data, fsdp), replicates the gallery
+  and psums the per-image counts. The device count is fixed per process by XLA_FLAGS, which
+  `run_child` sets before this process imports jax.
+  """
+  t, i = make_data(args.n, args.d, args.sigma)
+  base = _rss_mib()
+  if jax.device_count() != args.devices:
+    raise RuntimeError(f"expected {args.devices} devices, got {jax.device_count()}")
+  mesh = mesh_lib.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  t0 = time.perf_counter()
+  m = retrieval.full_candidate_metrics(t, i, query_chunk=args.chunk, gallery_chunk=args.chunk,
+                                       mesh=mesh)
+  wall = time.perf_counter() - t0
+  return {"wall_s": wall, "peak_mib": _maxrss_mib(), "base_mib": base, "metrics": m,
+          "mesh": {k: int(v) for k, v in mesh.shape.items()}}
 
 
 def phase_numpy(args):
@@ -111,10 +140,18 @@ def phase_numpy(args):
   return {"wall_s": wall, "peak_mib": _maxrss_mib(), "base_mib": base, "metrics": m}
 
 
-def run_child(phase, **overrides):
-  cmd = [sys.executable, "-m", "benchmarks.benchmark_retrieval", f"--phase={phase}"]
+def run_child(phase, devices: int = 1, **overrides):
+  """Runs one phase in a child process with `devices` (fake, on a CPU) XLA devices."""
+  cmd = [sys.executable, "-m", "benchmarks.benchmark_retrieval", f"--phase={phase}",
+         f"--devices={devices}"]
   cmd += [f"--{k}={v}" for k, v in overrides.items()]
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if devices > 1:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -138,19 +175,38 @@ def main(argv=None):
   p.add_argument("--chunk", type=int, default=1024, help="query and gallery chunk")
   p.add_argument("--sigma", type=float, default=8.0, help="noise of the planted positives")
   p.add_argument("--matmul_n", type=int, default=4096)
-  p.add_argument("--phase", choices=("all", "matmul", "ours", "numpy"), default="all")
+  p.add_argument("--devices", type=int, default=8,
+                 help="fake CPU devices of the sharded case (1 = skip it)")
+  p.add_argument("--phase", choices=("all", "matmul", "ours", "sharded", "numpy"),
+                 default="all")
   args = p.parse_args(argv)
   if args.phase != "all":
-    fn = {"matmul": phase_matmul, "ours": phase_ours, "numpy": phase_numpy}[args.phase]
+    fn = {"matmul": phase_matmul, "ours": phase_ours, "sharded": phase_sharded,
+          "numpy": phase_numpy}[args.phase]
     print(json.dumps(fn(args)))
     return
 
+  load_before = os.getloadavg()
   common = dict(d=args.d, chunk=args.chunk, sigma=args.sigma)
   mm = run_child("matmul", matmul_n=args.matmul_n, **common)
   ours_ref = run_child("ours", n=args.ref_n, **common)
   ref = run_child("numpy", n=args.ref_n, **common)
   ours = run_child("ours", n=args.n, **common)
+  rows = [("fashion_jax chunked", args.n, ours), ("fashion_jax chunked", args.ref_n, ours_ref),
+          ("numpy full matrix", args.ref_n, ref)]
   diff = max(abs(ours_ref["metrics"][k] - v) for k, v in ref["metrics"].items())
+  sharded_diff = None
+  if args.devices > 1:
+    sh = run_child("sharded", devices=args.devices, n=args.n, **common)
+    sh_ref = run_child("sharded", devices=args.devices, n=args.ref_n, **common)
+    mesh_str = ",".join(f"{k}={v}" for k, v in sh["mesh"].items())
+    rows[1:1] = [(f"sharded {mesh_str}", args.n, sh)]
+    rows.insert(3, (f"sharded {mesh_str}", args.ref_n, sh_ref))
+    # Every metric, both directions, at both sizes: the sharded evaluation must equal the
+    # single-device one exactly (same blocks, same dot, integer counts).
+    sharded_diff = max(abs(a["metrics"][k] - b["metrics"][k])
+                       for a, b in ((sh, ours), (sh_ref, ours_ref)) for k in a["metrics"])
+  load_after = os.getloadavg()
 
   rate = max(mm["square_gflops"], mm["block_gflops"])
 
@@ -160,6 +216,8 @@ def main(argv=None):
   print(f"Full-candidate retrieval benchmark (both directions, R@1/5/10, HITS@K, MRR), "
         f"D={args.d}, chunk={args.chunk}, sigma={args.sigma}")
   print(f"Machine: {machine()}; JAX device: {mm['devices']}")
+  print("Load average (1/5/15 min) before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} {:.2f}"
+        .format(*load_before, *load_after))
   print(f"Matmul rate (jnp.dot float32): {mm['square_gflops']:.1f} GFLOP/s at "
         f"{args.matmul_n}^3, {mm['block_gflops']:.1f} GFLOP/s at the block shape "
         f"[{args.chunk},{args.d}]x[{args.d},{args.chunk}]; the floor uses {rate:.1f}")
@@ -167,22 +225,27 @@ def main(argv=None):
         "embeddings were generated.")
   print()
   header = (f"| {'method':<28} | {'N':>7} | {'wall s':>8} | {'peak MiB':>9} | {'+data MiB':>9} "
-            f"| {'floor s':>8} | {'floor/wall':>10} | {'t2i R@1':>7} | {'i2t R@1':>7} "
+            f"| {'floor s':>8} | {'wall/floor':>10} | {'t2i R@1':>7} | {'i2t R@1':>7} "
             f"| {'t2i MRR':>7} |")
   print(header)
   print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-  for name, n, r in (("fashion_jax chunked", args.n, ours),
-                     ("fashion_jax chunked", args.ref_n, ours_ref),
-                     ("numpy full matrix", args.ref_n, ref)):
+  for name, n, r in rows:
     fl = floor(n)
     m = r["metrics"]
     print(f"| {name:<28} | {n:>7} | {r['wall_s']:>8.1f} | {r['peak_mib']:>9.0f} | "
-          f"{r['peak_mib'] - r['base_mib']:>9.0f} | {fl:>8.1f} | {fl / r['wall_s']:>10.2f} | "
+          f"{r['peak_mib'] - r['base_mib']:>9.0f} | {fl:>8.1f} | {r['wall_s'] / fl:>10.2f} | "
           f"{m['t2i_R@1']:>7.4f} | {m['i2t_R@1']:>7.4f} | {m['t2i_MRR']:>7.4f} |")
   print()
   print(f"max |ours - numpy| over R@1/5/10 and MRR, both directions, at N={args.ref_n}: {diff:.2e}")
+  if sharded_diff is not None:
+    print(f"max |sharded - single device| over every metric, both directions, at N={args.n} and "
+          f"N={args.ref_n}: {sharded_diff:.2e}")
   print(f"A full {args.n}x{args.n} float32 score matrix would take "
         f"{args.n * args.n * 4 / 2**30:.1f} GiB.")
+  # numpy's float32 means vs ours differ in the last bits of a mean (3e-9 seen); a rank that
+  # differs moves a metric by >= 1 / N.
+  if diff > 0.1 / args.ref_n or (sharded_diff or 0) > 0:
+    raise SystemExit("metrics differ (see above)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ the defaults are all off). Each is a --config override:
   --config.model.dtype=bfloat16   bf16 compute, float32 params and AdamW state (master weights)
   --config.mesh.fsdp=N --config.mesh.tensor=T   params, gradients and optimizer state sharded
                                   (fsdp: the model dimension; tensor: MLP / heads / vocabulary)
+  --config.model.encode_chunks=K  every task encodes the batch K row-chunks at a time,
+                                  rematerialised (the losses still see the whole batch); exact
+                                  without dropout. K=2 is what brings base at 4k on 64 chips
+                                  (64 per chip) to 32 rows of live activations (docs/pod.md)
   --config.grad_accum_steps=A     exact only for per-example tasks (MPFC, PAC) with
                                   objective.mode=sum; see systems/fashionvil.py
   Planned per-chip memory at global batch 4096 on 64 chips (no chips needed, a CPU compile):
@@ -70,7 +74,8 @@ def get_config(arg: str = "smoke"):
                  resnet=dict(depths=(1, 1, 1), widths=(16, 32, 64)), vit=None,
                  bert=dict(variant="tiny", max_position=64, dropout_rate=0.1,
                            attention_dropout_rate=0.1),
-                 share=True, num_codes=1024, dtype="float32", scan=False, remat_policy="none")
+                 share=True, num_codes=1024, dtype="float32", scan=False, remat_policy="none",
+                 encode_chunks=1)
   c.objective = dict(mode="sample", tasks=dict(TASKS), itm_neg_prob=0.5, mvc_drop=0.25)
   # Local HF directories to start from (systems/fashionvil.py): '' = random init.
   c.init = dict(hf_bert_dir="", hf_resnet_dir="")

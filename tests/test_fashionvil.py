@@ -222,3 +222,49 @@ def test_pretraining_step_on_8_devices_equals_one_device_for_every_task(tmp_path
     for (path, a), b_ in zip(flat1, flat8):
       np.testing.assert_allclose(b_, a, rtol=1e-5, atol=1e-5,
                                  err_msg=f"{task}: {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("tasks", [
+    # MVC (two views: the peak at 4k) and ITM (two chunked passes); all six. Slow job: two
+    # pretraining step compiles each.
+    pytest.param(dict(mvc=1.0, itm=0.5), marks=pytest.mark.slow),
+    pytest.param(dict(fashionvil_config.TASKS), marks=pytest.mark.slow),
+])
+def test_encode_chunks_step_equals_unchunked(tmp_path, tasks):
+  """model.encode_chunks=2 (row-chunks, rematerialised) == 1: loss, metrics and gradients of
+  the tasks summed (objective.mode='sum'), within 1e-5 in float32. Dropout is off: with it,
+  each chunk draws its own masks (same distribution, other numbers)."""
+  c = tiny_config(tmp_path, **tasks)
+  c.objective.mode = "sum"
+  c.model.bert.dropout_rate = 0.0
+  plain = system_lib.System(c)
+  c.model.encode_chunks = 2
+  chunked = system_lib.System(c)
+  batch = make_batch(plain, seed=5)
+  params = init(plain, batch)
+
+  def loss_and_grads(system):
+    fn = lambda p: system.loss(p, batch, jax.random.key(2), train=True)
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+  (l1, m1), g1 = loss_and_grads(plain)
+  (l2, m2), g2 = loss_and_grads(chunked)
+  np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5, atol=1e-5)
+  assert set(m1) == set(m2) and {f"{t}/loss" for t in plain.tasks} <= set(m1)
+  for k in m1:
+    np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, atol=1e-5, err_msg=k)
+  flat1 = jax.tree_util.tree_leaves_with_path(jax.device_get(g1))
+  flat2 = jax.tree.leaves(jax.device_get(g2))
+  assert float(optax_norm(g1)) > 0
+  for (path, a), b in zip(flat1, flat2):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_encode_chunks_must_divide_the_batch(tmp_path):
+  c = tiny_config(tmp_path, itc=1.0)
+  c.model.encode_chunks = 3
+  system = system_lib.System(c)
+  batch = make_batch(system)
+  params = init(system, batch)
+  with pytest.raises(ValueError, match="num_chunks=3 does not divide the batch of 8 rows"):
+    system.loss(params, batch, jax.random.key(0), train=False)

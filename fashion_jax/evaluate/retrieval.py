@@ -32,7 +32,8 @@ With ONE positive per query (our evaluators: one image, the first view, and one 
 product) R@K == HITS@K, which is the R@K every fashion VL paper reports.
 
 Memory. The full protocol never materialises the [Nq, Ng] score matrix: queries are cut into
-chunks of `query_chunk` and the gallery into chunks of `gallery_chunk`; each block
+balanced chunks of at most `query_chunk` and the gallery into chunks of at most
+`gallery_chunk` (`chunk_plan`); each block
 S = Q_c G_c^T [query_chunk, gallery_chunk] is computed once and serves BOTH directions (rows
 count negatives above each text's positive, columns above each image's positive). Working memory
 is O(query_chunk x gallery_chunk + (Nq + Ng) x P), the matmul work 2 Nq Ng D flops: one pass.
@@ -313,6 +314,36 @@ def _full_counts_jit(a_chunks, a_pos, blocks, a_valid, b_chunks, b_valid, inv_fl
   return a_thr, a_counts, b_thr, b_counts
 
 
+def chunk_plan(num_queries: int, num_gallery: int, query_chunk: int, gallery_chunk: int,
+               shards: int = 1) -> tuple[int, int, int, int]:
+  """Block shapes of the full protocol: (ca, na, cb, nb).
+
+  Balanced chunks: each shard gets ceil(Nq / shards) query rows cut into the fewest chunks of at
+  most `query_chunk` rows, and the chunk size is then the smallest that holds them, so the
+  padding (dot work on zero rows) is under one row per chunk. Cutting at exactly `query_chunk`
+  pads up to a whole chunk per shard: 100k queries on 8 shards at 1024 is 104 chunks x 1024 =
+  6.5% padding, balanced (962 rows) 0.05%. The gallery is cut the same way (no shards).
+
+  Returns:
+    ca query rows per chunk, na query chunks (a multiple of `shards`), cb gallery rows per
+    chunk, nb gallery chunks; na * ca >= Nq, nb * cb >= Ng.
+
+  Raises:
+    ValueError naming the value when a size or the shard count is < 1.
+  """
+  for name, v in (("num_queries", num_queries), ("num_gallery", num_gallery),
+                  ("query_chunk", query_chunk), ("gallery_chunk", gallery_chunk),
+                  ("shards", shards)):
+    if v < 1:
+      raise ValueError(f"chunk_plan: {name}={v} must be >= 1.")
+  per_shard = -(-num_queries // shards)
+  chunks = -(-per_shard // query_chunk)
+  ca = -(-per_shard // chunks)
+  nb = -(-num_gallery // gallery_chunk)
+  cb = -(-num_gallery // nb)
+  return ca, chunks * shards, cb, nb
+
+
 def full_ranks(queries, gallery, positives=None, *, query_chunk: int = 1024,
                gallery_chunk: int = 1024, mesh: Mesh | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -349,10 +380,7 @@ def full_ranks(queries, gallery, positives=None, *, query_chunk: int = 1024,
   if mesh is not None:
     batch_axes = tuple(a for a in axes.BATCH_AXES if a in mesh.axis_names)
     shards = math.prod(mesh.shape[a] for a in batch_axes)
-  ca = min(query_chunk, -(-nq // shards))
-  cb = min(gallery_chunk, ng)
-  na = -(-nq // (ca * shards)) * shards
-  nb = -(-ng // cb)
+  ca, na, cb, nb = chunk_plan(nq, ng, query_chunk, gallery_chunk, shards)
   d = queries.shape[1]
 
   a = _pad_to(queries, na * ca, 0.0).reshape(na, ca, d)

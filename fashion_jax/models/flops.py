@@ -8,6 +8,7 @@ from XLA's `cost_analysis()`, which counts a scanned layer body once.
 import jax
 
 from fashion_jax.models import clip as clip_lib
+from fashion_jax.models import siglip as siglip_lib
 
 # Dense peak TFLOP/s per device: (bfloat16, float32). float32 matmuls on Hopper/Ampere run as TF32
 # under XLA's default precision, so the TF32 peak is listed for float32.
@@ -26,15 +27,57 @@ def tower_flops(width: int, layers: int, mlp_dim: int, tokens: int) -> int:
   return layers * per_layer
 
 
-def clip_train_flops_per_step(config: clip_lib.CLIPConfig, batch: int, length: int) -> float:
-  """Model FLOPs of one CLIP train step: both towers, projections and logits, forward x 3."""
+def _logit_flops(batch: int, width: int, text_rows: int, logit_dims) -> int:
+  """Per example: one row of each [B, B] similarity matrix, 2 B m per width m (0 = full)."""
+  dims = [m or width for m in (logit_dims or (0,))]
+  return text_rows * sum(2 * batch * m for m in dims)
+
+
+def clip_train_flops_per_step(config: clip_lib.CLIPConfig, batch: int, length: int,
+                              text_rows: int = 1, logit_dims=(0,)) -> float:
+  """Model FLOPs of one CLIP train step: both towers, projections and logits, forward x 3.
+
+  text_rows: texts encoded per example (1, or 1 + F field texts with a multi-field loss, or F
+  with text_weight 0). logit_dims: the embedding widths the logits are computed at (Matryoshka
+  prefixes; 0 = the full width), each once per text row.
+  """
   v, t, p = config.vision, config.text, config.projection_dim
   n = v.num_patches + 1
   vision = (2 * v.num_patches * v.patch_size ** 2 * 3 * v.width
             + tower_flops(v.width, v.num_layers, v.mlp_dim, n) + 2 * v.width * p)
   text = tower_flops(t.width, t.num_layers, t.mlp_dim, length) + 2 * t.width * p
-  logits = 2 * batch * p  # per example: one row of the [B, B] similarity matrix
-  return 3.0 * batch * (vision + text + logits)
+  logits = _logit_flops(batch, p, text_rows, logit_dims)
+  return 3.0 * batch * (vision + text_rows * text + logits)
+
+
+def attention_pool_flops(width: int, mlp_dim: int, tokens: int) -> int:
+  """Forward matmul FLOPs of one attention-pool head (layers.AttentionPool) per example.
+
+  One probe query over `tokens` keys: q and out projections on 1 token (2 w^2 each), k and v
+  projections on every token (2 x 2 n w^2), q k^T and probs v (2 x 2 n w), the MLP on 1 token
+  (2 x 2 w m).
+  """
+  return (2 * 2 * width * width + 2 * 2 * tokens * width * width + 2 * 2 * tokens * width
+          + 2 * 2 * width * mlp_dim)
+
+
+def siglip_train_flops_per_step(config: siglip_lib.SiglipConfig, batch: int, length: int,
+                                text_rows: int = 1, logit_dims=(0,)) -> float:
+  """Model FLOPs of one SigLIP train step, forward x 3 (arguments as the CLIP count).
+
+  Vision: patch embedding, the tower on num_patches tokens (no class token), the attention-pool
+  head, no projection (the pooled vector is the embedding). Text: the tower on `length` tokens
+  (no causal mask: the same matmuls) and the head on the last token (w_t x p; its bias is no
+  matmul). Logits: the [B, B] pairwise matrix of the sigmoid loss, as CLIP's.
+  """
+  v, t, p = config.vision, config.text, config.projection_dim
+  n = v.num_patches
+  vision = (2 * n * v.patch_size ** 2 * 3 * v.width
+            + tower_flops(v.width, v.num_layers, v.mlp_dim, n)
+            + attention_pool_flops(v.width, v.mlp_dim, n))
+  text = tower_flops(t.width, t.num_layers, t.mlp_dim, length) + 2 * t.width * p
+  logits = _logit_flops(batch, p, text_rows, logit_dims)
+  return 3.0 * batch * (vision + text_rows * text + logits)
 
 
 def peak_flops(dtype: str, override_tflops: float = 0.0) -> float | None:

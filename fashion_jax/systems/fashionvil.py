@@ -18,6 +18,14 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
   model.remat_policy     'none' | a jax.checkpoint_policies name (layers.REMAT_POLICIES):
                          rematerialise every BERT block and every image-encoder block (ResNet
                          residual block or ViT block); same parameter tree
+  model.encode_chunks    1 | K: every task runs its encoders (ResNet / ViT, BERT, fusion) on K
+                         row-chunks of the batch at a time, rematerialised (losses/contrastive.py
+                         `map_in_chunks`), so one chunk's activations are live at once; the
+                         losses still see the whole batch (ITC / MVC / ITM negatives). Exact
+                         (rounding) without dropout; with dropout each chunk draws its own
+                         masks (key folded with the chunk's first row), so the numbers differ
+                         from K=1 while the distribution does not. K must divide the per-step
+                         batch (per micro-batch with grad_accum_steps)
   objective.mode         'sample': one task per step, drawn with probabilities proportional to
                          objective.tasks (the reference); 'sum': loss = sum_t tasks[t] * L_t
                          (every task every step)
@@ -88,6 +96,7 @@ from fashion_jax.interop import fashionvil_torch
 from fashion_jax.interop import hf_bert
 from fashion_jax.interop import hf_io
 from fashion_jax.interop import hf_resnet
+from fashion_jax.losses import contrastive
 from fashion_jax.losses import fashionvil as losses
 from fashion_jax.models import bert as bert_lib
 from fashion_jax.models import fashionvil as fvil
@@ -208,6 +217,9 @@ class System:
       raise ValueError(f"The MLM task needs data.mlm_prob > 0, got {data.mlm_prob}.")
     if "mvc" in self.tasks and data.views != 2:
       raise ValueError(f"The MVC task needs data.views=2, got {data.views}.")
+    self.encode_chunks = int(m.get("encode_chunks", 1))
+    if self.encode_chunks < 1:
+      raise ValueError(f"model.encode_chunks={m.get('encode_chunks')!r} must be >= 1.")
     self.uses_batch_stats = m.image_encoder == "resnet"
     if self.uses_batch_stats:
       freeze = tuple(config.get("optimizer", {}).get("freeze", ()) or ())
@@ -276,19 +288,40 @@ class System:
     rngs = {} if rng is None else {"dropout": rng}
     return self.model.apply(params, *args, method=method, rngs=rngs)
 
+  def _chunked(self, params, method, *xs, rng=None):
+    """`self._apply(params, *xs, method=method, rng=rng)` over model.encode_chunks row-chunks.
+
+    Every x has the batch as its leading axis and `method` must treat rows independently
+    (frozen BatchNorm, attention within an example): its outputs are then the unchunked ones.
+    K=1 is the plain call. With K > 1 chunk c's dropout key is fold_in(rng, its first row).
+    """
+    k = self.encode_chunks
+    if k == 1:
+      return self._apply(params, *xs, method=method, rng=rng)
+    rows = jnp.arange(xs[0].shape[0], dtype=jnp.int32)
+
+    def fn(row_ids, *chunk):
+      r = None if rng is None else jax.random.fold_in(rng, row_ids[0])
+      return self._apply(params, *chunk, method=method, rng=r)
+    return contrastive.map_in_chunks(fn, rows, *xs, num_chunks=k)
+
   # --- the six tasks: each (params, batch, rng, deterministic) -> (loss, metrics) ---------------
   def _itc(self, params, batch, rng, det):
-    out = self._apply(params, batch["image"], batch["text"], batch["text_mask"], det,
-                      method=fvil.FashionViL.unimodal, rng=rng)
-    loss, m = losses.itc_loss(out["image"], out["text"], out["itc_scale"])
-    return loss, {**m, "scale": out["itc_scale"]}
+    def fwd(mod, images, ids, mask):
+      u = mod.unimodal(images, ids, mask, det)
+      return u["image"], u["text"]
+    zi, zt = self._chunked(params, fwd, batch["image"], batch["text"], batch["text_mask"],
+                           rng=rng)
+    scale = self._apply(params, method=lambda mod: mod.itc_scale)
+    loss, m = losses.itc_loss(zi, zt, scale)
+    return loss, {**m, "scale": scale}
 
   def _pac(self, params, batch, rng, det):
     def fwd(mod, images, ids, mask):
       u = mod.unimodal(images, ids, mask, det)
       return mod.pac_logits(u["image"]), mod.pac_logits(u["text"])
-    zi, zt = self._apply(params, batch["image"], batch["text"], batch["text_mask"], method=fwd,
-                         rng=rng)
+    zi, zt = self._chunked(params, fwd, batch["image"], batch["text"], batch["text_mask"],
+                           rng=rng)
     return losses.pac_loss(zi, zt, batch["attributes"])
 
   def _mlm(self, params, batch, rng, det):
@@ -297,8 +330,8 @@ class System:
     def fwd(mod, images, ids, mask):
       hidden = mod.fuse(ids, mask, mod.image_tokens(images, None, det), None, det)
       return mod.mlm_logits(hidden[:, :length])
-    logits = self._apply(params, batch["image"], batch["mlm_ids"], batch["text_mask"],
-                         method=fwd, rng=rng)
+    logits = self._chunked(params, fwd, batch["image"], batch["mlm_ids"], batch["text_mask"],
+                           rng=rng)
     return losses.mlm_loss(logits, batch["mlm_labels"])
 
   def _mpfc(self, params, batch, rng, det):
@@ -308,23 +341,24 @@ class System:
     def fwd(mod, images, ids, mask, pm):
       hidden = mod.fuse(ids, mask, mod.image_tokens(images, pm, det), None, det)
       return mod.mpfc_logits(hidden[:, length:])
-    logits = self._apply(params, batch["image"], batch["text"], batch["text_mask"], patch_mask,
-                         method=fwd, rng=rng)
+    logits = self._chunked(params, fwd, batch["image"], batch["text"], batch["text_mask"],
+                           patch_mask, rng=rng)
     return losses.mpfc_loss(logits, batch["vq_codes"], patch_mask)
 
   def _itm(self, params, batch, rng, det):
     mine_rng, swap_rng, drop_rng = jax.random.split(rng, 3)
-    text, mask = batch["text"], batch["text_mask"]
-    uni = self._apply(params, batch["image"], text, mask, det,
-                      method=fvil.FashionViL.unimodal, rng=mine_rng)
-    sim = losses.scaled_cosine_logits(uni["image"], uni["text"], 1.0)
+    text, mask = jnp.asarray(batch["text"]), jnp.asarray(batch["text_mask"])
+    def embed(mod, images, ids, m):
+      u = mod.unimodal(images, ids, m, det)
+      return u["image"], u["text"]
+    zi, zt = self._chunked(params, embed, batch["image"], text, mask, rng=mine_rng)
+    sim = losses.scaled_cosine_logits(zi, zt, 1.0)
     idx, labels = losses.itm_pairs(sim, jax.random.uniform(swap_rng, (text.shape[0],)), text,
                                    float(self.config.objective.itm_neg_prob))
 
     def fwd(mod, images, ids, m):
       return mod.itm_logits(mod.fuse(ids, m, mod.image_tokens(images, None, det), None, det))
-    logits = self._apply(params, batch["image"], text[idx], mask[idx], method=fwd,
-                         rng=drop_rng)
+    logits = self._chunked(params, fwd, batch["image"], text[idx], mask[idx], rng=drop_rng)
     return losses.itm_loss(logits, labels)
 
   def _mvc(self, params, batch, rng, det):
@@ -340,9 +374,10 @@ class System:
       v_a = jnp.mean(mod.image_tokens(image_a, None, det).astype(jnp.float32), axis=1)
       hidden = mod.fuse(ids, tmask, mod.image_tokens(image_b, None, det), ikeep, det)
       f_b = fvil.masked_mean(hidden[:, length:], ikeep)
-      return v_a, f_b, mod.mvc_scale
-    v_a, f_b, s = self._apply(params, batch["image"], batch["image2"], text, text_keep,
-                              image_keep, method=fwd, rng=drop_rng)
+      return v_a, f_b
+    v_a, f_b = self._chunked(params, fwd, batch["image"], batch["image2"], text, text_keep,
+                             image_keep, rng=drop_rng)
+    s = self._apply(params, method=lambda mod: mod.mvc_scale)
     loss, m = losses.itc_loss(v_a, f_b, s)
     return loss, {**m, "scale": s}
 

@@ -8,7 +8,7 @@ and compiled by XLA's SPMD partitioner. Per strategy it reports:
   * per-device memory from `compiled.memory_analysis()`: arguments (params + optimizer state +
     the batch shard), output, temporaries, and peak = arguments + output - aliased + temporaries
     (donated state buffers are aliased by the output, so they count once);
-  * FLOPs per step: analytic model FLOPs for CLIP-family systems (fashion_jax/models/flops.py's
+  * FLOPs per step: analytic model FLOPs for CLIP and SigLIP systems (models/flops.py's
     matmul count, forward x 3, rematerialisation excluded), because XLA's cost_analysis counts
     a scanned layer body once; for other systems XLA's count of the compiled program (exact
     only when nothing is scanned; it also counts recomputation and elementwise work);
@@ -39,7 +39,9 @@ from typing import Any
 import jax
 
 from fashion_jax import systems
+from fashion_jax.models import clip as clip_lib
 from fashion_jax.models import flops as flops_lib
+from fashion_jax.models import siglip as siglip_lib
 from fashion_jax.parallel import mesh as mesh_lib
 from fashion_jax.parallel import sharding as sharding_lib
 from fashion_jax.train import config_check
@@ -70,14 +72,24 @@ def strategy_mesh(strategy: str, devices: int, tensor: int) -> dict[str, int]:
 def analytic_flops(system, batch_size: int) -> float | None:
   """Model FLOPs of one train step, or None when the system has no analytic count.
 
-  Systems whose `model_config` is a CLIPConfig (vision and text towers: FashionCLIP):
-  models/flops.py's matmul count, forward x 3. Others (E2's config wraps the CLIP one with
-  selection tokens and fusion blocks) get None: the caller falls back to XLA's count.
+  FashionCLIP-family systems (`model_config` a CLIPConfig or a SiglipConfig): models/flops.py's
+  matmul count of that family, forward x 3, with the objective's text rows (the text plus any
+  field texts) and Matryoshka logit widths. Others (E2's config wraps the CLIP one with
+  selection tokens and fusion blocks; FashionViL, FashionBERT) get None: the caller falls back
+  to XLA's count.
   """
   cfg = getattr(system, "model_config", None)
-  if cfg is None or not hasattr(cfg, "vision") or not hasattr(cfg, "text"):
+  if not isinstance(cfg, (clip_lib.CLIPConfig, siglip_lib.SiglipConfig)):
     return None
-  return flops_lib.clip_train_flops_per_step(cfg, batch_size, system.config.data.max_len)
+  obj = getattr(system, "objective", None)
+  text_rows, dims = 1, (0,)
+  if obj is not None:
+    text_rows = int(obj.text_weight > 0) + len(obj.fields)
+    dims = tuple(obj.matryoshka_dims) or (0,)
+  count = (flops_lib.clip_train_flops_per_step if isinstance(cfg, clip_lib.CLIPConfig)
+           else flops_lib.siglip_train_flops_per_step)
+  return count(cfg, batch_size, system.config.data.max_len, text_rows=text_rows,
+               logit_dims=dims)
 
 
 def abstract_batch(system, batch_size: int, mesh) -> dict[str, Any]:
