@@ -22,9 +22,16 @@ Items (--source):
 
 Backends (--backends): exact (ours: fashion_jax.search.index.ExactIndex, the evaluator's jitted
 top-k), ivf (ours: IVFIndex, JAX k-means + numpy list scans), and the FAISS kinds ivf_flat,
-ivf_pq, ivf_pq_refine (ivf_pq with refine=--refine: PQ candidates re-ranked exactly) and hnsw,
-built with index.PARAM_DEFAULTS overridden by --params=kind:name=value,...; each searched over
-its knob (nprobe, or efSearch for hnsw).
+ivf_pq, ivf_pq_refine (ivf_pq keeping the full vectors: the nprobe PQ candidates' best
+refine * k re-ranked exactly) and hnsw, built with index.PARAM_DEFAULTS overridden by
+--params=kind:name=value,...; each searched over its search-time knobs: nprobe (IVF kinds),
+nprobe x --refine (ivf_pq_refine: refine is a search-time parameter, so one index built with
+refine = max(--refine) serves every value), efSearch (hnsw).
+
+--index_cache=DIR saves each FAISS index built (DIR/<backend>.faiss, with its build time,
+parameters and data description in DIR/<backend>.json) and reuses it when a later run asks for
+the same backend, parameters and data: a long run (HNSW at 1M builds for tens of minutes) can be
+resumed, or its build made by a separate process; the reported build time is the recorded one.
 
 Measured, per number of cores in --cores (every thread of the process pinned to the first n
 CPUs, faiss' OpenMP and the BLAS pools limited to n threads; builds use --build_cores):
@@ -61,7 +68,8 @@ _K = flags.DEFINE_integer("k", 10, "Top-k.")
 _BACKENDS = flags.DEFINE_list("backends", ["exact", "ivf", "ivf_flat", "ivf_pq", "ivf_pq_refine",
                                            "hnsw"], "Backends to run.")
 _PARAMS = flags.DEFINE_list("params", [], "Build parameters, kind:name=value (e.g. hnsw:M=16).")
-_REFINE = flags.DEFINE_integer("refine", 4, "ivf_pq_refine: re-rank refine * k candidates.")
+_REFINE = flags.DEFINE_list("refine", ["1", "4", "16", "64"], "ivf_pq_refine: refine sweep "
+                            "(re-rank refine * k PQ candidates exactly; search time).")
 _NPROBE = flags.DEFINE_list("nprobe", ["1", "4", "16", "64", "256"],
                             "nprobe sweep (IVF kinds).")
 _EF = flags.DEFINE_list("ef_search", ["10", "32", "64", "128", "256"],
@@ -70,9 +78,17 @@ _CORES = flags.DEFINE_list("cores", ["1", "2"], "Core counts to search with.")
 _BUILD_CORES = flags.DEFINE_integer("build_cores", 1, "Cores to build with (on a loaded machine "
                                     "one thread builds faster than two: OpenMP barriers wait "
                                     "for descheduled threads).")
+_BUILD_CORES_FOR = flags.DEFINE_list("build_cores_for", [], "Per-backend --build_cores, "
+                                     "backend:n (e.g. hnsw:2: HNSW inserts in parallel with "
+                                     "few barriers, unlike k-means).")
 _SINGLE = flags.DEFINE_integer("single_queries", 50, "Queries timed one at a time.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed batched calls (the fastest counts).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+_SHARD = flags.DEFINE_integer(
+    "exact_shard", 131072, "Exact search (ground truth and the exact row) over more items than "
+    "this runs ExactIndex on shards of this many items and merges their top-k (ShardedExact).")
+_CACHE = flags.DEFINE_string("index_cache", None, "Save built FAISS indexes here and reuse them "
+                             "(same backend, parameters and data; module docstring).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _PLOT = flags.DEFINE_string("plot", None, "Draw recall vs batched QPS of --plot_from to this PNG.")
 _PLOT_FROM = flags.DEFINE_list("plot_from", [], "JSON results to plot (one panel per file and "
@@ -145,7 +161,7 @@ class Pinning:
 
 
 def _index_bytes(index) -> int:
-  if isinstance(index, index_lib.ExactIndex):
+  if isinstance(index, (index_lib.ExactIndex, ShardedExact)):
     return int(index.vectors.nbytes)
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "index" + (".npz" if isinstance(index, index_lib.IVFIndex) else ""))
@@ -175,27 +191,103 @@ def _single_qps(index, queries, k, n, **kw) -> float:
   return 1.0 / float(np.median(times))
 
 
+class ShardedExact:
+  """ExactIndex over consecutive shards of `shard` items, the shards' top-k merged: the same
+  lists as one ExactIndex (scores are exact; ties: lower item index, since shards are merged in
+  item order with a stable sort), in bounded memory. ExactIndex's jitted top-k copies its whole
+  gallery onto the device and pads it to a multiple of its chunk: ~3 copies of the items, 6 GB at
+  1M x 512, more than this shared machine had free."""
+
+  def __init__(self, items, shard: int):
+    self.shards = [(a, index_lib.ExactIndex(items[a:a + shard]))
+                   for a in range(0, len(items), shard)]
+    self.vectors = items
+
+  def search(self, queries, k):
+    parts = [(s, ids + a) for a, index in self.shards
+             for s, ids in [index.search(queries, min(k, len(index)))]]
+    scores = np.concatenate([s for s, _ in parts], axis=1)
+    ids = np.concatenate([i for _, i in parts], axis=1)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
+
+  def description(self):
+    return {"kind": "exact", "params": {"shards": len(self.shards)} if len(self.shards) > 1
+            else {}}
+
+
+def _exact(items):
+  if len(items) > _SHARD.value:
+    return ShardedExact(items, _SHARD.value)
+  return index_lib.ExactIndex(items)
+
+
 def _build(backend, items, params, seed):
   if backend == "exact":
-    return index_lib.ExactIndex(items)
+    return _exact(items)
   if backend == "ivf":
     p = params.get("ivf", {})
     return index_lib.IVFIndex.build(items, num_lists=p.get("nlist") or index_lib.default_nlist(
         len(items)), seed=seed)
   if backend == "ivf_pq_refine":
     return index_lib.build_index(items, "ivf_pq", seed=seed,
-                                 **{**params.get("ivf_pq", {}), "refine": _REFINE.value})
+                                 **{**params.get("ivf_pq", {}),
+                                    "refine": max(int(r) for r in _REFINE.value)})
   return index_lib.build_index(items, backend, seed=seed, **params.get(backend, {}))
 
 
-def _knob(backend, index):
-  """(knob name, values) swept for `backend` (within the index's range)."""
+def _build_or_load(backend, items, params, seed, source):
+  """(index, build seconds): built, or read from --index_cache when a run with the same backend,
+  resolved parameters and data (source, shape) saved one there."""
+  kind = "ivf_pq" if backend == "ivf_pq_refine" else backend
+  if not _CACHE.value or kind not in index_lib.FAISS_KINDS:
+    t0 = time.perf_counter()
+    index = _build(backend, items, params, seed)
+    return index, time.perf_counter() - t0
+  p = dict(params.get(kind, {}))
+  if backend == "ivf_pq_refine":
+    p["refine"] = max(int(r) for r in _REFINE.value)
+  key = {"backend": backend, "source": source, "shape": list(items.shape), "seed": seed,
+         "params": index_lib.resolve_params(kind, p, *items.shape)}
+  path = os.path.join(_CACHE.value, backend)
+  if os.path.exists(path + ".json"):
+    with open(path + ".json") as f:
+      saved = json.load(f)
+    if saved["key"] == key:
+      print(f"{backend}: read from {path}.faiss (built in {saved['build_s']:.1f} s by "
+            f"{saved.get('by', 'an earlier run')})", flush=True)
+      return index_lib.load_index(path + ".faiss", kind, key["params"]), saved["build_s"]
+    print(f"{backend}: {path}.json is for other data or parameters; rebuilding", flush=True)
+  t0 = time.perf_counter()
+  index = _build(backend, items, params, seed)
+  build_s = time.perf_counter() - t0
+  os.makedirs(_CACHE.value, exist_ok=True)
+  index.save(path + ".faiss")
+  with open(path + ".json", "w") as f:
+    json.dump({"key": key, "build_s": build_s, "by": " ".join(sys.argv)}, f, indent=1)
+  return index, build_s
+
+
+def _settings(backend, index) -> list[dict[str, int]]:
+  """The search-time settings swept for `backend` (within the index's range), as keyword
+  dicts for index.search: {} (exact), nprobe, nprobe x refine (ivf_pq_refine), efSearch."""
   if backend == "exact":
-    return None, [None]
+    return [{}]
   if backend == "hnsw":
-    return "efSearch", [int(v) for v in _EF.value]
+    return [{"efSearch": int(v)} for v in _EF.value]
   nlist = index.num_lists if backend == "ivf" else index.params["nlist"]
-  return "nprobe", [int(v) for v in _NPROBE.value if int(v) <= nlist]
+  probes = [int(v) for v in _NPROBE.value if int(v) <= nlist]
+  if backend == "ivf_pq_refine":
+    return [{"nprobe": p, "refine": int(r)} for p in probes for r in _REFINE.value]
+  return [{"nprobe": p} for p in probes]
+
+
+def setting_label(row) -> str:
+  """'nprobe=16, refine=4' (rows of older runs: knob=value), '-' for exact."""
+  search = row.get("search")
+  if search is None:
+    search = {row["knob"]: row["value"]} if row.get("knob") else {}
+  return ", ".join(f"{k}={v}" for k, v in search.items()) or "-"
 
 
 def run(items, queries, source):
@@ -203,36 +295,39 @@ def run(items, queries, source):
   params = parse_params(_PARAMS.value)
   pin = Pinning()
   cores = [int(c) for c in _CORES.value]
+  build_cores = {}
+  for spec in _BUILD_CORES_FOR.value:
+    name, _, n = spec.partition(":")
+    if not n.isdigit() or int(n) < 1:
+      raise app.UsageError(f"--build_cores_for entry {spec!r} is not backend:n (n >= 1).")
+    build_cores[name] = int(n)
   load = [os.getloadavg()]
   print(f"{len(items)} items, {len(queries)} queries, dim {items.shape[1]}, k={k} ({source}); "
         f"load average {load[0]}", flush=True)
-  exact = index_lib.ExactIndex(items)
-  _, exact_ids = exact.search(queries, k)
+  _, exact_ids = _exact(items).search(queries, k)
   rows = []
   for backend in _BACKENDS.value:
-    pin.set(_BUILD_CORES.value)
-    t0 = time.perf_counter()
-    index = _build(backend, items, params, _SEED.value)
-    build_s = time.perf_counter() - t0
+    pin.set(build_cores.get(backend, _BUILD_CORES.value))
+    index, build_s = _build_or_load(backend, items, params, _SEED.value, source)
     nbytes = _index_bytes(index)
     desc = index.description()
     print(f"{backend}: built in {build_s:.1f} s, {nbytes / 2**20:.1f} MiB, {desc['params']}",
           flush=True)
-    knob, values = _knob(backend, index)
+    settings = _settings(backend, index)
     for n in cores:
       pin.set(n)
-      for v in values:
-        kw = {} if knob is None else {knob: v}
+      for kw in settings:
         ids, batched = _batched_qps(index, queries, k, _REPEATS.value, **kw)
         single = _single_qps(index, queries, k, min(_SINGLE.value, len(queries)), **kw)
-        row = {"backend": backend, "cores": n, "knob": knob, "value": v,
+        # knob/value: the last (innermost) setting, kept for older readers of the JSON.
+        knob, value = list(kw.items())[-1] if kw else (None, None)
+        row = {"backend": backend, "cores": n, "knob": knob, "value": value, "search": kw,
                f"recall@{k}": index_lib.recall_at_k(ids, exact_ids),
                "batched_qps": batched, "single_qps": single, "build_s": build_s,
                "index_bytes": nbytes, "params": desc["params"]}
         rows.append(row)
-        print(f"  cores {n} {knob or ''}={v if v is not None else ''}: recall@{k} "
-              f"{row[f'recall@{k}']:.4f}, batched {row['batched_qps']:.0f} q/s, single "
-              f"{single:.2f} q/s", flush=True)
+        print(f"  cores {n} {setting_label(row)}: recall@{k} {row[f'recall@{k}']:.4f}, "
+              f"batched {row['batched_qps']:.0f} q/s, single {single:.2f} q/s", flush=True)
     del index
     load.append(os.getloadavg())
     result = {"source": source, "num_items": len(items), "num_queries": len(queries),
@@ -257,6 +352,7 @@ def plot(out: str, files) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   results = []
   for path in files:
     with open(path) as f:
@@ -272,11 +368,20 @@ def plot(out: str, files) -> None:
       for backend in dict.fromkeys(row["backend"] for row in r["rows"]):
         rows = [row for row in r["rows"] if row["backend"] == backend and row["cores"] == c]
         exact = backend == "exact"
-        ax.plot([row["batched_qps"] for row in rows], [row[key] for row in rows],
-                "*" if exact else "o-", color=COLORS.get(backend), label=backend,
-                markersize=10 if exact else 4)
+        # A 2-D sweep (ivf_pq_refine: nprobe x refine) draws one curve over its first knob per
+        # value of the others, each its own marker.
+        groups = {}
+        for row in rows:
+          rest = tuple(list((row.get("search") or {}).items())[1:])
+          groups.setdefault(rest, []).append(row)
+        for g, (rest, grows) in enumerate(groups.items()):
+          label = backend + "".join(f" {k}={v}" for k, v in rest)
+          ax.plot([row["batched_qps"] for row in grows], [row[key] for row in grows],
+                  "*" if exact else "osD^vp"[g % 6] + "-", color=COLORS.get(backend),
+                  label=label, markersize=10 if exact else 4, alpha=1.0 - 0.12 * g)
       ax.axhline(0.95, color="grey", lw=0.7, ls="--")
       ax.set_xscale("log")
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
       ax.set_xlabel(f"queries/s (batches of {r['num_queries']})")
       ax.set_ylabel(key)
       ax.set_title(f"{data}, {r['num_items']:,} x {r['dim']}, {c} core{'s' if c > 1 else ''}",
@@ -295,8 +400,7 @@ def markdown(result) -> str:
   lines = [f"| backend | cores | knob | {key} | batched q/s | single q/s | build s | index MiB |",
            "|---|---|---|---|---|---|---|---|"]
   for r in result["rows"]:
-    knob = f"{r['knob']}={r['value']}" if r["knob"] else "-"
-    lines.append(f"| {r['backend']} | {r['cores']} | {knob} | {r[key]:.3f} | "
+    lines.append(f"| {r['backend']} | {r['cores']} | {setting_label(r)} | {r[key]:.3f} | "
                  f"{r['batched_qps']:,.0f} | {r['single_qps']:,.1f} | {r['build_s']:.1f} | "
                  f"{r['index_bytes'] / 2**20:,.0f} |")
   lines += ["", f"| backend | cores | operating point ({key} >= 0.95) | {key} | batched vs exact "
@@ -312,12 +416,12 @@ def markdown(result) -> str:
         continue
       if not ok:
         best = max(rows, key=lambda r: r[key])
-        lines.append(f"| {backend} | {cores} | not reached (best {best['knob']}={best['value']})"
+        lines.append(f"| {backend} | {cores} | not reached (best {setting_label(best)})"
                      f" | {best[key]:.3f} | - | - |")
         continue
       r = max(ok, key=lambda r: r["batched_qps"])
       e = exact[cores]
-      lines.append(f"| {backend} | {cores} | {r['knob']}={r['value']} | {r[key]:.3f} | "
+      lines.append(f"| {backend} | {cores} | {setting_label(r)} | {r[key]:.3f} | "
                    f"{r['batched_qps'] / e['batched_qps']:.1f}x | "
                    f"{r['single_qps'] / e['single_qps']:.0f}x |")
   return "\n".join(lines)

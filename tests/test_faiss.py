@@ -81,6 +81,29 @@ def test_generous_setting_is_exact_and_the_knob_matters(data, kind):
   assert index.params == index_lib.resolve_params(kind, build, len(items), items.shape[1])
 
 
+def test_refine_reranks_the_pq_candidates_exactly(data):
+  """refine=r returns the k best, by the exact inner product (float64 numpy reference), of the
+  r * k candidates the PQ index alone returns; so recall cannot fall as r grows, and an r that
+  covers the probed lists is exact."""
+  items, queries, _, exact_ids = data
+  index = index_lib.build_index(items, "ivf_pq", nlist=32, nprobe=8, m=4, nbits=6, refine=64)
+  base = faiss.downcast_index(index.faiss_index.base_index)
+  recalls = []
+  for r in (1, 4, 16, 64):
+    scores, ids = index.search(queries, K, refine=r)
+    _, cand = base.search(queries, r * K, params=faiss.SearchParametersIVF(nprobe=8))
+    exact = np.einsum("qd,qcd->qc", queries.astype(np.float64), items[cand].astype(np.float64))
+    exact = np.where(cand < 0, -np.inf, exact)
+    best = np.argsort(-exact, axis=1, kind="stable")[:, :K]
+    want_ids = np.take_along_axis(cand, best, 1)
+    # Same sets (ties in float32 may order equal scores differently), same scores, best first.
+    assert [set(a) for a in ids.tolist()] == [set(a) for a in want_ids.tolist()], r
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, best, 1), atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    recalls.append(index_lib.recall_at_k(ids, exact_ids))
+  assert recalls == sorted(recalls) and recalls[0] < 0.95 <= recalls[-1], recalls
+
+
 def fake_encoder(vectors: np.ndarray, fingerprint: str) -> encoders.Encoder:
   """An Encoder whose text 'i' embeds to vectors[i] (no model: the index is under test)."""
   return encoders.Encoder(
