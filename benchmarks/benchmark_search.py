@@ -84,9 +84,6 @@ _BUILD_CORES_FOR = flags.DEFINE_list("build_cores_for", [], "Per-backend --build
 _SINGLE = flags.DEFINE_integer("single_queries", 50, "Queries timed one at a time.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed batched calls (the fastest counts).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
-_SHARD = flags.DEFINE_integer(
-    "exact_shard", 131072, "Exact search (ground truth and the exact row) over more items than "
-    "this runs ExactIndex on shards of this many items and merges their top-k (ShardedExact).")
 _CACHE = flags.DEFINE_string("index_cache", None, "Save built FAISS indexes here and reuse them "
                              "(same backend, parameters and data; module docstring).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
@@ -161,7 +158,7 @@ class Pinning:
 
 
 def _index_bytes(index) -> int:
-  if isinstance(index, (index_lib.ExactIndex, ShardedExact)):
+  if isinstance(index, index_lib.ExactIndex):
     return int(index.vectors.nbytes)
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "index" + (".npz" if isinstance(index, index_lib.IVFIndex) else ""))
@@ -191,40 +188,9 @@ def _single_qps(index, queries, k, n, **kw) -> float:
   return 1.0 / float(np.median(times))
 
 
-class ShardedExact:
-  """ExactIndex over consecutive shards of `shard` items, the shards' top-k merged: the same
-  lists as one ExactIndex (scores are exact; ties: lower item index, since shards are merged in
-  item order with a stable sort), in bounded memory. ExactIndex's jitted top-k copies its whole
-  gallery onto the device and pads it to a multiple of its chunk: ~3 copies of the items, 6 GB at
-  1M x 512, more than this shared machine had free."""
-
-  def __init__(self, items, shard: int):
-    self.shards = [(a, index_lib.ExactIndex(items[a:a + shard]))
-                   for a in range(0, len(items), shard)]
-    self.vectors = items
-
-  def search(self, queries, k):
-    parts = [(s, ids + a) for a, index in self.shards
-             for s, ids in [index.search(queries, min(k, len(index)))]]
-    scores = np.concatenate([s for s, _ in parts], axis=1)
-    ids = np.concatenate([i for _, i in parts], axis=1)
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
-
-  def description(self):
-    return {"kind": "exact", "params": {"shards": len(self.shards)} if len(self.shards) > 1
-            else {}}
-
-
-def _exact(items):
-  if len(items) > _SHARD.value:
-    return ShardedExact(items, _SHARD.value)
-  return index_lib.ExactIndex(items)
-
-
 def _build(backend, items, params, seed):
   if backend == "exact":
-    return _exact(items)
+    return index_lib.ExactIndex(items)  # Any size: its top-k walks the gallery in blocks.
   if backend == "ivf":
     p = params.get("ivf", {})
     return index_lib.IVFIndex.build(items, num_lists=p.get("nlist") or index_lib.default_nlist(
@@ -304,7 +270,7 @@ def run(items, queries, source):
   load = [os.getloadavg()]
   print(f"{len(items)} items, {len(queries)} queries, dim {items.shape[1]}, k={k} ({source}); "
         f"load average {load[0]}", flush=True)
-  _, exact_ids = _exact(items).search(queries, k)
+  _, exact_ids = index_lib.ExactIndex(items).search(queries, k)
   rows = []
   for backend in _BACKENDS.value:
     pin.set(build_cores.get(backend, _BUILD_CORES.value))

@@ -158,15 +158,35 @@ def test_sharded_equals_unsharded():
   np.testing.assert_array_equal(a[1], b[1])
 
 
-def test_topk_matches_stable_sort():
+@pytest.mark.parametrize("k,gallery_block", [(7, 131072), (7, 25), (23, 10)])
+def test_topk_matches_stable_sort(k, gallery_block):
+  # One block; blocks of 30 (25 rounded up to the chunk) with a ragged last one; blocks smaller
+  # than k.
   rng = np.random.default_rng(5)
   q = rng.integers(-2, 3, (37, 6)).astype(np.float32)  # Many exact ties.
   g = rng.integers(-2, 3, (101, 6)).astype(np.float32)
-  vals, idx = retrieval.topk_retrieve(q, g, 7, query_chunk=16, gallery_chunk=10)
+  vals, idx = retrieval.topk_retrieve(q, g, k, query_chunk=16, gallery_chunk=10,
+                                      gallery_block=gallery_block)
   s = q.astype(np.float64) @ g.T.astype(np.float64)
-  ref = np.argsort(-s, axis=1, kind="stable")[:, :7]
+  ref = np.argsort(-s, axis=1, kind="stable")[:, :k]
   np.testing.assert_array_equal(idx, ref)
   np.testing.assert_array_equal(vals, np.take_along_axis(s, ref, 1))
+
+
+def test_topk_never_puts_the_whole_gallery_on_the_device(monkeypatch):
+  # A 1M-item gallery must stay on the host: only blocks of gallery_block rows go to the device.
+  put_rows = []
+  real_put = jax.device_put
+
+  def spy(x, *args, **kw):
+    put_rows.append(np.shape(x)[0])
+    return real_put(x, *args, **kw)
+
+  monkeypatch.setattr(retrieval.jax, "device_put", spy)
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=(1000, 8)).astype(np.float32)
+  retrieval.topk_retrieve(g[:5], g, 3, gallery_chunk=50, gallery_block=200)
+  assert max(put_rows) == 200, put_rows
 
 
 def test_bad_inputs_raise():

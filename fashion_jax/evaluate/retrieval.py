@@ -463,36 +463,45 @@ _both_directions = both_directions  # The earlier private name, kept for existin
 # ------------------------------------------------------------------------------------------------
 # Running top-k (the retrieved lists).
 # ------------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("k", "gallery_chunk"))
-def _topk_jit(queries, gallery, *, k, gallery_chunk):
-  ng = gallery.shape[0]
-  nb = -(-ng // gallery_chunk)
-  g = jnp.pad(gallery, ((0, nb * gallery_chunk - ng), (0, 0))).reshape(nb, gallery_chunk, -1)
-  ids = jnp.arange(nb * gallery_chunk, dtype=jnp.int32).reshape(nb, gallery_chunk)
+@functools.partial(jax.jit, static_argnames=("gallery_chunk",))
+def _topk_jit(queries, block, vals, idx, offset, *, gallery_chunk):
+  """Merges one gallery block into the running top-k (vals, idx) [Q, k] of `queries`.
+
+  The block's items are gallery rows offset .. offset + len(block) - 1; the block is padded to a
+  multiple of gallery_chunk here (a block-sized copy, never the whole gallery)."""
+  nb_items = block.shape[0]
+  nb = -(-nb_items // gallery_chunk)
+  g = jnp.pad(block, ((0, nb * gallery_chunk - nb_items), (0, 0))).reshape(nb, gallery_chunk, -1)
+  local = jnp.arange(nb * gallery_chunk, dtype=jnp.int32).reshape(nb, gallery_chunk)
+  k = vals.shape[1]
 
   def body(carry, j):
     vals, idx = carry
     s = _block_scores(queries, g[j])
-    s = jnp.where(ids[j][None, :] < ng, s, -jnp.inf)
-    # Carried entries come first: lax.top_k keeps the lower position on ties, so equal scores
-    # resolve to the lower gallery index, as a stable sort would.
+    s = jnp.where(local[j][None, :] < nb_items, s, -jnp.inf)
+    # Carried entries come first, and blocks and chunks are visited in gallery order:
+    # lax.top_k keeps the lower position on ties, so equal scores resolve to the lower gallery
+    # index, as a stable sort would.
     all_vals = jnp.concatenate([vals, s], axis=1)
-    all_idx = jnp.concatenate([idx, jnp.broadcast_to(ids[j], s.shape)], axis=1)
+    all_idx = jnp.concatenate([idx, jnp.broadcast_to(local[j] + offset, s.shape)], axis=1)
     vals, pos = lax.top_k(all_vals, k)
     return (vals, jnp.take_along_axis(all_idx, pos, axis=1)), None
 
-  init = (jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32),
-          jnp.full((queries.shape[0], k), -1, jnp.int32))
-  (vals, idx), _ = lax.scan(body, init, jnp.arange(nb))
+  (vals, idx), _ = lax.scan(body, (vals, idx), jnp.arange(nb))
   return vals, idx
 
 
 def topk_retrieve(queries, gallery, k: int, *, query_chunk: int = 1024,
-                  gallery_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+                  gallery_chunk: int = 1024, gallery_block: int = 131072
+                  ) -> tuple[np.ndarray, np.ndarray]:
   """The k best gallery items of every query, via a running top-k over gallery chunks.
 
-  Memory O(query_chunk x (gallery_chunk + k)) on the device. Ties resolve to the lower gallery
-  index.
+  The gallery is walked in host-side blocks of `gallery_block` rows (rounded up to a multiple of
+  gallery_chunk), each put on the device once and merged into every query chunk's running top-k;
+  inside a block, a jitted scan over chunks of `gallery_chunk` rows. The gallery is never copied
+  or padded as a whole: device memory is O(gallery_block x D + query_chunk x (gallery_chunk +
+  k)) whatever the gallery size (one block of 131,072 x 512 float32 is 256 MiB; a 1M-item
+  gallery stays on the host). Ties resolve to the lower gallery index.
 
   Args:
     queries: [Nq, D]; gallery: [Ng, D]; k: 1 <= k <= Ng.
@@ -504,16 +513,25 @@ def topk_retrieve(queries, gallery, k: int, *, query_chunk: int = 1024,
   gallery = np.asarray(gallery, np.float32)
   if not 1 <= k <= gallery.shape[0]:
     raise ValueError(f"k={k} must be in [1, {gallery.shape[0]}] (the gallery size).")
+  if gallery_block < 1:
+    raise ValueError(f"gallery_block={gallery_block} must be >= 1.")
+  nq = queries.shape[0]
   gallery_chunk = min(gallery_chunk, gallery.shape[0])
-  out_v, out_i = [], []
-  for start in range(0, queries.shape[0], query_chunk):
-    q = queries[start:start + query_chunk]
-    q = _pad_to(q, min(query_chunk, queries.shape[0]), 0.0)
-    v, i = jax.device_get(_topk_jit(q, gallery, k=k, gallery_chunk=gallery_chunk))
-    n = min(query_chunk, queries.shape[0] - start)
-    out_v.append(v[:n])
-    out_i.append(i[:n])
-  return np.concatenate(out_v), np.concatenate(out_i)
+  gallery_block = -(-gallery_block // gallery_chunk) * gallery_chunk
+  qc = min(query_chunk, nq)
+  starts = range(0, nq, query_chunk)
+  q_dev = [jax.device_put(_pad_to(queries[a:a + query_chunk], qc, 0.0)) for a in starts]
+  carry = [(jnp.full((qc, k), -jnp.inf, jnp.float32), jnp.full((qc, k), -1, jnp.int32))
+           for _ in starts]
+  for offset in range(0, gallery.shape[0], gallery_block):
+    block = jax.device_put(gallery[offset:offset + gallery_block])
+    carry = [_topk_jit(q, block, v, i, jnp.int32(offset), gallery_chunk=gallery_chunk)
+             for q, (v, i) in zip(q_dev, carry)]
+    del block
+  out = jax.device_get(carry)
+  scores = np.concatenate([v for v, _ in out])[:nq]
+  ids = np.concatenate([i for _, i in out])[:nq]
+  return scores, ids
 
 
 # ------------------------------------------------------------------------------------------------
