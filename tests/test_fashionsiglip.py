@@ -168,6 +168,10 @@ def test_ring_and_blockwise_sigmoid_steps_equal_dense(dense_sigmoid_run, impl):
      r"the loss has no term"),
     ({"loss.kind": "infonce", "model.loss_blocks": 4},
      r"masked InfoNCE of the field terms is dense only"),
+    ({"loss.bias_init": "minus ten"}, r"config.loss.bias_init='minus ten' must be a finite"),
+    ({"loss.bias_init": True}, r"config.loss.bias_init=True must be a finite"),
+    ({"loss.field_positives": "values"},
+     r"config.loss.field_positives='values' is not one of \('row', 'value'\)"),
 ])
 def test_bad_objective_settings_are_named(change, match):
   config = _sigmoid_config("dense")
@@ -175,6 +179,22 @@ def test_bad_objective_settings_are_named(change, match):
     configs.apply_override(config, f"{key}={value!r}")
   with pytest.raises(ValueError, match=match):
     fashionclip.System(config)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_bias_init_sets_the_initial_logit_bias(family):
+  # A CLIP model gets the loss's extra logit_bias, a SigLIP model its own: both start at
+  # loss.bias_init (SigLIP's -10 when unset).
+  config = _sigmoid_config("dense")
+  if family == "siglip":
+    config = shrunk_siglip_smoke()
+  system = fashionclip.System(config)
+  params = nn.unbox(system.init(jax.random.PRNGKey(0), system.dummy_batch(2)))
+  assert float(params["logit_bias"]) == -10.0
+  configs.apply_override(config, "loss.bias_init=-4.25")
+  system = fashionclip.System(config)
+  params = nn.unbox(system.init(jax.random.PRNGKey(0), system.dummy_batch(2)))
+  assert float(params["logit_bias"]) == -4.25
 
 
 @pytest.mark.parametrize("arg, devices", [("smoke", 8), ("base", 8), ("pod", 64)])
@@ -296,13 +316,17 @@ def test_open_clip_dir_initialises_the_model_of_its_kind(tmp_path, monkeypatch):
     fashionclip.System(config)
 
 
-@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
-def test_system_loss_is_the_composed_formula(kind):
+@pytest.mark.parametrize("kind,field_positives", [
+    ("infonce", "row"), ("sigmoid", "row"), ("infonce", "value"), ("sigmoid", "value")])
+def test_system_loss_is_the_composed_formula(kind, field_positives):
   """System.loss == sum_g c_g [w_text L(tn img, tn txt) + sum_f w_f L(tn img, tn field_f; m_f)]
-  in float64 numpy, from the system's own embeddings."""
+  in float64 numpy, from the system's own embeddings; with field_positives='value', products
+  whose field f has the same tokens are positives of each other in the term of f."""
   config = _sigmoid_config("dense")
   config.loss.kind = kind
+  configs.apply_override(config, f"loss.field_positives={field_positives!r}")
   system = fashionclip.System(config)
+  # Two words per field from a pool of 10: a batch of 16 repeats some field values.
   batch = jax.tree.map(jnp.asarray, _field_batch_fn(config)(0))
   params = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(0), batch))
   loss, _ = jax.jit(lambda p, b: system.loss(p, b, None))(params, batch)
@@ -320,7 +344,11 @@ def test_system_loss_is_the_composed_formula(kind):
   def tn(x, m):
     x = x[:, :m or x.shape[1]]
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+  keys = None
+  if field_positives == "value":
+    keys = [None] + [[tuple(row) for row in np.asarray(ft[:, k])] for k in range(ft.shape[1])]
+    assert any(len(set(k)) < len(k) for k in keys[1:])  # The batch has repeated values.
   want = sum(c * np_multi_field_loss(kind, tn(img, m), [tn(t, m) for t in [txt] + fields],
-                                     masks, weights, scale=scale, lt=lt, bias=bias)
+                                     masks, weights, scale=scale, lt=lt, bias=bias, keys=keys)
              for m, c in zip(config.model.matryoshka_dims, config.loss.matryoshka_weights))
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)

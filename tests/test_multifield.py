@@ -33,38 +33,52 @@ def _data(n=12, d=8, num_fields=3, seed=0):
   return img, texts, masks
 
 
-def _np_info_nce(a, b, scale, m, v=None):
-  """float64: 1/2 [(1/N) sum over valid i of v_i CE(row i over valid j) + same for columns];
-  v = per-pair weights (1 each when None), N = the number of valid rows."""
+def _np_positive(n, keys):
+  """[n, n] bool: i == j, or keys[i] == keys[j] (keys: one hashable value per row)."""
+  if keys is None:
+    return np.eye(n, dtype=bool)
+  return np.array([[ki == kj for kj in keys] for ki in keys])
+
+
+def _np_info_nce(a, b, scale, m, v=None, keys=None):
+  """float64: 1/2 [(1/N) sum over valid i of v_i row_i + the same over columns], row_i =
+  logsumexp_j s_ij - mean over i's positives j (i only, or every j with keys_j == keys_i) of
+  s_ij (UniCL's multi-positive target); v = per-pair weights (1 each when None), N = the
+  number of valid rows."""
   a, b, m = np.float64(a), np.float64(b), np.asarray(m, bool)
   if not m.any():
     return 0.0
   v = np.ones(m.sum()) if v is None else np.float64(v)[m]
   s = scale * (a[m] @ b[m].T)
-  diag = np.diag(s)
-  row = np.log(np.exp(s).sum(1)) - diag
-  col = np.log(np.exp(s).sum(0)) - diag
+  pos = _np_positive(len(a), keys)[np.ix_(m, m)]
+  row = np.log(np.exp(s).sum(1)) - (s * pos).sum(1) / pos.sum(1)
+  col = np.log(np.exp(s).sum(0)) - (s * pos).sum(0) / pos.sum(0)
   return 0.5 * ((v * row).mean() + (v * col).mean())
 
 
-def _np_sigmoid(a, b, lt, bias, m, v=None):
+def _np_sigmoid(a, b, lt, bias, m, v=None, keys=None):
   a, b, m = np.float64(a), np.float64(b), np.float64(m)
   z = np.exp(lt) * (a @ b.T) + bias
-  labels = 2.0 * np.eye(len(a)) - 1.0
+  pos = _np_positive(len(a), keys)
+  labels = 2.0 * pos - 1.0
   c = np.ones_like(z)
   if v is not None:
-    c[np.diag_indices(len(a))] = np.float64(v)
+    c[pos] = np.broadcast_to(np.float64(v)[:, None], z.shape)[pos]
   return np.sum(np.outer(m, m) * c * np.logaddexp(0.0, -labels * z)) / max(m.sum(), 1.0)
 
 
 def np_multi_field_loss(kind, img, texts, masks, weights, scale=7.0, lt=math.log(10.0),
-                        bias=-5.0, pair_weight=None):
+                        bias=-5.0, pair_weight=None, keys=None):
   """float64 numpy: sum_f w_f L(img, texts[f]; masks[f]), L = InfoNCE or the sigmoid loss, its
-  positive terms weighted by `pair_weight` (one per product, the same in every field)."""
+  positive terms weighted by `pair_weight` (one per product, the same in every field); keys:
+  None, or per field None or one key per product (equal keys = positives of each other)."""
+  keys = [None] * len(texts) if keys is None else keys
   if kind == "infonce":
-    terms = [_np_info_nce(img, t, scale, m, pair_weight) for t, m in zip(texts, masks)]
+    terms = [_np_info_nce(img, t, scale, m, pair_weight, k)
+             for t, m, k in zip(texts, masks, keys)]
   else:
-    terms = [_np_sigmoid(img, t, lt, bias, m, pair_weight) for t, m in zip(texts, masks)]
+    terms = [_np_sigmoid(img, t, lt, bias, m, pair_weight, k)
+             for t, m, k in zip(texts, masks, keys)]
   return sum(w * t for w, t in zip(weights, terms))
 
 
@@ -80,15 +94,52 @@ def _np_grad(f, x, h=1e-6):
 
 
 def _jax_multi(kind, img, texts, masks, weights, scale=7.0, lt=math.log(10.0), bias=-5.0,
-               pair_weight=None):
+               pair_weight=None, keys=None):
   if kind == "infonce":
-    pair = lambda a, b, m: multifield.masked_info_nce(a, b, scale, m, weight=pair_weight)
+    pair = lambda a, b, m, k=None: multifield.masked_info_nce(a, b, scale, m, k,
+                                                              weight=pair_weight)
   else:
-    pair = lambda a, b, m: sigmoid.sigmoid_loss(a, b, lt, bias, pair_mask=m,
-                                                pair_weight=pair_weight)
+    pair = lambda a, b, m, k=None: sigmoid.sigmoid_loss(a, b, lt, bias, pair_mask=m,
+                                                        pair_weight=pair_weight, pair_keys=k)
   names = [f"f{i}" for i in range(len(texts))]
   return multifield.multi_field_loss(pair, img, texts, [jnp.asarray(m) for m in masks],
-                                     weights, names)
+                                     weights, names, keys)
+
+
+@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_keyed_multi_field_loss_equals_numpy_values_and_grads(kind, weighted):
+  # Field values shared by several products (3 values in field 0, 2 in field 1) are positives
+  # of each other; field 2 keeps row positives.
+  img, texts, masks = _data()
+  n = len(img)
+  rng = np.random.default_rng(7)
+  keys = [rng.integers(0, 3, n).astype(np.int32), rng.integers(0, 2, n).astype(np.int32), None]
+  weights, v = (1.0, 0.5, 2.0), (_pair_weight(n) if weighted else None)
+  fn = lambda i, ts: _jax_multi(kind, i, ts, masks, weights, pair_weight=v, keys=keys)[0]
+  np_loss = lambda i, ts: np_multi_field_loss(kind, i, ts, masks, weights, pair_weight=v,
+                                              keys=[None if k is None else list(k)
+                                                    for k in keys])
+  loss = _assert_matches_numpy(fn, np_loss, img, texts)
+  assert not np.isclose(loss, np_multi_field_loss(kind, img, texts, masks, weights,
+                                                  pair_weight=v), rtol=1e-3)
+
+
+def _assert_matches_numpy(fn, np_loss, img, texts):
+  """fn(img, texts) (jax) equals np_loss(img, texts) (float64) in value and in the gradients
+  w.r.t. img and every text (central differences); returns the loss."""
+  loss, (g_img, g_txt) = jax.value_and_grad(fn, argnums=(0, 1))(img, texts)
+  np.testing.assert_allclose(float(loss), np_loss(img, texts), rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(g_img), _np_grad(lambda x: np_loss(x, texts), img),
+                             rtol=1e-4, atol=2e-6)
+  for f in range(len(texts)):
+    def vary(t, f=f):
+      ts = list(texts)
+      ts[f] = t
+      return np_loss(img, ts)
+    np.testing.assert_allclose(np.asarray(g_txt[f]), _np_grad(vary, texts[f]),
+                               rtol=1e-4, atol=2e-6)
+  return float(loss)
 
 
 @pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
@@ -123,20 +174,9 @@ def test_pair_weighted_multi_field_loss_equals_numpy_values_and_grads(kind):
   img, texts, masks = _data()
   weights, v = (1.0, 0.5, 2.0), _pair_weight(len(img))
   fn = lambda i, ts: _jax_multi(kind, i, ts, masks, weights, pair_weight=v)[0]
-  loss, (g_img, g_txt) = jax.value_and_grad(fn, argnums=(0, 1))(img, texts)
   np_loss = lambda i, ts: np_multi_field_loss(kind, i, ts, masks, weights, pair_weight=v)
-  np.testing.assert_allclose(float(loss), np_loss(img, texts), rtol=2e-6, atol=2e-6)
-  assert not np.isclose(float(loss), np_multi_field_loss(kind, img, texts, masks, weights),
-                        rtol=1e-3)
-  np.testing.assert_allclose(np.asarray(g_img), _np_grad(lambda x: np_loss(x, texts), img),
-                             rtol=1e-4, atol=2e-6)
-  for f in range(3):
-    def vary(t, f=f):
-      ts = list(texts)
-      ts[f] = t
-      return np_loss(img, ts)
-    np.testing.assert_allclose(np.asarray(g_txt[f]), _np_grad(vary, texts[f]),
-                               rtol=1e-4, atol=2e-6)
+  loss = _assert_matches_numpy(fn, np_loss, img, texts)
+  assert not np.isclose(loss, np_multi_field_loss(kind, img, texts, masks, weights), rtol=1e-3)
 
 
 @pytest.mark.parametrize("num_blocks", [1, 4])

@@ -30,34 +30,43 @@ def _mask(n, seed=1):
   return m
 
 
-def _np_pair_weights(n, weight):
-  """c_ij: the pair weight w_i on the diagonal (the positives), 1 elsewhere; float64."""
+def _np_positive(n, keys):
+  """[n, n] bool: i == j, or (with keys, a list of hashable values) keys_i == keys_j."""
+  if keys is None:
+    return np.eye(n, dtype=bool)
+  return np.array([[ki == kj for kj in keys] for ki in keys])
+
+
+def _np_pair_weights(n, weight, keys=None):
+  """c_ij: row i's pair weight w_i on its positives, 1 elsewhere; float64."""
   c = np.ones((n, n))
   if weight is not None:
-    c[np.diag_indices(n)] = np.float64(weight)
+    pos = _np_positive(n, keys)
+    c[pos] = np.broadcast_to(np.float64(weight)[:, None], (n, n))[pos]
   return c
 
 
-def _np_loss(x, y, lt, b, mask=None, weight=None):
+def _np_loss(x, y, lt, b, mask=None, weight=None, keys=None):
   """float64 numpy: -(1/N) sum_ij m_i m_j c_ij log sigmoid(l_ij (e^t' <x_i, y_j> + b)), with
-  c_ii = weight_i and c_ij = 1 off the diagonal (all 1 without weights)."""
+  l_ij = +1 on the positives (i == j, or equal keys) and -1 elsewhere, c_ij = weight_i on row
+  i's positives and 1 elsewhere (all 1 without weights)."""
   x, y = np.float64(x), np.float64(y)
   m = np.ones(len(x)) if mask is None else np.float64(mask)
   z = np.exp(lt) * (x @ y.T) + b
-  labels = 2.0 * np.eye(len(x)) - 1.0
-  c = _np_pair_weights(len(x), weight)
+  labels = 2.0 * _np_positive(len(x), keys) - 1.0
+  c = _np_pair_weights(len(x), weight, keys)
   # -log sigmoid(u) = log(1 + e^-u).
   return np.sum(np.outer(m, m) * c * np.logaddexp(0.0, -labels * z)) / max(m.sum(), 1.0)
 
 
-def _np_grads(x, y, lt, b, mask=None, weight=None):
+def _np_grads(x, y, lt, b, mask=None, weight=None, keys=None):
   """Analytic gradients of `_np_loss` w.r.t. (x, y, t', b), float64."""
   x, y = np.float64(x), np.float64(y)
   m = np.ones(len(x)) if mask is None else np.float64(mask)
   t = np.exp(lt)
   s = x @ y.T
-  labels = 2.0 * np.eye(len(x)) - 1.0
-  c = _np_pair_weights(len(x), weight)
+  labels = 2.0 * _np_positive(len(x), keys) - 1.0
+  c = _np_pair_weights(len(x), weight, keys)
   # d/dz log(1 + e^(-l z)) = -l / (1 + e^(l z)).
   gz = -np.outer(m, m) * c * labels / (1.0 + np.exp(labels * (t * s + b))) / max(m.sum(), 1.0)
   return t * gz @ y, t * gz.T @ x, t * np.sum(gz * s), np.sum(gz)
@@ -86,11 +95,17 @@ def _assert_same(got, want, rtol, atol):
     np.testing.assert_allclose(metrics[k], metrics_w[k], rtol=rtol, atol=atol, err_msg=k)
 
 
-def _dense_single_device(x, y, lt, b, mask=None, weight=None):
+def _dense_single_device(x, y, lt, b, mask=None, weight=None, keys=None):
   dev = jax.devices()[0]
   args = [jax.device_put(v, dev) for v in (x, y, np.float32(lt), np.float32(b))]
-  return _value_and_grads(
-      lambda *a: sigmoid.sigmoid_loss(*a, pair_mask=mask, pair_weight=weight))(*args)
+  return _value_and_grads(lambda *a: sigmoid.sigmoid_loss(
+      *a, pair_mask=mask, pair_weight=weight, pair_keys=keys))(*args)
+
+
+def _keys(n, seed=3):
+  """[n, 2] int32 keys with 4 distinct values (many duplicates, as a colour field has)."""
+  values = np.random.default_rng(seed).integers(0, 4, n)
+  return np.stack([values, 7 * values + 1], -1).astype(np.int32)
 
 
 @pytest.mark.parametrize("masked,weighted", [(False, False), (True, False), (True, True)])
@@ -194,13 +209,14 @@ def test_init_constants():
   assert sigmoid.INIT_BIAS == -10.0
 
 
-def _ring(mesh_config, x, y, lt, b, mask=None, weight=None):
+def _ring(mesh_config, x, y, lt, b, mask=None, weight=None, keys=None):
   mesh = mesh_lib.create_mesh(mesh_config)
   rows = NamedSharding(mesh, P(("data", "fsdp")))
   args = (jax.device_put(x, rows), jax.device_put(y, rows), np.float32(lt), np.float32(b))
 
   def fn(*a):
-    return sigmoid.ring_sigmoid_loss(*a, mesh=mesh, pair_mask=mask, pair_weight=weight)
+    return sigmoid.ring_sigmoid_loss(*a, mesh=mesh, pair_mask=mask, pair_weight=weight,
+                                     pair_keys=keys)
 
   return _value_and_grads(fn)(*args)
 
@@ -233,6 +249,70 @@ def test_weighted_ring_and_blockwise_match_weighted_dense(mesh_config):
 
   _assert_same(_value_and_grads(fn)(x, y, *map(np.float32, params)), want, rtol=1e-5,
                atol=1e-6)
+
+
+@pytest.mark.parametrize("masked,weighted", [(False, False), (True, True)])
+def test_keyed_positives_match_float64_formula(masked, weighted):
+  # Rows with equal keys are each other's positives: values, gradients and the metrics (the
+  # positive-logit mean over the keyed positives) against float64 numpy.
+  x, y = _pairs()
+  n = len(x)
+  mask = _mask(n) if masked else None
+  weight = _weights(n) if weighted else None
+  keys = _keys(n)
+  key_list = [tuple(k) for k in keys]
+  lt, b = _PARAMS[1]
+  (loss, metrics), grads = _dense_single_device(x, y, lt, b, mask, weight, keys)
+  np.testing.assert_allclose(loss, _np_loss(x, y, lt, b, mask, weight, key_list), rtol=1e-6)
+  assert not np.isclose(float(loss), _np_loss(x, y, lt, b, mask, weight), rtol=1e-3)
+  for g, g_np in zip(grads, _np_grads(x, y, lt, b, mask, weight, key_list)):
+    np.testing.assert_allclose(g, g_np, rtol=1e-6, atol=1e-6)
+  m = np.ones(n, bool) if mask is None else mask
+  z = np.exp(lt) * (np.float64(x) @ np.float64(y).T) + b
+  pos = _np_positive(n, key_list) & np.outer(m, m)
+  np.testing.assert_allclose(metrics["pos_logit"], z[pos].mean(), rtol=1e-6)
+  np.testing.assert_allclose(metrics["neg_logit"], z[np.outer(m, m) & ~pos].mean(), rtol=1e-6)
+
+
+def test_distinct_keys_equal_no_keys_bitwise():
+  x, y = _pairs()
+  mask, weight = _mask(len(x)), _weights(len(x))
+  got = _dense_single_device(x, y, *_PARAMS[2], mask, weight, np.arange(len(x)))
+  want = _dense_single_device(x, y, *_PARAMS[2], mask, weight)
+  _assert_same(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mesh_config", [{"data": 4, "fsdp": 2}, {"data": 8}])
+def test_keyed_ring_and_blockwise_match_keyed_dense(mesh_config):
+  # Keyed positives sit in every ring step (not only the device's own chunk): the keys travel.
+  x, y = _pairs(n=32)
+  mask, weight, keys = _mask(32), _weights(32), _keys(32)
+  params = _PARAMS[1]
+  want = _dense_single_device(x, y, *params, mask, weight, keys)
+  _assert_same(_ring(mesh_config, x, y, *params, mask, weight, keys), want, rtol=1e-5,
+               atol=1e-6)
+
+  def fn(*a):
+    return sigmoid.blockwise_sigmoid_loss(*a, num_blocks=8, pair_mask=mask, pair_weight=weight,
+                                          pair_keys=keys)
+
+  _assert_same(_value_and_grads(fn)(x, y, *map(np.float32, params)), want, rtol=1e-5,
+               atol=1e-6)
+
+
+def test_token_keys_are_equal_exactly_for_equal_rows():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 50000, (200, 16)).astype(np.int32)
+  ids[10] = ids[3]
+  ids[11, :15] = ids[3, :15]  # Differs in the last token only.
+  keys = np.asarray(sigmoid.token_keys(ids))
+  assert keys.shape == (200, 2) and keys.dtype == np.int32
+  same = (keys[:, None] == keys[None]).all(-1)
+  want = (ids[:, None] == ids[None]).all(-1)
+  np.testing.assert_array_equal(same, want)
+  # [B, F, L] -> [B, F, 2], row by row.
+  np.testing.assert_array_equal(np.asarray(sigmoid.token_keys(ids.reshape(50, 4, 16))),
+                                keys.reshape(50, 4, 2))
 
 
 @pytest.mark.parametrize("wrong_perm", [

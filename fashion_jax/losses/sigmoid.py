@@ -28,9 +28,17 @@ Deliberate choices:
       loss = -(1/N) sum_ij w_ij c_ij log sigmoid(l_ij z_ij),  c_ii = v_i, c_ij = 1 (i != j)
   still divided by N (not by sum v). With every v_i = 1 the loss and gradients are bitwise
   the unweighted ones (the code multiplies by exactly 1.0).
-* Metrics (never differentiated: wrapped in stop_gradient): `pos_logit` (mean z_ii over valid
-  rows), `neg_logit` (mean z_ij, i != j, over valid pairs), `temperature` t, `bias` b,
-  `num_valid` N.
+* `pair_keys` [B] or [B, H] int (optional): the pair (i, j) is a positive, l_ij = +1, when
+  row i and row j have equal keys (all H of them), not only when i == j. For a product field
+  with few distinct values (colour, brand), the keys identify the value
+  (`token_keys` of the field's tokens): every image whose colour text is "navy" is then a
+  positive of every "navy" text in the batch, instead of a negative of all but its own copy
+  of the same text (which asks the model to tell identical texts apart: at batch 64 and 12
+  colours, ~5 of a row's 63 negatives are its own text). Without keys, l_ij = +1 iff i == j.
+  Pair weights c_ij = v_i apply to every positive of row i.
+* Metrics (never differentiated: wrapped in stop_gradient): `pos_logit` (mean z_ij over the
+  valid positive pairs: the diagonal without keys), `neg_logit` (mean z_ij over the valid
+  negative pairs), `temperature` t, `bias` b, `num_valid` N.
 
 Three computations of the same number (tests/test_sigmoid_loss.py checks values and
 gradients of each against the others and against a float64 numpy formula):
@@ -83,13 +91,32 @@ from fashion_jax.parallel import mesh as mesh_lib
 INIT_LOG_TEMPERATURE = math.log(10.0)  # t' (t = exp(t') = 10), the paper's init.
 INIT_BIAS = -10.0                       # b, the paper's init.
 
-# Sums every computation returns before normalising: (loss, positive logits, negative logits).
-_Sums = tuple[jax.Array, jax.Array, jax.Array]
+# Sums every computation returns before normalising: (loss, positive logits, negative logits,
+# number of positive pairs).
+_Sums = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
-def _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight=None):
-  """float32 copies of the inputs, the [B] float mask and the [B] float32 pair weights (None
-  when not given); checks the shapes."""
+def token_keys(ids: jax.Array) -> jax.Array:
+  """int32 [..., 2] keys of token rows ids [..., L]: two polynomial hashes (mod 2^32, bases
+  1000003 and 998244353) of the row, so rows with equal tokens have equal keys, and two
+  different rows share both keys with probability ~2^-64 (the `pair_keys` of a field term)."""
+  ids = jnp.asarray(ids).astype(jnp.uint32)
+
+  def poly(base):
+    powers = jnp.cumprod(jnp.full((ids.shape[-1],), base, jnp.uint32))  # Wraps mod 2^32.
+    return jnp.sum(ids * powers, axis=-1, dtype=jnp.uint32)
+
+  return lax.bitcast_convert_type(jnp.stack([poly(1000003), poly(998244353)], -1), jnp.int32)
+
+
+def _same_key(kx, ky):
+  """[r, c] bool: row i of kx [r, H] equals row j of ky [c, H]."""
+  return jnp.all(kx[:, None, :] == ky[None, :, :], axis=-1)
+
+
+def _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight=None, pair_keys=None):
+  """float32 copies of the inputs, the [B] float mask, the [B] float32 pair weights and the
+  [B, H] int32 pair keys (each None when not given); checks the shapes."""
   if img.ndim != 2 or img.shape != txt.shape:
     raise ValueError(f"sigmoid loss: img {img.shape} and txt {txt.shape} must both be [B, D].")
   n = img.shape[0]
@@ -105,9 +132,17 @@ def _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight=None):
       raise ValueError(f"sigmoid loss: pair_weight {jnp.shape(pair_weight)} must be [B] = "
                        f"({n},).")
     weight = jnp.asarray(pair_weight, jnp.float32)
+  keys = None
+  if pair_keys is not None:
+    keys = jnp.asarray(pair_keys)
+    keys = keys[:, None] if keys.ndim == 1 else keys
+    if keys.ndim != 2 or keys.shape[0] != n or not jnp.issubdtype(keys.dtype, jnp.integer):
+      raise ValueError(f"sigmoid loss: pair_keys {jnp.shape(pair_keys)} ({keys.dtype}) must be "
+                       f"int [B] or [B, H] with B = {n}.")
+    keys = keys.astype(jnp.int32)
   return (img.astype(jnp.float32), txt.astype(jnp.float32),
           jnp.asarray(log_temperature, jnp.float32), jnp.asarray(bias, jnp.float32), mask,
-          weight)
+          weight, keys)
 
 
 def _positive_weights(w, positive, vx):
@@ -118,7 +153,8 @@ def _positive_weights(w, positive, vx):
 
 
 def _block_sums(x, y, mx, my, log_t, bias, positive, vx=None) -> _Sums:
-  """(loss sum, positive-logit sum, negative-logit sum) of the block x [r, D] vs y [c, D].
+  """(loss sum, positive-logit sum, negative-logit sum, positive count) of the block x [r, D]
+  vs y [c, D].
 
   `positive`: [r, c] bool marking the matching pairs of the block, or None (none in it).
   `vx`: [r] pair weights of the rows (their positive terms), or None.
@@ -127,20 +163,22 @@ def _block_sums(x, y, mx, my, log_t, bias, positive, vx=None) -> _Sums:
   w = mx[:, None] * my[None, :]
   if positive is None:
     loss = -jnp.sum(w * jax.nn.log_sigmoid(-z))
-    return loss, jnp.zeros((), jnp.float32), jnp.sum(w * z)
+    zero = jnp.zeros((), jnp.float32)
+    return loss, zero, jnp.sum(w * z), zero
   sign = jnp.where(positive, 1.0, -1.0)
   loss = -jnp.sum(_positive_weights(w, positive, vx) * jax.nn.log_sigmoid(sign * z))
   wz = w * z
-  return loss, jnp.sum(jnp.where(positive, wz, 0.0)), jnp.sum(jnp.where(positive, 0.0, wz))
+  return (loss, jnp.sum(jnp.where(positive, wz, 0.0)), jnp.sum(jnp.where(positive, 0.0, wz)),
+          jnp.sum(jnp.where(positive, w, 0.0)))
 
 
 def _finish(sums: _Sums, count, log_t, bias) -> tuple[jax.Array, dict]:
   """Normalised loss and metrics from the global sums and the number of valid rows."""
-  loss_sum, pos_sum, neg_sum = sums
+  loss_sum, pos_sum, neg_sum, pos_count = sums
   loss = loss_sum / jnp.maximum(count, 1.0)
   metrics = {
-      "pos_logit": pos_sum / jnp.maximum(count, 1.0),
-      "neg_logit": neg_sum / jnp.maximum(count * (count - 1.0), 1.0),
+      "pos_logit": pos_sum / jnp.maximum(pos_count, 1.0),
+      "neg_logit": neg_sum / jnp.maximum(count * count - pos_count, 1.0),
       "temperature": jnp.exp(log_t),
       "bias": bias,
       "num_valid": count,
@@ -149,8 +187,8 @@ def _finish(sums: _Sums, count, log_t, bias) -> tuple[jax.Array, dict]:
 
 
 def sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array, bias: jax.Array,
-                 *, pair_mask: jax.Array | None = None, pair_weight: jax.Array | None = None
-                 ) -> tuple[jax.Array, dict]:
+                 *, pair_mask: jax.Array | None = None, pair_weight: jax.Array | None = None,
+                 pair_keys: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """SigLIP's sigmoid loss with dense [B, B] logits (the reference computation).
 
   Args:
@@ -161,30 +199,35 @@ def sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array, bia
     pair_mask: optional [B] bool; False rows are left out entirely (module docstring).
     pair_weight: optional [B] float; v_i multiplies the positive term of pair i (module
       docstring; the metrics are unweighted).
+    pair_keys: optional int [B] or [B, H]; rows with equal keys are each other's positives
+      (module docstring), e.g. `token_keys` of a field's tokens.
 
   Returns:
     (loss, metrics): the loss of the module docstring (a float32 scalar) and the metrics
     pos_logit, neg_logit, temperature, bias, num_valid (not differentiated).
   """
-  x, y, log_t, b, m, v = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight)
-  positive = jnp.eye(x.shape[0], dtype=bool)
+  x, y, log_t, b, m, v, keys = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight,
+                                        pair_keys)
+  positive = jnp.eye(x.shape[0], dtype=bool) if keys is None else _same_key(keys, keys)
   return _finish(_block_sums(x, y, m, m, log_t, b, positive, v), jnp.sum(m), log_t, b)
 
 
 def blockwise_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array,
                            bias: jax.Array, *, num_blocks: int,
                            pair_mask: jax.Array | None = None,
-                           pair_weight: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                           pair_weight: jax.Array | None = None,
+                           pair_keys: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """`sigmoid_loss` as a rematerialised scan over `num_blocks` text blocks (no [B, B] buffer).
 
   Args:
-    img, txt, log_temperature, bias, pair_mask, pair_weight: as `sigmoid_loss`.
+    img, txt, log_temperature, bias, pair_mask, pair_weight, pair_keys: as `sigmoid_loss`.
     num_blocks: K, must divide B; 1 is one block of B texts (the dense logits in a scan).
 
   Returns:
     What `sigmoid_loss` returns, up to float32 summation order.
   """
-  x, y, log_t, b, m, v = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight)
+  x, y, log_t, b, m, v, keys = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight,
+                                        pair_keys)
   n = x.shape[0]
   # Same row-block layout and checks as the blockwise InfoNCE.
   contrastive._check_blocks(n, num_blocks, "num_blocks")  # pylint: disable=protected-access
@@ -192,15 +235,19 @@ def blockwise_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.
   y_blocks, m_blocks = row_blocks(y, num_blocks), row_blocks(m, num_blocks)
   cols = row_blocks(jnp.arange(n), num_blocks)             # [K, B/K]: global text index
   rows = jnp.arange(n)
+  # Without keys, a placeholder the body ignores: the positives are then i == j.
+  key_blocks = row_blocks(jnp.zeros((n, 1), jnp.int32) if keys is None else keys, num_blocks)
 
   @functools.partial(jax.checkpoint, prevent_cse=False)   # Backward recomputes the block.
   def body(carry, xs):
-    y_k, m_k, cols_k = xs
-    sums = _block_sums(x, y_k, m, m_k, log_t, b, rows[:, None] == cols_k[None, :], v)
+    y_k, m_k, cols_k, keys_k = xs
+    positive = (rows[:, None] == cols_k[None, :] if keys is None
+                else _same_key(keys, keys_k))
+    sums = _block_sums(x, y_k, m, m_k, log_t, b, positive, v)
     return jax.tree.map(jnp.add, carry, sums), None
 
-  init = (jnp.zeros((), jnp.float32),) * 3
-  sums, _ = lax.scan(body, init, (y_blocks, m_blocks, cols))
+  init = (jnp.zeros((), jnp.float32),) * 4
+  sums, _ = lax.scan(body, init, (y_blocks, m_blocks, cols, key_blocks))
   return _finish(sums, jnp.sum(m), log_t, b)
 
 
@@ -223,37 +270,48 @@ def _block_grads(x, y, mx, my, log_t, bias, positive, scale, vx=None):
   return t * (gz @ y), t * (gz.T @ x), t * jnp.sum(gz * s), jnp.sum(gz)
 
 
-def _ring_forward(x, y, m, v, log_t, bias, *, axis, n):
+def _ring_positive(k, k_c):
+  """The positives of the local rows against a received chunk: by key, or None (no keys: the
+  chunks of other devices hold none)."""
+  return None if k is None else _same_key(k, k_c)
+
+
+def _ring_forward(x, y, m, v, k, log_t, bias, *, axis, n):
   """Per-device body of the ring: global sums and the number of valid rows. v: the local pair
-  weights, or None; only step 0 (the device's own texts) holds positives."""
+  weights, or None; k: the local pair keys, or None, in which case only step 0 (the device's
+  own texts) holds positives, on its diagonal; with keys, any step may hold some."""
   perm = _ring_permutation(n)
-  sums = _block_sums(x, y, m, m, log_t, bias, jnp.eye(x.shape[0], dtype=bool), v)
+  own = jnp.eye(x.shape[0], dtype=bool) if k is None else _same_key(k, k)
+  sums = _block_sums(x, y, m, m, log_t, bias, own, v)
 
   def step(_, carry):
-    y_c, m_c, sums = carry
-    y_c, m_c = lax.ppermute((y_c, m_c), axis, perm)       # Now the chunk of device r - s.
-    new = _block_sums(x, y_c, m, m_c, log_t, bias, None)
-    return y_c, m_c, jax.tree.map(jnp.add, sums, new)
+    y_c, m_c, k_c, sums = carry
+    # Now the chunk of device r - s (its keys with it; k_c is None without keys).
+    y_c, m_c, k_c = lax.ppermute((y_c, m_c, k_c), axis, perm)
+    new = _block_sums(x, y_c, m, m_c, log_t, bias, _ring_positive(k, k_c), v)
+    return y_c, m_c, k_c, jax.tree.map(jnp.add, sums, new)
 
-  _, _, sums = lax.fori_loop(1, n, step, (y, m, sums))     # n - 1 ppermutes.
+  _, _, _, sums = lax.fori_loop(1, n, step, (y, m, k, sums))  # n - 1 ppermutes.
   return lax.psum(sums, axis), lax.psum(jnp.sum(m), axis)
 
 
-def _ring_backward(x, y, m, v, log_t, bias, g, *, axis, n):
+def _ring_backward(x, y, m, v, k, log_t, bias, g, *, axis, n):
   """Per-device backward ring: (dx, dy, dlog_t, dbias) for the loss cotangent g."""
   perm = _ring_permutation(n)
   scale = g / jnp.maximum(lax.psum(jnp.sum(m), axis), 1.0)
-  dx, dy_c, dlog_t, dbias = _block_grads(x, y, m, m, log_t, bias,
-                                         jnp.eye(x.shape[0], dtype=bool), scale, v)
+  own = jnp.eye(x.shape[0], dtype=bool) if k is None else _same_key(k, k)
+  dx, dy_c, dlog_t, dbias = _block_grads(x, y, m, m, log_t, bias, own, scale, v)
 
   def step(_, carry):
-    y_c, m_c, dy_c, dx, dlog_t, dbias = carry
+    y_c, m_c, k_c, dy_c, dx, dlog_t, dbias = carry
     # Each text chunk travels with the running sum of its gradient.
-    y_c, m_c, dy_c = lax.ppermute((y_c, m_c, dy_c), axis, perm)
-    ddx, ddy, ddlog_t, ddbias = _block_grads(x, y_c, m, m_c, log_t, bias, None, scale)
-    return y_c, m_c, dy_c + ddy, dx + ddx, dlog_t + ddlog_t, dbias + ddbias
+    y_c, m_c, k_c, dy_c = lax.ppermute((y_c, m_c, k_c, dy_c), axis, perm)
+    ddx, ddy, ddlog_t, ddbias = _block_grads(x, y_c, m, m_c, log_t, bias,
+                                             _ring_positive(k, k_c), scale, v)
+    return y_c, m_c, k_c, dy_c + ddy, dx + ddx, dlog_t + ddlog_t, dbias + ddbias
 
-  _, _, dy_c, dx, dlog_t, dbias = lax.fori_loop(1, n, step, (y, m, dy_c, dx, dlog_t, dbias))
+  _, _, _, dy_c, dx, dlog_t, dbias = lax.fori_loop(1, n, step,
+                                                   (y, m, k, dy_c, dx, dlog_t, dbias))
   # Device r now holds the complete gradient of the chunk of r + 1: one more move sends it home.
   dy = lax.ppermute(dy_c, axis, perm)
   return dx, dy, lax.psum(dlog_t, axis), lax.psum(dbias, axis)
@@ -262,12 +320,14 @@ def _ring_backward(x, y, m, v, log_t, bias, g, *, axis, n):
 def ring_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array,
                       bias: jax.Array, *, mesh: jax.sharding.Mesh,
                       pair_mask: jax.Array | None = None,
-                      pair_weight: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                      pair_weight: jax.Array | None = None,
+                      pair_keys: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """`sigmoid_loss` with the texts passed around a ring of the mesh's batch shards.
 
   Args:
-    img, txt, log_temperature, bias, pair_mask, pair_weight: as `sigmoid_loss` (global arrays;
-      they are sharded over the batch axes inside, whatever their sharding is outside).
+    img, txt, log_temperature, bias, pair_mask, pair_weight, pair_keys: as `sigmoid_loss`
+      (global arrays; they are sharded over the batch axes inside, whatever their sharding is
+      outside). The keys travel with their text chunk.
     mesh: a mesh with the axes of `axes.BATCH_AXES` ('data', 'fsdp'); n = data * fsdp must
       divide B. Other axes (tensor) hold replicas.
 
@@ -280,30 +340,37 @@ def ring_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array
     raise ValueError(f"ring_sigmoid_loss: the mesh {dict(mesh.shape)} lacks the batch axes "
                      f"{missing}; expected {axes.BATCH_AXES}.")
   n = mesh_lib.batch_axes_size(mesh)
-  x, y, log_t, b, m, v = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight)
+  x, y, log_t, b, m, v, k = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight,
+                                     pair_keys)
   if x.shape[0] % n:
     raise ValueError(f"ring_sigmoid_loss: B={x.shape[0]} is not divisible by the {n} batch "
                      f"shards of the mesh {dict(mesh.shape)}.")
   axis = tuple(axes.BATCH_AXES)
   rows, vec, rep = P(axis, None), P(axis), P()
-  weighted = v is not None
-  if not weighted:  # A placeholder that the bodies ignore (v=None there): same program.
+  weighted, keyed = v is not None, k is not None
+  # Placeholders that the bodies ignore (None there) keep one signature for every case.
+  if not weighted:
     v = m
+  if not keyed:
+    k = jnp.zeros((x.shape[0], 1), jnp.int32)
 
-  def fwd_body(x, y, m, v, log_t, b):
-    return _ring_forward(x, y, m, v if weighted else None, log_t, b, axis=axis, n=n)
+  def fwd_body(x, y, m, v, k, log_t, b):
+    return _ring_forward(x, y, m, v if weighted else None, k if keyed else None, log_t, b,
+                         axis=axis, n=n)
 
-  def bwd_body(x, y, m, v, log_t, b, g):
-    return _ring_backward(x, y, m, v if weighted else None, log_t, b, g, axis=axis, n=n)
+  def bwd_body(x, y, m, v, k, log_t, b, g):
+    return _ring_backward(x, y, m, v if weighted else None, k if keyed else None, log_t, b, g,
+                          axis=axis, n=n)
 
-  forward = jax.shard_map(fwd_body, mesh=mesh, in_specs=(rows, rows, vec, vec, rep, rep),
-                          out_specs=((rep,) * 3, rep))
-  backward = jax.shard_map(bwd_body, mesh=mesh, in_specs=(rows, rows, vec, vec, rep, rep, rep),
+  forward = jax.shard_map(fwd_body, mesh=mesh, in_specs=(rows, rows, vec, vec, rows, rep, rep),
+                          out_specs=((rep,) * 4, rep))
+  backward = jax.shard_map(bwd_body, mesh=mesh,
+                           in_specs=(rows, rows, vec, vec, rows, rep, rep, rep),
                            out_specs=(rows, rows, rep, rep))
 
   @jax.custom_vjp
   def loss_fn(x, y, m, v, log_t, b):
-    sums, count = forward(x, y, m, v, log_t, b)
+    sums, count = forward(x, y, m, v, k, log_t, b)
     return _finish(sums, count, log_t, b)
 
   def loss_fwd(x, y, m, v, log_t, b):
@@ -312,7 +379,7 @@ def ring_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array
   def loss_bwd(res, cotangents):
     g, _ = cotangents  # The metrics are stop_gradient'ed: their cotangent is ignored.
     x, y, m, v, log_t, b = res
-    dx, dy, dlog_t, dbias = backward(x, y, m, v, log_t, b, g)
+    dx, dy, dlog_t, dbias = backward(x, y, m, v, k, log_t, b, g)
     # The pair weights are data (scores), not trained: no cotangent.
     return dx, dy, jnp.zeros_like(m), jnp.zeros_like(v), dlog_t, dbias
 

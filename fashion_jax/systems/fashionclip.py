@@ -35,8 +35,19 @@ Objective (config.loss; every key optional, the defaults are FashionCLIP's InfoN
   loss.kind              'infonce' (default) | 'sigmoid' (SigLIP's loss, losses/sigmoid.py)
   loss.sigmoid_impl      'dense' (default) | 'blockwise' (model.loss_blocks text blocks) | 'ring'
                          (texts passed around the mesh's batch shards; needs the trainer's mesh)
+  loss.bias_init         the sigmoid loss's initial logit bias b (default sigmoid.INIT_BIAS =
+                         -10, SigLIP's, chosen for batch 32k; log(1/B) starts a batch-B run at
+                         the bias a batch of unrelated pairs would settle to). A random init
+                         only: a pretrained model keeps its own bias. Unused by InfoNCE (a
+                         SigLIP model's bias parameter is then left untrained).
   loss.text_weight       w of the image <-> `text` term (1.0; 0 = fields only)
   loss.field_weights     one weight per entry of data.fields (default 1 each)
+  loss.field_positives   'row' (default): in the term of field f, image i's only positive is
+                         product i's field text; 'value': every product whose field f has the
+                         same text (tokens) is a positive of it too (sigmoid: l_ij = +1;
+                         InfoNCE: a multi-positive target; sigmoid.token_keys, losses/
+                         multifield.py). With few distinct values (colour, brand) 'row' asks
+                         the model to tell identical texts apart.
   loss.matryoshka_weights  one weight c_g per entry of model.matryoshka_dims (default 1 each)
   model.matryoshka_dims  () = off; e.g. (64, 128, 0): the loss is summed over the embedding
                          prefixes of these widths, each re-normalised (0 = full width;
@@ -71,6 +82,7 @@ with data.pair_weight_field also 'pair_weight' float32 [B] (the raw scores).
 import dataclasses
 import difflib
 import functools
+import math
 from typing import Any
 
 from absl import logging
@@ -102,7 +114,8 @@ _INIT_KEY = {"clip": "hf_clip_dir", "siglip": "hf_siglip_dir"}  # The pretrained
 LOSS_KINDS = ("infonce", "sigmoid")
 SIGMOID_IMPLS = ("dense", "blockwise", "ring")
 _LOSS_KEYS = ("kind", "sigmoid_impl", "text_weight", "field_weights", "matryoshka_weights",
-              "pair_weight")
+              "pair_weight", "bias_init", "field_positives")
+FIELD_POSITIVES = ("row", "value")
 _PAIR_WEIGHT_KEYS = ("score_range", "weight_range")
 
 
@@ -121,6 +134,8 @@ class Objective:
     matryoshka_weights: one c_g per dim.
     pair_weight_field: '' or the dataset column of the per-pair scores (data.pair_weight_field).
     score_range, weight_range: the score-to-weight map (losses/pair_weights.py).
+    bias_init: the sigmoid loss's initial logit bias (random init only).
+    field_positives: 'row' | 'value' (module docstring).
   """
   kind: str = "infonce"
   sigmoid_impl: str = "dense"
@@ -133,6 +148,8 @@ class Objective:
   pair_weight_field: str = ""
   score_range: tuple[float, float] = pair_weights.DEFAULT_SCORE_RANGE
   weight_range: tuple[float, float] = pair_weights.DEFAULT_WEIGHT_RANGE
+  bias_init: float = sigmoid.INIT_BIAS
+  field_positives: str = "row"
 
   @property
   def is_default(self) -> bool:
@@ -192,10 +209,20 @@ def objective(config) -> Objective:
   score_range, weight_range = pair_weights.check_ranges(
       pw.get("score_range", pair_weights.DEFAULT_SCORE_RANGE),
       pw.get("weight_range", pair_weights.DEFAULT_WEIGHT_RANGE))
+  bias_init = loss.get("bias_init", sigmoid.INIT_BIAS)
+  if (isinstance(bias_init, bool) or not isinstance(bias_init, (int, float))
+      or not math.isfinite(bias_init)):
+    raise ValueError(f"config.loss.bias_init={bias_init!r} must be a finite number (SigLIP's "
+                     f"{sigmoid.INIT_BIAS}; log(1/batch) for a small batch).")
+  field_positives = loss.get("field_positives", "row")
+  if field_positives not in FIELD_POSITIVES:
+    raise ValueError(f"config.loss.field_positives={field_positives!r} is not one of "
+                     f"{FIELD_POSITIVES}.")
   return Objective(kind=kind, sigmoid_impl=impl, loss_blocks=blocks, text_weight=text_weight,
                    fields=fields, field_weights=field_weights, matryoshka_dims=dims,
                    matryoshka_weights=dim_weights, pair_weight_field=weight_field,
-                   score_range=score_range, weight_range=weight_range)
+                   score_range=score_range, weight_range=weight_range,
+                   bias_init=float(bias_init), field_positives=field_positives)
 
 
 def family(config) -> str:
@@ -272,7 +299,8 @@ def model_config(config) -> clip_lib.CLIPConfig | siglip_lib.SiglipConfig:
     if m.get("projection_dim") is not None:
       raise ValueError(f"config.model.projection_dim={m.projection_dim!r}: a SigLIP model's "
                        "embedding width is its vision width (set model.vision.width).")
-    return siglip_lib.siglip_config(m.variant, vision=vision, text=text, **runtime)
+    return siglip_lib.siglip_config(m.variant, vision=vision, text=text,
+                                    logit_bias_init=objective(config).bias_init, **runtime)
   if (config.get("loss") or {}).get("kind", "infonce") == "sigmoid":
     runtime["logit_scale_init"] = sigmoid.INIT_LOG_TEMPERATURE  # SigLIP's t' init.
   return clip_lib.clip_config(m.variant, projection_dim=m.get("projection_dim"), vision=vision,
@@ -328,7 +356,7 @@ class System:
     params = self.model.init(rng, batch["image"], batch["text"])["params"]
     if self._extra_bias:
       params = {**params, "logit_bias": nn.LogicallyPartitioned(
-          jnp.full((), sigmoid.INIT_BIAS, jnp.float32), names=())}
+          jnp.full((), self.objective.bias_init, jnp.float32), names=())}
     return params
 
   def pretrained_params(self):
@@ -347,7 +375,7 @@ class System:
     else:
       return None
     if self._extra_bias:
-      params = {**params, "logit_bias": np.full((), sigmoid.INIT_BIAS, np.float32)}
+      params = {**params, "logit_bias": np.full((), self.objective.bias_init, np.float32)}
     return params
 
   def _model_params(self, params):
@@ -361,25 +389,25 @@ class System:
     [B] (or None): the per-pair weights of the positive terms, the same in every term."""
     obj = self.objective
     if obj.kind == "infonce":
-      def pair(img, txt, mask):
-        if mask is None:
+      def pair(img, txt, mask, keys=None):
+        if mask is None and keys is None:
           return contrastive.info_nce(img, txt, scale, num_blocks=obj.loss_blocks,
                                       pair_weight=weight)
-        return multifield.masked_info_nce(img, txt, scale, mask, weight=weight)
+        return multifield.masked_info_nce(img, txt, scale, mask, keys, weight=weight)
       return pair
     if obj.sigmoid_impl == "dense":
-      return lambda img, txt, mask: sigmoid.sigmoid_loss(img, txt, log_t, bias, pair_mask=mask,
-                                                         pair_weight=weight)
+      return lambda img, txt, mask, keys=None: sigmoid.sigmoid_loss(
+          img, txt, log_t, bias, pair_mask=mask, pair_weight=weight, pair_keys=keys)
     if obj.sigmoid_impl == "blockwise":
-      return lambda img, txt, mask: sigmoid.blockwise_sigmoid_loss(
+      return lambda img, txt, mask, keys=None: sigmoid.blockwise_sigmoid_loss(
           img, txt, log_t, bias, num_blocks=obj.loss_blocks, pair_mask=mask,
-          pair_weight=weight)
+          pair_weight=weight, pair_keys=keys)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
       raise ValueError("config.loss.sigmoid_impl='ring' needs the trainer's mesh (the loss runs "
                        "under jax.sharding.use_abstract_mesh in train/step.py); none is set.")
-    return lambda img, txt, mask: sigmoid.ring_sigmoid_loss(img, txt, log_t, bias, mesh=mesh,
-                                                            pair_mask=mask, pair_weight=weight)
+    return lambda img, txt, mask, keys=None: sigmoid.ring_sigmoid_loss(
+        img, txt, log_t, bias, mesh=mesh, pair_mask=mask, pair_weight=weight, pair_keys=keys)
 
   def loss(self, params, batch, rng, train: bool = True):
     """The objective of the module docstring over the global batch.
@@ -409,10 +437,11 @@ class System:
     log_t = bias = None
     if obj.kind == "sigmoid":
       log_t, bias = params["logit_scale"], params["logit_bias"]
-    texts, masks, weights, names = [], [], [], []
+    texts, masks, weights, names, keys = [], [], [], [], []
     if obj.text_weight > 0:
       texts.append(encode_texts(batch["text"]))
       masks.append(None)
+      keys.append(None)
       weights.append(obj.text_weight)
       names.append("text")
     if obj.fields:
@@ -420,9 +449,11 @@ class System:
       b, f = ids.shape[:2]
       # One encode of the B * F field texts (rows b-major: the batch sharding is kept).
       emb = encode_texts(ids.reshape((b * f,) + ids.shape[2:])).reshape(b, f, -1)
+      value_keys = sigmoid.token_keys(ids) if obj.field_positives == "value" else None
       for k, name in enumerate(obj.fields):
         texts.append(emb[:, k])
         masks.append(batch["field_mask"][:, k])
+        keys.append(None if value_keys is None else value_keys[:, k])
         weights.append(obj.field_weights[k])
         names.append(name)
     weight = None
@@ -430,7 +461,7 @@ class System:
       weight = pair_weights.score_to_weight(batch["pair_weight"], obj.score_range,
                                             obj.weight_range)
     pair = self._pair_loss(scale, log_t, bias, weight)
-    terms = lambda i, ts: multifield.multi_field_loss(pair, i, ts, masks, weights, names)
+    terms = lambda i, ts: multifield.multi_field_loss(pair, i, ts, masks, weights, names, keys)
     if obj.matryoshka_dims:
       loss, metrics = matryoshka.matryoshka_loss(terms, img, texts, obj.matryoshka_dims,
                                                  obj.matryoshka_weights)
