@@ -42,6 +42,8 @@ Comparisons at equal steps and seed (the same smoke schedule; each one key away)
                                 --config.loss.matryoshka_weights=()
   width m alone (m = 32, 64):   --config.model.matryoshka_dims='(m,)' \
                                 --config.loss.matryoshka_weights='(1.0,)'
+  SigLIP's bias init:           --config.loss.bias_init=-10.0   (the recipe: log(1/batch))
+  equal field values positive:  --config.loss.field_positives=value   (the recipe: row)
   All rows, several seeds, one table (docs/results/fashionsiglip.md):
   python -m experiments.fashionsiglip_compare --root=/tmp/fsiglip_cmp --data_dir=DATA_DIR \
       --seeds=0,1 --steps=600
@@ -52,6 +54,8 @@ catalog (e.g. an image_text_folder `score` column) weighs each product's positiv
       --config.loss.pair_weight.weight_range='(0.2, 1.0)'
 (a score below 0 weighs 0.2, above 5 weighs 1, linear between; '' = off, the default.)
 """
+
+import math
 
 import ml_collections
 
@@ -98,7 +102,8 @@ def get_config(arg: str = "smoke"):
                  dtype="float32", scan=False, remat_policy="none", attention_impl="einsum",
                  seq_pad_multiple=0, encode_chunks=1, loss_blocks=1, matryoshka_dims=(32, 64, 0))
   c.init = dict(hf_siglip_dir="", open_clip_dir="")
-  c.loss = dict(kind="sigmoid", sigmoid_impl="dense", text_weight=1.0,
+  c.loss = dict(kind="sigmoid", sigmoid_impl="dense", text_weight=1.0, bias_init=-10.0,
+                field_positives="row",
                 field_weights=(1.0,) * len(SMOKE_FIELDS), matryoshka_weights=(1.0, 1.0, 1.0),
                 pair_weight=dict(score_range=(0.0, 1.0), weight_range=(0.0, 1.0)))
 
@@ -139,6 +144,11 @@ def get_config(arg: str = "smoke"):
     c.total_steps = 10000
     schedule = dict(lr=5e-4, weight_decay=0.2, warmup_steps=1000, eval_every=1000, log_every=20)
     probe_splits = probe_splits[:2]
+  # The sigmoid loss's initial bias (a random init; a pretrained model keeps its own):
+  # log(1/batch), the logit at which a batch of unrelated pairs is in balance. SigLIP's -10 is
+  # that value at its batch of 32k; at batch 64 it starts every pair far below it and the towers
+  # collapse to one direction to close the gap (docs/results/fashionsiglip.md).
+  c.loss.bias_init = -math.log(c.batch_size)
   fashionclip_config._schedule(c, **schedule)  # pylint: disable=protected-access
   c.evals.update(fashionclip_config._evals(  # pylint: disable=protected-access
       ("test",) + probe_splits, every=0))

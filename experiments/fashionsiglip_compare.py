@@ -67,6 +67,10 @@ ROWS = [
          overrides={"loss.kind": "infonce", "model.loss_blocks": 1}),
     dict(key="single_text", label="single text (title + description), no fields",
          overrides={"data.fields": (), "loss.field_weights": ()}),
+    dict(key="bias_siglip", label="SigLIP's bias init -10 instead of log(1/64)",
+         overrides={"loss.bias_init": -10.0}),
+    dict(key="value_positives", label="field terms: equal field values are positives",
+         overrides={"loss.field_positives": "value"}),
     dict(key="full_alone", label="no Matryoshka: the full width 128 alone",
          overrides={"model.matryoshka_dims": (), "loss.matryoshka_weights": ()}),
     dict(key="d64_alone", label="width 64 alone (the loss on the 64-prefix only)",
@@ -289,7 +293,8 @@ def tables(results: dict[str, list[dict]], seeds: list[int], steps: int) -> str:
              ("test i2t R@1", "test/full/i2t_R@1"), ("test i2t R@10", "test/full/i2t_R@10"),
              ("test SumR", "test/full/SumR")]
   metrics += [(f"{h} SumR", f"{h}/full/SumR") for h in HOLDOUTS]
-  full_rows = [k for k in ("recipe", "infonce", "single_text", "full_alone") if k in results]
+  full_rows = [k for k in ("recipe", "infonce", "single_text", "bias_siglip", "value_positives",
+                           "full_alone") if k in results]
   parts.append("Full-candidate retrieval at the full width (128), split per column:\n")
   parts.append(_table(["row"] + [m for m, _ in metrics],
                       [[by_key[k]["label"]] + [_cell(_values(results[k], key))
@@ -303,7 +308,9 @@ def tables(results: dict[str, list[dict]], seeds: list[int], steps: int) -> str:
                                                for _, key in fmetrics] for k in full_rows]))
   # 3. Verdicts of the two comparisons at the full width.
   vlines = []
-  for other, name in (("infonce", "InfoNCE"), ("single_text", "single text")):
+  for other, name in (("infonce", "InfoNCE"), ("single_text", "single text"),
+                      ("bias_siglip", "bias init -10"),
+                      ("value_positives", "value positives")):
     if "recipe" not in results or other not in results:
       continue
     for label, key in metrics + fmetrics:
