@@ -178,6 +178,7 @@ def test_config_file_resolves_from_any_working_directory(tmp_path, monkeypatch):
   assert cli.resolve_config_files(argv)[2] == os.path.join(REPO, "configs", "e2.py") + ":smoke"
 
 
+@pytest.mark.slow  # Two CLI subprocesses (~20 s); the in-process resolution test above is fast.
 def test_cli_config_from_another_directory(tmp_path):
   """From a directory outside the checkout: the recipe's relative config path loads (shown by
   the config's own did-you-mean for a misspelt key), a missing file is one line, exit 1."""

@@ -64,8 +64,11 @@ def single_device_run():
                               batch_fn=batch_fn(config))
 
 
-@pytest.mark.parametrize("mesh_config", [{"data": 4, "fsdp": 2, "tensor": 1},
-                                         {"data": 2, "fsdp": 2, "tensor": 2}])
+@pytest.mark.parametrize("mesh_config", [
+    {"data": 4, "fsdp": 2, "tensor": 1},
+    # Slow job (default run time): ~25 s; the tensor axis is also checked by test_siglip's
+    # sharded step and test_sigmoid_loss's ring over (data, fsdp, tensor).
+    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.slow)])
 def test_fashionclip_steps_on_a_mesh_equal_one_device(single_device_run, mesh_config):
   config = tiny_config()
   losses, params, state = toy_system.run_steps(config, mesh_config, num_steps=3,

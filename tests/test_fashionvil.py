@@ -95,6 +95,7 @@ def optax_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow  # ~30 s (default run time).
 def test_vectors_fusion_masking_and_patch_zeroing(tmp_path):
   system = system_lib.System(tiny_config(tmp_path))
   batch = make_batch(system)

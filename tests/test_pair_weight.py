@@ -41,7 +41,10 @@ def _np_score_to_weight(s):
   return WEIGHT_RANGE[0] + (WEIGHT_RANGE[1] - WEIGHT_RANGE[0]) * u
 
 
-@pytest.mark.parametrize("kind", [pytest.param("infonce", marks=pytest.mark.slow), "sigmoid"])
+# Both slow (default run time, ~15-30 s each): the weighted losses are checked against float64
+# numpy in test_sigmoid_loss.py and test_multifield.py by default.
+@pytest.mark.parametrize("kind", [pytest.param("infonce", marks=pytest.mark.slow),
+                                  pytest.param("sigmoid", marks=pytest.mark.slow)])
 def test_system_loss_with_pair_weights_is_the_composed_formula(kind):
   config = _weighted_config(kind)
   system = fashionclip.System(config)
