@@ -48,8 +48,9 @@ gradients of each against the others and against a float64 numpy formula):
   n = data * fsdp shards, b = B/n rows each), each device keeps its image shard x_r [b, D]
   and passes its text shard around the ring (device r -> r + 1) with `lax.ppermute`, n - 1
   times; at step s device r holds the text chunk of device r - s and adds the [b, b] block
-  loss of x_r against it. Only step 0 (the chunk that started on the same device) holds
-  positives, on its diagonal. The per-device sums are `psum`med at the end. The backward is a
+  loss of x_r against it. Without keys only step 0 (the chunk that started on the same device)
+  holds positives, on its diagonal; with `pair_keys` the chunk's keys [b, H] travel with it and
+  any step may hold positives. The per-device sums are `psum`med at the end. The backward is a
   `custom_vjp` that runs the same ring again, carrying each text chunk together with the
   accumulator of ITS gradient; after the n - 1 moves one more `ppermute` brings every text
   gradient home. (Plain autodiff through the forward ring would also be exact, but it keeps
