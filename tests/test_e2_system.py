@@ -216,8 +216,9 @@ def single_device():
   return _run(_config(), {"data": 1, "fsdp": 1, "tensor": 1}, 2)
 
 
-@pytest.mark.parametrize("mesh_config", [{"data": 4, "fsdp": 2, "tensor": 1},
-                                         {"data": 2, "fsdp": 2, "tensor": 2}])
+@pytest.mark.parametrize("mesh_config", [
+    {"data": 4, "fsdp": 2, "tensor": 1},
+    pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.slow)])  # ~45 s each.
 def test_sharded_steps_equal_single_device(mesh_config, single_device):
   ref_losses, _, ref_params, _ = single_device
   losses, _, params, state = _run(_config(), mesh_config, 2)

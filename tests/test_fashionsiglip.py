@@ -184,13 +184,15 @@ def test_bad_objective_settings_are_named(change, match):
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_bias_init_sets_the_initial_logit_bias(family):
   # A CLIP model gets the loss's extra logit_bias, a SigLIP model its own: both start at
-  # loss.bias_init (SigLIP's -10 when unset).
+  # loss.bias_init (SigLIP's -10 when unset; the fashionsiglip recipe sets log(1/batch)).
   config = _sigmoid_config("dense")
+  want = -10.0
   if family == "siglip":
     config = shrunk_siglip_smoke()
+    want = np.float32(-np.log(64.0))  # The recipe's batch, before the shrink.
   system = fashionclip.System(config)
   params = nn.unbox(system.init(jax.random.PRNGKey(0), system.dummy_batch(2)))
-  assert float(params["logit_bias"]) == -10.0
+  assert float(params["logit_bias"]) == want
   configs.apply_override(config, "loss.bias_init=-4.25")
   system = fashionclip.System(config)
   params = nn.unbox(system.init(jax.random.PRNGKey(0), system.dummy_batch(2)))

@@ -90,6 +90,7 @@ def test_encoder_matches_float64_numpy(pre_norm, act, eps, masking, impl):
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # ~30 s; scan is also checked in the towers' tests (test_clip_sharding, test_siglip).
 def test_scan_and_remat_match_unrolled_values_and_grads():
   x = np.random.RandomState(0).randn(2, 5, 16).astype(np.float32)
   mask = jnp.asarray(np.tril(np.ones((5, 5), bool))[None, None])
