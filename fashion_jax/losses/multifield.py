@@ -40,9 +40,11 @@ import jax
 import jax.numpy as jnp
 
 from fashion_jax.losses import regional
+from fashion_jax.losses import sigmoid
 
-# (img, txt, mask[, keys]) -> (loss, metrics); called with keys only for a term that has them.
-PairLoss = Callable[..., tuple[jax.Array, dict]]
+# (img, txt, mask or None, keys or None) -> (loss, metrics).
+PairLoss = Callable[[jax.Array, jax.Array, jax.Array | None, jax.Array | None],
+                    tuple[jax.Array, dict]]
 
 
 def masked_info_nce(a: jax.Array, b: jax.Array, scale: jax.Array,
@@ -81,12 +83,8 @@ def masked_info_nce(a: jax.Array, b: jax.Array, scale: jax.Array,
     v = jnp.ones((n,), jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
     positive = jnp.eye(n, dtype=bool)
     if keys is not None:
-      keys = jnp.asarray(keys)
-      keys = keys[:, None] if keys.ndim == 1 else keys
-      if keys.ndim != 2 or keys.shape[0] != n:
-        raise ValueError(f"masked_info_nce: keys {jnp.shape(keys)} must be [B] or [B, H] with "
-                         f"B = {n}.")
-      positive = jnp.all(keys[:, None, :] == keys[None, :, :], axis=-1)
+      keys = sigmoid.as_pair_keys(keys, n, "masked_info_nce")
+      positive = sigmoid.same_key(keys, keys)
     loss, metrics = _weighted_masked_info_nce(a, b, scale, valid, v, positive)
   return loss, jax.lax.stop_gradient(metrics)
 
@@ -132,11 +130,11 @@ def multi_field_loss(pair_loss: PairLoss, img: jax.Array, texts: Sequence[jax.Ar
                      masks: Sequence[jax.Array | None], weights: Sequence[float],
                      names: Sequence[str], keys: Sequence[jax.Array | None] | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """sum_f w_f * pair_loss(img, texts[f], masks[f][, keys[f]]) (module docstring).
+  """sum_f w_f * pair_loss(img, texts[f], masks[f], keys[f]) (module docstring).
 
   Args:
-    pair_loss: (img [B, D], txt [B, D], mask [B] bool or None[, keys int [B, H]]) -> (loss,
-      metrics); called with keys only for the terms whose `keys` entry is not None.
+    pair_loss: (img [B, D], txt [B, D], mask [B] bool or None, keys int [B, H] or None) ->
+      (loss, metrics).
     img: [B, D] image embeddings.
     texts: one [B, D] text embedding per field.
     masks: one [B] bool mask (or None = all valid) per field.
@@ -159,7 +157,7 @@ def multi_field_loss(pair_loss: PairLoss, img: jax.Array, texts: Sequence[jax.Ar
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for txt, mask, key, w, name in zip(texts, masks, keys, weights, names):
-    loss, m = pair_loss(img, txt, mask) if key is None else pair_loss(img, txt, mask, key)
+    loss, m = pair_loss(img, txt, mask, key)
     total = total + float(w) * loss
     metrics[f"loss/{name}"] = loss
     metrics.update({f"{k}/{name}": v for k, v in m.items()})

@@ -110,9 +110,19 @@ def token_keys(ids: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(jnp.stack([poly(1000003), poly(998244353)], -1), jnp.int32)
 
 
-def _same_key(kx, ky):
+def same_key(kx, ky):
   """[r, c] bool: row i of kx [r, H] equals row j of ky [c, H]."""
   return jnp.all(kx[:, None, :] == ky[None, :, :], axis=-1)
+
+
+def as_pair_keys(pair_keys, n: int, who: str) -> jax.Array:
+  """int [B] or [B, H] pair keys -> int32 [B, H]; ValueError naming `who` for another shape."""
+  keys = jnp.asarray(pair_keys)
+  keys = keys[:, None] if keys.ndim == 1 else keys
+  if keys.ndim != 2 or keys.shape[0] != n or not jnp.issubdtype(keys.dtype, jnp.integer):
+    raise ValueError(f"{who}: pair_keys {jnp.shape(pair_keys)} ({keys.dtype}) must be int [B] "
+                     f"or [B, H] with B = {n}.")
+  return keys.astype(jnp.int32)
 
 
 def _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight=None, pair_keys=None):
@@ -133,14 +143,7 @@ def _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight=None, pair_
       raise ValueError(f"sigmoid loss: pair_weight {jnp.shape(pair_weight)} must be [B] = "
                        f"({n},).")
     weight = jnp.asarray(pair_weight, jnp.float32)
-  keys = None
-  if pair_keys is not None:
-    keys = jnp.asarray(pair_keys)
-    keys = keys[:, None] if keys.ndim == 1 else keys
-    if keys.ndim != 2 or keys.shape[0] != n or not jnp.issubdtype(keys.dtype, jnp.integer):
-      raise ValueError(f"sigmoid loss: pair_keys {jnp.shape(pair_keys)} ({keys.dtype}) must be "
-                       f"int [B] or [B, H] with B = {n}.")
-    keys = keys.astype(jnp.int32)
+  keys = None if pair_keys is None else as_pair_keys(pair_keys, n, "sigmoid loss")
   return (img.astype(jnp.float32), txt.astype(jnp.float32),
           jnp.asarray(log_temperature, jnp.float32), jnp.asarray(bias, jnp.float32), mask,
           weight, keys)
@@ -209,7 +212,7 @@ def sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.Array, bia
   """
   x, y, log_t, b, m, v, keys = _prepare(img, txt, log_temperature, bias, pair_mask, pair_weight,
                                         pair_keys)
-  positive = jnp.eye(x.shape[0], dtype=bool) if keys is None else _same_key(keys, keys)
+  positive = jnp.eye(x.shape[0], dtype=bool) if keys is None else same_key(keys, keys)
   return _finish(_block_sums(x, y, m, m, log_t, b, positive, v), jnp.sum(m), log_t, b)
 
 
@@ -234,21 +237,18 @@ def blockwise_sigmoid_loss(img: jax.Array, txt: jax.Array, log_temperature: jax.
   contrastive._check_blocks(n, num_blocks, "num_blocks")  # pylint: disable=protected-access
   row_blocks = contrastive._row_blocks  # pylint: disable=protected-access
   y_blocks, m_blocks = row_blocks(y, num_blocks), row_blocks(m, num_blocks)
-  cols = row_blocks(jnp.arange(n), num_blocks)             # [K, B/K]: global text index
-  rows = jnp.arange(n)
-  # Without keys, a placeholder the body ignores: the positives are then i == j.
-  key_blocks = row_blocks(jnp.zeros((n, 1), jnp.int32) if keys is None else keys, num_blocks)
+  if keys is None:  # The row index as the key: the positives are i == j.
+    keys = jnp.arange(n, dtype=jnp.int32)[:, None]
+  key_blocks = row_blocks(keys, num_blocks)                # [K, B/K, H]
 
   @functools.partial(jax.checkpoint, prevent_cse=False)   # Backward recomputes the block.
   def body(carry, xs):
-    y_k, m_k, cols_k, keys_k = xs
-    positive = (rows[:, None] == cols_k[None, :] if keys is None
-                else _same_key(keys, keys_k))
-    sums = _block_sums(x, y_k, m, m_k, log_t, b, positive, v)
+    y_k, m_k, keys_k = xs
+    sums = _block_sums(x, y_k, m, m_k, log_t, b, same_key(keys, keys_k), v)
     return jax.tree.map(jnp.add, carry, sums), None
 
   init = (jnp.zeros((), jnp.float32),) * 4
-  sums, _ = lax.scan(body, init, (y_blocks, m_blocks, cols, key_blocks))
+  sums, _ = lax.scan(body, init, (y_blocks, m_blocks, key_blocks))
   return _finish(sums, jnp.sum(m), log_t, b)
 
 
@@ -274,7 +274,7 @@ def _block_grads(x, y, mx, my, log_t, bias, positive, scale, vx=None):
 def _ring_positive(k, k_c):
   """The positives of the local rows against a received chunk: by key, or None (no keys: the
   chunks of other devices hold none)."""
-  return None if k is None else _same_key(k, k_c)
+  return None if k is None else same_key(k, k_c)
 
 
 def _ring_forward(x, y, m, v, k, log_t, bias, *, axis, n):
@@ -282,7 +282,7 @@ def _ring_forward(x, y, m, v, k, log_t, bias, *, axis, n):
   weights, or None; k: the local pair keys, or None, in which case only step 0 (the device's
   own texts) holds positives, on its diagonal; with keys, any step may hold some."""
   perm = _ring_permutation(n)
-  own = jnp.eye(x.shape[0], dtype=bool) if k is None else _same_key(k, k)
+  own = jnp.eye(x.shape[0], dtype=bool) if k is None else same_key(k, k)
   sums = _block_sums(x, y, m, m, log_t, bias, own, v)
 
   def step(_, carry):
@@ -300,7 +300,7 @@ def _ring_backward(x, y, m, v, k, log_t, bias, g, *, axis, n):
   """Per-device backward ring: (dx, dy, dlog_t, dbias) for the loss cotangent g."""
   perm = _ring_permutation(n)
   scale = g / jnp.maximum(lax.psum(jnp.sum(m), axis), 1.0)
-  own = jnp.eye(x.shape[0], dtype=bool) if k is None else _same_key(k, k)
+  own = jnp.eye(x.shape[0], dtype=bool) if k is None else same_key(k, k)
   dx, dy_c, dlog_t, dbias = _block_grads(x, y, m, m, log_t, bias, own, scale, v)
 
   def step(_, carry):
