@@ -14,7 +14,9 @@ Periodic validation is moved to the end (every=0) so that the arms spend their t
       --manual_dir=/tmp/rs/other_catalog --data_dir=/tmp/rs/tfds
   python -m experiments.recipe_strength --data_dir=/tmp/rs/tfds --workdir=/tmp/rs/runs \
       --samples=12800 --arms=minimal,smoke,own
-Results go to <workdir>/<catalog>__<arm>.json; the table is printed from every such file.
+Results go to <workdir>/<catalog>__<arm>__seed<seed>.json (files without the seed suffix are seed
+0); the table prints, per catalog and arm, the mean over seeds and the min-max when there are
+several.
 """
 
 import argparse
@@ -37,7 +39,12 @@ ARMS = {
     "smoke_b128": ("smoke", 128, []),
     "smoke_nocrop": ("smoke", 64, ["--config.data.augment.crop_scale=(1.0,1.0)"]),
     "own": ("own", None, []),
-  "own_shipped_vocab": ("own", None, ["--config.data.tokenizer.path="]),
+    "own_shipped_vocab": ("own", None, ["--config.data.tokenizer.path="]),
+    # Train on each product's first view only (the evaluated one), as the minimal arm does.
+    "own_first": ("own", None, ["--config.data.view=first"]),
+    "own_first_b128": ("own", 128, ["--config.data.view=first"]),
+    "own_first_warm20": ("own", None, ["--config.data.view=first",
+                                       "--config.optimizer.schedule.warmup_steps=20"]),
 }
 KEYS = ("t2i_R@1", "t2i_R@10", "i2t_R@1", "i2t_R@10", "SumR")
 
@@ -70,7 +77,7 @@ def run_framework(catalog: str, arm: str, data_dir: str, workdir: str, samples: 
   if samples % batch:
     raise ValueError(f"samples={samples} is not a multiple of arm {arm!r}'s batch {batch}.")
   steps = samples // batch
-  run_dir = os.path.join(workdir, f"{catalog}__{arm}")
+  run_dir = os.path.join(workdir, f"{catalog}__{arm}__seed{seed}")  # A fresh run per seed.
   cmd = [sys.executable, "-m", "launch.train", f"--config=configs/fashionclip.py:{variant}",
          f"--workdir={run_dir}", f"--config.data.name={CATALOGS[catalog]}",
          f"--config.data.data_dir={data_dir}", f"--config.batch_size={batch}",
@@ -141,14 +148,30 @@ def stats(data_dir: str, workdir: str) -> dict:
   return out
 
 
+def _result_key(path: str) -> tuple[str, str, int]:
+  """(catalog, arm, seed) of a result file; files without a seed suffix are seed 0."""
+  parts = os.path.basename(path)[:-len(".json")].split("__")
+  seed = int(parts.pop()[len("seed"):]) if parts[-1].startswith("seed") else 0
+  return parts[0], parts[1], seed
+
+
 def table(workdir: str) -> str:
-  rows = ["| catalog | arm | samples | batch | " + " | ".join(KEYS) + " |",
-          "|---|---|---|---|" + "---|" * len(KEYS)]
+  """Per (catalog, arm): the mean over seeds of each metric, its min-max when n > 1."""
+  runs = {}
   for f in sorted(glob.glob(os.path.join(workdir, "*__*.json"))):
-    catalog, arm = os.path.basename(f)[:-5].split("__")
-    r = json.load(open(f))
-    rows.append(f"| {catalog} | {arm} | {r['samples_seen']} | {r['batch']} | " +
-                " | ".join(f"{r.get(k, np.nan):.3f}" for k in KEYS) + " |")
+    catalog, arm, seed = _result_key(f)
+    runs.setdefault((catalog, arm), {})[seed] = json.load(open(f))
+  rows = ["| catalog | arm | seeds | samples | batch | " + " | ".join(KEYS) + " |",
+          "|---|---|---|---|---|" + "---|" * len(KEYS)]
+  for (catalog, arm), by_seed in sorted(runs.items()):
+    first = next(iter(by_seed.values()))
+    cells = []
+    for k in KEYS:
+      vals = np.array([r.get(k, np.nan) for r in by_seed.values()])
+      cells.append(f"{vals.mean():.3f}" + (f" ({vals.min():.3f}-{vals.max():.3f})"
+                                           if len(vals) > 1 else ""))
+    rows.append(f"| {catalog} | {arm} | {','.join(map(str, sorted(by_seed)))} | "
+                f"{first['samples_seen']} | {first['batch']} | " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
 
@@ -159,7 +182,7 @@ def main(argv=None):
   p.add_argument("--samples", type=int, default=12800)
   p.add_argument("--catalogs", default="synthetic,other")
   p.add_argument("--arms", default="minimal,smoke,own")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seeds", default="0", help="comma-separated; each arm runs once per seed")
   p.add_argument("--table_only", action="store_true")
   p.add_argument("--stats", action="store_true",
                  help="only the tokenisation and crop statistics (no training)")
@@ -169,19 +192,23 @@ def main(argv=None):
     print(json.dumps(stats(a.data_dir, a.workdir), indent=1))
     return
   if not a.table_only:
-    for catalog in a.catalogs.split(","):
-      for arm in a.arms.split(","):
-        out = os.path.join(a.workdir, f"{catalog}__{arm}.json")
-        if arm == "minimal":
-          res = minimal_clip.train_and_eval(CATALOGS[catalog], a.data_dir, samples=a.samples,
-                                            seed=a.seed)
-        elif arm in ARMS:
-          res = run_framework(catalog, arm, a.data_dir, a.workdir, a.samples, a.seed)
-        else:
-          raise ValueError(f"Unknown arm {arm!r}; expected minimal or one of {sorted(ARMS)}.")
-        with open(out, "w") as f:
-          json.dump(res, f, indent=1)
-        print(catalog, arm, {k: round(res.get(k, np.nan), 3) for k in KEYS}, flush=True)
+    arms = a.arms.split(",")
+    for arm in arms:
+      if arm != "minimal" and arm not in ARMS:
+        raise ValueError(f"Unknown arm {arm!r}; expected minimal or one of {sorted(ARMS)}.")
+    for seed in [int(s) for s in a.seeds.split(",")]:
+      for catalog in a.catalogs.split(","):
+        for arm in arms:
+          out = os.path.join(a.workdir, f"{catalog}__{arm}__seed{seed}.json")
+          if arm == "minimal":
+            res = minimal_clip.train_and_eval(CATALOGS[catalog], a.data_dir, samples=a.samples,
+                                              seed=seed)
+          else:
+            res = run_framework(catalog, arm, a.data_dir, a.workdir, a.samples, seed)
+          res["seed"] = seed
+          with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+          print(catalog, arm, seed, {k: round(res.get(k, np.nan), 3) for k in KEYS}, flush=True)
   print(table(a.workdir))
 
 

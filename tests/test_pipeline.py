@@ -195,13 +195,15 @@ def test_host_shards_are_disjoint_and_cover(data_dir, process_count, batch_size)
   assert NUM_TRAIN - len(union) < process_count
 
 
-def test_second_view_is_another_view_of_the_product(data_dir):
+@pytest.mark.parametrize("view", ["random", "first"])
+def test_second_view_is_another_view_of_the_product(data_dir, view):
   # Whole-image crops, no flip: each image is a resized view and can be matched to it.
   size = 20
-  config = make_config(data_dir, batch_size=25, image_size=size, mlm_prob=0.0,
+  config = make_config(data_dir, batch_size=25, image_size=size, mlm_prob=0.0, view=view,
                        **{"patch_mask.grid": 0, "augment.crop_scale": (1.0, 1.0),
                           "augment.flip": False})
   owner = keys_of(range(NUM_TRAIN))
+  first = multi = 0
   for batch in take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 2):
     for key, im1, im2 in zip(batch["product_key"], batch["image"], batch["image2"]):
       views = [tf.image.resize(v, [size, size]).numpy() for v in product(owner[key])["images"]]
@@ -210,6 +212,11 @@ def test_second_view_is_another_view_of_the_product(data_dir):
       assert min(d1) < 4 and min(d2) < 4
       if len(views) > 1:
         assert np.argmin(d1) != np.argmin(d2)
+        multi, first = multi + 1, first + (np.argmin(d1) == 0)
+  if view == "first":  # Always the first stored view (the evaluated one).
+    assert first == multi > 20
+  else:  # 2-3 views each: about 40% on the first view.
+    assert 0.15 * multi < first < 0.75 * multi
 
 
 def test_crop_is_the_same_for_jpeg_and_other_formats():
@@ -266,6 +273,9 @@ def test_bad_train_configs(data_dir):
                                  process_index=0, process_count=1)
   with pytest.raises(ValueError, match="views=3"):
     pipeline.make_train_iterator(make_config(data_dir, views=3), process_index=0,
+                                 process_count=1)
+  with pytest.raises(ValueError, match="view='front'.*'random', 'first'"):
+    pipeline.make_train_iterator(make_config(data_dir, view="front"), process_index=0,
                                  process_count=1)
   with pytest.raises(ValueError, match="crop_scale"):
     pipeline.make_train_iterator(make_config(data_dir, **{"augment.crop_scale": (0.0, 1.0)}),

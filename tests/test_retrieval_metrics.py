@@ -199,6 +199,11 @@ def test_bad_inputs_raise():
     retrieval.full_ranks(e, e, np.array([[0], [-1], [2], [3]]))
   with pytest.raises(ValueError, match="K=0"):
     retrieval.rank_metrics(np.array([1, 2]), ks=(0,))
+  bad = e.copy()
+  bad[2, 1] = np.nan
+  bad[3, 0] = np.inf
+  with pytest.raises(ValueError, match="gallery has 2 rows with NaN or inf .the first is row 2"):
+    retrieval.full_ranks(e, bad)
 
 
 # ------------------------------------------------------------------------------------------------

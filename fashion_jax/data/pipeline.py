@@ -8,7 +8,8 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
   image_size (S), text_fields (schema fields joined with '. ', empty fields skipped),
   tokenizer.kind ('clip' | 'bert'), tokenizer.path ('' = shipped vocab), max_len (L),
   views (1 | 2), augment.crop_scale ((lo, hi) area fraction), augment.flip (bool),
-  mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
+  view ('random' (default): each example one of the product's stored views at random; 'first':
+  always the first stored view, the one the evaluation encodes, see EvalDataset), mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
   Optional: resize_mode ('crop' | 'squash': the eval image resize, see EvalDataset; SigLIP and
   open_clip 'squash' checkpoints want 'squash', resize_mode_of maps open_clip's value),
   patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off),
@@ -23,7 +24,7 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
 
 Training batch (b = batch_size // process_count):
   image        uint8 [b, S, S, 3]  random resized crop (area crop_scale, aspect 3/4..4/3) of a
-                                   random view + random flip; NOT normalised (systems do it on the
+                                   random view (data.view) + random flip; NOT normalised (systems do it on the
                                    device, see normalize_on_device).
   image2       uint8 [b, S, S, 3]  views=2: a different view of the same product when it has one
                                    (else the same view), augmented independently.
@@ -84,6 +85,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ASPECT = (3 / 4, 4 / 3)
 _MAX_EPOCHS = 2**40
+VIEW_CHOICES = ("random", "first")  # config.data.view.
 
 
 def normalize_on_device(images, mean=CLIP_MEAN, std=CLIP_STD):
@@ -327,6 +329,10 @@ def clip_image_preprocess(images, size: int) -> np.ndarray:
 def _check_data_config(data):
   if data.views not in (1, 2):
     raise ValueError(f"config.data.views={data.views} must be 1 or 2.")
+  if data.get("view", "random") not in VIEW_CHOICES:
+    raise ValueError(f"config.data.view={data.view!r} must be one of {VIEW_CHOICES}: 'random' "
+                     "draws one of the product's views per example, 'first' always takes the "
+                     "first stored view.")
   lo, hi = data.augment.crop_scale
   if not 0 < lo <= hi <= 1:
     raise ValueError(f"config.data.augment.crop_scale={tuple(data.augment.crop_scale)} must "
@@ -465,6 +471,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   cached = (_load_patch_features(data.patch_features, size) if data.get("patch_features")
             else None)
   crop_scale, flip = tuple(data.augment.crop_scale), bool(data.augment.flip)
+  first_view = data.get("view", "random") == "first"
 
   builder = _builder(data)
   split, n, _, _ = _host_shard(builder, data.train_split, process_index, process_count, True)
@@ -488,7 +495,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
         tf.random.experimental.stateless_fold_in(base_key, p), 4)
     encoded = ex[schema.IMAGES]
     num_views = tf.shape(encoded, out_type=tf.int64)[0]
-    v1 = tf.random.stateless_uniform([], keys[0], 0, num_views, dtype=tf.int64)
+    v1 = (tf.constant(0, tf.int64) if first_view else
+          tf.random.stateless_uniform([], keys[0], 0, num_views, dtype=tf.int64))
     out = dict(image=random_resized_crop(encoded[v1], keys[1], size, crop_scale, flip),
                text=_join_text(ex, data.text_fields),
                product_key=_hash32(ex["product_id"]),

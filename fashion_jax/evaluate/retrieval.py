@@ -369,6 +369,13 @@ def full_ranks(queries, gallery, positives=None, *, query_chunk: int = 1024,
   if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
     raise ValueError(f"queries {queries.shape} and gallery {gallery.shape} must be [N, D] with "
                      "the same D.")
+  # A NaN score compares False with everything: its positive would count no negative and get
+  # rank 1, so a diverged model would score a perfect R@1.
+  for name, x in (("queries", queries), ("gallery", gallery)):
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+      raise ValueError(f"full_ranks: {name} has {int(bad.sum())} rows with NaN or inf (the "
+                       f"first is row {int(np.argmax(bad))}); no rank is defined for them.")
   if query_chunk < 1 or gallery_chunk < 1:
     raise ValueError(f"chunk sizes must be >= 1, got {query_chunk}, {gallery_chunk}.")
   nq, ng = queries.shape[0], gallery.shape[0]
