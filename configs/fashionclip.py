@@ -11,8 +11,10 @@ smoke: a small CLIP trained from scratch on the built-in synthetic catalog, on a
 
 own: the smoke model trained from scratch on a shop's own catalog (an image_text_folder): a CLIP
   BPE learnt on the catalog's train texts (every brand / product word one token, not byte
-  pieces), no random crop (a crop removes small brand marks and labels), test-split evaluation
-  only. docs/results/recipe_strength.md compares it with a minimal JAX CLIP at equal samples.
+  pieces), no random crop (a crop removes small brand marks and labels), each product's first
+  image only (the one retrieval and search encode; other views of a product can lack what the
+  caption names), test-split evaluation only. docs/results/recipe_strength.md compares it with
+  a minimal JAX CLIP at equal samples.
   python -m launch.build_data --dataset=image_text_folder/myshop --manual_dir=/data/myshop
   python -m fashion_jax.data.tokenizers --catalog_vocab=runs/myshop_vocab \
       --dataset=image_text_folder/myshop
@@ -112,6 +114,7 @@ def get_config(arg: str = "smoke"):
     # The path of `python -m fashion_jax.data.tokenizers --catalog_vocab=DIR` ('' = shipped).
     c.data.tokenizer = dict(kind="clip", path="")
     c.data.augment = dict(crop_scale=(1.0, 1.0), flip=False)
+    c.data.view = "first"
     c.evals.update(_evals(("test",), every=0))
     for split in PROBE_SPLITS:
       for name in (f"retrieval_{split}", f"retrieval_{split}_sample100", f"zeroshot_{split}"):

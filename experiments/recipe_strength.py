@@ -40,11 +40,9 @@ ARMS = {
     "smoke_nocrop": ("smoke", 64, ["--config.data.augment.crop_scale=(1.0,1.0)"]),
     "own": ("own", None, []),
     "own_shipped_vocab": ("own", None, ["--config.data.tokenizer.path="]),
-    # Train on each product's first view only (the evaluated one), as the minimal arm does.
-    "own_first": ("own", None, ["--config.data.view=first"]),
-    "own_first_b128": ("own", 128, ["--config.data.view=first"]),
-    "own_first_warm20": ("own", None, ["--config.data.view=first",
-                                       "--config.optimizer.schedule.warmup_steps=20"]),
+    # The own recipe with a random view per example (its default before the view ablation).
+    "own_random_view": ("own", None, ["--config.data.view=random"]),
+    "own_b128": ("own", 128, []),
 }
 KEYS = ("t2i_R@1", "t2i_R@10", "i2t_R@1", "i2t_R@10", "SumR")
 
