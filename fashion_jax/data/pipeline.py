@@ -9,7 +9,8 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
   tokenizer.kind ('clip' | 'bert'), tokenizer.path ('' = shipped vocab), max_len (L),
   views (1 | 2), augment.crop_scale ((lo, hi) area fraction), augment.flip (bool),
   view ('random' (default): each example one of the product's stored views at random; 'first':
-  always the first stored view, the one the evaluation encodes, see EvalDataset), mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
+  always the first stored view, the one the evaluation encodes, see EvalDataset),
+  mlm_prob (0 = off), patch_mask.grid (0 = off), patch_mask.count, shuffle_buffer, prefetch.
   Optional: resize_mode ('crop' | 'squash': the eval image resize, see EvalDataset; SigLIP and
   open_clip 'squash' checkpoints want 'squash', resize_mode_of maps open_clip's value),
   patch_mask.min_block (4), patch_mask.max_block (None = count), tag_fields (() = off),
@@ -24,8 +25,9 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
 
 Training batch (b = batch_size // process_count):
   image        uint8 [b, S, S, 3]  random resized crop (area crop_scale, aspect 3/4..4/3) of a
-                                   random view (data.view) + random flip; NOT normalised (systems do it on the
-                                   device, see normalize_on_device).
+                                   random view (or the first: data.view) + random flip; NOT
+                                   normalised (systems do it on the device, see
+                                   normalize_on_device).
   image2       uint8 [b, S, S, 3]  views=2: a different view of the same product when it has one
                                    (else the same view), augmented independently.
   text         int32 [b, L]        tokenized text (see tokenizers.Tokenizer).
