@@ -200,6 +200,9 @@ def test_mlm_max_predictions_keeps_the_first_targets(setup):
   assert float(m_cap["mlm_dropped"]) > 0
 
 
+# Heavy (22 s): the slow job, beside the sharded FashionBERT steps with levers
+# (tests/test_levers_systems.py -k fashionbert_sharded).
+@pytest.mark.slow
 def test_eight_devices_equal_one_device(setup):
   """Loss, metrics and gradients of the training loss (dropout on) on a data=8 mesh equal one
   device within 1e-5: the negatives are drawn over the global batch either way."""

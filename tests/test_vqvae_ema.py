@@ -10,6 +10,7 @@ threshold 0.5, 32 codes for 128 vectors). And 8 data-parallel devices train exac
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from fashion_jax.systems import vqvae as system_lib
 from tests import test_vqvae as tv
@@ -70,6 +71,9 @@ def test_ema_codebook_follows_float64_recurrence_with_restarts():
   np.testing.assert_allclose(params["vq_ema"]["sum"], total, rtol=1e-5, atol=1e-6)
 
 
+# Heavy (25 s): the slow job. The default run keeps the sharded mutable-state check
+# (tests/test_mutable_state.py -k sharded).
+@pytest.mark.slow
 def test_ema_training_on_8_devices_equals_1_device():
   c = config()
   one_losses, one, _ = toy_system.run_steps(c, {"data": 1, "fsdp": 1, "tensor": 1}, 3,
