@@ -22,7 +22,7 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS_E2, STEPS_FASHIONVIL = 300, 40
+STEPS_E2, STEPS_FASHIONVIL = 200, 40
 NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(ROOT, "notebooks")) if f.endswith(".ipynb"))
 
 
