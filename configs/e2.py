@@ -157,6 +157,7 @@ def get_config(arg: str = "smoke"):
       text_fields=GLOBAL_TEXTS[text], tokenizer=dict(kind="clip", path=""), max_len=77,
       views=1, augment=dict(crop_scale=(0.7, 1.0), flip=False), mlm_prob=0.0,
       patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2,
+      resize_on="host", crop_pad=0,
       tag_fields=entities if regional_weight > 0 else ())
 
   # --- model: fashion_jax/systems/e2.py ------------------------------------------------------

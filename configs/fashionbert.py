@@ -84,7 +84,7 @@ def get_config(arg: str = "smoke"):
       text_fields=("title", "description"), tokenizer=dict(kind="bert", path=""), max_len=48,
       views=1, augment=dict(crop_scale=(0.8, 1.0), flip=False), mlm_prob=0.15,
       patch_mask=dict(grid=8, count=5, min_block=1, max_block=1), shuffle_buffer=4096,
-      prefetch=2, patch_features="")
+      prefetch=2, resize_on="host", crop_pad=0, patch_features="")
 
   # --- model / init / objective: fashion_jax/systems/fashionbert.py --------------------------
   # smoke's patch features are pooled pixels (no CNN, nothing to freeze): see the docstring.

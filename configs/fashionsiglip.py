@@ -91,7 +91,8 @@ def get_config(arg: str = "smoke"):
       name="synthetic_catalog/smoke", data_dir="", train_split="train", image_size=64,
       text_fields=("title", "description"), tokenizer=dict(kind="clip", path=""), max_len=64,
       views=1, augment=dict(crop_scale=(0.7, 1.0), flip=False), mlm_prob=0.0,
-      patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2, fields=SMOKE_FIELDS,
+      patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2,
+      resize_on="host", crop_pad=0, fields=SMOKE_FIELDS,
       pair_weight_field="",
       resize_mode="squash")  # SigLIP's eval resize: the whole image to the square, no crop.
 

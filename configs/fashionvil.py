@@ -67,7 +67,7 @@ def get_config(arg: str = "smoke"):
       text_fields=("title", "description"), tokenizer=dict(kind="bert", path=""), max_len=48,
       views=2, augment=dict(crop_scale=(1.0, 1.0), flip=False), mlm_prob=0.15,
       patch_mask=dict(grid=4, count=3, min_block=2), attributes="", vq_codes="",
-      shuffle_buffer=4096, prefetch=2)
+      shuffle_buffer=4096, prefetch=2, resize_on="host", crop_pad=0)
 
   # --- model and objective: fashion_jax/systems/fashionvil.py ---------------------------------
   c.model = dict(image_encoder="resnet", resnet_variant="tiny",

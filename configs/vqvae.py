@@ -43,7 +43,8 @@ def get_config(arg: str = "smoke"):
       name="synthetic_catalog/smoke", data_dir="", train_split="train", image_size=64,
       text_fields=("title",), tokenizer=dict(kind="bert", path=""), max_len=16, views=1,
       augment=dict(crop_scale=(0.8, 1.0), flip=True), mlm_prob=0.0,
-      patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2)
+      patch_mask=dict(grid=0, count=0), shuffle_buffer=4096, prefetch=2,
+      resize_on="host", crop_pad=0)
   # 4 stride-2 stages: 64 px -> 4 x 4 codes.
   c.model = dict(widths=(16, 32, 64, 64, 64), num_res=1, code_dim=32, num_codes=1024,
                  beta=0.25, codebook="ema", ema_decay=0.99, restart_below=0.03, grid=4)

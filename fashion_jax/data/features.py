@@ -239,15 +239,58 @@ class ExampleFeature:
 # ------------------------------------------------------------------------------------------------
 
 
+WINDOW_SUFFIX = "_window"  # image_window: (h, w, flip) of a shipped crop (data/device_crop.py).
+RESIZE_ON = ("host", "device")  # config.data.resize_on.
+
+
+def default_crop_pad(image_size: int) -> int:
+  """The shipped crop's side C when data.crop_pad is unset: S rounded up to a power of two.
+
+  224 -> 256: a 256 px catalog's whole image (crop_scale up to 1) fits, at 1.3x the bytes of
+  the resized image.
+  """
+  return 1 << (int(image_size) - 1).bit_length()
+
+
+def resize_on(data) -> str:
+  """config.data.resize_on ('host' when absent); ValueError naming any other value."""
+  where = data.get("resize_on", "host") or "host"
+  if where not in RESIZE_ON:
+    raise ValueError(f"config.data.resize_on={where!r} must be one of {list(RESIZE_ON)}.")
+  return where
+
+
+def crop_pad(data) -> int:
+  """config.data.crop_pad, or default_crop_pad(image_size); ValueError below image_size."""
+  size = int(data.image_size)
+  pad = data.get("crop_pad", 0) or default_crop_pad(size)
+  if isinstance(pad, bool) or not isinstance(pad, int):
+    raise ValueError(f"config.data.crop_pad={pad!r} must be an integer side in pixels (0 = "
+                     f"the default, {default_crop_pad(size)} for image_size={size}).")
+  if pad < size:
+    raise ValueError(f"config.data.crop_pad={pad} must be >= config.data.image_size={size}: "
+                     "the host ships crops it could not fit already resized to image_size.")
+  return pad
+
+
 def example_features(data) -> list[ExampleFeature]:
   """Every per-example feature of config.data, enabled or not, in the pipeline's order."""
   s = int(data.image_size)
+  on_device = resize_on(data) == "device"
+  c = crop_pad(data) if on_device else s  # The shipped side: a padded crop, or the image.
+  two = int(data.views) == 2
+  device_by = ("config.data.resize_on='device' (the crop's (h, w, flip); the train step "
+               "resizes, data/device_crop.py)")
   return [
-      ExampleFeature("image", np.uint8, (s, s, 3)),
+      ExampleFeature("image", np.uint8, (c, c, 3)),
       ExampleFeature("product_key", np.int32, ()),
       ExampleFeature("subcategory_key", np.int32, ()),
-      ExampleFeature("image2", np.uint8, (s, s, 3), enabled=int(data.views) == 2,
+      ExampleFeature("image2", np.uint8, (c, c, 3), enabled=two,
                      enabled_by="config.data.views=2 (a second view of the product)"),
+      ExampleFeature("image" + WINDOW_SUFFIX, np.int32, (3,), enabled=on_device,
+                     enabled_by=device_by),
+      ExampleFeature("image2" + WINDOW_SUFFIX, np.int32, (3,), enabled=on_device and two,
+                     enabled_by=device_by + " with config.data.views=2"),
       ExampleFeature("pair_weight", np.float32, (), enabled=bool(data.get("pair_weight_field")),
                      enabled_by="config.data.pair_weight_field (a numeric schema field: the "
                      "per-pair relevance score, losses/pair_weights.py)"),

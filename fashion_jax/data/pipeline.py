@@ -22,6 +22,9 @@ Config keys read (config.data.*; config.seed, config.batch_size is the GLOBAL ba
   of cached patch features, prepare/patches.py). `python -m launch.prepare` makes these three
   into <workdir>/prepared/ and launch.train fills the keys (fashion_jax/prepare/manifest.py);
   a path that does not exist is a FileNotFoundError naming the key and that command.
+  resize_on ('host' (default) | 'device': ship each decoded crop window, zero-padded to
+  crop_pad x crop_pad (crop_pad 0 = features.default_crop_pad(S)), and let the train step resize
+  it: the host skips the resize, about half its work per image; data/device_crop.py).
 
 Training batch (b = batch_size // process_count):
   image        uint8 [b, S, S, 3]  random resized crop (area crop_scale, aspect 3/4..4/3) of a
@@ -30,6 +33,11 @@ Training batch (b = batch_size // process_count):
                                    normalize_on_device).
   image2       uint8 [b, S, S, 3]  views=2: a different view of the same product when it has one
                                    (else the same view), augmented independently.
+  image_window int32 [b, 3]        resize_on='device' only (and image2_window with views=2):
+                                   image (and image2) is then uint8 [b, C, C, 3], C = crop_pad,
+                                   the UNresized crop at the top-left, and this its (h, w,
+                                   flip); train/step.py resizes on the device before the loss
+                                   (data/device_crop.py finish_images).
   text         int32 [b, L]        tokenized text (see tokenizers.Tokenizer).
   text_mask    bool  [b, L]        True on real tokens (incl. BOS/EOS), False on padding.
   mlm_ids      int32 [b, L]        mlm_prob > 0: text after whole-word masking (masking.py).
@@ -69,10 +77,12 @@ and yields exactly the batches n, n+1, ... of the uninterrupted run. The shuffle
 shuffle (records are read sequentially); its quality depends on shuffle_buffer.
 """
 
+import io
 import math
 import os
 
 import numpy as np
+from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -88,6 +98,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ASPECT = (3 / 4, 4 / 3)
 _MAX_EPOCHS = 2**40
 VIEW_CHOICES = ("random", "first")  # config.data.view.
+
+
+def _encode_one_pixel_jpeg() -> bytes:
+  out = io.BytesIO()
+  Image.new("RGB", (1, 1)).save(out, format="JPEG")
+  return out.getvalue()
+
+
+# A valid JPEG header for tf.image.extract_jpeg_shape when the example is not a JPEG.
+_ONE_PIXEL_JPEG = _encode_one_pixel_jpeg()
 
 
 def normalize_on_device(images, mean=CLIP_MEAN, std=CLIP_STD):
@@ -173,45 +193,69 @@ def _to_uint8(x):
   return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
 
-def crop_resize_float(encoded, key, size, crop_scale, flip):
-  """Encoded image -> float32 [size, size, 3] in [0, 255]: random crop, flip, bilinear resize.
+def _decode_crop(encoded, key, crop_scale, flip):
+  """Encoded image -> (uint8 [h, w, 3] crop window, bool: mirror it), unflipped.
 
   Crop: area fraction in crop_scale, aspect 3/4..4/3 (Inception / torchvision
   RandomResizedCrop; the whole image if 10 draws fail). JPEGs decode ONLY the crop window
   (tf.image.decode_and_crop_jpeg, integer DCT), which is most of this pipeline's speed; other
-  formats decode fully, then crop. The flip is applied to the uint8 crop (before the resize,
-  where it is cheapest). Resize is bilinear without antialias (crops are near or below the
-  output size for 224/256 px sources), so values stay within [0, 255]. `key` is a [2] int64
-  stateless seed; crop and flip are pure functions of it.
+  formats decode fully, then crop. `key` is a [2] int64 stateless seed; crop and flip are pure
+  functions of it. The mirror bit is False when `flip` is off.
   """
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
 
-  def window(shape):
-    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=crop_key,
-        min_object_covered=0.0, aspect_ratio_range=_ASPECT, area_range=tuple(crop_scale),
-        max_attempts=10, use_image_if_no_bounding_boxes=True)
-    return begin, extent
-
   def jpeg():
-    begin, extent = window(tf.image.extract_jpeg_shape(encoded))
-    return tf.image.decode_and_crop_jpeg(
-        encoded, tf.stack([begin[0], begin[1], extent[0], extent[1]]), channels=3,
-        dct_method="INTEGER_FAST")
+    begin, extent = _crop_window(tf.image.extract_jpeg_shape(encoded), crop_key, crop_scale)
+    return _decode_jpeg_window(encoded, begin, extent)
 
   def other():
     image = tf.image.decode_image(encoded, channels=3, expand_animations=False,
                                   dtype=tf.uint8)
-    begin, extent = window(tf.shape(image))
+    begin, extent = _crop_window(tf.shape(image), crop_key, crop_scale)
     return tf.slice(image, begin, extent)
 
   crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  return crop, _mirror(flip_key, flip)
+
+
+def _crop_window(shape, crop_key, crop_scale):
+  """(begin, extent) of the random crop of an image of `shape` (RandomResizedCrop's draw)."""
+  begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=crop_key,
+      min_object_covered=0.0, aspect_ratio_range=_ASPECT, area_range=tuple(crop_scale),
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  return begin, extent
+
+
+def _decode_jpeg_window(encoded, begin, extent):
+  return tf.image.decode_and_crop_jpeg(
+      encoded, tf.stack([begin[0], begin[1], extent[0], extent[1]]), channels=3,
+      dct_method="INTEGER_FAST")
+
+
+def _mirror(flip_key, flip):
+  return (tf.random.stateless_uniform([], flip_key) < 0.5) if flip else tf.constant(False)
+
+
+def _flip_resize(crop, mirror, size, flip):
+  """uint8 crop -> float32 [size, size, 3] in [0, 255]: mirrored if `mirror`, then resized.
+
+  The flip is applied to the uint8 crop (before the resize, where it is cheapest). Resize is
+  bilinear without antialias (crops are near or below the output size for 224/256 px sources),
+  so values stay within [0, 255].
+  """
   if flip:
-    crop = tf.cond(tf.random.stateless_uniform([], flip_key) < 0.5,
-                   lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    crop = tf.cond(mirror, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
   # TF's bilinear kernel runs ~20% faster on float32 input than on uint8.
   return tf.image.resize(tf.cast(crop, tf.float32), [size, size], method="bilinear",
                          antialias=False)
+
+
+def crop_resize_float(encoded, key, size, crop_scale, flip):
+  """Encoded image -> float32 [size, size, 3] in [0, 255]: random crop, flip, bilinear resize
+  (_decode_crop, then _flip_resize)."""
+  crop, mirror = _decode_crop(encoded, key, crop_scale, flip)
+  return _flip_resize(crop, mirror, size, flip)
 
 
 def whole_views(data, split: str):
@@ -239,10 +283,52 @@ def whole_views(data, split: str):
                 deterministic=True).as_numpy_iterator()
 
 
+def _round_bilinear(x):
+  # Bilinear values lie in [0, 255]: +0.5 and truncation round without a clip.
+  return tf.cast(x + 0.5, tf.uint8)
+
+
 def random_resized_crop(encoded, key, size, crop_scale, flip):
   """crop_resize_float rounded to uint8 [size, size, 3] (the training 'image' field)."""
-  # Bilinear values lie in [0, 255]: +0.5 and truncation round without a clip.
-  return tf.cast(crop_resize_float(encoded, key, size, crop_scale, flip) + 0.5, tf.uint8)
+  return _round_bilinear(crop_resize_float(encoded, key, size, crop_scale, flip))
+
+
+def random_crop_window(encoded, key, size, crop_scale, flip, pad):
+  """random_resized_crop with the resize left to the device (data.resize_on='device').
+
+  Returns (uint8 [h, w, 3], int32 [3]): the same crop window, unflipped, and its (h, w, flip);
+  the pipeline pads it to [pad, pad, 3] when it batches, and data/device_crop.py's resize_crop
+  turns the pair into random_resized_crop's image (within 1 level at float-rounding ties).
+  A crop larger than pad on either side is flipped and resized here, and shipped with
+  (size, size, 0).
+
+  Speed: control flow costs ~25-45 us per example in tf.data, as much as a fifth of the decode,
+  so the usual case (a JPEG whose crop fits) takes ONE cond. Its window is drawn from the JPEG
+  header before the cond (a non-JPEG reads a 1-pixel stand-in's header there, and draws again
+  from its decoded shape on the other branch, as _decode_crop does: the same draw).
+  """
+  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  is_jpeg = tf.io.is_jpeg(encoded)
+  begin, extent = _crop_window(
+      tf.image.extract_jpeg_shape(tf.where(is_jpeg, encoded, _ONE_PIXEL_JPEG)), crop_key,
+      crop_scale)
+  mirror = tf.cast(_mirror(flip_key, flip), tf.int32)
+
+  def jpeg_fits():
+    return _decode_jpeg_window(encoded, begin, extent), tf.stack([extent[0], extent[1], mirror])
+
+  def general():
+    crop, mirror_bool = _decode_crop(encoded, key, crop_scale, flip)
+    h, w = tf.shape(crop)[0], tf.shape(crop)[1]
+    return tf.cond(
+        (h <= pad) & (w <= pad), lambda: (crop, tf.stack([h, w, mirror])),
+        lambda: (_round_bilinear(_flip_resize(crop, mirror_bool, size, flip)),
+                 tf.constant([size, size, 0], tf.int32)))
+
+  image, window = tf.cond(is_jpeg & (extent[0] <= pad) & (extent[1] <= pad), jpeg_fits, general)
+  image.set_shape([None, None, 3])
+  window.set_shape([3])
+  return image, window
 
 
 def resize_center_crop(encoded, size):
@@ -345,6 +431,8 @@ def _check_data_config(data):
     raise ValueError(f"config.data.image_size={data.image_size} must be positive.")
   if not data.text_fields:
     raise ValueError("config.data.text_fields is empty.")
+  if features.resize_on(data) == "device":
+    features.crop_pad(data)
   cache = data.get("token_cache", features.DEFAULT_TOKEN_CACHE)
   if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
     raise ValueError(f"config.data.token_cache={cache!r} must be an integer >= 0: the distinct "
@@ -491,6 +579,14 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
                            reshuffle_each_iteration=False)
 
   base_key = tf.constant([seed, process_index], tf.int64)
+  pad = features.crop_pad(data) if features.resize_on(data) == "device" else 0
+
+  def image_field(out, name, encoded, key):
+    if pad:
+      out[name], out[name + features.WINDOW_SUFFIX] = random_crop_window(
+          encoded, key, size, crop_scale, flip, pad)
+    else:
+      out[name] = random_resized_crop(encoded, key, size, crop_scale, flip)
 
   def example(p, ex):
     keys = tf.random.experimental.stateless_split(
@@ -499,15 +595,15 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     num_views = tf.shape(encoded, out_type=tf.int64)[0]
     v1 = (tf.constant(0, tf.int64) if first_view else
           tf.random.stateless_uniform([], keys[0], 0, num_views, dtype=tf.int64))
-    out = dict(image=random_resized_crop(encoded[v1], keys[1], size, crop_scale, flip),
-               text=_join_text(ex, data.text_fields),
+    out = dict(text=_join_text(ex, data.text_fields),
                product_key=_hash32(ex["product_id"]),
                subcategory_key=_hash32(ex["subcategory"]))
+    image_field(out, "image", encoded[v1], keys[1])
     if views == 2:
       other = tf.random.stateless_uniform([], keys[2], 0, tf.maximum(num_views - 1, 1),
                                           dtype=tf.int64)
       v2 = tf.where(num_views > 1, (v1 + 1 + other) % num_views, v1)
-      out["image2"] = random_resized_crop(encoded[v2], keys[3], size, crop_scale, flip)
+      image_field(out, "image2", encoded[v2], keys[3])
     if tag_fields:
       out["tags"] = tf.stack([ex[f] for f in tag_fields])
     if multi_fields:
@@ -548,7 +644,14 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   ds = ds.enumerate(start=start_step * batch)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   _check_example_spec(ds.element_spec, data)
-  ds = ds.batch(batch, drop_remainder=True).enumerate(start=start_step)
+  if pad:  # The crops differ in size: each is copied into a zero [pad, pad, 3] batch slot.
+    spec = ds.element_spec
+    shapes = {k: [pad, pad, 3] if k + features.WINDOW_SUFFIX in spec else v.shape
+              for k, v in spec.items()}
+    ds = ds.padded_batch(batch, padded_shapes=shapes, drop_remainder=True)
+  else:
+    ds = ds.batch(batch, drop_remainder=True)
+  ds = ds.enumerate(start=start_step)
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.prefetch(int(data.prefetch) if data.prefetch else tf.data.AUTOTUNE)
   options = tf.data.Options()

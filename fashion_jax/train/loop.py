@@ -101,6 +101,7 @@ from fashion_jax import evaluate
 from fashion_jax import faults
 from fashion_jax import systems
 from fashion_jax.checkpoint import manager as checkpoint_lib
+from fashion_jax.data import device_crop
 from fashion_jax.parallel import mesh as mesh_lib
 from fashion_jax.parallel import sharding as sharding_lib
 from fashion_jax.train import config_check
@@ -295,7 +296,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # --------------------------------------------------------------------------------------
     train_step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_shardings,
                                           config.grad_accum_steps,
-                                          skip_non_finite=config.nan_policy == "skip")
+                                          skip_non_finite=config.nan_policy == "skip",
+                                          batch_transform=device_crop.batch_transform(config.get("data") or {}))
     evaluators = {name: (config.evals[name].every, evaluator) for name, evaluator
                   in evaluate.from_config(config, system, mesh).items()}
 

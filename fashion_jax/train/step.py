@@ -57,8 +57,14 @@ def split_micro_batches(batch: dict[str, jax.Array], accum: int, mesh: jax.shard
 
 def make_train_step(system, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh: jax.sharding.Mesh, rules, state_shardings: TrainState,
-                    grad_accum_steps: int = 1, skip_non_finite: bool = False) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-  """The jitted step (see the module docstring)."""
+                    grad_accum_steps: int = 1, skip_non_finite: bool = False,
+                    batch_transform: Callable[[dict], dict] | None = None
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """The jitted step (see the module docstring).
+
+  batch_transform: applied to the batch inside the jitted step, before anything reads it (the
+  input's device-side stage, e.g. data/device_crop.py's resize of shipped crops); None = none.
+  """
 
   mutable = tuple(getattr(system, "mutable_collections", ()) or ())
 
@@ -82,6 +88,8 @@ def make_train_step(system, tx: optax.GradientTransformation, schedule: optax.Sc
   def step(state: TrainState, batch):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      if batch_transform is not None:
+        batch = batch_transform(batch)
       if grad_accum_steps == 1:
         loss, metrics, grads, new_state = loss_and_grads(state.params, batch, rng)
       else:
