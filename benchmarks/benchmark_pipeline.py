@@ -21,6 +21,9 @@ random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):
                    loop. The like-for-like comparison.
   ours_uint8       what the training pipeline ships (pipeline.random_resized_crop): the same
                    crop, rounded to uint8, normalised later on the device.
+  ours_window      what it ships with data.resize_on='device' (pipeline.random_crop_window):
+                   the same decoded crop, unflipped, zero-padded to 256 x 256, and its (h, w,
+                   flip); the train step resizes it (data/device_crop.py).
   dev_normalise_b64  pipeline.normalize_on_device (jitted jax) on this CPU's XLA backend, one
                    call per 64-image batch. Its 38 MB float32 output exceeds glibc's mmap
                    threshold, so every call page-faults fresh memory: the slow, pessimistic case.
@@ -37,6 +40,12 @@ random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):
                    the warm-up epoch, so the token cache (features.TokenCache) serves them.
   train_no_cache   the same with data.token_cache=0: every batch tokenized, as before the token
                    cache and as the first epoch still is.
+  train_device_resize  train_pipeline with data.resize_on='device': the host's whole share
+                   when the accelerator resizes.
+  dev_resize_b8    data/device_crop.finish_images (jitted jax) on this CPU's XLA backend, per
+                   8-image slice of the ours_window batches: the work moved to the device,
+                   shown for scale (on a GPU/TPU it runs inside the train step, not on a host
+                   core).
 
 "x ceiling" divides by jpeg_decode_only of the same run. The last lines turn the train_pipeline
 rate into the cores one host needs to feed `--feed_samples_per_s` (default: 8 H100s at the
@@ -72,6 +81,7 @@ from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 # After the environment above (TF's log level, XLA's one-thread flag) is set.
 from fashion_jax.data import catalog  # pylint: disable=wrong-import-position
+from fashion_jax.data import device_crop  # pylint: disable=wrong-import-position
 from fashion_jax.data import pipeline  # pylint: disable=wrong-import-position
 from fashion_jax.data import render  # pylint: disable=wrong-import-position
 from fashion_jax.data import schema  # pylint: disable=wrong-import-position
@@ -147,7 +157,7 @@ def product_dataset(paths: list[str], data_dir: pathlib.Path) -> str:
   return builder.name
 
 
-def train_pipeline(name, data_dir, num_images, batch, token_cache):
+def train_pipeline(name, data_dir, num_images, batch, token_cache, resize_on="host"):
   """fn(epochs) -> consumes `epochs` epochs of make_train_iterator batches (views=1, the
   benchmark's crop and flip, CLIP tokenizer at 77) on one core, from a fresh iterator that is
   deleted afterwards (so no prefetching runs on while other rows are timed). The iterators share
@@ -157,7 +167,7 @@ def train_pipeline(name, data_dir, num_images, batch, token_cache):
       text_fields=("title", "description"), tokenizer=dict(kind="clip", path=""), max_len=77,
       views=1, augment=dict(crop_scale=SCALE, flip=True), mlm_prob=0.0,
       patch_mask=dict(grid=0, count=0), shuffle_buffer=num_images, prefetch=2,
-      token_cache=token_cache)))
+      token_cache=token_cache, resize_on=resize_on)))
   dataset = _one_core(pipeline.make_train_iterator(config, process_index=0,
                                                    process_count=1).dataset)
 
@@ -244,6 +254,11 @@ def tf_dataset(paths, batch, kind):
     return pipeline.random_resized_crop(
         tf.io.read_file(path), tf.stack([tf.constant(0, tf.int64), i]), SIZE, SCALE, True)
 
+  def ours_window(i, path):
+    return pipeline.random_crop_window(
+        tf.io.read_file(path), tf.stack([tf.constant(0, tf.int64), i]), SIZE, SCALE, True,
+        SOURCE)
+
   def ours_normalised(i, path):
     image = pipeline.crop_resize_float(
         tf.io.read_file(path), tf.stack([tf.constant(0, tf.int64), i]), SIZE, SCALE, True)
@@ -265,8 +280,11 @@ def tf_dataset(paths, batch, kind):
         dct_method="INTEGER_FAST")
     return tf.shape(crop)  # Crops differ in size: nothing to batch but their shapes.
 
-  fn = dict(naive=naive, ours=ours, ours_normalised=ours_normalised, decode=decode_only,
-            crop_decode=crop_decode)[kind]
+  fn = dict(naive=naive, ours=ours, ours_window=ours_window, ours_normalised=ours_normalised,
+            decode=decode_only, crop_decode=crop_decode)[kind]
+  if kind == "ours_window":  # As the train pipeline batches the crops: into zero slots.
+    return _one_core(ds.map(fn).padded_batch(batch, padded_shapes=([SOURCE, SOURCE, 3], [3]),
+                                             drop_remainder=True))
   return _one_core(ds.map(fn).batch(batch, drop_remainder=True))
 
 
@@ -313,33 +331,53 @@ def main(argv=None):
   datasets = {name: tf_dataset(paths, args.batch, kind) for name, kind in [
       ("jpeg_decode_only", "decode"), ("crop_decode_only", "crop_decode"),
       ("tfdata_naive", "naive"),
-      ("ours_normalised", "ours_normalised"), ("ours_uint8", "ours")]}
+      ("ours_normalised", "ours_normalised"), ("ours_uint8", "ours"),
+      ("ours_window", "ours_window")]}
   batches = [b.numpy() for b in datasets["ours_uint8"]]
   shards = [s for b in batches for s in np.split(b, args.batch // 8)]
   normalise = jax.jit(pipeline.normalize_on_device)
+  windows = [(c[k:k + 8], w[k:k + 8]) for c, w in (tuple(x.numpy() for x in b)
+                                                   for b in datasets["ours_window"])
+             for k in range(0, args.batch, 8)]
+  finish = jax.jit(lambda c, w: device_crop.finish_images(
+      {"image": c, "image_window": w}, SIZE)["image"])
+
+  def run_finish():
+    for c, w in windows:
+      finish(c, w).block_until_ready()
 
   def run_norm(arrays):
     for a in arrays:
       normalise(a).block_until_ready()
 
   fns = dict(pil_numpy_loop=lambda: pil_numpy_loop(paths, args.batch, np.random.default_rng(0)))
-  fns.update({name: (lambda ds=ds: [None for _ in ds]) for name, ds in datasets.items()})
+  # Every tf.data row, like the train rows below, is timed as (3 passes - 1 pass) from a fresh
+  # iterator: the steady state, without the iterator's start-up (which weighs more on the rows
+  # with bigger graphs, and would flatter the ceiling).
+  for name, ds in datasets.items():
+    fns[f"{name}@1"] = lambda ds=ds: [None for _ in ds]
+    fns[f"{name}@3"] = lambda ds=ds: [None for _ in ds.repeat(3)]
   fns["dev_normalise_b64"] = lambda: run_norm(batches)
   fns["dev_normalise_b8"] = lambda: run_norm(shards)
+  fns["dev_resize_b8"] = run_finish
   name = product_dataset(paths, pathlib.Path(args.image_dir) / args.source / "tfds")
   # Each train row runs 1 and 3 epochs from a fresh iterator; the difference (2 epochs) is the
   # steady-state work, without the start-up (shuffle buffer fill) and the run-ahead thrown away.
-  for row, cache in (("train_pipeline", 1 << 19), ("train_no_cache", 0)):
+  train_rows = (("train_pipeline", 1 << 19, "host"), ("train_no_cache", 0, "host"),
+                ("train_device_resize", 1 << 19, "device"))
+  for row, cache, where in train_rows:
     consume = train_pipeline(name, pathlib.Path(args.image_dir) / args.source / "tfds", n,
-                             args.batch, cache)
+                             args.batch, cache, where)
     fns[f"{row}@1"], fns[f"{row}@3"] = (lambda c=consume: c(1)), (lambda c=consume: c(3))
   times = timed(fns, args.repeats)
   rows = {name: (n / wall, n / cpu) for name, (wall, cpu) in times.items() if "@" not in name}
-  for row in ("train_pipeline", "train_no_cache"):
+  for row in list(datasets) + [row for row, _, _ in train_rows]:
     rows[row] = tuple(2 * n / (b - a) for a, b in zip(times[f"{row}@1"], times[f"{row}@3"]))
   for b in ("b64", "b8"):
     rows[f"uint8+dev_{b}"] = tuple(1.0 / (1.0 / a + 1.0 / d) for a, d in zip(
         rows["ours_uint8"], rows[f"dev_normalise_{b}"]))
+  order = ["pil_numpy_loop", *datasets, *(row for row, _, _ in train_rows)]
+  rows = {k: rows[k] for k in order + [k for k in rows if k not in order]}
 
   load = os.getloadavg()
   print(f"machine: {cpu_model()}, {os.cpu_count()} cores visible "
@@ -360,7 +398,9 @@ def main(argv=None):
         f"samples/s, B/16 bf16 cuDNN batch 512 on an H100) at train_pipeline's "
         f"{per_core:,.0f} img/cpu-s takes {args.feed_samples_per_s / per_core:.1f} cores "
         f"({args.feed_samples_per_s / rows['train_no_cache'][1]:.1f} without the token cache, "
-        f"{args.feed_samples_per_s / ceiling:.1f} at the decode ceiling)")
+        f"{args.feed_samples_per_s / ceiling:.1f} at the decode ceiling); with "
+        f"data.resize_on='device' (train_device_resize) "
+        f"{args.feed_samples_per_s / rows['train_device_resize'][1]:.1f}")
 
 
 if __name__ == "__main__":

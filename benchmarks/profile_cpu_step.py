@@ -7,6 +7,8 @@ forward + backward + AdamW, donated state). Two modes:
   python -m benchmarks.profile_cpu_step --rounds=3 --steps=3
   # Account of one configuration from a jax.profiler trace (XLA CPU thunks by kind):
   XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python -m benchmarks.profile_cpu_step --trace
+  # The step split into its phases, ours and torch's, interleaved in one process:
+  python -m benchmarks.profile_cpu_step --split --rounds=3 --steps=3
 
 Rows of the A/B mode (each a separately jitted step; its median over all rounds, min-max):
   conv_patch:   the patch embedding as the strided nn.Conv it was before (the reference);
@@ -15,6 +17,15 @@ Rows of the A/B mode (each a separately jitted step; its median over all rounds,
   torch:        transformers' CLIPModel, eager, torch.optim.AdamW (benchmark_model.bench_torch).
 Rounds interleave the rows (A B C T, A B C T, ...) so a load change hits all of them; the
 ratios are the useful numbers on a shared machine. os.getloadavg() is printed before/after.
+
+Rows of the split mode (each framework's own code; the same model, batch and AdamW settings):
+  forward:      the loss alone (ours: a jitted forward + loss; torch: the training-mode forward
+                + loss, building its autograd graph as a train step does);
+  fwd+bwd:      the loss and every parameter's gradient (no optimizer);
+  adamw:        the optimizer update alone, on gradients computed before the clock starts
+                (ours: optax.adamw jitted with the state donated; torch: torch.optim.AdamW's
+                default, which on a CPU is the per-tensor loop, and fused=True beside it);
+  step:         the whole train step (benchmark_model's).
 
 The trace account sums the duration of every XLA CPU thunk event on the Eigen worker threads
 (per step, divided by the number of worker threads: the share of the 2 cores' time), grouped
@@ -129,6 +140,95 @@ def ab(args):
     print(f"{name:12s} {med * 1e3:10.0f} {min(ts) * 1e3:7.0f}-{max(ts) * 1e3:<8.0f} {ratio:>10s}")
 
 
+def split(args):
+  """Times forward, forward + backward, the AdamW update and the step, ours and torch's."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = clip_lib.clip_config(args.variant)
+  images, ids = bm.make_batch(config, args.batch)
+  model = clip_lib.CLIPModel(config)
+  params = nn.unbox(jax.jit(functools.partial(clip_lib.init_params, config))(
+      jax.random.PRNGKey(0)))
+  tx = optax.adamw(bm.LR, b1=bm.BETAS[0], b2=bm.BETAS[1], eps=bm.EPS,
+                   weight_decay=bm.WEIGHT_DECAY)
+  x, t = jnp.asarray(images), jnp.asarray(ids)
+
+  def loss_fn(p):
+    out = model.apply({"params": p}, x, t, deterministic=False)
+    return info_nce(out["image_embeds"], out["text_embeds"], out["logit_scale"])[0]
+
+  fwd, grad = jax.jit(loss_fn), jax.jit(jax.grad(loss_fn))
+  grads = jax.block_until_ready(grad(params))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def update(p, o, g):
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o
+
+  opt_state = [jax.tree.map(jnp.copy, params), tx.init(params)]
+
+  def jax_adamw():
+    opt_state[:] = update(*opt_state, grads)
+    jax.block_until_ready(opt_state[0])
+
+  step, state = bm.jax_step_fn(config, images, ids)[:2]
+  step_state = [state]
+
+  def jax_step():
+    step_state[0] = step(step_state[0])
+
+  torch.manual_seed(0)
+  tm = transformers.CLIPModel(config.to_hf()).train()
+  mean = torch.tensor(vit_lib.CLIP_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(vit_lib.CLIP_STD).view(1, 3, 1, 1)
+  pixels_u8 = torch.from_numpy(images).permute(0, 3, 1, 2)
+  input_ids = torch.from_numpy(ids).long()
+
+  def torch_loss():
+    pixels = (pixels_u8.float() / 255.0 - mean) / std
+    return tm(input_ids=input_ids, pixel_values=pixels, return_loss=True).loss
+
+  def torch_fwd_bwd():
+    tm.zero_grad(set_to_none=True)
+    torch_loss().backward()
+
+  torch_fwd_bwd()  # Gradients in place for the optimizer rows.
+  opts = {kw: torch.optim.AdamW(tm.parameters(), lr=bm.LR, betas=bm.BETAS, eps=bm.EPS,
+                                weight_decay=bm.WEIGHT_DECAY, **dict(kw))
+          for kw in ((), (("fused", True),))}
+  torch_step = bm.torch_step_fn(config, images, ids)
+  rows = {
+      ("forward", "ours"): lambda: jax.block_until_ready(fwd(params)),
+      ("forward", "torch"): torch_loss,
+      ("fwd+bwd", "ours"): lambda: jax.block_until_ready(grad(params)),
+      ("fwd+bwd", "torch"): torch_fwd_bwd,
+      ("adamw", "ours"): jax_adamw,
+      ("adamw", "torch"): opts[()].step,
+      ("adamw", "torch fused=True"): opts[(("fused", True),)].step,
+      ("step", "ours"): jax_step,
+      ("step", "torch"): torch_step,
+  }
+  for fn in rows.values():  # Compile and warm up.
+    fn()
+  times = collections.defaultdict(list)
+  print(f"loadavg before: {os.getloadavg()}", flush=True)
+  for _ in range(args.rounds):
+    for key, fn in rows.items():
+      for _ in range(args.steps):
+        t0 = time.perf_counter()
+        fn()
+        times[key].append(time.perf_counter() - t0)
+  print(f"loadavg after: {os.getloadavg()}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads")
+  print(f"{'phase':10s} {'framework':18s} {'median ms':>10s} {'min-max ms':>14s} "
+        f"{'torch/ours':>10s}")
+  for (phase, who), ts in times.items():
+    med = statistics.median(ts)
+    ratio = statistics.median(times[(phase, "torch")]) / statistics.median(times[(phase, "ours")])
+    print(f"{phase:10s} {who:18s} {med * 1e3:10.0f} {min(ts) * 1e3:6.0f}-{max(ts) * 1e3:<7.0f} "
+          f"{(f'{ratio:.2f}x' if who == 'ours' else ''):>10s}")
+
+
 def categorize(name: str, hlo_line: str) -> str:
   if name.startswith(("ynn_fusion", "dot", "xnn_fusion", "onednn")):
     return "matmul"
@@ -194,10 +294,12 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
   parser.add_argument("--no-torch", dest="torch", action="store_false")
   parser.add_argument("--trace", action="store_true", help="profile account instead of A/B")
+  parser.add_argument("--split", action="store_true",
+                      help="forward / fwd+bwd / AdamW / step, ours and torch's, instead of A/B")
   parser.add_argument("--top", type=int, default=15)
   args = parser.parse_args(argv)
   print(bm.machine_info())
-  trace(args) if args.trace else ab(args)  # pylint: disable=expression-not-assigned
+  (trace if args.trace else split if args.split else ab)(args)
 
 
 if __name__ == "__main__":
