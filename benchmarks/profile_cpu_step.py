@@ -7,6 +7,7 @@ forward + backward + AdamW, donated state). Two modes:
   python -m benchmarks.profile_cpu_step --rounds=3 --steps=3
   # Account of one configuration from a jax.profiler trace (XLA CPU thunks by kind):
   XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python -m benchmarks.profile_cpu_step --trace
+  #   ... --trace_phase=forward | fwd+bwd: the same account of the loss alone, or with gradients
   # The step split into its phases, ours and torch's, interleaved in one process:
   python -m benchmarks.profile_cpu_step --split --rounds=3 --steps=3
 
@@ -71,13 +72,11 @@ class ConvPatchEmbed(nn.Module):
     return y.reshape(x.shape[0], -1, self.features)
 
 
-def make_step(config, images, ids, conv_patch=False):
-  """(jitted donated step(state) -> state, initial state) for `config`."""
+def make_loss(config, images, ids):
+  """(loss_fn(params) -> scalar, initial params, AdamW): the pieces of the benchmark's step."""
   model = clip_lib.CLIPModel(config)
   params = nn.unbox(jax.jit(functools.partial(clip_lib.init_params, config))(
       jax.random.PRNGKey(0)))
-  if conv_patch:
-    params["vision"]["patch_embed"] = {"conv": params["vision"]["patch_embed"]}
   tx = optax.adamw(bm.LR, b1=bm.BETAS[0], b2=bm.BETAS[1], eps=bm.EPS,
                    weight_decay=bm.WEIGHT_DECAY)
   images, ids = jnp.asarray(images), jnp.asarray(ids)
@@ -85,6 +84,14 @@ def make_step(config, images, ids, conv_patch=False):
   def loss_fn(p):
     out = model.apply({"params": p}, images, ids, deterministic=False)
     return info_nce(out["image_embeds"], out["text_embeds"], out["logit_scale"])[0]
+  return loss_fn, params, tx
+
+
+def make_step(config, images, ids, conv_patch=False):
+  """(jitted donated step(state) -> state, initial state) for `config`."""
+  loss_fn, params, tx = make_loss(config, images, ids)
+  if conv_patch:
+    params["vision"]["patch_embed"] = {"conv": params["vision"]["patch_embed"]}
 
   def train_step(state):
     p, o = state
@@ -146,17 +153,7 @@ def split(args):
   import transformers  # pylint: disable=g-import-not-at-top
   config = clip_lib.clip_config(args.variant)
   images, ids = bm.make_batch(config, args.batch)
-  model = clip_lib.CLIPModel(config)
-  params = nn.unbox(jax.jit(functools.partial(clip_lib.init_params, config))(
-      jax.random.PRNGKey(0)))
-  tx = optax.adamw(bm.LR, b1=bm.BETAS[0], b2=bm.BETAS[1], eps=bm.EPS,
-                   weight_decay=bm.WEIGHT_DECAY)
-  x, t = jnp.asarray(images), jnp.asarray(ids)
-
-  def loss_fn(p):
-    out = model.apply({"params": p}, x, t, deterministic=False)
-    return info_nce(out["image_embeds"], out["text_embeds"], out["logit_scale"])[0]
-
+  loss_fn, params, tx = make_loss(config, images, ids)
   fwd, grad = jax.jit(loss_fn), jax.jit(jax.grad(loss_fn))
   grads = jax.block_until_ready(grad(params))
 
@@ -245,7 +242,16 @@ def trace(args):
   from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
   config = clip_lib.clip_config(args.variant)
   images, ids = bm.make_batch(config, args.batch)
-  step, state = make_step(config, images, ids)
+  if args.trace_phase == "step":
+    step, state = make_step(config, images, ids)
+  else:  # The loss, or the loss and its gradients, of the params.
+    loss_fn, state, _ = make_loss(config, images, ids)
+    fn = jax.jit(loss_fn if args.trace_phase == "forward" else jax.grad(loss_fn))
+
+    def step(p):  # Same contract as the step's: state in, state out, after the work is done.
+      jax.block_until_ready(fn(p))
+      return p
+    step.lower = fn.lower
   state = jax.block_until_ready(step(state))
   hlo = {}
   for line in step.lower(state).compile().as_text().splitlines():
@@ -294,6 +300,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
   parser.add_argument("--no-torch", dest="torch", action="store_false")
   parser.add_argument("--trace", action="store_true", help="profile account instead of A/B")
+  parser.add_argument("--trace_phase", default="step", choices=("step", "forward", "fwd+bwd"),
+                      help="--trace: the whole step, the loss alone, or the loss and gradients")
   parser.add_argument("--split", action="store_true",
                       help="forward / fwd+bwd / AdamW / step, ours and torch's, instead of A/B")
   parser.add_argument("--top", type=int, default=15)
