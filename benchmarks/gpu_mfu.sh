@@ -3,7 +3,8 @@
 # trainer's own step, benchmarks/benchmark.py) under each speed lever, with a profile account of
 # where the device time goes (benchmarks/profile_account.py); the SigLIP B/16 step; E2,
 # FashionViL and FashionBERT base train-step MFU (bf16); the pad-once lever; an FP8 GEMM row
-# (only where transformer-engine imports; TFLOP/s against the bf16 peak, never called MFU).
+# (only where transformer-engine imports; TFLOP/s against the bf16 peak, never called MFU); the
+# device side of data.resize_on='device' (the resize of one batch-512 step's crops).
 #
 #   OUT=/tmp/gpu_mfu benchmarks/gpu_mfu.sh [VARIANT ...]     # default: the VARIANTS list below
 #   DRY_RUN=1 OUT=/tmp/gpu_dry benchmarks/gpu_mfu.sh         # CPU: every row, tiny settings
@@ -117,6 +118,34 @@ PYEOF
   [ -f "$RES/$1.json" ] || skip_row "$1" "failed or timed out (see log.txt)"
 }
 
+device_resize() {  # data.resize_on='device': the train step's resize of the shipped crops.
+  echo; echo "=== $(date +%T) $1"
+  timeout "${VARIANT_TIMEOUT:-170}" $PY - "$RES/$1.json" "$DRY_RUN" <<'PYEOF'
+import json, sys, time
+import jax, numpy as np
+from fashion_jax.data import device_crop
+dry = sys.argv[2] == "1"
+b, pad, size = (8, 32, 24) if dry else (512, 256, 224)  # One B/16 batch-512 step's images.
+rng = np.random.default_rng(0)
+crops = jax.device_put(rng.integers(0, 256, (b, pad, pad, 3), dtype=np.uint8))
+hw = rng.integers(pad // 4, pad + 1, (b, 2))
+window = jax.device_put(np.concatenate([hw, rng.integers(0, 2, (b, 1))], 1).astype(np.int32))
+f = jax.jit(lambda c, w: device_crop.finish_images({"image": c, "image_window": w}, size)["image"])
+f(crops, window).block_until_ready()
+times = []
+for _ in range(3 if dry else 50):
+  t0 = time.perf_counter()
+  f(crops, window).block_until_ready()
+  times.append(time.perf_counter() - t0)
+row = dict(batch=b, crop_pad=pad, image_size=size, median_ms=float(np.median(times)) * 1e3,
+           min_ms=float(min(times)) * 1e3, device=str(jax.devices()[0].device_kind),
+           note="finish_images alone; compare with the same batch's step time (cudnn_b512)")
+print(row)
+json.dump({"rows": [row]}, open(sys.argv[1], "w"))
+PYEOF
+  [ -f "$RES/$1.json" ] || skip_row "$1" "failed or timed out (see log.txt)"
+}
+
 pad_once_wired() {  # H4's lever: layers.Encoder(seq_pad_multiple), read from model.seq_pad_multiple.
   grep -q "seq_pad_multiple" fashion_jax/systems/fashionclip.py
 }
@@ -151,6 +180,7 @@ run_variant() {
     fashionvil_base) variant "$1" --systems=fashionvil "${BF16[@]}" ;;
     fashionbert_base) variant "$1" --systems=fashionbert "${BF16[@]}" ;;
     fp8_gemm) fp8_gemm "$1" ;;
+    device_resize) device_resize "$1" ;;
     *) echo "unknown variant $1"; return 1 ;;
   esac
 }
@@ -158,7 +188,7 @@ run_variant() {
 VARIANTS=("$@")
 [ ${#VARIANTS[@]} -eq 0 ] && VARIANTS=(cudnn_tests cudnn_b512 einsum_b512 cudnn_b256 pad_once_b512
                                        siglip_b16 e2_base fashionvil_base fashionbert_base
-                                       fp8_gemm cudnn_b256_cublas einsum_b256)
+                                       fp8_gemm device_resize cudnn_b256_cublas einsum_b256)
 for v in "${VARIANTS[@]}"; do
   if (( SECONDS - START > TOTAL_BUDGET )); then
     skip_row "$v" "budget: TOTAL_BUDGET=${TOTAL_BUDGET}s spent before this row"
