@@ -34,8 +34,9 @@ generated (the embeddings themselves: 2 N D x 4 bytes).
 Matmul floor: 2 N^2 D flops / rate, rate = the better of the two measured matmul rates (the
 floor is then the lowest defensible time); the table reports wall / floor (1.2 = 1.2x the
 floor). Those rates are bursts (best of a few single products, seconds apart); a minute-long
-pass sustains less on a shared VM, which is why the dot pass is also measured. Our wall time includes the compilation (~1 s) and both passes (pair scores: one block
-per query chunk; counts: every block once, serving both directions). The load average before
+pass sustains less on a shared VM, which is why the dot pass is also measured. Our wall time
+includes the compilation (~1 s) and both passes (pair scores: one block per query chunk;
+counts: every block once, serving both directions). The load average before
 and after the run is printed: compare runs only when idle.
 """
 

@@ -92,7 +92,9 @@ def test_crop_window_is_the_host_crop_or_the_host_image(fmt):
   for i in range(24):
     key = tf.constant([5, i], tf.int64)
     image, window = pipeline.random_crop_window(encoded, key, 32, (0.1, 1.0), True, 64)
-    crop, mirror = pipeline._decode_crop(encoded, key, (0.1, 1.0), True)  # pylint: disable=protected-access
+    # The host path's own decode and mirror draw (a private helper: the reference).
+    crop, mirror = pipeline._decode_crop(  # pylint: disable=protected-access
+        encoded, key, (0.1, 1.0), True)
     h, w = crop.shape[:2]
     if h <= 64 and w <= 64:
       np.testing.assert_array_equal(image.numpy(), crop.numpy())

@@ -312,13 +312,14 @@ def random_crop_window(encoded, key, size, crop_scale, flip, pad):
   begin, extent = _crop_window(
       tf.image.extract_jpeg_shape(tf.where(is_jpeg, encoded, _ONE_PIXEL_JPEG)), crop_key,
       crop_scale)
-  mirror = tf.cast(_mirror(flip_key, flip), tf.int32)
+  mirror_bool = _mirror(flip_key, flip)
+  mirror = tf.cast(mirror_bool, tf.int32)
 
   def jpeg_fits():
     return _decode_jpeg_window(encoded, begin, extent), tf.stack([extent[0], extent[1], mirror])
 
   def general():
-    crop, mirror_bool = _decode_crop(encoded, key, crop_scale, flip)
+    crop, _ = _decode_crop(encoded, key, crop_scale, flip)  # Its mirror draw is mirror_bool.
     h, w = tf.shape(crop)[0], tf.shape(crop)[1]
     return tf.cond(
         (h <= pad) & (w <= pad), lambda: (crop, tf.stack([h, w, mirror])),

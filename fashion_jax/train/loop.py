@@ -294,10 +294,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # --------------------------------------------------------------------------------------
     # The jitted step, the evaluators, writers and periodic actions.
     # --------------------------------------------------------------------------------------
-    train_step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_shardings,
-                                          config.grad_accum_steps,
-                                          skip_non_finite=config.nan_policy == "skip",
-                                          batch_transform=device_crop.batch_transform(config.get("data") or {}))
+    train_step = step_lib.make_train_step(
+        system, tx, schedule, mesh, rules, state_shardings, config.grad_accum_steps,
+        skip_non_finite=config.nan_policy == "skip",
+        batch_transform=device_crop.batch_transform(config.get("data") or {}))
     evaluators = {name: (config.evals[name].every, evaluator) for name, evaluator
                   in evaluate.from_config(config, system, mesh).items()}
 
