@@ -233,6 +233,33 @@ def test_crop_is_the_same_for_jpeg_and_other_formats():
     assert np.abs(a.astype(float) - b).mean() < 3  # Same window, JPEG noise only.
 
 
+
+def test_per_batch_text_join_equals_the_per_example_join():
+  """The train pipeline joins texts per batch; each row must be the one-example join (python's
+  reference: strip, drop trailing spaces/periods, skip empty fields, join with '. ')."""
+  rows = [("red shirt. ", "made of cotton..", ""), ("", "", ""), (" é tote", "", "brand 1 . "),
+          ("...", "x", " ."), ("a.b", " c ", "d\t")]
+  batch = {f: tf.constant([r[i] for r in rows]) for i, f in enumerate(("t", "d", "b"))}
+  joined = pipeline._join_text(batch, ("t", "d", "b")).numpy()
+  for r, got in zip(rows, joined):
+    one = {f: tf.constant(v) for f, v in zip(("t", "d", "b"), r)}
+    assert pipeline._join_text(one, ("t", "d", "b")).numpy() == got
+    parts = [v.strip().rstrip(" .\t") for v in r]
+    assert got.decode() == ". ".join(p for p in parts if p)
+  with pytest.raises(KeyError, match="config.data.text_fields: field 'colour'"):
+    pipeline._join_text(batch, ("t", "colour"))
+
+
+def test_example_keys_equal_fold_in_then_split():
+  """The per-example keys: one RNG op per example, bitwise TF's fold_in + split of the seed."""
+  for seed, host in [(0, 0), (17, 3), (2**31 + 5, 1)]:
+    keys = pipeline._example_keys(seed, host)
+    for p in [0, 1, 12345, 2**40 + 7]:
+      p = tf.constant(p, tf.int64)
+      want = tf.random.experimental.stateless_split(
+          tf.random.experimental.stateless_fold_in(tf.constant([seed, host], tf.int64), p), 4)
+      np.testing.assert_array_equal(keys(p).numpy(), want.numpy())
+
 @pytest.mark.parametrize("kind", ["bert", "clip"])
 def test_token_cache_equals_the_tokenizer(kind):
   tok = tokenizers.get_tokenizer(kind, "", 12)

@@ -303,10 +303,6 @@ def example_features(data) -> list[ExampleFeature]:
   ]
 
 
-# Intermediate per-example values the host ops consume (not batch keys): the joined text, the
-# raw tag strings when tag_fields is set, and the raw multi-field strings when fields is set.
-EXAMPLE_INTERMEDIATES = ("text", "tags", "fields")
-
 # ------------------------------------------------------------------------------------------------
 # Host ops. A factory (data, tok, resources) -> [HostFeature] declares its features for a
 # config; tok is None when only declarations are wanted (feature_spec), and validations that need

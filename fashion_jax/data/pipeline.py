@@ -62,7 +62,8 @@ Training batch (b = batch_size // process_count):
   product_key, subcategory_key  int32 [b]  hashes of product_id / subcategory: equal iff the
                                    strings are equal (for same-product / same-subcategory logic).
 Each field is declared once in data/features.py (`feature_spec(config)` lists them without TF):
-image, image2, the keys, vq_codes and patch_features are made per example in tf.data and checked
+image, image2, vq_codes and patch_features are made per example in tf.data, the two keys per
+batch (elementwise hashes, like the text join that feeds the host step), and all are checked
 against their declarations; text ... attributes are HostFeature ops, run per batch in one
 tf.numpy_function whose output dtypes and shapes come from the ops themselves.
 
@@ -98,6 +99,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ASPECT = (3 / 4, 4 / 3)
 _MAX_EPOCHS = 2**40
 VIEW_CHOICES = ("random", "first")  # config.data.view.
+_RAW = "raw/"  # Per-example key prefix of the schema strings that `finish` consumes per batch.
 
 
 def _encode_one_pixel_jpeg() -> bytes:
@@ -172,12 +174,16 @@ def _check_fields(example, fields, key="config.data.text_fields"):
 
 
 def _join_text(example, fields):
-  """Joins the non-empty `fields` with '. ' (each stripped of trailing spaces and periods)."""
+  """Joins the non-empty `fields` with '. ' (each stripped of trailing spaces and periods).
+
+  Elementwise over any leading shape: scalar fields (one example) give a scalar, [B] fields (a
+  batch, where the train pipeline does it: one op per batch, not per example) give [B].
+  """
   _check_fields(example, fields)
   parts = tf.stack([tf.strings.regex_replace(tf.strings.strip(example[f]), r"[\s.]+$", "")
-                    for f in fields])
-  return tf.strings.reduce_join(tf.boolean_mask(parts, tf.strings.length(parts) > 0),
-                                separator=". ")
+                    for f in fields], axis=-1)
+  kept = tf.ragged.boolean_mask(parts, tf.strings.length(parts) > 0)
+  return tf.strings.reduce_join(kept, axis=-1, separator=". ")
 
 
 def _hash32(s):
@@ -513,14 +519,18 @@ class TrainIterator:
     return batch
 
 
-def _check_example_spec(element_spec, data) -> None:
-  """The per-example stage's outputs against their declarations in data/features.py.
+def _check_example_spec(batch_spec, data, host_names) -> None:
+  """The tf.data stage's per-example features against their declarations in data/features.py.
 
-  A mismatch is a bug in this module (RuntimeError when the dataset is built): feature_spec,
-  and the config check built on it, describe batches by those declarations.
+  `batch_spec` is the finished batch's element spec; every key but the host ops' (`host_names`)
+  is a per-example feature, made per example or, elementwise, per batch (the keys), and is
+  compared without its batch axis. A mismatch is a bug in this module (RuntimeError when the
+  dataset is built): feature_spec, and the config check built on it, describe batches by those
+  declarations.
   """
   declared = {f.name: f for f in features.example_features(data) if f.enabled}
-  made = {k: v for k, v in element_spec.items() if k not in features.EXAMPLE_INTERMEDIATES}
+  made = {k: tf.TensorSpec(v.shape[1:], v.dtype) for k, v in batch_spec.items()
+          if k not in host_names}
   wrong = sorted(set(made) ^ set(declared)) + sorted(
       k for k in set(made) & set(declared)
       if np.dtype(made[k].dtype.as_numpy_dtype) != declared[k].dtype
@@ -529,6 +539,19 @@ def _check_example_spec(element_spec, data) -> None:
     raise RuntimeError(f"The per-example features {wrong} differ from their declarations in "
                        f"data/features.py: made {made}, declared "
                        f"{ {k: f.spec() for k, f in declared.items()} }.")
+
+
+def _example_keys(seed, process_index):
+  """p -> int64 [4, 2]: example p's stateless keys, stateless_split(stateless_fold_in([seed,
+  process_index], p), 4).
+
+  fold_in's first word depends on the seed alone, so it is drawn once here, and each example
+  runs one RNG op instead of two (bitwise the same keys; tests/test_pipeline.py).
+  """
+  fold_word = tf.random.stateless_uniform([], tf.constant([seed, process_index], tf.int64),
+                                          minval=None, maxval=None, dtype=tf.int64)
+  return lambda p: tf.random.stateless_uniform([4, 2], tf.stack([fold_word, p]), minval=None,
+                                               maxval=None, dtype=tf.int64)
 
 
 def _numpy_rng(*keys) -> np.random.Generator:
@@ -579,7 +602,10 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     return records.shuffle(buffer, seed=(seed * 1_000_003 + process_index) * 1_000_033 + e,
                            reshuffle_each_iteration=False)
 
-  base_key = tf.constant([seed, process_index], tf.int64)
+  example_keys = _example_keys(seed, process_index)
+  # Text and key fields travel raw and are joined and hashed per batch in `finish` (elementwise:
+  # the same values, with one op per batch instead of one per example).
+  raw_fields = tuple(dict.fromkeys((*data.text_fields, "product_id", "subcategory")))
   pad = features.crop_pad(data) if features.resize_on(data) == "device" else 0
 
   def image_field(out, name, encoded, key):
@@ -590,15 +616,13 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       out[name] = random_resized_crop(encoded, key, size, crop_scale, flip)
 
   def example(p, ex):
-    keys = tf.random.experimental.stateless_split(
-        tf.random.experimental.stateless_fold_in(base_key, p), 4)
+    keys = example_keys(p)
     encoded = ex[schema.IMAGES]
     num_views = tf.shape(encoded, out_type=tf.int64)[0]
     v1 = (tf.constant(0, tf.int64) if first_view else
           tf.random.stateless_uniform([], keys[0], 0, num_views, dtype=tf.int64))
-    out = dict(text=_join_text(ex, data.text_fields),
-               product_key=_hash32(ex["product_id"]),
-               subcategory_key=_hash32(ex["subcategory"]))
+    _check_fields(ex, raw_fields)
+    out = {_RAW + f: ex[f] for f in raw_fields}
     image_field(out, "image", encoded[v1], keys[1])
     if views == 2:
       other = tf.random.stateless_uniform([], keys[2], 0, tf.maximum(num_views - 1, 1),
@@ -632,9 +656,12 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     return features.compute(host_ops, ctx)
 
   def finish(step, b):
+    raw = {f: b.pop(_RAW + f) for f in raw_fields}
+    b["product_key"] = _hash32(raw["product_id"])
+    b["subcategory_key"] = _hash32(raw["subcategory"])
     tags = b.pop("tags") if tag_fields else tf.zeros([batch, 0], tf.string)
     fields = b.pop("fields") if multi_fields else tf.zeros([batch, 0], tf.string)
-    results = tf.numpy_function(host_fn, [step, b.pop("text"), tags, fields],
+    results = tf.numpy_function(host_fn, [step, _join_text(raw, data.text_fields), tags, fields],
                                 [tf.as_dtype(op.dtype) for op in host_ops], stateful=False)
     for op, value in zip(host_ops, results):
       value.set_shape(op.batch_shape(batch))
@@ -644,7 +671,6 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   ds = tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
   ds = ds.enumerate(start=start_step * batch)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  _check_example_spec(ds.element_spec, data)
   if pad:  # The crops differ in size: each is copied into a zero [pad, pad, 3] batch slot.
     spec = ds.element_spec
     shapes = {k: [pad, pad, 3] if k + features.WINDOW_SUFFIX in spec else v.shape
@@ -654,6 +680,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     ds = ds.batch(batch, drop_remainder=True)
   ds = ds.enumerate(start=start_step)
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  _check_example_spec(ds.element_spec, data, {op.name for op in host_ops})
   ds = ds.prefetch(int(data.prefetch) if data.prefetch else tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
