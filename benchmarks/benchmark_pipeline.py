@@ -21,9 +21,11 @@ random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):
                    loop. The like-for-like comparison.
   ours_uint8       what the training pipeline ships (pipeline.random_resized_crop): the same
                    crop, rounded to uint8, normalised later on the device.
-  ours_window      what it ships with data.resize_on='device' (pipeline.random_crop_window):
-                   the same decoded crop, unflipped, zero-padded to 256 x 256, and its (h, w,
-                   flip); the train step resizes it (data/device_crop.py).
+  ours_window      what it ships with data.resize_on='device', as the pipeline makes it: per
+                   example pipeline.crop_window_fitting (no control flow), padded_batch, then
+                   per batch pipeline.replace_unfit. The same decoded crop, unflipped,
+                   zero-padded to 256 x 256, and its (h, w, flip); the train step resizes it
+                   (data/device_crop.py).
   dev_normalise_b64  pipeline.normalize_on_device (jitted jax) on this CPU's XLA backend, one
                    call per 64-image batch. Its 38 MB float32 output exceeds glibc's mmap
                    threshold, so every call page-faults fresh memory: the slow, pessimistic case.
@@ -255,9 +257,13 @@ def tf_dataset(paths, batch, kind):
         tf.io.read_file(path), tf.stack([tf.constant(0, tf.int64), i]), SIZE, SCALE, True)
 
   def ours_window(i, path):
-    return pipeline.random_crop_window(
-        tf.io.read_file(path), tf.stack([tf.constant(0, tf.int64), i]), SIZE, SCALE, True,
-        SOURCE)
+    encoded, key = tf.io.read_file(path), tf.stack([tf.constant(0, tf.int64), i])
+    crop, window, fits = pipeline.crop_window_fitting(encoded, key, SCALE, True, SOURCE)
+    return crop, window, fits, tf.where(fits, "", encoded), key
+
+  def unfit(crops, windows, fits, encoded, keys):
+    return pipeline.replace_unfit(crops, windows, fits, encoded, keys, SIZE, SCALE, True,
+                                  SOURCE)
 
   def ours_normalised(i, path):
     image = pipeline.crop_resize_float(
@@ -283,8 +289,9 @@ def tf_dataset(paths, batch, kind):
   fn = dict(naive=naive, ours=ours, ours_window=ours_window, ours_normalised=ours_normalised,
             decode=decode_only, crop_decode=crop_decode)[kind]
   if kind == "ours_window":  # As the train pipeline batches the crops: into zero slots.
-    return _one_core(ds.map(fn).padded_batch(batch, padded_shapes=([SOURCE, SOURCE, 3], [3]),
-                                             drop_remainder=True))
+    return _one_core(ds.map(fn).padded_batch(
+        batch, padded_shapes=([SOURCE, SOURCE, 3], [3], [], [], [2]),
+        drop_remainder=True).map(unfit))
   return _one_core(ds.map(fn).batch(batch, drop_remainder=True))
 
 

@@ -108,6 +108,33 @@ def test_crop_window_is_the_host_crop_or_the_host_image(fmt):
   assert seen == {("shipped", 0), ("shipped", 1), ("resized", None)}, seen
 
 
+def test_two_halves_equal_random_crop_window_per_row():
+  """The pipeline's halves (crop_window_fitting per example, replace_unfit per batch) give every
+  row random_crop_window's answer, for JPEGs and PNGs whose crops fit the pad or do not."""
+  rng = np.random.default_rng(1)
+  pad, size, scale = 48, 32, (0.1, 1.0)
+  encoded = []
+  for i in range(12):
+    hw = (40, 44) if i % 2 else (72, 96)  # Small sources always fit the pad; large ones may not.
+    pixels = np.asarray(Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(
+        hw[::-1], Image.BILINEAR))
+    encoded.append(tf.io.encode_png(pixels) if i % 3 == 0 else tf.io.encode_jpeg(pixels))
+  keys = [tf.constant([9, i], tf.int64) for i in range(len(encoded))]
+  halves = [pipeline.crop_window_fitting(e, k, scale, True, pad) for e, k in zip(encoded, keys)]
+  fits = tf.stack([f for _, _, f in halves])
+  assert 0 < int(tf.reduce_sum(tf.cast(fits, tf.int32))) < len(encoded)  # Both halves run.
+  images, windows = pipeline.replace_unfit(
+      # np.stack: tf.stack of numpy uint8 arrays makes int32 (TF 2.21).
+      tf.constant(np.stack([padded(c.numpy(), pad) for c, _, _ in halves])),
+      tf.stack([w for _, w, _ in halves]),
+      fits, tf.stack([tf.where(f, "", e) for (_, _, f), e in zip(halves, encoded)]),
+      tf.stack(keys), size, scale, True, pad)
+  for i, (e, k) in enumerate(zip(encoded, keys)):
+    image, window = pipeline.random_crop_window(e, k, size, scale, True, pad)
+    np.testing.assert_array_equal(images[i].numpy(), padded(image.numpy(), pad), err_msg=str(i))
+    np.testing.assert_array_equal(windows[i].numpy(), window.numpy(), err_msg=str(i))
+
+
 def test_device_batches_equal_host_batches(data_dir):
   """Same seed and steps: finish_images(device batch) == host batch; other keys bitwise."""
   host_cfg = make_config(data_dir)  # views=2, flip, crop_scale (0.3, 1), 40 x 48 sources.

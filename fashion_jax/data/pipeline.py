@@ -100,6 +100,7 @@ _ASPECT = (3 / 4, 4 / 3)
 _MAX_EPOCHS = 2**40
 VIEW_CHOICES = ("random", "first")  # config.data.view.
 _RAW = "raw/"  # Per-example key prefix of the schema strings that `finish` consumes per batch.
+_UNFIT = "unfit/"  # resize_on='device': (fits, bytes, key) per image field, for replace_unfit.
 
 
 def _encode_one_pixel_jpeg() -> bytes:
@@ -299,40 +300,81 @@ def random_resized_crop(encoded, key, size, crop_scale, flip):
   return _round_bilinear(crop_resize_float(encoded, key, size, crop_scale, flip))
 
 
-def random_crop_window(encoded, key, size, crop_scale, flip, pad):
-  """random_resized_crop with the resize left to the device (data.resize_on='device').
+def crop_window_fitting(encoded, key, crop_scale, flip, pad):
+  """random_crop_window's usual case, without control flow (the per-example half of the device
+  resize path; the pipeline finishes each batch with replace_unfit).
 
-  Returns (uint8 [h, w, 3], int32 [3]): the same crop window, unflipped, and its (h, w, flip);
-  the pipeline pads it to [pad, pad, 3] when it batches, and data/device_crop.py's resize_crop
-  turns the pair into random_resized_crop's image (within 1 level at float-rounding ties).
-  A crop larger than pad on either side is flipped and resized here, and shipped with
-  (size, size, 0).
+  Returns (uint8 [h, w, 3], int32 [3], bool). When the bool (`fits`) is True, the image is a JPEG
+  whose crop window fits in pad x pad, and the pair is random_crop_window's: the crop, decoded
+  alone and unflipped, and its (h, w, flip). Otherwise the pair is a 1-pixel stand-in for
+  replace_unfit to overwrite. The window is drawn from the JPEG header (a non-JPEG reads a
+  1-pixel stand-in's header here; its real draw, from its decoded shape, is replace_unfit's).
 
-  Speed: control flow costs ~25-45 us per example in tf.data, as much as a fifth of the decode,
-  so the usual case (a JPEG whose crop fits) takes ONE cond. Its window is drawn from the JPEG
-  header before the cond (a non-JPEG reads a 1-pixel stand-in's header there, and draws again
-  from its decoded shape on the other branch, as _decode_crop does: the same draw).
+  Speed: tf.cond costs ~35 us per example in tf.data (measured: a sixth of a 256 px decode),
+  so the per-example work takes none, and the rare rows that need the general path pay one
+  cond per batch between them.
   """
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   is_jpeg = tf.io.is_jpeg(encoded)
   begin, extent = _crop_window(
       tf.image.extract_jpeg_shape(tf.where(is_jpeg, encoded, _ONE_PIXEL_JPEG)), crop_key,
       crop_scale)
-  mirror_bool = _mirror(flip_key, flip)
-  mirror = tf.cast(mirror_bool, tf.int32)
+  fits = is_jpeg & (extent[0] <= pad) & (extent[1] <= pad)
+  crop = _decode_jpeg_window(tf.where(fits, encoded, _ONE_PIXEL_JPEG),
+                             tf.where(fits, begin, 0), tf.where(fits, extent, 1))
+  window = tf.stack([extent[0], extent[1], tf.cast(_mirror(flip_key, flip), tf.int32)])
+  return crop, window, fits
 
-  def jpeg_fits():
-    return _decode_jpeg_window(encoded, begin, extent), tf.stack([extent[0], extent[1], mirror])
 
-  def general():
-    crop, _ = _decode_crop(encoded, key, crop_scale, flip)  # Its mirror draw is mirror_bool.
-    h, w = tf.shape(crop)[0], tf.shape(crop)[1]
-    return tf.cond(
-        (h <= pad) & (w <= pad), lambda: (crop, tf.stack([h, w, mirror])),
-        lambda: (_round_bilinear(_flip_resize(crop, mirror_bool, size, flip)),
-                 tf.constant([size, size, 0], tf.int32)))
+def _general_crop_window(encoded, key, size, crop_scale, flip, pad):
+  """random_crop_window for any image: the decoded crop and its window when it fits in the pad,
+  else random_resized_crop's finished image and (size, size, 0)."""
+  crop, mirror = _decode_crop(encoded, key, crop_scale, flip)  # The same draws as above.
+  h, w = tf.shape(crop)[0], tf.shape(crop)[1]
+  return tf.cond(
+      (h <= pad) & (w <= pad), lambda: (crop, tf.stack([h, w, tf.cast(mirror, tf.int32)])),
+      lambda: (_round_bilinear(_flip_resize(crop, mirror, size, flip)),
+               tf.constant([size, size, 0], tf.int32)))
 
-  image, window = tf.cond(is_jpeg & (extent[0] <= pad) & (extent[1] <= pad), jpeg_fits, general)
+
+def replace_unfit(images, windows, fits, encoded, keys, size, crop_scale, flip, pad):
+  """The per-batch half of crop_window_fitting: rows whose `fits` is False get the general path.
+
+  images uint8 [B, pad, pad, 3] and windows int32 [B, 3] as crop_window_fitting's outputs were
+  padded and batched; fits bool [B]; encoded string [B] and keys int64 [B, 2] the examples' image
+  bytes (only the unfit rows' are read: the pipeline ships '' for the others) and keys. Returns
+  (images, windows), every row then random_crop_window's, zero-padded. One cond per batch.
+  """
+  def general_rows():
+    rows = tf.where(tf.logical_not(fits))[:, 0]
+
+    def one(i):
+      image, window = _general_crop_window(encoded[i], keys[i], size, crop_scale, flip, pad)
+      shape = tf.shape(image)
+      return tf.pad(image, [[0, pad - shape[0]], [0, pad - shape[1]], [0, 0]]), window
+    new_images, new_windows = tf.map_fn(
+        one, rows, fn_output_signature=(tf.TensorSpec([pad, pad, 3], tf.uint8),
+                                        tf.TensorSpec([3], tf.int32)))
+    return (tf.tensor_scatter_nd_update(images, rows[:, None], new_images),
+            tf.tensor_scatter_nd_update(windows, rows[:, None], new_windows))
+  return tf.cond(tf.reduce_all(fits), lambda: (images, windows), general_rows)
+
+
+def random_crop_window(encoded, key, size, crop_scale, flip, pad):
+  """random_resized_crop with the resize left to the device (data.resize_on='device'), for one
+  example: crop_window_fitting, or the general path where it does not fit.
+
+  Returns (uint8 [h, w, 3], int32 [3]): the same crop window, unflipped, and its (h, w, flip);
+  the pipeline pads it to [pad, pad, 3] when it batches, and data/device_crop.py's resize_crop
+  turns the pair into random_resized_crop's image (within 1 level at float-rounding ties).
+  A crop larger than pad on either side, or of an image that is not a JPEG and does not fit, is
+  flipped and resized here, and shipped with (size, size, 0). The train pipeline does the same
+  in two halves (crop_window_fitting per example, replace_unfit per batch) to avoid a cond per
+  example.
+  """
+  crop, window, fits = crop_window_fitting(encoded, key, crop_scale, flip, pad)
+  image, window = tf.cond(fits, lambda: (crop, window),
+                          lambda: _general_crop_window(encoded, key, size, crop_scale, flip, pad))
   image.set_shape([None, None, 3])
   window.set_shape([3])
   return image, window
@@ -607,11 +649,13 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   # the same values, with one op per batch instead of one per example).
   raw_fields = tuple(dict.fromkeys((*data.text_fields, "product_id", "subcategory")))
   pad = features.crop_pad(data) if features.resize_on(data) == "device" else 0
+  image_names = ("image", "image2")[:views]
 
   def image_field(out, name, encoded, key):
-    if pad:
-      out[name], out[name + features.WINDOW_SUFFIX] = random_crop_window(
-          encoded, key, size, crop_scale, flip, pad)
+    if pad:  # The unfit rows' bytes and keys ride along for replace_unfit in `finish`.
+      out[name], out[name + features.WINDOW_SUFFIX], fits = crop_window_fitting(
+          encoded, key, crop_scale, flip, pad)
+      out[_UNFIT + name] = (fits, tf.where(fits, "", encoded), key)
     else:
       out[name] = random_resized_crop(encoded, key, size, crop_scale, flip)
 
@@ -656,6 +700,10 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     return features.compute(host_ops, ctx)
 
   def finish(step, b):
+    for name in image_names if pad else ():
+      window = name + features.WINDOW_SUFFIX
+      b[name], b[window] = replace_unfit(b[name], b[window], *b.pop(_UNFIT + name), size,
+                                         crop_scale, flip, pad)
     raw = {f: b.pop(_RAW + f) for f in raw_fields}
     b["product_key"] = _hash32(raw["product_id"])
     b["subcategory_key"] = _hash32(raw["subcategory"])
@@ -673,8 +721,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if pad:  # The crops differ in size: each is copied into a zero [pad, pad, 3] batch slot.
     spec = ds.element_spec
-    shapes = {k: [pad, pad, 3] if k + features.WINDOW_SUFFIX in spec else v.shape
-              for k, v in spec.items()}
+    shapes = {k: [pad, pad, 3] if k + features.WINDOW_SUFFIX in spec else
+              tf.nest.map_structure(lambda x: x.shape, v) for k, v in spec.items()}
     ds = ds.padded_batch(batch, padded_shapes=shapes, drop_remainder=True)
   else:
     ds = ds.batch(batch, drop_remainder=True)
