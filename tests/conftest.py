@@ -15,11 +15,33 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# One persistent JAX compilation cache for the whole session: both xdist workers (started by the
+# controller after this file ran, so they inherit the variable) and every subprocess a test
+# starts (launch CLIs, kill/restart chains, notebook kernels; they copy os.environ) share it, so
+# a program that several tests or processes compile (the toy trainer's step, a CLI run
+# again) is compiled once. A fresh directory per session, removed at its end
+# (pytest_unconfigure): no entry outlives the run. JAX_COMPILATION_CACHE_DIR already set by the
+# caller is used as it is (and kept). Set FASHION_JAX_TEST_COMPILE_CACHE=0 to compile everything.
+_OWN_CACHE_DIR = None
+if (os.environ.get("FASHION_JAX_TEST_COMPILE_CACHE", "1") != "0"
+    and not os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="fashion_jax_test_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE_DIR is not None:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_configure(config):
