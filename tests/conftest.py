@@ -5,7 +5,9 @@ explicitly). The repo root goes on sys.path so `tests.toy_system` imports as a m
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 # FASHION_JAX_TEST_PLATFORMS=cuda,cpu runs the GPU-only tests (benchmarks/gpu_mfu.sh cudnn_tests)
 # on a GPU machine; everything else assumes the CPU.
@@ -25,7 +27,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _OWN_CACHE_DIR = None
 if (os.environ.get("FASHION_JAX_TEST_COMPILE_CACHE", "1") != "0"
     and not os.environ.get("JAX_COMPILATION_CACHE_DIR")):
-  import tempfile  # pylint: disable=g-import-not-at-top
   _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="fashion_jax_test_jax_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
@@ -40,7 +41,6 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 def pytest_unconfigure(config):
   del config
   if _OWN_CACHE_DIR is not None:
-    import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
