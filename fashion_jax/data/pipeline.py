@@ -649,7 +649,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   # the same values, with one op per batch instead of one per example).
   raw_fields = tuple(dict.fromkeys((*data.text_fields, "product_id", "subcategory")))
   pad = features.crop_pad(data) if features.resize_on(data) == "device" else 0
-  image_names = ("image", "image2")[:views]
+  unfit_names = ("image", "image2")[:views] if pad else ()  # Fields replace_unfit finishes.
 
   def image_field(out, name, encoded, key):
     if pad:  # The unfit rows' bytes and keys ride along for replace_unfit in `finish`.
@@ -700,7 +700,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     return features.compute(host_ops, ctx)
 
   def finish(step, b):
-    for name in image_names if pad else ():
+    for name in unfit_names:
       window = name + features.WINDOW_SUFFIX
       b[name], b[window] = replace_unfit(b[name], b[window], *b.pop(_UNFIT + name), size,
                                          crop_scale, flip, pad)
