@@ -162,7 +162,7 @@ def product_dataset(paths: list[str], data_dir: pathlib.Path) -> str:
 def train_pipeline(name, data_dir, num_images, batch, token_cache, resize_on="host"):
   """fn(epochs) -> consumes `epochs` epochs of make_train_iterator batches (views=1, the
   benchmark's crop and flip, CLIP tokenizer at 77) on one core, from a fresh iterator that is
-  deleted afterwards (so no prefetching runs on while other rows are timed). The iterators share
+  closed afterwards (so no prefetching runs on while other rows are timed). The iterators share
   one dataset, hence one token cache: warm after the first call."""
   config = ml_collections.ConfigDict(dict(seed=0, batch_size=batch, data=dict(
       name=name, data_dir=str(data_dir), train_split="train", image_size=SIZE,
@@ -170,14 +170,13 @@ def train_pipeline(name, data_dir, num_images, batch, token_cache, resize_on="ho
       views=1, augment=dict(crop_scale=SCALE, flip=True), mlm_prob=0.0,
       patch_mask=dict(grid=0, count=0), shuffle_buffer=num_images, prefetch=2,
       token_cache=token_cache, resize_on=resize_on)))
-  dataset = _one_core(pipeline.make_train_iterator(config, process_index=0,
-                                                   process_count=1).dataset)
+  with pipeline.make_train_iterator(config, process_index=0, process_count=1) as made:
+    dataset, host_step = _one_core(made.dataset), made.host_step
 
   def consume(epochs):
-    it = iter(dataset)
-    for _ in range(epochs * (num_images // batch)):
-      next(it)
-    del it
+    with pipeline.TrainIterator(dataset, 0, num_images, batch, host_step) as it:
+      for _ in range(epochs * (num_images // batch)):
+        next(it)
     gc.collect()
   return consume
 

@@ -1,6 +1,12 @@
 """tf.data pipelines: batch contents, determinism, exact resume, host shards, eval padding."""
 
+import gc
 import importlib
+import os
+import pathlib
+import subprocess
+import sys
+import threading
 
 import ml_collections
 import numpy as np
@@ -14,6 +20,7 @@ from fashion_jax.data import pipeline
 from fashion_jax.data import schema
 from fashion_jax.data import tokenizers
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_TEST = 50, 13
 COLOURS = ["red", "navy", "green", "black", "white"]
 SUBCATS = ["shirts", "skirts", "boots", "totes"]
@@ -289,6 +296,90 @@ def test_token_cache_keeps_batches_bytewise(data_dir):
   b = take(pipeline.make_train_iterator(off, process_index=0, process_count=1), 13)
   for x, y in zip(a, b):
     assert_batches_equal(x, y)
+
+
+def test_tf_data_stage_calls_no_python(data_dir):
+  # The host step runs in TrainIterator's thread, not as a tf.numpy_function in tf.data: deleting
+  # an iterator with a Python call in flight deadlocked on the GIL.
+  for config in (make_config(data_dir), make_config(data_dir, resize_on="device")):
+    with pipeline.make_train_iterator(config, process_index=0, process_count=1) as it:
+      graph = it.dataset._as_serialized_graph().numpy()  # pylint: disable=protected-access
+      assert b"PyFunc" not in graph and b"EagerPyFunc" not in graph
+      assert {"text", "mlm_ids", "patch_mask", "tags"} <= set(next(it))
+
+
+def _input_threads():
+  gc.collect()  # Iterators of earlier tests, freed by now.
+  return sum(t.name == "fashion_jax-train-input" for t in threading.enumerate())
+
+
+def test_close_stops_the_host_thread_and_names_the_resume_step(data_dir):
+  before = _input_threads()
+  it = pipeline.make_train_iterator(make_config(data_dir), start_step=1, process_index=0,
+                                    process_count=1)
+  assert _input_threads() == before + 1
+  take(it, 2)
+  it.close()
+  assert _input_threads() == before
+  with pytest.raises(RuntimeError, match=r"closed.*start_step=3"):
+    next(it)
+  it.close()  # Idempotent.
+  it = pipeline.make_train_iterator(make_config(data_dir), process_index=0, process_count=1)
+  next(it)
+  del it  # Dropped without close(): the finalizer stops the thread.
+  assert _input_threads() == before
+
+
+def test_iterator_errors_reach_the_consumer_with_their_type():
+  def host_step(step, batch):
+    if step == 12:
+      raise ValueError(f"bad batch at step {step}")
+    return {**batch, "step": np.int64(step)}
+
+  batches = tf.data.Dataset.range(5).batch(1).map(lambda x: {"x": x})
+  it = pipeline.TrainIterator(batches, 10, 5, 1, host_step)
+  assert [int(next(it)["step"]) for _ in range(2)] == [10, 11]
+  for _ in range(2):  # And again on the next call.
+    with pytest.raises(ValueError, match="bad batch at step 12"):
+      next(it)
+  assert it.position == 12
+  def checked(x):
+    with tf.control_dependencies([tf.debugging.assert_less(x, tf.constant(1, tf.int64),
+                                                           message="x too big")]):
+      return tf.identity(x)
+
+  it = pipeline.TrainIterator(tf.data.Dataset.range(3).map(checked), 0, 3, 1)
+  assert next(it) == 0
+  with pytest.raises(tf.errors.InvalidArgumentError, match="x too big"):
+    next(it)
+  it = pipeline.TrainIterator(tf.data.Dataset.range(2), 0, 2, 1)
+  assert list(it) == [0, 1] and it.position == 2
+
+
+_DROP_MID_PREFETCH = """
+import gc, sys, threading
+from tests import test_pipeline as tp
+from fashion_jax.data import pipeline
+gc.set_threshold(50, 1, 1)  # Cycles are collected often, in whichever thread allocates.
+for i in range(12):
+  config = tp.make_config(sys.argv[1], resize_on=("host", "device")[i % 2])
+  it = pipeline.make_train_iterator(config, start_step=i, process_index=0, process_count=1)
+  other = pipeline.make_train_iterator(config, start_step=i + 1, process_index=0, process_count=1)
+  next(it), next(other)
+  if i % 3 == 0:
+    it.cycle = it  # Freed by the garbage collector, at any point in any thread.
+  del it, other  # Prefetching and host steps are in flight.
+gc.collect()
+print("threads", sum(t.name == "fashion_jax-train-input" for t in threading.enumerate()))
+"""
+
+
+def test_dropping_iterators_mid_prefetch_does_not_hang(data_dir):
+  out = subprocess.run([sys.executable, "-c", _DROP_MID_PREFETCH, data_dir], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split()[-2:] == ["threads", "0"], out.stdout
 
 
 def test_bad_train_configs(data_dir):

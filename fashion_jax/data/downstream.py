@@ -107,17 +107,6 @@ def _hash32(strings) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Iterators.
 # ------------------------------------------------------------------------------------------------
-class _Iterator(pipeline.TrainIterator):
-  """pipeline.TrainIterator whose batches go through `finish` (host-side numpy) first."""
-
-  def __init__(self, dataset, start_step, num_examples, batch_size, finish):
-    super().__init__(dataset, start_step, num_examples, batch_size)
-    self._finish = finish
-
-  def __next__(self):
-    return self._finish(super().__next__())
-
-
 class _Mapped:
   """An iterator whose batches are `finish(batch)`, keeping `position` / `num_examples`."""
 
@@ -134,6 +123,9 @@ class _Mapped:
 
   def __next__(self):
     return self._finish(next(self._inner))
+
+  def close(self):
+    self._inner.close()
 
 
 def _host(config, process_index, process_count):
@@ -201,7 +193,7 @@ def _tgir_iterator(config, start_step, process_index, process_count):
   ds, n, per_host = _stream(config, b, data.train_split,
                             {"candidate_image": skip, "target_image": skip}, example,
                             start_step, process_index, process_count)
-  return _Iterator(ds, start_step, n, per_host, finish)
+  return pipeline.TrainIterator(ds, start_step, n, per_host, lambda _, b: finish(b))
 
 
 def _ocir_iterator(config, start_step, process_index, process_count):
@@ -247,7 +239,7 @@ def _ocir_iterator(config, start_step, process_index, process_count):
 
   ds, n, per_host = _stream(config, outfits, data.train_split, None, example, start_step,
                             process_index, process_count)
-  return _Iterator(ds, start_step, n, per_host, lambda batch: batch)
+  return pipeline.TrainIterator(ds, start_step, n, per_host)
 
 
 def _cls_iterator(config, start_step, process_index, process_count):

@@ -8,9 +8,9 @@ Two kinds (data/pipeline.py's make_train_iterator composes both):
                   declarations when the dataset is built.
   HostFeature     made per batch in numpy on the host (tokenizer, masking, pseudo-attributes):
                   a small op (name, dtype, shape, fn(ctx) -> np.ndarray). The pipeline runs the
-                  enabled ops in ONE tf.numpy_function whose output dtypes and static shapes are
-                  read from the same HostFeature objects, so a feature is added, removed or
-                  reshaped in one place.
+                  enabled ops in ONE host step per batch (pipeline.TrainIterator's thread, after
+                  tf.data), each output checked against the dtype and shape its HostFeature
+                  declares (`compute`), so a feature is added, removed or reshaped in one place.
 
 `feature_spec(config)` lists every key of a train batch with its dtype and per-example shape,
 from the config alone: no dataset, no tokenizer files, no TensorFlow (this module imports numpy

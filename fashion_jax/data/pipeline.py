@@ -64,8 +64,9 @@ Training batch (b = batch_size // process_count):
 Each field is declared once in data/features.py (`feature_spec(config)` lists them without TF):
 image, image2, vq_codes and patch_features are made per example in tf.data, the two keys per
 batch (elementwise hashes, like the text join that feeds the host step), and all are checked
-against their declarations; text ... attributes are HostFeature ops, run per batch in one
-tf.numpy_function whose output dtypes and shapes come from the ops themselves.
+against their declarations; text ... attributes are HostFeature ops, run per batch as numpy in
+TrainIterator's host-step thread, after tf.data (not inside it: see TrainIterator), each output
+checked against the dtype and shape its op declares.
 
 Order and resumption. Host i reads the contiguous shard i of `train_split` (tfds.even_splits,
 remainder dropped so all hosts have equal shards). The example stream is epoch 0, 1, 2, ... of
@@ -81,6 +82,9 @@ shuffle (records are read sequentially); its quality depends on shuffle_buffer.
 import io
 import math
 import os
+import queue
+import threading
+import weakref
 
 import numpy as np
 from PIL import Image
@@ -101,6 +105,7 @@ _MAX_EPOCHS = 2**40
 VIEW_CHOICES = ("random", "first")  # config.data.view.
 _RAW = "raw/"  # Per-example key prefix of the schema strings that `finish` consumes per batch.
 _UNFIT = "unfit/"  # resize_on='device': (fits, bytes, key) per image field, for replace_unfit.
+_HOST = "host/"  # Batch key prefix of the host step's inputs (joined texts, tags, fields).
 
 
 def _encode_one_pixel_jpeg() -> bytes:
@@ -535,37 +540,123 @@ def _load_patch_features(path, image_size):
 
 
 class TrainIterator:
-  """Iterator of per-host training batches.
+  """Iterator of per-host training batches: a tf.data stage, then a host step in one thread.
+
+  `dataset` makes every per-example feature (images, keys, tf.data's own threads);
+  `host_step(step, batch) -> batch` is numpy on the host (tokenizer, masks), run for batch
+  `step` = start_step, start_step + 1, ... in one background thread that keeps up to `depth`
+  finished batches ready, so it overlaps the consumer (the trainer's step, the first batch the
+  step's compilation). The thread starts when the iterator is made.
+
+  The host step runs outside tf.data on purpose: as a tf.numpy_function inside a parallel map,
+  deleting the iterator while one was starting deadlocked (the deleting thread holds the GIL and
+  waits for the map's in-flight calls, which need the GIL). close(), which also runs when the
+  iterator is garbage-collected and at interpreter exit, stops and joins the thread before the
+  tf.data iterator is released; tests/test_pipeline.py re-creates iterators in a subprocess.
+
+  An error in either stage is raised by the `next` call that would have returned its batch,
+  with its own type, and again by every later call.
 
   Attributes:
     position: number of batches consumed so far (start_step + batches yielded); save it with
       the checkpoint and pass it back as start_step.
     num_examples: examples in one epoch over all hosts (host shard size * process_count).
     batch_size: per-host batch size.
+    dataset, host_step: the two stages (host_step None: batches as tf.data makes them).
   """
 
   def __init__(self, dataset: tf.data.Dataset, start_step: int, num_examples: int,
-               batch_size: int):
-    self.dataset = dataset
+               batch_size: int, host_step=None, depth: int = 2):
+    if depth < 1:
+      raise ValueError(f"depth={depth} must be >= 1.")
+    self.dataset, self.host_step = dataset, host_step
     self.position = start_step
     self.num_examples = num_examples
     self.batch_size = batch_size
-    self._it = dataset.as_numpy_iterator()
+    self._error = None
+    self._results = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    # The thread holds neither self nor the iterator object, so dropping the last reference to
+    # self runs the finalizer (stop, join) and then frees the tf.data iterator.
+    thread = threading.Thread(
+        target=_produce, args=(dataset.as_numpy_iterator(), host_step, start_step,
+                               self._results, self._stop),
+        name="fashion_jax-train-input", daemon=True)
+    thread.start()
+    self._finalizer = weakref.finalize(self, _stop_producer, thread, self._stop, self._results)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._it)
-    self.position += 1
-    return batch
+    if self._error is not None:
+      raise self._error
+    if not self._finalizer.alive:
+      raise RuntimeError("This TrainIterator is closed; make a new one with "
+                         f"make_train_iterator(config, start_step={self.position}).")
+    kind, value = self._results.get()
+    if kind == "batch":
+      self.position += 1
+      return value
+    self._error = StopIteration() if kind == "end" else value
+    self.close()
+    raise self._error
+
+  def close(self) -> None:
+    """Stops the host-step thread and releases the tf.data iterator; idempotent."""
+    self._finalizer()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _produce(it, host_step, step, results, stop):
+  """TrainIterator's thread: ('batch', b) / ('end', None) / ('error', e) onto `results`."""
+  def put(item):
+    while not stop.is_set():
+      try:
+        results.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  try:
+    while not stop.is_set():
+      try:
+        batch = next(it)
+      except StopIteration:
+        put(("end", None))
+        return
+      if not put(("batch", host_step(step, batch) if host_step is not None else batch)):
+        return
+      step += 1
+  except Exception as e:  # pylint: disable=broad-except; re-raised by __next__ in the consumer.
+    put(("error", e))
+
+
+def _stop_producer(thread, stop, results):
+  stop.set()
+  if thread is threading.current_thread():  # Collected by a gc pass in its own thread: it exits
+    return  # at its next check of `stop`.
+  while thread.is_alive():  # Drain, so a put in flight returns at once.
+    try:
+      results.get(timeout=0.05)
+    except queue.Empty:
+      pass
+  thread.join()
+  while not results.empty():
+    results.get_nowait()
 
 
 def _check_example_spec(batch_spec, data, host_names) -> None:
   """The tf.data stage's per-example features against their declarations in data/features.py.
 
-  `batch_spec` is the finished batch's element spec; every key but the host ops' (`host_names`)
-  is a per-example feature, made per example or, elementwise, per batch (the keys), and is
+  `batch_spec` is the tf.data stage's batch spec; every key but the host step's inputs
+  (`host_names`) is a per-example feature, made per example or, elementwise, per batch (the keys), and is
   compared without its batch axis. A mismatch is a bug in this module (RuntimeError when the
   dataset is built): feature_spec, and the config check built on it, describe batches by those
   declarations.
@@ -674,10 +765,10 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       v2 = tf.where(num_views > 1, (v1 + 1 + other) % num_views, v1)
       image_field(out, "image2", encoded[v2], keys[3])
     if tag_fields:
-      out["tags"] = tf.stack([ex[f] for f in tag_fields])
+      out[_HOST + "tags"] = tf.stack([ex[f] for f in tag_fields])
     if multi_fields:
       _check_fields(ex, multi_fields, "config.data.fields")
-      out["fields"] = tf.stack([ex[f] for f in multi_fields])
+      out[_HOST + "fields"] = tf.stack([ex[f] for f in multi_fields])
     if data.get("pair_weight_field"):  # Per-pair relevance score (losses/pair_weights.py).
       _check_fields(ex, (data.pair_weight_field,), "config.data.pair_weight_field")
       out["pair_weight"] = tf.strings.to_number(ex[data.pair_weight_field], tf.float32)
@@ -694,12 +785,16 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       out["patch_features"] = tf.cast(tf.gather(cached[1][tf.maximum(row, 0)], v1), tf.float32)
     return out
 
-  def host_fn(step, texts, tags, fields):
+  def host_step(step, b):
+    texts = b.pop(_HOST + "texts")
+    none = np.zeros((len(texts), 0), object)
     ctx = features.Context(rng=_numpy_rng(seed, process_index, step, 0x6D61736B), texts=texts,
-                           tags=tags, tokenizer=cached_tok, step=step, fields=fields)
-    return features.compute(host_ops, ctx)
+                           tags=b.pop(_HOST + "tags", none), tokenizer=cached_tok, step=step,
+                           fields=b.pop(_HOST + "fields", none))
+    b.update(zip((op.name for op in host_ops), features.compute(host_ops, ctx)))
+    return b
 
-  def finish(step, b):
+  def finish(b):
     for name in unfit_names:
       window = name + features.WINDOW_SUFFIX
       b[name], b[window] = replace_unfit(b[name], b[window], *b.pop(_UNFIT + name), size,
@@ -707,13 +802,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     raw = {f: b.pop(_RAW + f) for f in raw_fields}
     b["product_key"] = _hash32(raw["product_id"])
     b["subcategory_key"] = _hash32(raw["subcategory"])
-    tags = b.pop("tags") if tag_fields else tf.zeros([batch, 0], tf.string)
-    fields = b.pop("fields") if multi_fields else tf.zeros([batch, 0], tf.string)
-    results = tf.numpy_function(host_fn, [step, _join_text(raw, data.text_fields), tags, fields],
-                                [tf.as_dtype(op.dtype) for op in host_ops], stateful=False)
-    for op, value in zip(host_ops, results):
-      value.set_shape(op.batch_shape(batch))
-      b[op.name] = value
+    b[_HOST + "texts"] = _join_text(raw, data.text_fields)
     return b
 
   ds = tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
@@ -726,14 +815,13 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     ds = ds.padded_batch(batch, padded_shapes=shapes, drop_remainder=True)
   else:
     ds = ds.batch(batch, drop_remainder=True)
-  ds = ds.enumerate(start=start_step)
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  _check_example_spec(ds.element_spec, data, {op.name for op in host_ops})
+  _check_example_spec(ds.element_spec, data, {k for k in ds.element_spec if k.startswith(_HOST)})
   ds = ds.prefetch(int(data.prefetch) if data.prefetch else tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options)
-  return TrainIterator(ds, start_step, n * process_count, batch)
+  return TrainIterator(ds, start_step, n * process_count, batch, host_step)
 
 
 # ------------------------------------------------------------------------------------------------

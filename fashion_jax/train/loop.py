@@ -45,7 +45,8 @@ Plug-ins:
     iterator of host-local numpy dict batches ([batch_size // process_count, ...]) starting at
     global step `start_step`, optionally with `.position` (JSON-able; saved in checkpoints and
     compared on resume: an iterator created with start_step=k must report the position the
-    original iterator had after k batches) and `.num_examples`. Default: the
+    original iterator had after k batches), `.num_examples`, and `.close()` (called when training
+    ends or the iterator is replaced, to stop background work). Default: the
     `make_train_iterator` of the module `config.input` (default 'fashion_jax.data.pipeline',
     the TFDS pipeline; checked with the config, before anything compiles).
   * Evaluation: for each `config.evals` entry, `fashion_jax.evaluate.<type>.Evaluator(system=,
@@ -124,6 +125,14 @@ class TrainResult(NamedTuple):
 
 def _default_iterator_factory(config, **kwargs):
   return config_check.input_factory(config.input)(config, **kwargs)
+
+
+def _close(train_iter) -> None:
+  """Stops an iterator's background work (pipeline.TrainIterator's host-step thread, a
+  generator) now rather than at garbage collection; iterators without close() are left as is."""
+  close = getattr(train_iter, "close", None)
+  if callable(close):
+    close()
 
 
 def _total_steps(config, train_iter) -> int:
@@ -234,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       workdir, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
       best_mode=config.checkpoint.best_mode, use_async=config.checkpoint["async"])
   writer = None
+  train_iter = None
   previous_sigterm = None
   try:
     # From here on SIGTERM (preemption) means: finish the step, save, return. With several
@@ -275,6 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if restored is not None and restored[0] != start_step:
       # The newest checkpoint was unusable (warned, moved aside): the input restarts earlier.
       start_step = restored[0]
+      _close(train_iter)
       train_iter = make_iter(start_step)
     if restored is not None:
       _, state, data = restored
@@ -450,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.flush()
     return TrainResult(state, {**last_metrics, **eval_metrics}, preempted)
   finally:
+    _close(train_iter)
     ckpt.wait()
     ckpt.close()
     if writer is not None:
