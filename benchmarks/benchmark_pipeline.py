@@ -23,9 +23,9 @@ random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):
                    crop, rounded to uint8, normalised later on the device.
   ours_window      what it ships with data.resize_on='device', as the pipeline makes it: per
                    example pipeline.crop_window_fitting (no control flow), padded_batch, then
-                   per batch pipeline.replace_unfit. The same decoded crop, unflipped,
-                   zero-padded to 256 x 256, and its (h, w, flip); the train step resizes it
-                   (data/device_crop.py).
+                   per batch pipeline.replace_unfit (numpy, as the host step runs it). The
+                   same decoded crop, unflipped, zero-padded to 256 x 256, and its (h, w,
+                   flip); the train step resizes it (data/device_crop.py).
   dev_normalise_b64  pipeline.normalize_on_device (jitted jax) on this CPU's XLA backend, one
                    call per 64-image batch. Its 38 MB float32 output exceeds glibc's mmap
                    threshold, so every call page-faults fresh memory: the slow, pessimistic case.
@@ -260,10 +260,6 @@ def tf_dataset(paths, batch, kind):
     crop, window, fits = pipeline.crop_window_fitting(encoded, key, SCALE, True, SOURCE)
     return crop, window, fits, tf.where(fits, "", encoded), key
 
-  def unfit(crops, windows, fits, encoded, keys):
-    return pipeline.replace_unfit(crops, windows, fits, encoded, keys, SIZE, SCALE, True,
-                                  SOURCE)
-
   def ours_normalised(i, path):
     image = pipeline.crop_resize_float(
         tf.io.read_file(path), tf.stack([tf.constant(0, tf.int64), i]), SIZE, SCALE, True)
@@ -289,9 +285,15 @@ def tf_dataset(paths, batch, kind):
             decode=decode_only, crop_decode=crop_decode)[kind]
   if kind == "ours_window":  # As the train pipeline batches the crops: into zero slots.
     return _one_core(ds.map(fn).padded_batch(
-        batch, padded_shapes=([SOURCE, SOURCE, 3], [3], [], [], [2]),
-        drop_remainder=True).map(unfit))
+        batch, padded_shapes=([SOURCE, SOURCE, 3], [3], [], [], [2]), drop_remainder=True))
   return _one_core(ds.map(fn).batch(batch, drop_remainder=True))
+
+
+def window_batches(ds):
+  """The ours_window row's batches, finished as the train pipeline's host step does: numpy
+  (crops, windows) after pipeline.replace_unfit."""
+  for crops, windows, fits, encoded, keys in ds.as_numpy_iterator():
+    yield pipeline.replace_unfit(crops, windows, fits, encoded, keys, SIZE, SCALE, True, SOURCE)
 
 
 def timed(fns: dict, repeats: int) -> dict:
@@ -344,8 +346,7 @@ def main(argv=None):
   batches = [b.numpy() for b in datasets["ours_uint8"]]
   shards = [s for b in batches for s in np.split(b, args.batch // 8)]
   normalise = jax.jit(pipeline.normalize_on_device)
-  windows = [(c[k:k + 8], w[k:k + 8]) for c, w in (tuple(x.numpy() for x in b)
-                                                   for b in datasets["ours_window"])
+  windows = [(c[k:k + 8], w[k:k + 8]) for c, w in window_batches(datasets["ours_window"])
              for k in range(0, args.batch, 8)]
   finish = jax.jit(lambda c, w: device_crop.finish_images(
       {"image": c, "image_window": w}, SIZE)["image"])
@@ -363,8 +364,9 @@ def main(argv=None):
   # iterator: the steady state, without the iterator's start-up (which weighs more on the rows
   # with bigger graphs, and would flatter the ceiling).
   for name, ds in datasets.items():
-    fns[f"{name}@1"] = lambda ds=ds: [None for _ in ds]
-    fns[f"{name}@E"] = lambda ds=ds: [None for _ in ds.repeat(1 + args.epochs)]
+    passes = window_batches if name == "ours_window" else iter
+    fns[f"{name}@1"] = lambda ds=ds, f=passes: [None for _ in f(ds)]
+    fns[f"{name}@E"] = lambda ds=ds, f=passes: [None for _ in f(ds.repeat(1 + args.epochs))]
   fns["dev_normalise_b64"] = lambda: run_norm(batches)
   fns["dev_normalise_b8"] = lambda: run_norm(shards)
   fns["dev_resize_b8"] = run_finish

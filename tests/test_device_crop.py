@@ -109,8 +109,9 @@ def test_crop_window_is_the_host_crop_or_the_host_image(fmt):
 
 
 def test_two_halves_equal_random_crop_window_per_row():
-  """The pipeline's halves (crop_window_fitting per example, replace_unfit per batch) give every
-  row random_crop_window's answer, for JPEGs and PNGs whose crops fit the pad or do not."""
+  """The pipeline's halves (crop_window_fitting per example, replace_unfit per batch on the host)
+  give every row random_crop_window's answer, for JPEGs and PNGs whose crops fit the pad or
+  do not."""
   rng = np.random.default_rng(1)
   pad, size, scale = 48, 32, (0.1, 1.0)
   encoded = []
@@ -123,16 +124,24 @@ def test_two_halves_equal_random_crop_window_per_row():
   halves = [pipeline.crop_window_fitting(e, k, scale, True, pad) for e, k in zip(encoded, keys)]
   fits = tf.stack([f for _, _, f in halves])
   assert 0 < int(tf.reduce_sum(tf.cast(fits, tf.int32))) < len(encoded)  # Both halves run.
+  # As the host step gets them from tf.data: read-only numpy arrays, b'' for the rows that fit.
+  batch = [np.stack([padded(c.numpy(), pad) for c, _, _ in halves]),
+           np.stack([w.numpy() for _, w, _ in halves])]
+  for a in batch:
+    a.flags.writeable = False
   images, windows = pipeline.replace_unfit(
-      # np.stack: tf.stack of numpy uint8 arrays makes int32 (TF 2.21).
-      tf.constant(np.stack([padded(c.numpy(), pad) for c, _, _ in halves])),
-      tf.stack([w for _, w, _ in halves]),
-      fits, tf.stack([tf.where(f, "", e) for (_, _, f), e in zip(halves, encoded)]),
-      tf.stack(keys), size, scale, True, pad)
+      *batch, fits.numpy(),
+      np.array([b"" if f else e.numpy() for (_, _, f), e in zip(halves, encoded)], object),
+      np.stack([k.numpy() for k in keys]), size, scale, True, pad)
   for i, (e, k) in enumerate(zip(encoded, keys)):
     image, window = pipeline.random_crop_window(e, k, size, scale, True, pad)
-    np.testing.assert_array_equal(images[i].numpy(), padded(image.numpy(), pad), err_msg=str(i))
-    np.testing.assert_array_equal(windows[i].numpy(), window.numpy(), err_msg=str(i))
+    np.testing.assert_array_equal(images[i], padded(image.numpy(), pad), err_msg=str(i))
+    np.testing.assert_array_equal(windows[i], window.numpy(), err_msg=str(i))
+  fit = [i for i in range(len(encoded)) if fits[i]]  # A batch that fits is returned as it is.
+  same = pipeline.replace_unfit(batch[0][fit], batch[1][fit], np.ones(len(fit), bool),
+                                np.array([b""] * len(fit), object), np.zeros((len(fit), 2)),
+                                size, scale, True, pad)
+  np.testing.assert_array_equal(same[0], batch[0][fit])
 
 
 def test_device_batches_equal_host_batches(data_dir):

@@ -79,6 +79,7 @@ and yields exactly the batches n, n+1, ... of the uninterrupted run. The shuffle
 shuffle (records are read sequentially); its quality depends on shuffle_buffer.
 """
 
+import functools
 import io
 import math
 import os
@@ -307,7 +308,7 @@ def random_resized_crop(encoded, key, size, crop_scale, flip):
 
 def crop_window_fitting(encoded, key, crop_scale, flip, pad):
   """random_crop_window's usual case, without control flow (the per-example half of the device
-  resize path; the pipeline finishes each batch with replace_unfit).
+  resize path; the host step finishes each batch with replace_unfit).
 
   Returns (uint8 [h, w, 3], int32 [3], bool). When the bool (`fits`) is True, the image is a JPEG
   whose crop window fits in pad x pad, and the pair is random_crop_window's: the crop, decoded
@@ -316,8 +317,8 @@ def crop_window_fitting(encoded, key, crop_scale, flip, pad):
   1-pixel stand-in's header here; its real draw, from its decoded shape, is replace_unfit's).
 
   Speed: tf.cond costs ~35 us per example in tf.data (measured: a sixth of a 256 px decode),
-  so the per-example work takes none, and the rare rows that need the general path pay one
-  cond per batch between them.
+  so the per-example work takes none, and the rare rows that need the general path are redone
+  on the host (replace_unfit, in numpy, per batch).
   """
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   is_jpeg = tf.io.is_jpeg(encoded)
@@ -343,26 +344,41 @@ def _general_crop_window(encoded, key, size, crop_scale, flip, pad):
 
 
 def replace_unfit(images, windows, fits, encoded, keys, size, crop_scale, flip, pad):
-  """The per-batch half of crop_window_fitting: rows whose `fits` is False get the general path.
+  """The per-batch half of crop_window_fitting, in numpy on the host: rows whose `fits` is False
+  get the general path.
 
   images uint8 [B, pad, pad, 3] and windows int32 [B, 3] as crop_window_fitting's outputs were
-  padded and batched; fits bool [B]; encoded string [B] and keys int64 [B, 2] the examples' image
-  bytes (only the unfit rows' are read: the pipeline ships '' for the others) and keys. Returns
-  (images, windows), every row then random_crop_window's, zero-padded. One cond per batch.
-  """
-  def general_rows():
-    rows = tf.where(tf.logical_not(fits))[:, 0]
+  padded and batched; fits bool [B]; encoded bytes [B] and keys int64 [B, 2] the examples' image
+  bytes (only the unfit rows' are read: the pipeline ships b'' for the others) and keys. Returns
+  numpy (images, windows), every row then random_crop_window's, zero-padded: the inputs
+  themselves when every row fits, else copies with the unfit rows replaced.
 
-    def one(i):
-      image, window = _general_crop_window(encoded[i], keys[i], size, crop_scale, flip, pad)
-      shape = tf.shape(image)
-      return tf.pad(image, [[0, pad - shape[0]], [0, pad - shape[1]], [0, 0]]), window
-    new_images, new_windows = tf.map_fn(
-        one, rows, fn_output_signature=(tf.TensorSpec([pad, pad, 3], tf.uint8),
-                                        tf.TensorSpec([3], tf.int32)))
-    return (tf.tensor_scatter_nd_update(images, rows[:, None], new_images),
-            tf.tensor_scatter_nd_update(windows, rows[:, None], new_windows))
-  return tf.cond(tf.reduce_all(fits), lambda: (images, windows), general_rows)
+  It runs in TrainIterator's host step, not in tf.data: there, a per-batch function holding the
+  general path (a loop over the unfit rows, even under a cond that skips it) cost ~100 us per
+  image of a 64-row batch whose rows all fit (benchmarks/benchmark_pipeline.py's ours_window
+  row): a third of the decode. Here a batch that fits costs one numpy test, and each unfit row
+  one call of the compiled general path (_general_row).
+  """
+  rows = np.flatnonzero(~np.asarray(fits, bool))
+  if rows.size == 0:
+    return images, windows
+  images, windows = np.array(images), np.array(windows)  # Batches from tf.data are read-only.
+  general = _general_row(size, tuple(float(c) for c in crop_scale), bool(flip), pad)
+  for i in rows:
+    image, window = general(tf.constant(encoded[i], tf.string), tf.constant(keys[i], tf.int64))
+    h, w = image.shape[:2]
+    images[i] = 0
+    images[i, :h, :w] = image.numpy()
+    windows[i] = window.numpy()
+  return images, windows
+
+
+@functools.lru_cache(maxsize=None)
+def _general_row(size, crop_scale, flip, pad):
+  """_general_crop_window compiled once per setting, for one example (bytes, int64 [2] key)."""
+  return tf.function(
+      lambda encoded, key: _general_crop_window(encoded, key, size, crop_scale, flip, pad),
+      input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)])
 
 
 def random_crop_window(encoded, key, size, crop_scale, flip, pad):
@@ -374,8 +390,8 @@ def random_crop_window(encoded, key, size, crop_scale, flip, pad):
   turns the pair into random_resized_crop's image (within 1 level at float-rounding ties).
   A crop larger than pad on either side, or of an image that is not a JPEG and does not fit, is
   flipped and resized here, and shipped with (size, size, 0). The train pipeline does the same
-  in two halves (crop_window_fitting per example, replace_unfit per batch) to avoid a cond per
-  example.
+  in two halves (crop_window_fitting per example in tf.data, replace_unfit per batch on the
+  host) to avoid a cond per example.
   """
   crop, window, fits = crop_window_fitting(encoded, key, crop_scale, flip, pad)
   image, window = tf.cond(fits, lambda: (crop, window),
@@ -576,13 +592,15 @@ class TrainIterator:
     self._error = None
     self._results = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
-    # The thread holds neither self nor the iterator object, so dropping the last reference to
-    # self runs the finalizer (stop, join) and then frees the tf.data iterator.
+    # The thread owns the tf.data iterator and holds no reference to self: dropping the last
+    # reference to self runs the finalizer (stop, join), and the thread's exit frees the tf.data
+    # iterator, which then has no Python call in flight to wait for.
     thread = threading.Thread(
         target=_produce, args=(dataset.as_numpy_iterator(), host_step, start_step,
                                self._results, self._stop),
         name="fashion_jax-train-input", daemon=True)
     thread.start()
+    self._thread = thread
     self._finalizer = weakref.finalize(self, _stop_producer, thread, self._stop, self._results)
 
   def __iter__(self):
@@ -594,7 +612,15 @@ class TrainIterator:
     if not self._finalizer.alive:
       raise RuntimeError("This TrainIterator is closed; make a new one with "
                          f"make_train_iterator(config, start_step={self.position}).")
-    kind, value = self._results.get()
+    while True:
+      try:
+        kind, value = self._results.get(timeout=1.0)
+        break
+      except queue.Empty:
+        if not self._thread.is_alive() and self._results.empty():
+          kind, value = "error", RuntimeError("The train input thread ended without a batch, "
+                                              "an error or the end of the data.")
+          break
     if kind == "batch":
       self.position += 1
       return value
@@ -743,7 +769,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   unfit_names = ("image", "image2")[:views] if pad else ()  # Fields replace_unfit finishes.
 
   def image_field(out, name, encoded, key):
-    if pad:  # The unfit rows' bytes and keys ride along for replace_unfit in `finish`.
+    if pad:  # The unfit rows' bytes and keys ride along for replace_unfit in the host step.
       out[name], out[name + features.WINDOW_SUFFIX], fits = crop_window_fitting(
           encoded, key, crop_scale, flip, pad)
       out[_UNFIT + name] = (fits, tf.where(fits, "", encoded), key)
@@ -786,6 +812,10 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     return out
 
   def host_step(step, b):
+    for name in unfit_names:
+      window = name + features.WINDOW_SUFFIX
+      b[name], b[window] = replace_unfit(b[name], b[window], *b.pop(_UNFIT + name), size,
+                                         crop_scale, flip, pad)
     texts = b.pop(_HOST + "texts")
     none = np.zeros((len(texts), 0), object)
     ctx = features.Context(rng=_numpy_rng(seed, process_index, step, 0x6D61736B), texts=texts,
@@ -795,10 +825,6 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     return b
 
   def finish(b):
-    for name in unfit_names:
-      window = name + features.WINDOW_SUFFIX
-      b[name], b[window] = replace_unfit(b[name], b[window], *b.pop(_UNFIT + name), size,
-                                         crop_scale, flip, pad)
     raw = {f: b.pop(_RAW + f) for f in raw_fields}
     b["product_key"] = _hash32(raw["product_id"])
     b["subcategory_key"] = _hash32(raw["subcategory"])
@@ -816,7 +842,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   else:
     ds = ds.batch(batch, drop_remainder=True)
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  _check_example_spec(ds.element_spec, data, {k for k in ds.element_spec if k.startswith(_HOST)})
+  _check_example_spec(ds.element_spec, data,
+                      {k for k in ds.element_spec if k.startswith((_HOST, _UNFIT))})
   ds = ds.prefetch(int(data.prefetch) if data.prefetch else tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
