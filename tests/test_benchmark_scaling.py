@@ -1,4 +1,5 @@
-"""benchmarks.benchmark.collective_bytes: operand bytes of the collectives of a compiled program."""
+"""benchmarks.benchmark.collective_bytes: operand bytes of the collectives of a compiled program;
+benchmarks.cpu_step_bound: the matmuls it times."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from benchmarks import benchmark
+from benchmarks import cpu_step_bound
+from fashion_jax.models import clip as clip_lib
+from fashion_jax.models import flops as flops_lib
 
 
 def test_collective_bytes_of_known_programs():
@@ -30,3 +34,28 @@ def test_collective_bytes_of_text_without_collectives_is_zero():
   text = jax.jit(lambda a: a + 1).lower(jnp.ones(3)).compile().as_text()
   assert all(v == {"count": 0, "operand_bytes": 0}
              for v in benchmark.collective_bytes(text).values())
+
+
+def test_cpu_step_bound_times_every_matmul_of_the_model():
+  """The matmul floor's list of one step's dots (x3: forward, dA, dW) holds every model FLOP
+  that models/flops.py counts but the [B, B] logits, for B/32 and B/16, at two batch sizes; and
+  each timed dot form returns the einsum it names (float64 numpy reference)."""
+  for variant in ("B/32", "B/16"):
+    config = clip_lib.clip_config(variant, dtype="float32")
+    for batch in (8, 3):
+      listed = sum(3 * count * 2 * g * m * k * n
+                   for _, count, g, m, k, n in cpu_step_bound.step_matmuls(config, batch))
+      model = flops_lib.clip_train_flops_per_step(config, batch, config.text.max_len)
+      logits = 3 * batch * 2 * batch * config.projection_dim
+      assert listed == model - logits, (variant, batch)
+  rng = np.random.default_rng(0)
+  for form, spec in cpu_step_bound.FORMS.items():
+    for g in (2, 1):  # Batched (attention) and a weight's 2-D dot.
+      a, b = cpu_step_bound._operands(form, g, 5, 3, 4, rng)  # pylint: disable=protected-access
+      got = jnp.einsum(spec if g > 1 else spec.replace("g", ""), a, b)
+      a64 = a.astype(np.float64)
+      want = {"fwd": lambda: a64 @ b, "dA": lambda: a64 @ b.swapaxes(-1, -2),
+              "dW": lambda: a64.swapaxes(-1, -2) @ b}[form]()
+      assert got.shape == want.shape == ((g,) if g > 1 else ()) + {
+          "fwd": (5, 4), "dA": (5, 3), "dW": (3, 4)}[form], (form, g)
+      assert np.allclose(got, want, atol=1e-5), (form, g)
