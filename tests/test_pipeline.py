@@ -242,17 +242,23 @@ def test_crop_is_the_same_for_jpeg_and_other_formats():
 
 
 def test_per_batch_text_join_equals_the_per_example_join():
-  """The train pipeline joins texts per batch; each row must be the one-example join (python's
-  reference: strip, drop trailing spaces/periods, skip empty fields, join with '. ')."""
+  """The train pipeline joins texts per batch on the host (join_text_columns); each row must be
+  TF's one-example join (_join_text, which evaluation uses) and TF's per-batch join, byte for
+  byte, on every ASCII whitespace byte and non-ASCII text (python's reference: strip, drop
+  trailing spaces/periods, skip empty fields, join with '. ')."""
   rows = [("red shirt. ", "made of cotton..", ""), ("", "", ""), (" é tote", "", "brand 1 . "),
-          ("...", "x", " ."), ("a.b", " c ", "d\t")]
+          ("...", "x", " ."), ("a.b", " c ", "d\t"), ("\x0bv\x0b", "f.\x0c", "\r\n.\x0b. "),
+          ("x .\x0b", "y\x0b.", "\u00a0z\u00a0"), ("日本 。", "ok\x0c\x0b", "\t")]
   batch = {f: tf.constant([r[i] for r in rows]) for i, f in enumerate(("t", "d", "b"))}
   joined = pipeline._join_text(batch, ("t", "d", "b")).numpy()
+  host = pipeline.join_text_columns([batch[f].numpy() for f in ("t", "d", "b")])
+  assert host.dtype == object and host.tolist() == joined.tolist()
+  for r, got in zip(rows[:5], joined[:5]):  # Python str's strip knows more whitespace.
+    parts = [v.strip().rstrip(" .\t") for v in r]
+    assert got.decode() == ". ".join(p for p in parts if p)
   for r, got in zip(rows, joined):
     one = {f: tf.constant(v) for f, v in zip(("t", "d", "b"), r)}
     assert pipeline._join_text(one, ("t", "d", "b")).numpy() == got
-    parts = [v.strip().rstrip(" .\t") for v in r]
-    assert got.decode() == ". ".join(p for p in parts if p)
   with pytest.raises(KeyError, match="config.data.text_fields: field 'colour'"):
     pipeline._join_text(batch, ("t", "colour"))
 

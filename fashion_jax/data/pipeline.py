@@ -106,7 +106,7 @@ _MAX_EPOCHS = 2**40
 VIEW_CHOICES = ("random", "first")  # config.data.view.
 _RAW = "raw/"  # Per-example key prefix of the schema strings that `finish` consumes per batch.
 _UNFIT = "unfit/"  # resize_on='device': (fits, bytes, key) per image field, for replace_unfit.
-_HOST = "host/"  # Batch key prefix of the host step's inputs (joined texts, tags, fields).
+_HOST = "host/"  # Batch key prefix of the host step's inputs (text fields, tags, fields).
 
 
 def _encode_one_pixel_jpeg() -> bytes:
@@ -191,6 +191,25 @@ def _join_text(example, fields):
                     for f in fields], axis=-1)
   kept = tf.ragged.boolean_mask(parts, tf.strings.length(parts) > 0)
   return tf.strings.reduce_join(kept, axis=-1, separator=". ")
+
+
+# _join_text's trailing class r"[\s.]+$": RE2's \s is [\t\n\f\r ] (no \v), plus '.'.
+_TRAILING = b" \t\n\f\r."
+
+
+def join_text_columns(columns) -> np.ndarray:
+  """_join_text on the host, byte for byte: one sequence of utf-8 bytes per field (the batch's
+  rows) -> object [B] of the joined bytes.
+
+  bytes.strip() removes the same six ASCII whitespace bytes as tf.strings.strip, and rstrip of
+  _TRAILING is the regex's trailing run (tests/test_pipeline.py compares them on edge cases).
+  The train pipeline joins here, in its host step: ~1 us per example in Python, against ~9 us
+  per example for the TF string ops in a per-batch tf.data function.
+  """
+  out = np.empty(len(columns[0]) if columns else 0, object)
+  for i, parts in enumerate(zip(*columns)):
+    out[i] = b". ".join(p for p in (x.strip().rstrip(_TRAILING) for x in parts) if p)
+  return out
 
 
 def _hash32(s):
@@ -822,7 +841,10 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
       window = name + features.WINDOW_SUFFIX
       b[name], b[window] = replace_unfit(b[name], b[window], *b.pop(_UNFIT + name), size,
                                          crop_scale, flip, pad)
-    texts = b.pop(_HOST + "texts")
+    columns = [b[_HOST + "text/" + f] for f in data.text_fields]
+    for f in set(data.text_fields):
+      del b[_HOST + "text/" + f]
+    texts = join_text_columns(columns)
     none = np.zeros((len(texts), 0), object)
     ctx = features.Context(rng=_numpy_rng(seed, process_index, step, 0x6D61736B), texts=texts,
                            tags=b.pop(_HOST + "tags", none), tokenizer=cached_tok, step=step,
@@ -834,7 +856,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     raw = {f: b.pop(_RAW + f) for f in raw_fields}
     b["product_key"] = _hash32(raw["product_id"])
     b["subcategory_key"] = _hash32(raw["subcategory"])
-    b[_HOST + "texts"] = _join_text(raw, data.text_fields)
+    b.update({_HOST + "text/" + f: raw[f] for f in data.text_fields})  # Joined on the host.
     return b
 
   ds = tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
