@@ -63,10 +63,10 @@ Training batch (b = batch_size // process_count):
                                    strings are equal (for same-product / same-subcategory logic).
 Each field is declared once in data/features.py (`feature_spec(config)` lists them without TF):
 image, image2, vq_codes and patch_features are made per example in tf.data, the two keys per
-batch (elementwise hashes, like the text join that feeds the host step), and all are checked
-against their declarations; text ... attributes are HostFeature ops, run per batch as numpy in
-TrainIterator's host-step thread, after tf.data (not inside it: see TrainIterator), each output
-checked against the dtype and shape its op declares.
+batch (elementwise hashes), and all are checked against their declarations; text ... attributes
+are HostFeature ops, run per batch as numpy in TrainIterator's host-step thread, after tf.data
+(not inside it: see TrainIterator), each output checked against the dtype and shape its op
+declares.
 
 Order and resumption. Host i reads the contiguous shard i of `train_split` (tfds.even_splits,
 remainder dropped so all hosts have equal shards). The example stream is epoch 0, 1, 2, ... of
@@ -104,7 +104,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ASPECT = (3 / 4, 4 / 3)
 _MAX_EPOCHS = 2**40
 VIEW_CHOICES = ("random", "first")  # config.data.view.
-_RAW = "raw/"  # Per-example key prefix of the schema strings that `finish` consumes per batch.
+_RAW = "raw/"  # Per-example key prefix of the key strings that `finish` hashes per batch.
 _UNFIT = "unfit/"  # resize_on='device': (fits, bytes, key) per image field, for replace_unfit.
 _HOST = "host/"  # Batch key prefix of the host step's inputs (text fields, tags, fields).
 
@@ -693,13 +693,8 @@ def _stop_producer(thread, stop, results):
   stop.set()
   if thread is threading.current_thread():  # Collected by a gc pass in its own thread: it exits
     return  # at its next check of `stop`.
-  while thread.is_alive():  # Drain, so a put in flight returns at once.
-    try:
-      results.get(timeout=0.05)
-    except queue.Empty:
-      pass
-  thread.join()
-  while not results.empty():
+  thread.join()  # Its puts time out and see `stop` within 50 ms.
+  while not results.empty():  # Free the batches it had ready.
     results.get_nowait()
 
 
@@ -707,8 +702,8 @@ def _check_example_spec(batch_spec, data, host_names) -> None:
   """The tf.data stage's per-example features against their declarations in data/features.py.
 
   `batch_spec` is the tf.data stage's batch spec; every key but the host step's inputs
-  (`host_names`) is a per-example feature, made per example or, elementwise, per batch (the keys), and is
-  compared without its batch axis. A mismatch is a bug in this module (RuntimeError when the
+  (`host_names`) is a per-example feature, made per example or, elementwise, per batch (the
+  keys), and is compared without its batch axis. A mismatch is a bug in this module (RuntimeError when the
   dataset is built): feature_spec, and the config check built on it, describe batches by those
   declarations.
   """
@@ -787,9 +782,10 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
                            reshuffle_each_iteration=False)
 
   example_keys = _example_keys(seed, process_index)
-  # Text and key fields travel raw and are joined and hashed per batch in `finish` (elementwise:
-  # the same values, with one op per batch instead of one per example).
-  raw_fields = tuple(dict.fromkeys((*data.text_fields, "product_id", "subcategory")))
+  # The key fields travel raw and are hashed per batch in `finish` (elementwise: the same values,
+  # one op per batch instead of one per example); the text fields go on to the host step, which
+  # joins them.
+  key_fields = ("product_id", "subcategory")
   pad = features.crop_pad(data) if features.resize_on(data) == "device" else 0
   unfit_names = ("image", "image2")[:views] if pad else ()  # Fields replace_unfit finishes.
 
@@ -807,8 +803,9 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     num_views = tf.shape(encoded, out_type=tf.int64)[0]
     v1 = (tf.constant(0, tf.int64) if first_view else
           tf.random.stateless_uniform([], keys[0], 0, num_views, dtype=tf.int64))
-    _check_fields(ex, raw_fields)
-    out = {_RAW + f: ex[f] for f in raw_fields}
+    _check_fields(ex, (*data.text_fields, *key_fields))
+    out = {_RAW + f: ex[f] for f in key_fields}
+    out.update({_HOST + "text/" + f: ex[f] for f in data.text_fields})
     image_field(out, "image", encoded[v1], keys[1])
     if views == 2:
       other = tf.random.stateless_uniform([], keys[2], 0, tf.maximum(num_views - 1, 1),
@@ -853,10 +850,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     return b
 
   def finish(b):
-    raw = {f: b.pop(_RAW + f) for f in raw_fields}
-    b["product_key"] = _hash32(raw["product_id"])
-    b["subcategory_key"] = _hash32(raw["subcategory"])
-    b.update({_HOST + "text/" + f: raw[f] for f in data.text_fields})  # Joined on the host.
+    b["product_key"] = _hash32(b.pop(_RAW + "product_id"))
+    b["subcategory_key"] = _hash32(b.pop(_RAW + "subcategory"))
     return b
 
   ds = tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
