@@ -35,11 +35,19 @@ random flip, normalise with CLIP's mean/std, batch. Rows (images/s on ONE core):
                    TPU/GPU it runs on the accelerator, not a host core.
   uint8+dev_bN     ours_uint8 then dev_normalise_bN on the same core:
                    1 / (1/ours_uint8 + 1/dev_normalise_bN).
+  parse_tfds       profile row (per example, not per image): the product dataset below read
+                   with TFDS's as_dataset, which parses one record per call, with TFDS's
+                   in-memory cache of parsed examples off. TFDS caches only datasets under
+                   250 MiB; real ones take this path every epoch. The train pipeline read its
+                   records this way before pipeline.example_stream.
+  parse_batched    profile row: the same records read by pipeline.example_stream (the train
+                   pipeline's fields), parsed 64 records per call.
   train_pipeline   the whole training pipeline (pipeline.make_train_iterator) over a TFDS
                    product dataset holding the same JPEG files (one view each) and catalog texts:
-                   TFRecord parsing, text join, product hashes, the same crop, batching, and the
-                   host step (CLIP tokenizer, max_len 77). Steady state: every text was seen in
-                   the warm-up epoch, so the token cache (features.TokenCache) serves them.
+                   TFRecord reading and parsing (from disk every epoch, as for any dataset), text
+                   join, product hashes, the same crop, batching, and the host step (CLIP
+                   tokenizer, max_len 77). Steady state: every text was seen in the warm-up
+                   epoch, so the token cache (features.TokenCache) serves them.
   train_no_cache   the same with data.token_cache=0: every batch tokenized, as before the token
                    cache and as the first epoch still is.
   train_device_resize  train_pipeline with data.resize_on='device': the host's whole share
@@ -128,9 +136,9 @@ def write_images(out_dir: pathlib.Path, n: int, source: str) -> list[str]:
   return paths
 
 
-def product_dataset(paths: list[str], data_dir: pathlib.Path) -> str:
+def product_dataset(paths: list[str], data_dir: pathlib.Path):
   """A TFDS product dataset (data/schema.py) of `paths` (one view each, the files' own bytes)
-  with the synthetic catalog's texts, built once in data_dir; returns its name."""
+  with the synthetic catalog's texts, built once in data_dir; returns its builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class PipelineBenchProducts(tfds.core.GeneratorBasedBuilder):
@@ -156,7 +164,22 @@ def product_dataset(paths: list[str], data_dir: pathlib.Path) -> str:
   builder = PipelineBenchProducts(data_dir=str(data_dir))
   if not builder.is_prepared():
     builder.download_and_prepare()
-  return builder.name
+  return builder
+
+
+def parse_datasets(builder, batch):
+  """The parse_tfds and parse_batched rows: the train split's records read and parsed, batched."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  skip = {schema.IMAGES: tfds.decode.SkipDecoding()}
+  n = builder.info.splits["train"].num_examples
+  per_example = builder.as_dataset(
+      split="train", shuffle_files=False, decoders=skip,
+      read_config=tfds.ReadConfig(add_tfds_id=False, try_autocache=False))
+  fields = (schema.IMAGES, "product_id", "subcategory", "title", "description")
+  batched = pipeline.example_stream(builder, "train", fields, seed=0, process_index=0,
+                                    shuffle_buffer=1, start=0, decoders=skip).take(n)
+  return {"parse_tfds": _one_core(per_example.batch(batch)),
+          "parse_batched": _one_core(batched.batch(batch))}
 
 
 def train_pipeline(name, data_dir, num_images, batch, token_cache, resize_on="host"):
@@ -370,7 +393,13 @@ def main(argv=None):
   fns["dev_normalise_b64"] = lambda: run_norm(batches)
   fns["dev_normalise_b8"] = lambda: run_norm(shards)
   fns["dev_resize_b8"] = run_finish
-  name = product_dataset(paths, pathlib.Path(args.image_dir) / args.source / "tfds")
+  products = product_dataset(paths, pathlib.Path(args.image_dir) / args.source / "tfds")
+  name = products.name
+  parsers = parse_datasets(products, args.batch)
+  datasets.update(parsers)
+  for row, ds in parsers.items():
+    fns[f"{row}@1"] = lambda ds=ds: [None for _ in ds]
+    fns[f"{row}@E"] = lambda ds=ds: [None for _ in ds.repeat(1 + args.epochs)]
   # Each train row runs 1 and 1 + E epochs from a fresh iterator; the difference (E epochs) is the
   # steady-state work, without the start-up (shuffle buffer fill) and the run-ahead thrown away.
   train_rows = (("train_pipeline", 1 << 19, "host"), ("train_no_cache", 0, "host"),

@@ -314,6 +314,80 @@ def test_tf_data_stage_calls_no_python(data_dir):
       assert {"text", "mlm_ids", "patch_mask", "tags"} <= set(next(it))
 
 
+def _old_stream(builder, split, fields, decoders, seed, process_index, buffer, start):
+  """The stream as it was made before example_stream: TFDS's parsed examples, shuffled parsed."""
+  n = builder.info.splits[split].num_examples
+  records = pipeline._read(builder, split, decoders)  # pylint: disable=protected-access
+
+  def epoch(e):
+    if buffer <= 1:
+      return records
+    return records.shuffle(buffer, seed=(seed * 1_000_003 + process_index) * 1_000_033 + e,
+                           reshuffle_each_iteration=False)
+
+  epoch0, skip = divmod(start, n)
+  ds = tf.data.Dataset.range(epoch0, 10).flat_map(epoch).skip(skip).enumerate(start=start)
+  return ds.map(lambda p, ex: (p, {f: ex[f] for f in fields}))
+
+
+@pytest.fixture(scope="module")
+def sharded_builder(tmp_path_factory):
+  """The test products written as 4 TFRecord files: TFDS interleaves them when reading."""
+  path = str(tmp_path_factory.mktemp("tfds_sharded"))
+  builder = PipelineTestProducts(data_dir=path)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=4))
+  assert len(builder.info.splits["train"].file_instructions) == 4
+  return builder
+
+
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_example_stream_equals_shuffling_tfds_parsed_examples(sharded_builder, process_count):
+  # Shuffled and skipped serialized, parsed in batches: the same examples in the same order as
+  # TFDS's per-example parse shuffled, over several files (TFDS's interleave order) and uneven
+  # host slices that start and end inside files.
+  b = sharded_builder
+  fields = ("images", "product_id", "title", "description", "brand")
+  skip_images = {"images": tfds.decode.SkipDecoding()}
+  seen = set()
+  for host in range(process_count):
+    sub = tfds.even_splits("train", n=process_count, drop_remainder=True)[host]
+    n = b.info.splits[sub].num_examples
+    for buffer, start in ((1, 0), (7, 5), (32, n + 3)):
+      args = dict(seed=11, process_index=host, shuffle_buffer=buffer, start=start)
+      new = pipeline.example_stream(b, sub, fields, decoders=skip_images, **args)
+      old = _old_stream(b, sub, fields, skip_images, 11, host, buffer, start)
+      rows = 0
+      for (p, x), (q, y) in zip(new.take(2 * n).as_numpy_iterator(),
+                                old.take(2 * n).as_numpy_iterator()):
+        assert p == q and sorted(x) == sorted(fields)
+        for f in fields:
+          np.testing.assert_array_equal(x[f], y[f], err_msg=f)
+        seen.add(x["product_id"])
+        rows += 1
+      assert rows == 2 * n
+  assert len(seen) == NUM_TRAIN - NUM_TRAIN % process_count
+  # A field TFDS must decode itself (images decoded here) takes TFDS's per-example path, in the
+  # same order.
+  new = pipeline.example_stream(b, "train", ("images", "product_id"), seed=2, process_index=0,
+                                shuffle_buffer=9, start=4, decoders=None)
+  old = _old_stream(b, "train", ("images", "product_id"), None, 2, 0, 9, 4)
+  for (p, x), (q, y) in zip(new.take(NUM_TRAIN).as_numpy_iterator(),
+                            old.take(NUM_TRAIN).as_numpy_iterator()):
+    assert p == q and x["product_id"] == y["product_id"] and x["images"].ndim == 4
+    np.testing.assert_array_equal(x["images"], y["images"])
+
+
+def test_train_pipeline_parses_records_in_batches(data_dir):
+  # Parsed a batch of records at a time, not one by one (TFDS's per-example parse costs ~100 us
+  # of a core per product: docs/benchmarks.md).
+  with pipeline.make_train_iterator(make_config(data_dir), process_index=0,
+                                    process_count=1) as it:
+    graph = it.dataset._as_serialized_graph().numpy()  # pylint: disable=protected-access
+  # Records go batch -> parse -> unbatch; one file is read without an interleave stage.
+  assert b"UnbatchDataset" in graph and b"ParseExampleV2" in graph
+  assert b"InterleaveDataset" not in graph
+
+
 def _input_threads():
   gc.collect()  # Iterators of earlier tests, freed by now.
   return sum(t.name == "fashion_jax-train-input" for t in threading.enumerate())

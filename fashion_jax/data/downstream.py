@@ -40,7 +40,6 @@ from fashion_jax.data import registry
 from fashion_jax.data import tokenizers
 
 UNKNOWN = "<unknown>"
-_MAX_EPOCHS = 2**40
 
 
 def builder(name: str, data_dir: str = ""):
@@ -138,8 +137,10 @@ def _host(config, process_index, process_count):
   return process_index, process_count, config.batch_size // process_count
 
 
-def _stream(config, b, split, decoders, example, start_step, process_index, process_count):
-  """(tf.data batches of `example(p, ex)`, host shard size, per-host batch) (module docstring)."""
+def _stream(config, b, split, fields, decoders, example, start_step, process_index,
+            process_count):
+  """(tf.data batches of `example(key, ex)`, host shard size, per-host batch): `fields` of this
+  host's slice of `split` in pipeline.example_stream's order (module docstring)."""
   process_index, process_count, batch = _host(config, process_index, process_count)
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0.")
@@ -151,20 +152,11 @@ def _stream(config, b, split, decoders, example, start_step, process_index, proc
   if n == 0:
     raise ValueError(f"Host {process_index}/{process_count} has no examples of "
                      f"{b.info.full_name}:{split}.")
-  records = b.as_dataset(split=sub, shuffle_files=False, decoders=decoders,
-                         read_config=tfds.ReadConfig(add_tfds_id=False))
-  seed, buffer = int(config.seed), int(config.data.shuffle_buffer)
-  epoch0, skip = divmod(start_step * batch, n)
-
-  def epoch(e):
-    if buffer <= 1:
-      return records
-    return records.shuffle(buffer, seed=(seed * 1_000_003 + process_index) * 1_000_033 + e,
-                           reshuffle_each_iteration=False)
-
+  seed = int(config.seed)
+  ds = pipeline.example_stream(b, sub, fields, seed=seed, process_index=process_index,
+                               shuffle_buffer=int(config.data.shuffle_buffer),
+                               start=start_step * batch, decoders=decoders)
   base = tf.constant([seed, process_index], tf.int64)
-  ds = tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
-  ds = ds.enumerate(start=start_step * batch)
   ds = ds.map(lambda p, ex: example(tf.random.experimental.stateless_fold_in(base, p), ex),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch, drop_remainder=True).prefetch(int(config.data.prefetch) or 2)
@@ -191,6 +183,7 @@ def _tgir_iterator(config, start_step, process_index, process_count):
     return {**batch, "text": ids, "text_mask": mask}
 
   ds, n, per_host = _stream(config, b, data.train_split,
+                            ("candidate_image", "target_image", "caption"),
                             {"candidate_image": skip, "target_image": skip}, example,
                             start_step, process_index, process_count)
   return pipeline.TrainIterator(ds, start_step, n, per_host, lambda _, b: finish(b))
@@ -237,8 +230,8 @@ def _ocir_iterator(config, start_step, process_index, process_count):
     return {"items": images, "item_cats": item_cats, "item_mask": tf.range(max_items) < k,
             "target_image": load(rows[blank]), "target_cat": tf.gather(cat_t, rows[blank])}
 
-  ds, n, per_host = _stream(config, outfits, data.train_split, None, example, start_step,
-                            process_index, process_count)
+  ds, n, per_host = _stream(config, outfits, data.train_split, ("item_ids",), None, example,
+                            start_step, process_index, process_count)
   return pipeline.TrainIterator(ds, start_step, n, per_host)
 
 
