@@ -366,6 +366,15 @@ def test_example_stream_equals_shuffling_tfds_parsed_examples(sharded_builder, p
         rows += 1
       assert rows == 2 * n
   assert len(seen) == NUM_TRAIN - NUM_TRAIN % process_count
+  # Evaluation's reads: each host's slice (remainder kept) in TFDS's order, unshuffled.
+  for sub in tfds.even_splits("train", n=process_count, drop_remainder=False):
+    new = pipeline.read_examples(b, sub, fields, skip_images)
+    old = pipeline._read(b, sub, skip_images)  # pylint: disable=protected-access
+    pairs = list(zip(new.as_numpy_iterator(), old.as_numpy_iterator(), strict=True))
+    assert len(pairs) == b.info.splits[sub].num_examples
+    for x, y in pairs:
+      for f in fields:
+        np.testing.assert_array_equal(x[f], y[f], err_msg=f)
   # A field TFDS must decode itself (images decoded here) takes TFDS's per-example path, in the
   # same order.
   new = pipeline.example_stream(b, "train", ("images", "product_id"), seed=2, process_index=0,

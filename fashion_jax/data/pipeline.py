@@ -231,44 +231,53 @@ def _records(builder, split):
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def read_examples(builder, split, fields, decoders=_SKIP_IMAGES, before_parse=None
+                  ) -> tf.data.Dataset:
+  """`fields` of each example of `split` in `_read`'s order, as `_read(builder, split, decoders)`
+  gives them (`decoders` as `as_dataset`'s: None decodes every feature).
+
+  `before_parse(ds) -> ds` (shuffle, skip, repeat: anything that moves examples, not reads them)
+  runs on the serialized records, which are then parsed _PARSE_BATCH per call. A buffer shuffle
+  permutes by its seed and position alone, so this yields exactly the examples that applying
+  `before_parse` to `_read`'s parsed examples gives, at a fraction of the cost: TFDS parses one
+  example per ParseExampleV2 call, ~100 us of a CPU core per product example here (hidden for
+  datasets under 250 MiB, which TFDS caches parsed in memory), against ~10 us batched
+  (benchmarks/benchmark_pipeline.py, rows parse_tfds and parse_batched). Fields that need
+  TFDS's own decoding (`_batch_parse_spec`), or files other than TFRecord, take TFDS's
+  per-example path, `before_parse` applied to the parsed examples.
+  """
+  fields = tuple(dict.fromkeys(fields))
+  before_parse = before_parse or (lambda ds: ds)
+  spec = _batch_parse_spec(builder, fields, decoders)
+  records = None if spec is None else _records(builder, split)
+  if records is None:
+    return before_parse(_read(builder, split, decoders).map(lambda ex: {f: ex[f] for f in fields}))
+  return before_parse(records).batch(_PARSE_BATCH).map(
+      lambda s: tf.io.parse_example(s, spec)).unbatch()
+
+
 def example_stream(builder, split, fields, *, seed, process_index, shuffle_buffer, start,
-                   decoders=None) -> tf.data.Dataset:
+                   decoders=_SKIP_IMAGES) -> tf.data.Dataset:
   """(p, example) for stream positions p = start, start + 1, ... of one host's training stream.
 
   The stream is epoch 0, 1, 2, ... of `split` (this host's slice), epoch e shuffled by a buffer
-  of `shuffle_buffer` records seeded by (seed, process_index, e) (no shuffle when <= 1); the
-  stream starts at position `start` without parsing the records before it. An example holds
-  `fields` (all of the dataset's when None) as `_read(builder, split, decoders)` gives them
-  (`decoders` as `as_dataset`'s: None decodes every feature).
-
-  Records are shuffled and skipped serialized, then parsed _PARSE_BATCH at a time: a buffer
-  shuffle permutes by its seed and position alone, so this yields exactly `_read`'s examples in
-  the order that shuffling parsed examples gives, at a fraction of the cost: TFDS parses one
-  example per ParseExampleV2 call, ~100 us of a CPU core per product example here (hidden for
-  datasets under 250 MiB, which TFDS caches parsed in memory), against ~10 us batched.
-  Fields that need TFDS's own decoding (`_batch_parse_spec`), or files other than TFRecord, take
-  TFDS's per-example path in the same order.
+  of `shuffle_buffer` records seeded by (seed, process_index, e) (no shuffle when <= 1); it
+  starts at position `start` without parsing the records before it. Examples: `fields` as
+  `read_examples` gives them; the records are shuffled and skipped before they are parsed.
   """
   n = builder.info.splits[split].num_examples
-  fields = tuple(builder.info.features) if fields is None else tuple(dict.fromkeys(fields))
-  spec = _batch_parse_spec(builder, fields, decoders)
-  records = None if spec is None else _records(builder, split)
-  batched = records is not None
-  if not batched:
-    records = _read(builder, split, decoders).map(lambda ex: {f: ex[f] for f in fields})
-
-  def epoch(e):
-    if shuffle_buffer <= 1:
-      return records
-    return records.shuffle(shuffle_buffer,
-                           seed=(seed * 1_000_003 + process_index) * 1_000_033 + e,
-                           reshuffle_each_iteration=False)
-
   epoch0, skip = divmod(start, n)
-  ds = tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
-  if batched:
-    ds = ds.batch(_PARSE_BATCH).map(lambda s: tf.io.parse_example(s, spec)).unbatch()
-  return ds.enumerate(start=start)
+
+  def stream(records):
+    def epoch(e):
+      if shuffle_buffer <= 1:
+        return records
+      return records.shuffle(shuffle_buffer,
+                             seed=(seed * 1_000_003 + process_index) * 1_000_033 + e,
+                             reshuffle_each_iteration=False)
+    return tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
+
+  return read_examples(builder, split, fields, decoders, stream).enumerate(start=start)
 
 
 def _check_fields(example, fields, key="config.data.text_fields"):
@@ -1020,7 +1029,7 @@ class EvalDataset:
                  text=_join_text(ex, text_fields))
       out.update({f"raw/{f}": ex[f] for f in fields})
       return out
-    ds = _read(self._builder, self._split).map(
+    ds = read_examples(self._builder, self._split, (schema.IMAGES, *text_fields, *fields)).map(
         example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(self.batch_size).prefetch(2)
 
