@@ -387,8 +387,8 @@ def test_example_stream_equals_shuffling_tfds_parsed_examples(sharded_builder, p
 
 
 def test_train_pipeline_parses_records_in_batches(data_dir):
-  # Parsed a batch of records at a time, not one by one (TFDS's per-example parse costs ~100 us
-  # of a core per product: docs/benchmarks.md).
+  # Parsed a batch of records at a time, not one by one (TFDS's per-example parse costs
+  # 100-140 us of a core per product: docs/benchmarks.md).
   with pipeline.make_train_iterator(make_config(data_dir), process_index=0,
                                     process_count=1) as it:
     graph = it.dataset._as_serialized_graph().numpy()  # pylint: disable=protected-access

@@ -76,7 +76,10 @@ example (view, crop, flip) is a stateless function of (seed, host, p); the per-b
 masking uses np.random.default_rng((seed, host, step)). Hence `start_step=n` rebuilds the stream
 at epoch n*b // N, skips (n*b) % N still-encoded records (nothing is decoded before the skip)
 and yields exactly the batches n, n+1, ... of the uninterrupted run. The shuffle is a buffer
-shuffle (records are read sequentially); its quality depends on shuffle_buffer.
+shuffle over the records in TFDS's read order; its quality depends on shuffle_buffer. Records
+are shuffled and skipped serialized and parsed 64 per call (`example_stream`, `read_examples`):
+the examples and order that shuffling TFDS's parsed examples gives, without its per-example
+parse.
 """
 
 import functools
@@ -203,6 +206,13 @@ def _batch_parse_spec(builder, fields, decoders):
   return spec
 
 
+# The reader's tf.data functions hold no Python control flow on tensors: not converted by
+# autograph (which cannot find a lambda's or a nested closure's source and warns).
+@tf.autograph.experimental.do_not_convert
+def _file_records(path, skip, take):
+  return tf.data.TFRecordDataset(path).skip(skip).take(take)
+
+
 def _records(builder, split):
   """Serialized records of `split` in `_read`'s order (None for a format other than TFRecord).
 
@@ -225,8 +235,7 @@ def _records(builder, split):
       np.array([f.skip for f in instructions], np.int64),
       np.array([f.take for f in instructions], np.int64)))
   return files.interleave(
-      lambda path, skip, take: tf.data.TFRecordDataset(path).skip(skip).take(take),
-      cycle_length=1 if info.disable_shuffling else 16,
+      _file_records, cycle_length=1 if info.disable_shuffling else 16,
       block_length=tfds.ReadConfig().interleave_block_length,
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -240,9 +249,9 @@ def read_examples(builder, split, fields, decoders=_SKIP_IMAGES, before_parse=No
   runs on the serialized records, which are then parsed _PARSE_BATCH per call. A buffer shuffle
   permutes by its seed and position alone, so this yields exactly the examples that applying
   `before_parse` to `_read`'s parsed examples gives, at a fraction of the cost: TFDS parses one
-  example per ParseExampleV2 call, ~100 us of a CPU core per product example here (hidden for
-  datasets under 250 MiB, which TFDS caches parsed in memory), against ~10 us batched
-  (benchmarks/benchmark_pipeline.py, rows parse_tfds and parse_batched). Fields that need
+  example per ParseExampleV2 call, 100-140 us of a CPU core per product example here with the
+  read (hidden for datasets under 250 MiB, which TFDS caches parsed in memory), against ~25 us
+  batched (benchmarks/benchmark_pipeline.py, rows parse_tfds and parse_batched). Fields that need
   TFDS's own decoding (`_batch_parse_spec`), or files other than TFRecord, take TFDS's
   per-example path, `before_parse` applied to the parsed examples.
   """
@@ -250,10 +259,18 @@ def read_examples(builder, split, fields, decoders=_SKIP_IMAGES, before_parse=No
   before_parse = before_parse or (lambda ds: ds)
   spec = _batch_parse_spec(builder, fields, decoders)
   records = None if spec is None else _records(builder, split)
+
+  @tf.autograph.experimental.do_not_convert
+  def select(ex):
+    return {f: ex[f] for f in fields}
+
+  @tf.autograph.experimental.do_not_convert
+  def parse(serialized):
+    return tf.io.parse_example(serialized, spec)
+
   if records is None:
-    return before_parse(_read(builder, split, decoders).map(lambda ex: {f: ex[f] for f in fields}))
-  return before_parse(records).batch(_PARSE_BATCH).map(
-      lambda s: tf.io.parse_example(s, spec)).unbatch()
+    return before_parse(_read(builder, split, decoders).map(select))
+  return before_parse(records).batch(_PARSE_BATCH).map(parse).unbatch()
 
 
 def example_stream(builder, split, fields, *, seed, process_index, shuffle_buffer, start,
@@ -269,6 +286,7 @@ def example_stream(builder, split, fields, *, seed, process_index, shuffle_buffe
   epoch0, skip = divmod(start, n)
 
   def stream(records):
+    @tf.autograph.experimental.do_not_convert
     def epoch(e):
       if shuffle_buffer <= 1:
         return records
@@ -810,9 +828,9 @@ def _check_example_spec(batch_spec, data, host_names) -> None:
 
   `batch_spec` is the tf.data stage's batch spec; every key but the host step's inputs
   (`host_names`) is a per-example feature, made per example or, elementwise, per batch (the
-  keys), and is compared without its batch axis. A mismatch is a bug in this module (RuntimeError when the
-  dataset is built): feature_spec, and the config check built on it, describe batches by those
-  declarations.
+  keys), and is compared without its batch axis. A mismatch is a bug in this module
+  (RuntimeError when the dataset is built): feature_spec, and the config check built on it,
+  describe batches by those declarations.
   """
   declared = {f.name: f for f in features.example_features(data) if f.enabled}
   made = {k: tf.TensorSpec(v.shape[1:], v.dtype) for k, v in batch_spec.items()
