@@ -366,6 +366,8 @@ def main(argv=None):
       ("tfdata_naive", "naive"),
       ("ours_normalised", "ours_normalised"), ("ours_uint8", "ours"),
       ("ours_window", "ours_window")]}
+  products = product_dataset(paths, pathlib.Path(args.image_dir) / args.source / "tfds")
+  datasets.update(parse_datasets(products, args.batch))
   batches = [b.numpy() for b in datasets["ours_uint8"]]
   shards = [s for b in batches for s in np.split(b, args.batch // 8)]
   normalise = jax.jit(pipeline.normalize_on_device)
@@ -393,19 +395,12 @@ def main(argv=None):
   fns["dev_normalise_b64"] = lambda: run_norm(batches)
   fns["dev_normalise_b8"] = lambda: run_norm(shards)
   fns["dev_resize_b8"] = run_finish
-  products = product_dataset(paths, pathlib.Path(args.image_dir) / args.source / "tfds")
-  name = products.name
-  parsers = parse_datasets(products, args.batch)
-  datasets.update(parsers)
-  for row, ds in parsers.items():
-    fns[f"{row}@1"] = lambda ds=ds: [None for _ in ds]
-    fns[f"{row}@E"] = lambda ds=ds: [None for _ in ds.repeat(1 + args.epochs)]
   # Each train row runs 1 and 1 + E epochs from a fresh iterator; the difference (E epochs) is the
   # steady-state work, without the start-up (shuffle buffer fill) and the run-ahead thrown away.
   train_rows = (("train_pipeline", 1 << 19, "host"), ("train_no_cache", 0, "host"),
                 ("train_device_resize", 1 << 19, "device"))
   for row, cache, where in train_rows:
-    consume = train_pipeline(name, pathlib.Path(args.image_dir) / args.source / "tfds", n,
+    consume = train_pipeline(products.name, pathlib.Path(args.image_dir) / args.source / "tfds", n,
                              args.batch, cache, where)
     fns[f"{row}@1"] = lambda c=consume: c(1)
     fns[f"{row}@E"] = lambda c=consume: c(1 + args.epochs)

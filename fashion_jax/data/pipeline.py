@@ -229,7 +229,7 @@ def _records(builder, split):
   instructions = info.splits[split].file_instructions
   if len(instructions) == 1:  # One file: the interleave would only add a stage.
     f = instructions[0]
-    return tf.data.TFRecordDataset(os.fspath(f.filename)).skip(f.skip).take(f.take)
+    return _file_records(os.fspath(f.filename), f.skip, f.take)
   files = tf.data.Dataset.from_tensor_slices((
       [os.fspath(f.filename) for f in instructions],
       np.array([f.skip for f in instructions], np.int64),
@@ -977,8 +977,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
                       (schema.IMAGES, *key_fields, *data.text_fields, *tag_fields, *multi_fields,
                        *weight_fields),
                       seed=seed, process_index=process_index,
-                      shuffle_buffer=int(data.shuffle_buffer), start=start_step * batch,
-                      decoders=_SKIP_IMAGES)
+                      shuffle_buffer=int(data.shuffle_buffer), start=start_step * batch)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if pad:  # The crops differ in size: each is copied into a zero [pad, pad, 3] batch slot.
     spec = ds.element_spec
