@@ -77,9 +77,10 @@ masking uses np.random.default_rng((seed, host, step)). Hence `start_step=n` reb
 at epoch n*b // N, skips (n*b) % N still-encoded records (nothing is decoded before the skip)
 and yields exactly the batches n, n+1, ... of the uninterrupted run. The shuffle is a buffer
 shuffle over the records in TFDS's read order; its quality depends on shuffle_buffer. Records
-are shuffled and skipped serialized and parsed 64 per call (`example_stream`, `read_examples`):
-the examples and order that shuffling TFDS's parsed examples gives, without its per-example
-parse.
+are shuffled and skipped serialized, then batched and parsed one batch per call
+(`example_stream`, `read_examples`): the examples and order that shuffling TFDS's parsed
+examples gives, without its per-example parse. The same call makes the batch's rows
+(`map_rows`): no tf.data stage runs per example after the parse.
 """
 
 import functools
@@ -108,9 +109,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ASPECT = (3 / 4, 4 / 3)
 _MAX_EPOCHS = 2**40
 VIEW_CHOICES = ("random", "first")  # config.data.view.
-_RAW = "raw/"  # Per-example key prefix of the key strings that `finish` hashes per batch.
+_RAW = "raw/"  # Per-example key prefix of the key strings that `batched` hashes per batch.
 _UNFIT = "unfit/"  # resize_on='device': (fits, bytes, key) per image field, for replace_unfit.
 _HOST = "host/"  # Batch key prefix of the host step's inputs (text fields, tags, fields).
+_ROWS = "rows/"  # resize_on='device': per image field, the crop's height (its rows' count).
 
 
 def _encode_one_pixel_jpeg() -> bytes:
@@ -171,6 +173,7 @@ def _host_shard(builder, split, process_index, process_count, drop_remainder):
 
 _SKIP_IMAGES = {schema.IMAGES: tfds.decode.SkipDecoding()}
 _PARSE_BATCH = 64  # Records per batched parse (one ParseExampleV2 call).
+_ROW_PARALLELISM = 16  # map_rows: rows of one batch in flight at once.
 
 
 def _read(builder, split, decoders=_SKIP_IMAGES):
@@ -240,8 +243,8 @@ def _records(builder, split):
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def read_examples(builder, split, fields, decoders=_SKIP_IMAGES, before_parse=None
-                  ) -> tf.data.Dataset:
+def read_examples(builder, split, fields, decoders=_SKIP_IMAGES, before_parse=None, *,
+                  start=None, batch=None) -> tf.data.Dataset:
   """`fields` of each example of `split` in `_read`'s order, as `_read(builder, split, decoders)`
   gives them (`decoders` as `as_dataset`'s: None decodes every feature).
 
@@ -254,33 +257,50 @@ def read_examples(builder, split, fields, decoders=_SKIP_IMAGES, before_parse=No
   batched (benchmarks/benchmark_pipeline.py, rows parse_tfds and parse_batched). Fields that need
   TFDS's own decoding (`_batch_parse_spec`), or files other than TFRecord, take TFDS's
   per-example path, `before_parse` applied to the parsed examples.
+
+  `start`: each example comes as (p, example), p = start, start + 1, ... counted after
+  `before_parse`. `batch`: batches of `batch` examples (remainder dropped), parsed one batch per
+  call and not split again: p int64 [batch], a scalar field [batch], a sequence field (say the
+  [n_views] images) a RaggedTensor [batch, None].
   """
   fields = tuple(dict.fromkeys(fields))
   before_parse = before_parse or (lambda ds: ds)
   spec = _batch_parse_spec(builder, fields, decoders)
   records = None if spec is None else _records(builder, split)
 
-  @tf.autograph.experimental.do_not_convert
-  def select(ex):
-    return {f: ex[f] for f in fields}
+  def numbered(ds):
+    ds = before_parse(ds)
+    return ds if start is None else ds.enumerate(start=start)
 
   @tf.autograph.experimental.do_not_convert
-  def parse(serialized):
-    return tf.io.parse_example(serialized, spec)
+  def select(*x):  # (ex) or (p, ex): the fields of ex.
+    *p, ex = x
+    ex = {f: ex[f] for f in fields}
+    return (*p, ex) if p else ex
+
+  @tf.autograph.experimental.do_not_convert
+  def parse(*x):  # (serialized) or (p, serialized): the fields parsed.
+    *p, serialized = x
+    ex = tf.io.parse_example(serialized, spec)
+    return (*p, ex) if p else ex
 
   if records is None:
-    return before_parse(_read(builder, split, decoders).map(select))
-  return before_parse(records).batch(_PARSE_BATCH).map(parse).unbatch()
+    ds = numbered(_read(builder, split, decoders).map(select))
+    return ds if batch is None else ds.ragged_batch(batch, drop_remainder=True)
+  if batch is not None:
+    return numbered(records).batch(batch, drop_remainder=True).map(parse)
+  return numbered(records).batch(_PARSE_BATCH).map(parse).unbatch()
 
 
 def example_stream(builder, split, fields, *, seed, process_index, shuffle_buffer, start,
-                   decoders=_SKIP_IMAGES) -> tf.data.Dataset:
+                   decoders=_SKIP_IMAGES, batch=None) -> tf.data.Dataset:
   """(p, example) for stream positions p = start, start + 1, ... of one host's training stream.
 
   The stream is epoch 0, 1, 2, ... of `split` (this host's slice), epoch e shuffled by a buffer
   of `shuffle_buffer` records seeded by (seed, process_index, e) (no shuffle when <= 1); it
   starts at position `start` without parsing the records before it. Examples: `fields` as
   `read_examples` gives them; the records are shuffled and skipped before they are parsed.
+  `batch`: the same stream in batches of `batch` examples, as `read_examples` batches them.
   """
   n = builder.info.splits[split].num_examples
   epoch0, skip = divmod(start, n)
@@ -295,7 +315,41 @@ def example_stream(builder, split, fields, *, seed, process_index, shuffle_buffe
                              reshuffle_each_iteration=False)
     return tf.data.Dataset.range(epoch0, _MAX_EPOCHS).flat_map(epoch).skip(skip)
 
-  return read_examples(builder, split, fields, decoders, stream).enumerate(start=start)
+  return read_examples(builder, split, fields, decoders, stream, start=start, batch=batch)
+
+
+def map_rows(fn, n, *rows, concat=()):
+  """{key: [fn(*row i of `rows`)[key] for i < n]} as one batch, in one graph call.
+
+  `rows`: nests of tensors (or RaggedTensors) with n rows each. fn returns a dict of tensors (or
+  nests of them), the same keys and dtypes for every row. Values under a key in `concat` have a
+  varying first dimension ([None, ...]) and are concatenated along it ([sum of the rows' sizes,
+  ...]: tf.RaggedTensor.from_row_lengths splits them again); the others are stacked ([n, ...]).
+
+  Why not tf.data's per-example map: each tf.data function call hands the example to a pool
+  thread and waits for it (two thread wake-ups), which cost 8-13% of a core per product example
+  on top of the JPEG decode (perf, docs/benchmarks.md). Here the rows run in a while loop inside
+  one call: up to _ROW_PARALLELISM rows at once where the pool has the threads, bitwise the same
+  results, written by index.
+  """
+  def row(i):
+    return tf.nest.map_structure(lambda x: x[i], rows)
+
+  first = fn(*row(0))
+  flat = tf.nest.flatten(first)
+  joined = tf.nest.flatten({k: tf.nest.map_structure(lambda _, k=k: k in concat, v)
+                            for k, v in first.items()})
+  arrays = [tf.TensorArray(x.dtype, size=n, infer_shape=not j, element_shape=(
+      tf.TensorShape([None]).concatenate(x.shape[1:]) if j else x.shape)).write(0, x)
+            for x, j in zip(flat, joined)]
+
+  def body(i, arrays):
+    return i + 1, [a.write(i, x) for a, x in zip(arrays, tf.nest.flatten(fn(*row(i))))]
+
+  _, arrays = tf.while_loop(lambda i, _: i < n, body, (tf.constant(1), arrays),
+                            parallel_iterations=_ROW_PARALLELISM)
+  return tf.nest.pack_sequence_as(first, [a.concat() if j else a.stack()
+                                          for a, j in zip(arrays, joined)])
 
 
 def _check_fields(example, fields, key="config.data.text_fields"):
@@ -896,7 +950,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   if n == 0:
     raise ValueError(f"Host {process_index}/{process_count} has no examples of "
                      f"{data.name}:{data.train_split}.")
-  # The key fields travel raw and are hashed per batch in `finish` (elementwise: the same values,
+  # The key fields travel raw and are hashed per batch in `batched` (elementwise: the same values,
   # one op per batch instead of one per example); the text fields go on to the host step, which
   # joins them.
   key_fields = ("product_id", "subcategory")
@@ -910,11 +964,17 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   example_keys = _example_keys(seed, process_index)
   pad = features.crop_pad(data) if features.resize_on(data) == "device" else 0
   unfit_names = ("image", "image2")[:views] if pad else ()  # Fields replace_unfit finishes.
+  padded_names = unfit_names  # Fields padded per batch into [pad, pad, 3] slots.
 
   def image_field(out, name, encoded, key):
     if pad:  # The unfit rows' bytes and keys ride along for replace_unfit in the host step.
-      out[name], out[name + features.WINDOW_SUFFIX], fits = crop_window_fitting(
+      crop, out[name + features.WINDOW_SUFFIX], fits = crop_window_fitting(
           encoded, key, crop_scale, flip, pad)
+      # Rows [h, pad, 3], zero-filled on the right; `batched` stacks them into [pad, pad, 3]
+      # slots, zero below.
+      h, w = tf.shape(crop)[0], tf.shape(crop)[1]
+      out[name] = tf.concat([crop, tf.zeros([h, pad - w, 3], tf.uint8)], 1)
+      out[_ROWS + name] = h
       out[_UNFIT + name] = (fits, tf.where(fits, "", encoded), key)
     else:
       out[name] = random_resized_crop(encoded, key, size, crop_scale, flip)
@@ -968,7 +1028,13 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     b.update(zip((op.name for op in host_ops), features.compute(host_ops, ctx)))
     return b
 
-  def finish(b):
+  def batched(p, examples):
+    # One call per batch (map_rows): `example` for each row, then the per-batch work.
+    b = map_rows(example, batch, p, examples, concat=padded_names)
+    for name in padded_names:
+      rows = tf.RaggedTensor.from_row_lengths(b[name], tf.cast(b.pop(_ROWS + name), tf.int64),
+                                              validate=False)
+      b[name] = rows.to_tensor(shape=[batch, pad, pad, 3])
     b["product_key"] = _hash32(b.pop(_RAW + "product_id"))
     b["subcategory_key"] = _hash32(b.pop(_RAW + "subcategory"))
     return b
@@ -977,16 +1043,9 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
                       (schema.IMAGES, *key_fields, *data.text_fields, *tag_fields, *multi_fields,
                        *weight_fields),
                       seed=seed, process_index=process_index,
-                      shuffle_buffer=int(data.shuffle_buffer), start=start_step * batch)
-  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if pad:  # The crops differ in size: each is copied into a zero [pad, pad, 3] batch slot.
-    spec = ds.element_spec
-    shapes = {k: [pad, pad, 3] if k + features.WINDOW_SUFFIX in spec else
-              tf.nest.map_structure(lambda x: x.shape, v) for k, v in spec.items()}
-    ds = ds.padded_batch(batch, padded_shapes=shapes, drop_remainder=True)
-  else:
-    ds = ds.batch(batch, drop_remainder=True)
-  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                      shuffle_buffer=int(data.shuffle_buffer), start=start_step * batch,
+                      batch=batch)
+  ds = ds.map(batched, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   _check_example_spec(ds.element_spec, data,
                       {k for k in ds.element_spec if k.startswith((_HOST, _UNFIT))})
   ds = ds.prefetch(int(data.prefetch) if data.prefetch else tf.data.AUTOTUNE)
