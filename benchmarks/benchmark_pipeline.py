@@ -182,17 +182,22 @@ def parse_datasets(builder, batch):
           "parse_batched": _one_core(batched.batch(batch))}
 
 
-def train_pipeline(name, data_dir, num_images, batch, token_cache, resize_on="host"):
-  """fn(epochs) -> consumes `epochs` epochs of make_train_iterator batches (views=1, the
-  benchmark's crop and flip, CLIP tokenizer at 77) on one core, from a fresh iterator that is
-  closed afterwards (so no prefetching runs on while other rows are timed). The iterators share
-  one dataset, hence one token cache: warm after the first call."""
-  config = ml_collections.ConfigDict(dict(seed=0, batch_size=batch, data=dict(
+def train_config(name, data_dir, num_images, batch, token_cache, resize_on="host"):
+  """The train rows' config: views=1, the benchmark's crop and flip, CLIP tokenizer at 77."""
+  return ml_collections.ConfigDict(dict(seed=0, batch_size=batch, data=dict(
       name=name, data_dir=str(data_dir), train_split="train", image_size=SIZE,
       text_fields=("title", "description"), tokenizer=dict(kind="clip", path=""), max_len=77,
       views=1, augment=dict(crop_scale=SCALE, flip=True), mlm_prob=0.0,
       patch_mask=dict(grid=0, count=0), shuffle_buffer=num_images, prefetch=2,
       token_cache=token_cache, resize_on=resize_on)))
+
+
+def train_pipeline(name, data_dir, num_images, batch, token_cache, resize_on="host"):
+  """fn(epochs) -> consumes `epochs` epochs of make_train_iterator batches (`train_config`) on
+  one core, from a fresh iterator that is closed afterwards (so no prefetching runs on while
+  other rows are timed). The iterators share one dataset, hence one token cache: warm after the
+  first call."""
+  config = train_config(name, data_dir, num_images, batch, token_cache, resize_on)
   with pipeline.make_train_iterator(config, process_index=0, process_count=1) as made:
     dataset, host_step = _one_core(made.dataset), made.host_step
 
