@@ -951,9 +951,9 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   if n == 0:
     raise ValueError(f"Host {process_index}/{process_count} has no examples of "
                      f"{data.name}:{data.train_split}.")
-  # The key fields travel raw and are hashed per batch in `batched` (elementwise: the same values,
-  # one op per batch instead of one per example); the text fields go on to the host step, which
-  # joins them.
+  # The key fields travel raw and are hashed per batch in `batched` (elementwise: the same
+  # values, one op per batch instead of one per example); the text fields go on to the host
+  # step, which joins them.
   key_fields = ("product_id", "subcategory")
   dataset_fields = builder.info.features
   _check_fields(dataset_fields, (*data.text_fields, *key_fields))
@@ -964,8 +964,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   _check_fields(dataset_fields, tag_fields, "config.data.tag_fields")
   example_keys = _example_keys(seed, process_index)
   pad = features.crop_pad(data) if features.resize_on(data) == "device" else 0
-  unfit_names = ("image", "image2")[:views] if pad else ()  # Fields replace_unfit finishes.
-  padded_names = unfit_names  # Fields padded per batch into [pad, pad, 3] slots.
+  # The fields that replace_unfit finishes, padded per batch into [pad, pad, 3] slots.
+  unfit_names = ("image", "image2")[:views] if pad else ()
 
   def image_field(out, name, encoded, key):
     if pad:  # The unfit rows' bytes and keys ride along for replace_unfit in the host step.
@@ -1031,8 +1031,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
 
   def batched(p, examples):
     # One call per batch (map_rows): `example` for each row, then the per-batch work.
-    b = map_rows(example, batch, p, examples, concat=padded_names)
-    for name in padded_names:
+    b = map_rows(example, batch, p, examples, concat=unfit_names)
+    for name in unfit_names:
       rows = tf.RaggedTensor.from_row_lengths(b[name], tf.cast(b.pop(_ROWS + name), tf.int64),
                                               validate=False)
       b[name] = rows.to_tensor(shape=[batch, pad, pad, 3])
