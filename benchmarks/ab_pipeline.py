@@ -97,7 +97,7 @@ def main(argv=None):
     tf.config.threading.set_intra_op_parallelism_threads(1)
   load0 = os.getloadavg()
   paths = bp.write_images(pathlib.Path(args.image_dir), args.num_images, "catalog")
-  data_dir = pathlib.Path(args.image_dir) / "catalog" / "tfds"
+  data_dir = bp.products_dir(args.image_dir, "catalog")
   products = bp.product_dataset(paths, data_dir)
   n = (len(paths) // args.batch) * args.batch
   config = bp.train_config(products.name, data_dir, n, args.batch, 1 << 19, args.resize_on)

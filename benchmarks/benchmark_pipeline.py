@@ -136,6 +136,11 @@ def write_images(out_dir: pathlib.Path, n: int, source: str) -> list[str]:
   return paths
 
 
+def products_dir(image_dir, source: str) -> pathlib.Path:
+  """Where product_dataset keeps the TFDS build of `source`'s images (ab_pipeline reuses it)."""
+  return pathlib.Path(image_dir) / source / "tfds"
+
+
 def product_dataset(paths: list[str], data_dir: pathlib.Path):
   """A TFDS product dataset (data/schema.py) of `paths` (one view each, the files' own bytes)
   with the synthetic catalog's texts, built once in data_dir; returns its builder."""
@@ -371,7 +376,8 @@ def main(argv=None):
       ("tfdata_naive", "naive"),
       ("ours_normalised", "ours_normalised"), ("ours_uint8", "ours"),
       ("ours_window", "ours_window")]}
-  products = product_dataset(paths, pathlib.Path(args.image_dir) / args.source / "tfds")
+  products_root = products_dir(args.image_dir, args.source)
+  products = product_dataset(paths, products_root)
   datasets.update(parse_datasets(products, args.batch))
   batches = [b.numpy() for b in datasets["ours_uint8"]]
   shards = [s for b in batches for s in np.split(b, args.batch // 8)]
@@ -405,8 +411,7 @@ def main(argv=None):
   train_rows = (("train_pipeline", 1 << 19, "host"), ("train_no_cache", 0, "host"),
                 ("train_device_resize", 1 << 19, "device"))
   for row, cache, where in train_rows:
-    consume = train_pipeline(products.name, pathlib.Path(args.image_dir) / args.source / "tfds", n,
-                             args.batch, cache, where)
+    consume = train_pipeline(products.name, products_root, n, args.batch, cache, where)
     fns[f"{row}@1"] = lambda c=consume: c(1)
     fns[f"{row}@E"] = lambda c=consume: c(1 + args.epochs)
   times = timed(fns, args.repeats)
