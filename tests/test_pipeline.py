@@ -432,6 +432,23 @@ def test_train_pipeline_runs_one_tf_data_call_per_batch(data_dir):
     assert b"ParseExampleV2" in graph and b"TensorListReserve" in graph
     for stage in (b"UnbatchDataset", b"PaddedBatchDataset", b"InterleaveDataset"):
       assert stage not in graph, stage
+    # resize_on='device': tf.data pads no crop; the host step lays them out (crop_slots).
+    assert b"RaggedTensorToTensor" not in graph
+
+
+def test_crop_slots_lays_each_crop_top_left_in_zeros():
+  rng = np.random.default_rng(0)
+  shapes = [(3, 5), (1, 1), (6, 6), (0, 0), (2, 6)]
+  crops = [rng.integers(1, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+  flat = np.concatenate([c.reshape(-1) for c in crops])
+  got = pipeline.crop_slots(flat, np.array(shapes, np.int32), 6)
+  want = np.stack([np.pad(c, [(0, 6 - c.shape[0]), (0, 6 - c.shape[1]), (0, 0)]) for c in crops])
+  assert got.dtype == np.uint8 and got.flags.writeable
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match=r"shapes \[\[3, 5\]\] .* pad=6 .* 44 bytes"):
+    pipeline.crop_slots(flat[:44], [(3, 5)], 6)
+  with pytest.raises(ValueError, match=r"shapes \[\[7, 1\]\] do not fit pad=6"):
+    pipeline.crop_slots(np.zeros(21, np.uint8), [(7, 1)], 6)
 
 
 def _input_threads():

@@ -112,7 +112,10 @@ VIEW_CHOICES = ("random", "first")  # config.data.view.
 _RAW = "raw/"  # Per-example key prefix of the key strings that `batched` hashes per batch.
 _UNFIT = "unfit/"  # resize_on='device': (fits, bytes, key) per image field, for replace_unfit.
 _HOST = "host/"  # Batch key prefix of the host step's inputs (text fields, tags, fields).
-_ROWS = "rows/"  # resize_on='device': per image field, the crop's height (its rows' count).
+# resize_on='device', per image field: the crop's bytes (flat, concatenated over the batch by
+# `batched`) and its (h, w); the host step lays them into [pad, pad, 3] slots (crop_slots).
+_CROP = "crop/"
+_CROP_HW = "crop_hw/"
 
 
 def _encode_one_pixel_jpeg() -> bytes:
@@ -552,11 +555,12 @@ def replace_unfit(images, windows, fits, encoded, keys, size, crop_scale, flip, 
   """The per-batch half of crop_window_fitting, in numpy on the host: rows whose `fits` is False
   get the general path.
 
-  images uint8 [B, pad, pad, 3] and windows int32 [B, 3] as crop_window_fitting's outputs were
-  padded and batched; fits bool [B]; encoded bytes [B] and keys int64 [B, 2] the examples' image
-  bytes (only the unfit rows' are read: the pipeline ships b'' for the others) and keys. Returns
-  numpy (images, windows), every row then random_crop_window's, zero-padded: the inputs
-  themselves when every row fits, else copies with the unfit rows replaced.
+  images uint8 [B, pad, pad, 3] (crop_window_fitting's crops in crop_slots' layout) and windows
+  int32 [B, 3] (its windows, batched); fits bool [B]; encoded bytes [B] and keys int64 [B, 2]
+  the examples' image bytes (only the unfit rows' are read: the pipeline ships b'' for the
+  others) and keys. Returns numpy (images, windows), every row then random_crop_window's,
+  zero-padded: the inputs themselves when every row fits, else copies with the unfit rows
+  replaced.
 
   It runs in TrainIterator's host step, not in tf.data: there, a per-batch function holding the
   general path (a loop over the unfit rows, even under a cond that skips it) cost ~100 us per
@@ -576,6 +580,30 @@ def replace_unfit(images, windows, fits, encoded, keys, size, crop_scale, flip, 
     images[i, :h, :w] = image.numpy()
     windows[i] = window.numpy()
   return images, windows
+
+
+def crop_slots(flat, hw, pad):
+  """The train pipeline's device-resize crops, laid out for the device: numpy uint8
+  [B, pad, pad, 3], crop i at the top left of slot i and zeros around it.
+
+  flat uint8 [n] holds the crops' bytes one after the other, crop i's (h, w) = hw[i] (int [B, 2])
+  taking the next h * w * 3 of them, row-major [h, w, 3].
+
+  Deliberate: the padding happens here, in one numpy copy per crop, and not in tf.data, where
+  padding each crop (tf.concat with zeros or tf.pad) and stacking the padded rows copied the
+  padded bytes three times per batch (benchmarks/ab_pipeline.py measures the difference).
+  """
+  hw = np.asarray(hw, np.int64).reshape(-1, 2)
+  ends = np.cumsum(hw[:, 0] * hw[:, 1] * 3)
+  if hw.size and (hw.min() < 0 or hw.max() > pad) or (ends[-1] if len(ends) else 0) != len(flat):
+    raise ValueError(f"crop_slots: shapes {hw.tolist()} do not fit pad={pad} or do not add up "
+                     f"to the {len(flat)} bytes given.")
+  images = np.zeros((len(hw), pad, pad, 3), np.uint8)
+  start = 0
+  for i, ((h, w), end) in enumerate(zip(hw.tolist(), ends.tolist())):
+    images[i, :h, :w] = flat[start:end].reshape(h, w, 3)
+    start = end
+  return images
 
 
 @functools.lru_cache(maxsize=None)
@@ -971,11 +999,10 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     if pad:  # The unfit rows' bytes and keys ride along for replace_unfit in the host step.
       crop, out[name + features.WINDOW_SUFFIX], fits = crop_window_fitting(
           encoded, key, crop_scale, flip, pad)
-      # Rows [h, pad, 3], zero-filled on the right; `batched` stacks them into [pad, pad, 3]
-      # slots, zero below.
-      h, w = tf.shape(crop)[0], tf.shape(crop)[1]
-      out[name] = tf.concat([crop, tf.zeros([h, pad - w, 3], tf.uint8)], 1)
-      out[_ROWS + name] = h
+      # Flat: tf.data copies only the crop's bytes (no padding), once, when `batched`
+      # concatenates the batch's; the host step copies them into zeroed slots (crop_slots).
+      out[_CROP + name] = tf.reshape(crop, [-1])
+      out[_CROP_HW + name] = tf.shape(crop)[:2]
       out[_UNFIT + name] = (fits, tf.where(fits, "", encoded), key)
     else:
       out[name] = random_resized_crop(encoded, key, size, crop_scale, flip)
@@ -1016,7 +1043,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   def host_step(step, b):
     for name in unfit_names:
       window = name + features.WINDOW_SUFFIX
-      b[name], b[window] = replace_unfit(b[name], b[window], *b.pop(_UNFIT + name), size,
+      images = crop_slots(b.pop(_CROP + name), b.pop(_CROP_HW + name), pad)
+      b[name], b[window] = replace_unfit(images, b[window], *b.pop(_UNFIT + name), size,
                                          crop_scale, flip, pad)
     columns = [b[_HOST + "text/" + f] for f in data.text_fields]
     for f in set(data.text_fields):
@@ -1031,11 +1059,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
 
   def batched(p, examples):
     # One call per batch (map_rows): `example` for each row, then the per-batch work.
-    b = map_rows(example, batch, p, examples, concat=unfit_names)
-    for name in unfit_names:
-      rows = tf.RaggedTensor.from_row_lengths(b[name], tf.cast(b.pop(_ROWS + name), tf.int64),
-                                              validate=False)
-      b[name] = rows.to_tensor(shape=[batch, pad, pad, 3])
+    b = map_rows(example, batch, p, examples, concat=[_CROP + name for name in unfit_names])
     b["product_key"] = _hash32(b.pop(_RAW + "product_id"))
     b["subcategory_key"] = _hash32(b.pop(_RAW + "subcategory"))
     return b
@@ -1047,8 +1071,11 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
                       shuffle_buffer=int(data.shuffle_buffer), start=start_step * batch,
                       batch=batch)
   ds = ds.map(batched, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  _check_example_spec(ds.element_spec, data,
-                      {k for k in ds.element_spec if k.startswith((_HOST, _UNFIT))})
+  # The host step's slots (crop_slots) stand in for the crops it lays out.
+  spec = {**ds.element_spec,
+          **{name: tf.TensorSpec([batch, pad, pad, 3], tf.uint8) for name in unfit_names}}
+  _check_example_spec(spec, data,
+                      {k for k in spec if k.startswith((_HOST, _UNFIT, _CROP, _CROP_HW))})
   ds = ds.prefetch(int(data.prefetch) if data.prefetch else tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
