@@ -6,6 +6,8 @@ within float rounding of a .5 boundary the other way (a multiply-add contracted)
 differ by 1 on a few positions; everything else in the batch is bitwise the same.
 """
 
+import io
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -142,6 +144,32 @@ def test_two_halves_equal_random_crop_window_per_row():
                                 np.array([b""] * len(fit), object), np.zeros((len(fit), 2)),
                                 size, scale, True, pad)
   np.testing.assert_array_equal(same[0], batch[0][fit])
+
+
+@pytest.mark.parametrize("subsampling,mode,progressive", [
+    (0, "RGB", False), (1, "RGB", True), (2, "RGB", False), (2, "L", False)])
+def test_aligned_decode_holds_the_crop_bitwise(subsampling, mode, progressive):
+  """crop_window_aligned decodes from a multiple of 16 at or left of the crop window's x; its
+  columns from dx on are crop_window_fitting's crop bitwise, for libjpeg's iMCU widths of 8
+  (4:4:4, grayscale) and 16 (4:2:2, 4:2:0)."""
+  rng = np.random.default_rng(subsampling)
+  pixels = np.asarray(Image.fromarray(rng.integers(0, 255, (9, 11, 3), dtype=np.uint8)).resize(
+      (150, 100), Image.BICUBIC)) + rng.integers(0, 40, (100, 150, 3)).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).convert(mode).save(buf, "JPEG", subsampling=subsampling,
+                                             progressive=progressive, quality=90)
+  encoded = tf.constant(buf.getvalue())
+  moved = 0
+  for i in range(12):
+    key = tf.constant([5, i], tf.int64)
+    crop, window, fits = pipeline.crop_window_fitting(encoded, key, (0.05, 1.0), True, 128)
+    wide, window16, fits16, dx = pipeline.crop_window_aligned(encoded, key, (0.05, 1.0), True,
+                                                              128, 16)
+    assert bool(fits) == bool(fits16) and window.numpy().tolist() == window16.numpy().tolist()
+    assert wide.shape[1] == crop.shape[1] + int(dx) and 0 <= int(dx) < 16
+    np.testing.assert_array_equal(wide.numpy()[:, int(dx):], crop.numpy(), err_msg=str(i))
+    moved += int(dx) > 0
+  assert moved > 0  # Some windows were moved.
 
 
 def test_device_batches_equal_host_batches(data_dir):

@@ -445,10 +445,22 @@ def test_crop_slots_lays_each_crop_top_left_in_zeros():
   want = np.stack([np.pad(c, [(0, 6 - c.shape[0]), (0, 6 - c.shape[1]), (0, 0)]) for c in crops])
   assert got.dtype == np.uint8 and got.flags.writeable
   np.testing.assert_array_equal(got, want)
+  # Leading columns to drop (crop_window_aligned's dx): a crop wider than the pad still fits.
+  wide = rng.integers(1, 256, (2, 9, 3), dtype=np.uint8)
+  got = pipeline.crop_slots(np.concatenate([flat, wide.reshape(-1)]),
+                            np.array(shapes + [(2, 9)]), 6, [0, 1, 2, 0, 3, 4])
+  want[1:3] = [np.pad(c[:, d:], [(0, 6 - c.shape[0]), (0, 6 - c.shape[1] + d), (0, 0)])
+               for c, d in ((crops[1], 1), (crops[2], 2))]
+  want[4] = np.pad(crops[4][:, 3:], [(0, 4), (0, 3), (0, 0)])
+  np.testing.assert_array_equal(got, np.concatenate([want, np.pad(
+      wide[:, 4:], [(0, 4), (0, 1), (0, 0)])[None]]))
   with pytest.raises(ValueError, match=r"shapes \[\[3, 5\]\] .* pad=6 .* 44 bytes"):
     pipeline.crop_slots(flat[:44], [(3, 5)], 6)
-  with pytest.raises(ValueError, match=r"shapes \[\[7, 1\]\] do not fit pad=6"):
+  with pytest.raises(ValueError, match=r"shapes \[\[7, 1\]\] less columns \[0\] do not fit "
+                     r"pad=6"):
     pipeline.crop_slots(np.zeros(21, np.uint8), [(7, 1)], 6)
+  with pytest.raises(ValueError, match=r"shapes \[\[2, 9\]\] less columns \[2\] do not fit"):
+    pipeline.crop_slots(wide.reshape(-1), [(2, 9)], 6, [2])
 
 
 def _input_threads():

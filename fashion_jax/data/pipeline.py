@@ -113,9 +113,12 @@ _RAW = "raw/"  # Per-example key prefix of the key strings that `batched` hashes
 _UNFIT = "unfit/"  # resize_on='device': (fits, bytes, key) per image field, for replace_unfit.
 _HOST = "host/"  # Batch key prefix of the host step's inputs (text fields, tags, fields).
 # resize_on='device', per image field: the crop's bytes (flat, concatenated over the batch by
-# `batched`) and its (h, w); the host step lays them into [pad, pad, 3] slots (crop_slots).
+# `batched`), its (h, w) and its columns decoded left of the window (crop_window_aligned); the
+# host step lays them into [pad, pad, 3] slots (crop_slots).
 _CROP = "crop/"
 _CROP_HW = "crop_hw/"
+_CROP_DX = "crop_dx/"
+_DECODE_ALIGN = 16  # libjpeg's iMCU width of 4:2:0 and 4:2:2 JPEGs, a multiple of 4:4:4's (8).
 
 
 def _encode_one_pixel_jpeg() -> bytes:
@@ -525,6 +528,23 @@ def crop_window_fitting(encoded, key, crop_scale, flip, pad):
   so the per-example work takes none, and the rare rows that need the general path are redone
   on the host (replace_unfit, in numpy, per batch).
   """
+  crop, window, fits, _ = crop_window_aligned(encoded, key, crop_scale, flip, pad, 1)
+  return crop, window, fits
+
+
+def crop_window_aligned(encoded, key, crop_scale, flip, pad, align):
+  """crop_window_fitting, decoded from the column `dx` left of the crop window, where x - dx is
+  the multiple of `align` at or below the window's x.
+
+  Returns (uint8 [h, dx + w, 3], int32 [3], bool, int32 dx): crop_window_fitting's triple with
+  the dx decoded columns left of its crop (crop[:, dx:] is its crop, bitwise; dx = 0 for the
+  stand-in and for align=1, which runs no extra op).
+
+  Why: libjpeg decodes whole iMCU columns (16 pixels for 4:2:0 and 4:2:2 JPEGs, 8 for 4:4:4),
+  and TF's decode_and_crop_jpeg copies every scanline once more to drop the columns before x
+  when x is not on that boundary. With align=16 there is nothing to drop; the train pipeline's
+  host step drops the dx columns in the copy it makes anyway (crop_slots).
+  """
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   is_jpeg = tf.io.is_jpeg(encoded)
   begin, extent = _crop_window(
@@ -534,10 +554,14 @@ def crop_window_fitting(encoded, key, crop_scale, flip, pad):
   fits = is_jpeg & tf.reduce_all(hw <= pad)
   # Few ops on purpose (each costs ~1-2 us per example in tf.data): one [y, x, h, w] select.
   crop_window = tf.where(fits, tf.concat([begin[:2], hw], 0), _STAND_IN_WINDOW)
+  dx = tf.constant(0, tf.int32)
+  if align > 1:  # The stand-in's x is 0: its dx is 0.
+    dx = crop_window[1] % align
+    crop_window -= dx * tf.constant([0, 1, 0, -1], tf.int32)
   crop = tf.image.decode_and_crop_jpeg(tf.where(fits, encoded, _ONE_PIXEL_JPEG), crop_window,
                                        channels=3, dct_method="INTEGER_FAST")
   window = tf.concat([hw, tf.cast(_mirror(flip_key, flip), tf.int32)[None]], 0)
-  return crop, window, fits
+  return crop, window, fits, dx
 
 
 def _general_crop_window(encoded, key, size, crop_scale, flip, pad):
@@ -582,26 +606,32 @@ def replace_unfit(images, windows, fits, encoded, keys, size, crop_scale, flip, 
   return images, windows
 
 
-def crop_slots(flat, hw, pad):
+def crop_slots(flat, hw, pad, dx=None):
   """The train pipeline's device-resize crops, laid out for the device: numpy uint8
-  [B, pad, pad, 3], crop i at the top left of slot i and zeros around it.
+  [B, pad, pad, 3], crop i's columns from dx[i] on at the top left of slot i, zeros around them.
 
   flat uint8 [n] holds the crops' bytes one after the other, crop i's (h, w) = hw[i] (int [B, 2])
-  taking the next h * w * 3 of them, row-major [h, w, 3].
+  taking the next h * w * 3 of them, row-major [h, w, 3]; dx int [B] (None: zeros) are the
+  leading columns that crop_window_aligned decoded beyond each crop.
 
   Deliberate: the padding happens here, in one numpy copy per crop, and not in tf.data, where
   padding each crop (tf.concat with zeros or tf.pad) and stacking the padded rows copied the
-  padded bytes three times per batch (benchmarks/ab_pipeline.py measures the difference).
+  padded bytes three times per batch (benchmarks/ab_pipeline.py measures the difference). The
+  same copy drops the dx columns, which TF's decode would have dropped in a copy of its own.
   """
   hw = np.asarray(hw, np.int64).reshape(-1, 2)
+  dx = np.zeros(len(hw), np.int64) if dx is None else np.asarray(dx, np.int64).reshape(-1)
   ends = np.cumsum(hw[:, 0] * hw[:, 1] * 3)
-  if hw.size and (hw.min() < 0 or hw.max() > pad) or (ends[-1] if len(ends) else 0) != len(flat):
-    raise ValueError(f"crop_slots: shapes {hw.tolist()} do not fit pad={pad} or do not add up "
-                     f"to the {len(flat)} bytes given.")
+  width = hw[:, 1] - dx
+  if (len(dx) != len(hw) or (ends[-1] if len(ends) else 0) != len(flat) or
+      len(hw) and (hw.min() < 0 or dx.min() < 0 or width.min() < 0 or hw[:, 0].max() > pad
+                   or width.max() > pad)):
+    raise ValueError(f"crop_slots: shapes {hw.tolist()} less columns {dx.tolist()} do not fit "
+                     f"pad={pad} or do not add up to the {len(flat)} bytes given.")
   images = np.zeros((len(hw), pad, pad, 3), np.uint8)
   start = 0
-  for i, ((h, w), end) in enumerate(zip(hw.tolist(), ends.tolist())):
-    images[i, :h, :w] = flat[start:end].reshape(h, w, 3)
+  for i, ((h, w), d, end) in enumerate(zip(hw.tolist(), dx.tolist(), ends.tolist())):
+    images[i, :h, :w - d] = flat[start:end].reshape(h, w, 3)[:, d:]
     start = end
   return images
 
@@ -997,8 +1027,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
 
   def image_field(out, name, encoded, key):
     if pad:  # The unfit rows' bytes and keys ride along for replace_unfit in the host step.
-      crop, out[name + features.WINDOW_SUFFIX], fits = crop_window_fitting(
-          encoded, key, crop_scale, flip, pad)
+      crop, out[name + features.WINDOW_SUFFIX], fits, out[_CROP_DX + name] = (
+          crop_window_aligned(encoded, key, crop_scale, flip, pad, _DECODE_ALIGN))
       # Flat: tf.data copies only the crop's bytes (no padding), once, when `batched`
       # concatenates the batch's; the host step copies them into zeroed slots (crop_slots).
       out[_CROP + name] = tf.reshape(crop, [-1])
@@ -1043,7 +1073,8 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   def host_step(step, b):
     for name in unfit_names:
       window = name + features.WINDOW_SUFFIX
-      images = crop_slots(b.pop(_CROP + name), b.pop(_CROP_HW + name), pad)
+      images = crop_slots(b.pop(_CROP + name), b.pop(_CROP_HW + name), pad,
+                          b.pop(_CROP_DX + name))
       b[name], b[window] = replace_unfit(images, b[window], *b.pop(_UNFIT + name), size,
                                          crop_scale, flip, pad)
     columns = [b[_HOST + "text/" + f] for f in data.text_fields]
@@ -1075,7 +1106,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   spec = {**ds.element_spec,
           **{name: tf.TensorSpec([batch, pad, pad, 3], tf.uint8) for name in unfit_names}}
   _check_example_spec(spec, data,
-                      {k for k in spec if k.startswith((_HOST, _UNFIT, _CROP, _CROP_HW))})
+                      {k for k in spec if k.startswith((_HOST, _UNFIT, _CROP, _CROP_HW, _CROP_DX))})
   ds = ds.prefetch(int(data.prefetch) if data.prefetch else tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
