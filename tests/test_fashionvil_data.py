@@ -103,6 +103,15 @@ def test_cached_codes_and_attributes_arrive_in_train_batches(data_dir, tmp_path)
     np.testing.assert_array_equal(batch["attributes"][r], matcher([tp.joined_text(i)])[0])
   assert batch["vq_codes"].dtype == np.int32 and batch["attributes"].dtype == bool
 
+  # A product missing from the file: the batch that holds it raises, naming the key.
+  with np.load(config.data.vq_codes) as f:
+    np.savez(tmp_path / "missing.npz", **{k: f[k][1:] if f[k].ndim else f[k] for k in f.files})
+  config.data.vq_codes = str(tmp_path / "missing.npz")
+  with pipeline.make_train_iterator(config) as it, pytest.raises(
+      tf.errors.InvalidArgumentError, match="config.data.vq_codes has no codes for a product"):
+    for _ in range(tp.NUM_TRAIN // config.batch_size + 1):
+      next(it)
+
   config.data.augment.crop_scale = (0.5, 1.0)
   with pytest.raises(ValueError, match=r"use crop_scale=\(1.0, 1.0\) and flip=False"):
     pipeline.make_train_iterator(config)

@@ -109,7 +109,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ASPECT = (3 / 4, 4 / 3)
 _MAX_EPOCHS = 2**40
 VIEW_CHOICES = ("random", "first")  # config.data.view.
-_RAW = "raw/"  # Per-example key prefix of the key strings that `batched` hashes per batch.
 _UNFIT = "unfit/"  # resize_on='device': (fits, bytes, key) per image field, for replace_unfit.
 _HOST = "host/"  # Batch key prefix of the host step's inputs (text fields, tags, fields).
 # resize_on='device', per image field: the crop's bytes (flat, concatenated over the batch by
@@ -118,6 +117,7 @@ _HOST = "host/"  # Batch key prefix of the host step's inputs (text fields, tags
 _CROP = "crop/"
 _CROP_HW = "crop_hw/"
 _CROP_DX = "crop_dx/"
+_VIEW = "view"  # vq_codes or patch_features: the row's first view, for their per-batch gather.
 _DECODE_ALIGN = 16  # libjpeg's iMCU width of 4:2:0 and 4:2:2 JPEGs, a multiple of 4:4:4's (8).
 
 
@@ -649,8 +649,9 @@ def random_crop_window(encoded, key, size, crop_scale, flip, pad):
   example: crop_window_fitting, or the general path where it does not fit.
 
   Returns (uint8 [h, w, 3], int32 [3]): the same crop window, unflipped, and its (h, w, flip);
-  the pipeline pads it to [pad, pad, 3] when it batches, and data/device_crop.py's resize_crop
-  turns the pair into random_resized_crop's image (within 1 level at float-rounding ties).
+  the pipeline pads it to [pad, pad, 3] in each batch (crop_slots), and data/device_crop.py's
+  resize_crop turns the pair into random_resized_crop's image (within 1 level at float-rounding
+  ties).
   A crop larger than pad on either side, or of an image that is not a JPEG and does not fit, is
   flipped and resized here, and shipped with (size, size, 0). The train pipeline does the same
   in two halves (crop_window_fitting per example in tf.data, replace_unfit per batch on the
@@ -1009,9 +1010,9 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
   if n == 0:
     raise ValueError(f"Host {process_index}/{process_count} has no examples of "
                      f"{data.name}:{data.train_split}.")
-  # The key fields travel raw and are hashed per batch in `batched` (elementwise: the same
-  # values, one op per batch instead of one per example); the text fields go on to the host
-  # step, which joins them.
+  # Every field but the images is taken per batch in `batched`, outside the per-row loop: the
+  # key fields are hashed (elementwise: the same values, one op per batch instead of one per
+  # example), and the text fields go on to the host step, which joins them.
   key_fields = ("product_id", "subcategory")
   dataset_fields = builder.info.features
   _check_fields(dataset_fields, (*data.text_fields, *key_fields))
@@ -1037,38 +1038,29 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     else:
       out[name] = random_resized_crop(encoded, key, size, crop_scale, flip)
 
-  def example(p, ex):
-    keys = example_keys(p)
-    encoded = ex[schema.IMAGES]
-    num_views = tf.shape(encoded, out_type=tf.int64)[0]
+  def example(stored, p, start, count):
+    # Per row, only what differs per image: the view draws and the crops. `stored` holds the
+    # batch's stored views one product after another: this row's `count` start at `start`.
+    keys = tf.unstack(example_keys(p))
     v1 = (tf.constant(0, tf.int64) if first_view else
-          tf.random.stateless_uniform([], keys[0], 0, num_views, dtype=tf.int64))
-    out = {_RAW + f: ex[f] for f in key_fields}
-    out.update({_HOST + "text/" + f: ex[f] for f in data.text_fields})
-    image_field(out, "image", encoded[v1], keys[1])
+          tf.random.stateless_uniform([], keys[0], 0, count, dtype=tf.int64))
+    out = {}
+    image_field(out, "image", tf.gather(stored, start + v1), keys[1])
     if views == 2:
-      other = tf.random.stateless_uniform([], keys[2], 0, tf.maximum(num_views - 1, 1),
+      other = tf.random.stateless_uniform([], keys[2], 0, tf.maximum(count - 1, 1),
                                           dtype=tf.int64)
-      v2 = tf.where(num_views > 1, (v1 + 1 + other) % num_views, v1)
-      image_field(out, "image2", encoded[v2], keys[3])
-    if tag_fields:
-      out[_HOST + "tags"] = tf.stack([ex[f] for f in tag_fields])
-    if multi_fields:
-      out[_HOST + "fields"] = tf.stack([ex[f] for f in multi_fields])
-    if weight_fields:  # Per-pair relevance score (losses/pair_weights.py).
-      out["pair_weight"] = tf.strings.to_number(ex[data.pair_weight_field], tf.float32)
-    if vq is not None:
-      row = vq[0].lookup(ex["product_id"])
-      tf.debugging.assert_non_negative(
-          row, message="config.data.vq_codes has no codes for a product of the train split")
-      out["vq_codes"] = tf.gather(vq[1][tf.maximum(row, 0)], v1)
-    if cached is not None:
-      row = cached[0].lookup(ex["product_id"])
-      tf.debugging.assert_non_negative(
-          row, message="config.data.patch_features has no features for a product of the train "
-          "split")
-      out["patch_features"] = tf.cast(tf.gather(cached[1][tf.maximum(row, 0)], v1), tf.float32)
+      v2 = tf.where(count > 1, (v1 + 1 + other) % count, v1)
+      image_field(out, "image2", tf.gather(stored, start + v2), keys[3])
+    if vq is not None or cached is not None:
+      out[_VIEW] = v1
     return out
+
+  def view_rows(table, message, ex, v1):
+    # The cached per-view rows of `table` (product id -> row, [rows, views, ...]) for the views
+    # drawn: one lookup and one gather per batch.
+    row = table[0].lookup(ex["product_id"])
+    tf.debugging.assert_non_negative(row, message=message)
+    return tf.gather_nd(table[1], tf.stack([tf.maximum(row, 0), v1], 1))
 
   def host_step(step, b):
     for name in unfit_names:
@@ -1088,11 +1080,30 @@ def make_train_iterator(config, *, start_step: int = 0, process_index=None, proc
     b.update(zip((op.name for op in host_ops), features.compute(host_ops, ctx)))
     return b
 
-  def batched(p, examples):
-    # One call per batch (map_rows): `example` for each row, then the per-batch work.
-    b = map_rows(example, batch, p, examples, concat=[_CROP + name for name in unfit_names])
-    b["product_key"] = _hash32(b.pop(_RAW + "product_id"))
-    b["subcategory_key"] = _hash32(b.pop(_RAW + "subcategory"))
+  def batched(p, ex):
+    # One call per batch: `example` for each row (map_rows), and the per-batch work, which
+    # takes each field whole.
+    images = ex[schema.IMAGES]  # Ragged [batch, None]: each product's stored views.
+    b = map_rows(functools.partial(example, images.values), batch, p, images.row_splits[:-1],
+                 images.row_lengths(), concat=[_CROP + name for name in unfit_names])
+    b["product_key"] = _hash32(ex["product_id"])
+    b["subcategory_key"] = _hash32(ex["subcategory"])
+    b.update({_HOST + "text/" + f: ex[f] for f in data.text_fields})
+    if tag_fields:
+      b[_HOST + "tags"] = tf.stack([ex[f] for f in tag_fields], 1)
+    if multi_fields:
+      b[_HOST + "fields"] = tf.stack([ex[f] for f in multi_fields], 1)
+    if weight_fields:  # Per-pair relevance score (losses/pair_weights.py).
+      b["pair_weight"] = tf.strings.to_number(ex[data.pair_weight_field], tf.float32)
+    if vq is not None:
+      b["vq_codes"] = view_rows(
+          vq, "config.data.vq_codes has no codes for a product of the train split", ex,
+          b[_VIEW])
+    if cached is not None:
+      b["patch_features"] = tf.cast(view_rows(
+          cached, "config.data.patch_features has no features for a product of the train "
+          "split", ex, b[_VIEW]), tf.float32)
+    b.pop(_VIEW, None)
     return b
 
   ds = example_stream(builder, split,
