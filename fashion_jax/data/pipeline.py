@@ -595,7 +595,8 @@ def replace_unfit(images, windows, fits, encoded, keys, size, crop_scale, flip, 
   rows = np.flatnonzero(~np.asarray(fits, bool))
   if rows.size == 0:
     return images, windows
-  images, windows = np.array(images), np.array(windows)  # Batches from tf.data are read-only.
+  # Copies: the caller's arrays stay as given (windows come read-only from tf.data).
+  images, windows = np.array(images), np.array(windows)
   general = _general_row(size, tuple(float(c) for c in crop_scale), bool(flip), pad)
   for i in rows:
     image, window = general(tf.constant(encoded[i], tf.string), tf.constant(keys[i], tf.int64))
