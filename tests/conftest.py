@@ -16,6 +16,11 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Compile with XLA's cheap backend settings (jax_disable_most_optimizations: backend
+# optimisation level 0, LLVM's expensive passes off). The suite's programs are tiny, so
+# compiling dominates their time; a test's reference and the code it checks are compiled the
+# same way. Subprocesses inherit it. JAX_DISABLE_MOST_OPTIMIZATIONS=0 tests the optimised build.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # One persistent JAX compilation cache for the whole session: both xdist workers (started by the
 # controller after this file ran, so they inherit the variable) and every subprocess a test
