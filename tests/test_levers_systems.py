@@ -108,19 +108,8 @@ def fb_batch(system, seed=0):
 # Helpers.
 # ------------------------------------------------------------------------------------------------
 
-# CPU compile options for the loss/gradient checks: LLVM without its expensive passes compiles
-# these programs ~5x faster (the compile dominates at tiny sizes) and gave bit-identical losses
-# here; the reference and every lever are compiled the same way.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _run(fn, *args):
-  """jax.jit(fn)(*args), compiled with FAST_COMPILE."""
-  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
-
-
 def _init(system, batch):
-  return jax.device_get(_run(lambda k, b: nn.unbox(system.init(k, b)), jax.random.key(0), batch))
+  return jax.device_get(jax.jit(lambda k, b: nn.unbox(system.init(k, b)))(jax.random.key(0), batch))
 
 
 def _loss_and_grads(config, params, batch, scan=False):
@@ -129,7 +118,7 @@ def _loss_and_grads(config, params, batch, scan=False):
   if scan:
     params = layers.stack_layers(params)
   fn = jax.value_and_grad(lambda p, b: system.loss(p, b, jax.random.key(7)), has_aux=True)
-  (loss, _), grads = _run(fn, params, batch)
+  (loss, _), grads = jax.jit(fn)(params, batch)
   if scan:
     grads = layers.unstack_layers(grads)
   return float(loss), jax.device_get(grads)
@@ -185,14 +174,14 @@ def _one_step(config, mesh_config, batch, grad_accum_steps=1):
   shapes = state_lib.abstract_params(system, mesh, rules, 0)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, shapes.params, 10)
   _, state_sh = state_lib.abstract_state(system, tx, mesh, rules, 0, shapes)
-  # create_train_state's jitted init and the trainer's step, compiled with FAST_COMPILE.
+  # create_train_state's jitted init and the trainer's step.
   init = jax.jit(lambda: state_lib._init_state(system, tx, mesh, rules, 0),
                  out_shardings=state_sh)
-  state = init.lower().compile(compiler_options=FAST_COMPILE)()
+  state = init()
   before = jax.tree.map(np.array, state.params)  # A copy: the step donates the state.
   step = step_lib.make_train_step(system, tx, schedule, mesh, rules, state_sh, grad_accum_steps)
   batch = sharding_lib.global_batch(batch, mesh)
-  state, metrics = step.lower(state, batch).compile(compiler_options=FAST_COMPILE)(state, batch)
+  state, metrics = step(state, batch)
   leaves = jax.tree.leaves(state.params)
   split = sum(x.size for x in leaves if x.addressable_shards[0].data.size < x.size)
   # Adam's moments are sharded like the params they belong to.
