@@ -33,6 +33,10 @@ pod: CLIP B/16 at 224 px, global batch 32k, bf16 compute, fsdp over the whole po
   rematerialised layers, chunked encoding and blockwise InfoNCE (exact: same loss). Launch with
   launch/ pod scripts (see README). Memory per chip before launching:
   python -m launch.plan --config=configs/fashionclip.py:pod --devices=64 --hbm_gib=16
+
+Any variant: --config.model.pooled_last_layer=True computes each tower's last layer for its
+  pooled token (CLS, EOS) only: the same loss and gradients (to float rounding), 10/12 of a
+  layer's matmuls fewer per tower (B/32 step on a CPU: docs/benchmarks.md).
 """
 
 import ml_collections
@@ -99,7 +103,7 @@ def get_config(arg: str = "smoke"):
                  vision=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512, patch_size=8),
                  text=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512),
                  dtype="float32", scan=False, remat_policy="none", attention_impl="einsum",
-                 seq_pad_multiple=0, encode_chunks=1, loss_blocks=1)
+                 seq_pad_multiple=0, pooled_last_layer=False, encode_chunks=1, loss_blocks=1)
   c.init = dict(hf_clip_dir="")
 
   # --- trainer -------------------------------------------------------------------------------
@@ -128,7 +132,8 @@ def get_config(arg: str = "smoke"):
   if arg == "base":
     c.model = dict(variant="B/32", projection_dim=None, vision=None, text=None,
                    dtype="float32", scan=False, remat_policy="none",
-                   attention_impl="einsum", seq_pad_multiple=0, encode_chunks=1, loss_blocks=1)
+                   attention_impl="einsum", seq_pad_multiple=0, pooled_last_layer=False,
+                   encode_chunks=1, loss_blocks=1)
     c.init.hf_clip_dir = ""  # Required for the recipe: set it on the command line.
     c.batch_size = 256
     c.total_steps = 20000
@@ -142,7 +147,8 @@ def get_config(arg: str = "smoke"):
     # (9.8 GiB/chip). README "Memory plan" has the table.
     c.model = dict(variant="B/16", projection_dim=None, vision=None, text=None,
                    dtype="bfloat16", scan=True, remat_policy="nothing_saveable",
-                   attention_impl="einsum", seq_pad_multiple=0, encode_chunks=2, loss_blocks=8)
+                   attention_impl="einsum", seq_pad_multiple=0, pooled_last_layer=False,
+                   encode_chunks=2, loss_blocks=8)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.batch_size = 32768
     c.total_steps = 10000

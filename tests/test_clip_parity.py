@@ -4,6 +4,7 @@ Also holds the fixtures the other CLIP tests import: a tiny CLIP BPE tokenizer w
 test, and a tiny random HF CLIPModel directory (weights, tokenizer, preprocessor config).
 """
 
+import dataclasses
 import json
 
 import jax
@@ -151,6 +152,12 @@ def test_embeddings_and_logits_match_torch(tmp_path, name):
                              out.vision_model_output.last_hidden_state.numpy(), atol=1e-4)
   np.testing.assert_allclose(float(ours["logit_scale"]),
                              float(torch_model.logit_scale.detach().exp()), rtol=1e-6)
+  # The last layers computed for the CLS / EOS token only: the same embeddings as torch's.
+  pooled = clip_lib.CLIPModel(dataclasses.replace(config, pooled_last_layer=True))
+  ours = jax.jit(pooled.apply)({"params": params}, pixels, ids, mask)
+  for key in ("image_embeds", "text_embeds", "logits_per_image"):
+    np.testing.assert_allclose(np.asarray(ours[key]), getattr(out, key).numpy(), atol=1e-4,
+                               err_msg=f"pooled_last_layer {key}")
 
 
 @pytest.mark.parametrize("variant,expected_b32", [("B/32", 151_277_313), ("B/16", None),

@@ -57,6 +57,13 @@ def batch_fn(config):
   return make
 
 
+def _assert_same_run(run, ref):
+  """Two toy_system.run_steps results: losses and final params within 1e-5."""
+  np.testing.assert_allclose(run[0], ref[0], rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(run[1]), jax.tree.leaves(ref[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def single_device_run():
   config = tiny_config()
@@ -73,14 +80,29 @@ def test_fashionclip_steps_on_a_mesh_equal_one_device(single_device_run, mesh_co
   config = tiny_config()
   losses, params, state = toy_system.run_steps(config, mesh_config, num_steps=3,
                                                batch_fn=batch_fn(config))
-  ref_losses, ref_params, _ = single_device_run
-  assert ref_losses[2] < ref_losses[0]  # It trains.
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert single_device_run[0][2] < single_device_run[0][0]  # It trains.
+  _assert_same_run((losses, params), single_device_run)
   # The big matrices really are split over the mesh.
   kernel = state.params["text"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"]
   assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape
+
+
+def test_pooled_last_layer_trains_as_the_full_model_on_a_mesh(single_device_run):
+  """model.pooled_last_layer=True, sharded over (data 4, fsdp 2): the same losses and params as
+  the full last layers on one device (the skipped tokens never reach the loss)."""
+  config = tiny_config()
+  config.model.pooled_last_layer = True
+  run = toy_system.run_steps(config, {"data": 4, "fsdp": 2, "tensor": 1}, num_steps=3,
+                             batch_fn=batch_fn(config))
+  _assert_same_run(run, single_device_run)
+
+
+def test_pooled_last_layer_is_refused_for_siglip():
+  config = tiny_config()
+  config.model.family = "siglip"
+  config.model.pooled_last_layer = True
+  with pytest.raises(ValueError, match="pooled_last_layer=True with model.family='siglip'"):
+    fashionclip.model_config(config)
 
 
 def _tiny_hf_clip(tmp_path, vocab_size, max_len):

@@ -184,6 +184,26 @@ def test_cudnn_attention_matches_einsum_on_gpu(length, causal):
   assert rel(flat(gp1), flat(gp0)) < 2e-2
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("length,causal", [(197, False), (77, True)])
+def test_cudnn_pooled_last_layer_matches_einsum_on_gpu(length, causal):
+  """bf16 encoder with pool_index (one query row in the last layer: padded to 8 for cuDNN, the
+  causal mask explicit) against the einsum stack's full output at those tokens."""
+  b, d, heads = 4, 768, 12
+  rs = np.random.RandomState(length)
+  x = jnp.asarray(rs.randn(b, length, d).astype(np.float32))
+  index = jnp.asarray(rs.randint(0, length, b), jnp.int32)
+  kw = dict(num_layers=2, num_heads=heads, mlp_dim=4 * d, dtype=jnp.bfloat16, causal=causal)
+  params = nn.unbox(layers.Encoder(**kw).init(jax.random.PRNGKey(0), x))["params"]
+  full = layers.Encoder(**kw)
+  pooled = layers.Encoder(**kw, attention_impl="cudnn")
+  y0 = jax.jit(lambda p: full.apply({"params": p}, x)[jnp.arange(b), index])(params)
+  y1 = jax.jit(lambda p: pooled.apply({"params": p}, x, None, True, index))(params)
+  rel = float(jnp.linalg.norm((y1 - y0).astype(jnp.float32))
+              / jnp.linalg.norm(y0.astype(jnp.float32)))
+  assert rel < 1e-2, rel
+
+
 @pytest.mark.parametrize("impl", ["einsum", "xla"])
 def test_causal_flag_equals_the_causal_mask(impl):
   b, l = 2, 7
@@ -276,3 +296,59 @@ def test_seq_pad_multiple_must_not_be_negative():
   with pytest.raises(ValueError, match="seq_pad_multiple=-8 must be >= 0"):
     layers.Encoder(num_layers=1, num_heads=2, mlp_dim=8, seq_pad_multiple=-8).init(
         jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize("impl,causal,mask_kind,scan,remat,pad", [
+    ("einsum", False, None, False, "none", 0),
+    ("einsum", True, "keys", True, "nothing_saveable", 0),
+    ("xla", True, "full", False, "dots_saveable", 8),
+    pytest.param("xla", False, "keys", True, "none", 8, marks=pytest.mark.slow)])
+def test_pool_index_equals_the_full_stack_at_those_tokens(impl, causal, mask_kind, scan, remat,
+                                                          pad):
+  """Encoder(...)(x, mask, pool_index=i) == the full stack's output at token i[b] of row b:
+  values, parameter and input gradients, with the last layer computing only those tokens (the
+  scanned stack runs N-1 layers by lax.scan over its own params). Masks: by key ([B,1,1,L]) or
+  a full [B,1,L,L] one, whose query rows the pooled layer must pick."""
+  rs = np.random.RandomState(0)
+  b, l, d = 3, 13, 16
+  x = jnp.asarray(rs.randn(b, l, d).astype(np.float32))
+  index = jnp.asarray([0, 8, 12], jnp.int32)
+  mask = None
+  if mask_kind == "keys":
+    mask = jnp.asarray(np.arange(l)[None] < np.array([l, 9, 13])[:, None])[:, None, None, :]
+  elif mask_kind == "full":
+    m = rs.rand(b, 1, l, l) < 0.7
+    m[..., np.arange(l), np.arange(l)] = True  # No fully masked row.
+    mask = jnp.asarray(m)
+  model = layers.Encoder(num_layers=3, num_heads=4, mlp_dim=24, attention_impl=impl,
+                         causal=causal, scan=scan, remat_policy=remat, seq_pad_multiple=pad)
+  params = _randomize(model.init(jax.random.PRNGKey(0), x, mask), 1)
+  params_pooled_init = model.init(jax.random.PRNGKey(0), x, mask, True, index)
+  assert jax.tree.structure(params_pooled_init) == jax.tree.structure(params)
+  w = jnp.asarray(rs.randn(b, d).astype(np.float32))
+  def run(f):  # (output [B, D], gradients of <output, w> for the params and x), one jit.
+    out = lambda p, x_: (lambda y: ((y * w).sum(), y))(f(p, x_))
+    (_, y), g = jax.jit(jax.value_and_grad(out, argnums=(0, 1), has_aux=True))(params, x)
+    return y, g
+  y0, g0 = run(lambda p, x_: model.apply(p, x_, mask)[jnp.arange(b), index])
+  y1, g1 = run(lambda p, x_: model.apply(p, x_, mask, True, index))
+  assert y1.shape == (b, d)
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_pool_index_errors_name_the_bad_value():
+  x = jnp.zeros((2, 5, 8))
+  enc = layers.Encoder(num_layers=1, num_heads=2, mlp_dim=8)
+  params = enc.init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match=r"pool_index has shape \(3,\); expected .* \(2,\)"):
+    enc.apply(params, x, None, True, jnp.zeros((3,), jnp.int32))
+  post = layers.Encoder(num_layers=1, num_heads=2, mlp_dim=8, pre_norm=False)
+  with pytest.raises(ValueError, match="query_index .* needs pre_norm=True"):
+    post.init(jax.random.PRNGKey(0), x, None, True, jnp.zeros((2,), jnp.int32))
+  siglip_vit = vit_lib.vit_config("tiny", class_token=False, ln_pre=False, patch_bias=True,
+                                  pool="map", image_size=32)
+  with pytest.raises(ValueError, match="pooled_last_layer=True needs pool='cls', not 'map'"):
+    vit_lib.VisionTransformer(siglip_vit, None, pooled_last_layer=True).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))

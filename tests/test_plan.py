@@ -11,10 +11,12 @@
   batch sharded over 8 devices, and chunked encoding == direct encoding.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,23 @@ def test_analytic_flops_match_unrolled_compile_and_scan_undercounts():
   scanned, _, _, _ = plan.compile_step(tiny_config(scan=True), mesh)
   # Two layers per tower, body counted once: about half the matmul FLOPs are missing.
   assert plan.xla_flops(scanned) < 0.6 * analytic
+
+
+def test_pooled_last_layer_flops_match_unrolled_compile():
+  """model.pooled_last_layer: the analytic count drops the last layers' skipped work (2 layers
+  per tower here: about a third of the matmuls) and still matches XLA's count of the step."""
+  mesh = mesh_lib.create_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  config = tiny_config(scan=False)
+  config.model.pooled_last_layer = True
+  compiled, _, _, system = plan.compile_step(config, mesh)
+  assert system.model_config.pooled_last_layer
+  analytic = plan.analytic_flops(system, 32)
+  full = plan.analytic_flops(types.SimpleNamespace(
+      model_config=dataclasses.replace(system.model_config, pooled_last_layer=False),
+      objective=getattr(system, "objective", None), config=system.config), 32)
+  assert analytic < 0.8 * full, (analytic, full)
+  xla = plan.xla_flops(compiled)
+  assert abs(xla - analytic) / analytic < 0.05, (xla, analytic)
 
 
 @pytest.mark.slow  # An unrolled SigLIP step compile (minutes on a loaded machine).

@@ -78,6 +78,11 @@ class CLIPConfig(TowerConfig):
   # Pad each tower's tokens once to a multiple of this (layers.Encoder; 0 = never): with
   # 'cudnn', instead of padding odd lengths (50, 197, 77) in every attention call. Exact.
   seq_pad_multiple: int = 0
+  # Each tower's last layer computes its pooled token only (CLS; EOS): the loss and every
+  # embedding read nothing else, so embeddings and gradients are unchanged (to float rounding)
+  # and the step skips 10/12 of a layer's matmuls per tower (layers.Encoder's pool_index). The
+  # towers' 'tokens' output is then absent.
+  pooled_last_layer: bool = False
 
   def __post_init__(self):
     v, t = self.vision, self.text
@@ -203,7 +208,8 @@ class CLIPModel(nn.Module):
     return vit_lib.VisionTransformer(cfg.vision, cfg.projection_dim, dtype=dtype,
                                      scan=cfg.scan, remat_policy=cfg.remat_policy,
                                      attention_impl=cfg.attention_impl,
-                                     seq_pad_multiple=cfg.seq_pad_multiple)
+                                     seq_pad_multiple=cfg.seq_pad_multiple,
+                                     pooled_last_layer=cfg.pooled_last_layer)
 
   def setup(self):
     cfg = self.clip_config()
@@ -212,7 +218,8 @@ class CLIPModel(nn.Module):
     self.text = text_lib.TextTransformer(cfg.text, cfg.projection_dim, dtype=dtype,
                                          scan=cfg.scan, remat_policy=cfg.remat_policy,
                                          attention_impl=cfg.attention_impl,
-                                         seq_pad_multiple=cfg.seq_pad_multiple)
+                                         seq_pad_multiple=cfg.seq_pad_multiple,
+                                         pooled_last_layer=cfg.pooled_last_layer)
     self.log_scale = self.param(
         "logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32)

@@ -19,12 +19,21 @@ PEAK_TFLOPS = {
 }
 
 
-def tower_flops(width: int, layers: int, mlp_dim: int, tokens: int) -> int:
-  """Forward matmul FLOPs of one transformer tower per example."""
-  per_layer = (2 * tokens * width * 4 * width      # q, k, v, out projections
-               + 2 * 2 * tokens * tokens * width    # q k^T and probs v
-               + 2 * 2 * tokens * width * mlp_dim)  # fc1, fc2
-  return layers * per_layer
+def tower_flops(width: int, layers: int, mlp_dim: int, tokens: int,
+                pooled_last_layer: bool = False) -> int:
+  """Forward matmul FLOPs of one transformer tower per example.
+
+  pooled_last_layer: the last layer computes one query token (layers.Encoder's pool_index): its
+  k and v projections still see every token, its q, out, attention row and MLP one token.
+  """
+  def layer(queries):
+    return (2 * tokens * width * 2 * width              # k, v projections
+            + 2 * queries * width * 2 * width           # q, out projections
+            + 2 * 2 * queries * tokens * width          # q k^T and probs v
+            + 2 * 2 * queries * width * mlp_dim)        # fc1, fc2
+  if pooled_last_layer:
+    return (layers - 1) * layer(tokens) + layer(1)
+  return layers * layer(tokens)
 
 
 def _logit_flops(batch: int, width: int, text_rows: int, logit_dims) -> int:
@@ -44,8 +53,10 @@ def clip_train_flops_per_step(config: clip_lib.CLIPConfig, batch: int, length: i
   v, t, p = config.vision, config.text, config.projection_dim
   n = v.num_patches + 1
   vision = (2 * v.num_patches * v.patch_size ** 2 * 3 * v.width
-            + tower_flops(v.width, v.num_layers, v.mlp_dim, n) + 2 * v.width * p)
-  text = tower_flops(t.width, t.num_layers, t.mlp_dim, length) + 2 * t.width * p
+            + tower_flops(v.width, v.num_layers, v.mlp_dim, n, config.pooled_last_layer)
+            + 2 * v.width * p)
+  text = (tower_flops(t.width, t.num_layers, t.mlp_dim, length, config.pooled_last_layer)
+          + 2 * t.width * p)
   logits = _logit_flops(batch, p, text_rows, logit_dims)
   return 3.0 * batch * (vision + text_rows * text + logits)
 

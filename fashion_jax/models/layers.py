@@ -9,7 +9,8 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
 
   MultiHeadAttention(num_heads, head_dim=None, dropout_rate=0., dtype, param_dtype, kernel_init,
                      attention_impl='einsum', causal=False)
-      (x [B, Lq, D], mask=None, *, kv=None [B, Lk, D], deterministic=True) -> [B, Lq, D]
+      (x [B, Lq, D], mask=None, *, kv=None [B, Lk, D], deterministic=True, key_lengths=None,
+       query_positions=None [B, Lq] int) -> [B, Lq, D]
     Sub-modules `query`, `key`, `value` (DenseGeneral, kernel [D, H, Dh] axes (embed, heads, kv),
     bias [H, Dh]) and `out` (kernel [H, Dh, D] axes (heads, kv, embed), bias [D]).
     An HF Linear (weight [H*Dh, D], bias [H*Dh]) maps 1:1: kernel = W.T.reshape(D, H, Dh),
@@ -18,7 +19,10 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
     [B, H, Lq, Lk] (the convention of flax.linen.make_attention_mask / make_causal_mask /
     combine_masks, which build it). causal=True adds the causal mask (query i sees keys <= i)
     to `mask`: the text tower's, given as a flag so that fused kernels use their causal mode
-    instead of a [Lq, Lk] bias. Logits = q k^T / sqrt(Dh), softmax in float32.
+    instead of a [Lq, Lk] bias. query_positions: where each query sits among the keys, for the
+    causal mask (query j of row b sees keys <= query_positions[b, j]; default j, aligned); set,
+    the causal mask becomes an explicit [B, 1, Lq, Lk] one. Logits = q k^T / sqrt(Dh), softmax
+    in float32.
     attention_impl (ATTENTION_IMPLS) chooses how softmax(q k^T / sqrt(Dh)) v is computed; the
     projections and parameters are the same for all three, so a checkpoint runs under any:
       'einsum': two einsums around a float32 softmax, every intermediate materialised (the
@@ -46,10 +50,16 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
   TransformerBlock(num_heads, mlp_dim, pre_norm=True, layer_norm_eps=1e-5, act='quick_gelu',
                    dropout_rate=0., attention_dropout_rate=0., attention_impl='einsum',
                    causal=False, ...)
-      (x [B, L, D], mask=None, deterministic=True) -> [B, L, D]
+      (x [B, L, D], mask=None, deterministic=True, key_lengths=None, query_index=None)
+      -> [B, L, D]
     pre_norm (CLIP):  x = x + drop(attn(norm1(x)));  x = x + drop(mlp(norm2(x)))
     post_norm (BERT): x = norm1(x + drop(attn(x)));  x = norm2(x + drop(mlp(x)))
     Sub-modules `norm1`, `attn`, `norm2`, `mlp`.
+    query_index [B] int (pre_norm only): the output [B, D] of token query_index[b] alone, the
+    other tokens serving as keys and values: h = norm1(x); y = x_i + attn(h_i, kv=h);
+    y = y + mlp(norm2(y)), with the causal mask at position i and a [B, 1, L, L] mask's row i.
+    Equal to the full block at those tokens; with dropout in training the masks are drawn for
+    the computed tokens only.
 
   AttentionPool(num_heads, mlp_dim, layer_norm_eps=1e-6, act='gelu_tanh', ...)
       (x [B, L, D]) -> [B, D]
@@ -61,7 +71,14 @@ default; every parameter carries logical axis names from fashion_jax.parallel.ax
 
   Encoder(num_layers, <TransformerBlock fields>, scan=False, remat_policy='none')
     (attention_impl and causal included: every block's attention uses them)
-      (x [B, L, D], mask=None, deterministic=True) -> [B, L, D]
+      (x [B, L, D], mask=None, deterministic=True, pool_index=None) -> [B, L, D]
+    pool_index [B] int (pre-LN only): the stack's output at token pool_index[b] alone, [B, D];
+    the last block computes only those tokens (query_index), skipping 10/12 of its matmuls
+    (q, out and MLP of every other token; k and v still see all), which is exact because
+    nothing reads the other tokens' last outputs. CLIP's towers use it for the pooled CLS / EOS
+    token (CLIPConfig.pooled_last_layer). With scan=True the first N-1 layers run as a
+    lax.scan over the `layers` params (sliced, so the layout and checkpoints stay nn.scan's),
+    the last as one block; initialisation runs the full stack.
     scan=False: blocks `layers_0` ... `layers_{N-1}`.
     scan=True: one `layers` sub-tree whose leaves carry a leading [N] axis named 'layers'
     (nn.scan; compiles one block instead of N).
@@ -198,7 +215,8 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None, *,
                kv: Optional[jax.Array] = None, deterministic: bool = True,
-               key_lengths: Optional[jax.Array] = None) -> jax.Array:
+               key_lengths: Optional[jax.Array] = None,
+               query_positions: Optional[jax.Array] = None) -> jax.Array:
     impl = check_attention_impl(self.attention_impl, self.dtype)
     if impl != "einsum" and self.dropout_rate > 0 and not deterministic:
       raise ValueError(f"attention_impl={impl!r} has no attention dropout but dropout_rate="
@@ -223,10 +241,15 @@ class MultiHeadAttention(nn.Module):
     k = nn.with_logical_constraint(proj("key")(kv), head_axes)     # [B, Lk, H, Dh]
     v = nn.with_logical_constraint(proj("value")(kv), head_axes)   # [B, Lk, H, Dh]
 
+    causal = self.causal
+    if causal and query_positions is not None:  # Query j sits at key position positions[b, j].
+      below = (jnp.arange(k.shape[1])[None, None, None, :]
+               <= query_positions[:, None, :, None])  # [B, 1, Lq, Lk]
+      mask, causal = (below if mask is None else jnp.logical_and(mask, below)), False
     if impl == "einsum":
-      if self.causal:
-        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
-        mask = causal if mask is None else jnp.logical_and(mask, causal)
+      if causal:
+        tril = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+        mask = tril if mask is None else jnp.logical_and(mask, tril)
       if key_lengths is not None:
         valid = jnp.arange(k.shape[1])[None, None, None, :] < key_lengths[:, None, None, None]
         mask = valid if mask is None else jnp.logical_and(mask, valid)
@@ -241,7 +264,7 @@ class MultiHeadAttention(nn.Module):
     else:
       if mask is not None:  # The API wants boolean [B|1, H|1, Lq, Lk] (flax's are float).
         mask = jnp.reshape(mask.astype(bool), (1,) * (4 - mask.ndim) + mask.shape)
-      out = fused_attention(q, k, v, mask, self.causal, impl, key_lengths=key_lengths)
+      out = fused_attention(q, k, v, mask, causal, impl, key_lengths=key_lengths)
     out = nn.with_logical_constraint(out, head_axes)
     out = nn.Einsum(
         (self.num_heads, head_dim, d_model), "blhk,hkd->bld", dtype=self.dtype,
@@ -293,8 +316,8 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
-               deterministic: bool = True, key_lengths: Optional[jax.Array] = None
-               ) -> jax.Array:
+               deterministic: bool = True, key_lengths: Optional[jax.Array] = None,
+               query_index: Optional[jax.Array] = None) -> jax.Array:
     x = nn.with_logical_constraint(x, HIDDEN_AXES)
     norm1 = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")
     norm2 = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")
@@ -305,6 +328,21 @@ class TransformerBlock(nn.Module):
     mlp = Mlp(self.mlp_dim, act=self.act, dropout_rate=self.dropout_rate, dtype=self.dtype,
               param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="mlp")
     drop = nn.Dropout(self.dropout_rate)
+    if query_index is not None:
+      if not self.pre_norm:
+        raise ValueError("query_index (one output token per row) needs pre_norm=True: a "
+                         "post-LN block's keys are not a function of the normed input alone.")
+      rows = jnp.arange(x.shape[0])
+      h = norm1(x)  # Keys and values: every token.
+      if mask is not None and mask.ndim == 4 and mask.shape[2] > 1:  # Keep the query's row.
+        mask = jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:])[rows, :, query_index]
+        mask = mask[:, :, None]
+      y = x[rows, query_index][:, None]  # [B, 1, D]
+      y = y + drop(attn(h[rows, query_index][:, None], mask, kv=h, deterministic=deterministic,
+                        key_lengths=key_lengths, query_positions=query_index[:, None]),
+                   deterministic)
+      y = y + drop(mlp(norm2(y), deterministic), deterministic)
+      return nn.with_logical_constraint(y[:, 0], ("act_batch", "act_embed"))
     if self.pre_norm:
       x = x + drop(attn(norm1(x), mask, deterministic=deterministic,
                         key_lengths=key_lengths), deterministic)
@@ -381,7 +419,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, pool_index: Optional[jax.Array] = None
+               ) -> jax.Array:
     if self.seq_pad_multiple < 0:
       raise ValueError(f"seq_pad_multiple={self.seq_pad_multiple} must be >= 0 (0: no padding).")
     length = x.shape[1]
@@ -396,6 +435,7 @@ class Encoder(nn.Module):
                               (0, pad if mask.shape[3] > 1 else 0)),
                        constant_values=True)
     block_cls = _ScanBlock if self.scan else TransformerBlock
+    policy = None
     if self.remat_policy != "none":
       if self.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"Unknown remat_policy {self.remat_policy!r}: expected 'none' or one of "
@@ -404,6 +444,18 @@ class Encoder(nn.Module):
       # static_argnums counts `self` as 0: `deterministic` is argument 3.
       block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan,
                            static_argnums=(3,))
+    if pool_index is not None:
+      if pool_index.shape != x.shape[:1]:
+        raise ValueError(f"pool_index has shape {pool_index.shape}; expected one position per "
+                         f"row, ({x.shape[0]},).")
+      if self.scan and not self.is_initializing():
+        return self._scanned_pooled(x, mask, deterministic, key_lengths, pool_index, policy)
+      if not self.scan:
+        for i in range(self.num_layers):
+          x = block_cls(name=f"layers_{i}", **self._block_kwargs())(
+              x, mask, deterministic, key_lengths,
+              pool_index if i == self.num_layers - 1 else None)
+        return nn.with_logical_constraint(x, ("act_batch", "act_embed"))
     if self.scan:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                           "dropout": True},
@@ -415,9 +467,40 @@ class Encoder(nn.Module):
       for i in range(self.num_layers):
         x = block_cls(name=f"layers_{i}", **self._block_kwargs())(x, mask, deterministic,
                                                                    key_lengths)
+    if pool_index is not None:  # Initialising a scanned stack: the params, and the right shape.
+      return x[jnp.arange(x.shape[0]), pool_index]
     if pad:
       x = x[:, :length]
     return nn.with_logical_constraint(x, HIDDEN_AXES)
+
+  def _scanned_pooled(self, x, mask, deterministic, key_lengths, pool_index, policy):
+    """scan=True with pool_index: layers 0..N-2 by lax.scan over the stacked params, then the
+    last layer's block for the pooled tokens only. The params are nn.scan's own `layers` tree
+    (read, not re-declared), so both paths share one checkpoint layout; an nn.scan of N-1
+    layers cannot hold N layers' params, hence the functional form.
+    """
+    n = self.num_layers
+    stacked = nn.unbox(self.variables["params"]["layers"])
+    block = TransformerBlock(**self._block_kwargs())
+    dropout = not deterministic and (self.dropout_rate > 0 or self.attention_dropout_rate > 0)
+    rngs = jax.random.split(self.make_rng("dropout"), n) if dropout else [None] * n
+
+    def layer(params, x, rng, query_index):
+      return block.apply({"params": params}, x, mask, deterministic, key_lengths, query_index,
+                         rngs=None if rng is None else {"dropout": rng})
+
+    if policy is not None:
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+
+    def body(x, params_rng):
+      params, rng = params_rng
+      return layer(params, x, rng, None), None
+
+    head = jax.tree.map(lambda a: a[:n - 1], stacked)
+    x, _ = jax.lax.scan(body, x, (head, None if rngs[0] is None else rngs[:n - 1]))
+    last = jax.tree.map(lambda a: a[n - 1], stacked)
+    x = layer(last, x, rngs[n - 1], pool_index)
+    return nn.with_logical_constraint(x, ("act_batch", "act_embed"))
 
 
 def stack_layers(tree: Any) -> Any:

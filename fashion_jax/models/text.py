@@ -107,6 +107,9 @@ class TextTransformer(nn.Module):
   remat_policy: str = "none"
   attention_impl: str = "einsum"  # layers.ATTENTION_IMPLS.
   seq_pad_multiple: int = 0  # layers.Encoder: pad the tokens once per tower (0: never).
+  # The last layer computes the pooled token only (layers.Encoder's pool_index): 'tokens' is
+  # then absent.
+  pooled_last_layer: bool = False
 
   @nn.compact
   def __call__(self, ids: jax.Array, attention_mask: Optional[jax.Array] = None,
@@ -133,20 +136,23 @@ class TextTransformer(nn.Module):
       # Padding masks keys only (as HF does): a padded query row still sees the real tokens
       # before it, so no row is ever fully masked.
       mask = (attention_mask > 0)[:, None, None, :]
+    position = (jnp.full(ids.shape[:1], length - 1, jnp.int32) if cfg.pool == "last"
+                else eos_positions(ids, cfg.eos_token_id))
     x = layers.Encoder(
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pre_norm=True,
         layer_norm_eps=cfg.layer_norm_eps, act=cfg.act, dtype=self.dtype,
         param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
         attention_impl=self.attention_impl,
         seq_pad_multiple=self.seq_pad_multiple, causal=cfg.causal,
-        name="encoder")(x, mask, deterministic)
+        name="encoder")(x, mask, deterministic, position if self.pooled_last_layer else None)
     x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
-    if cfg.pool == "last":
-      pooled = x[:, -1]
+    if self.pooled_last_layer:  # x: the pooled token [B, D].
+      pooled = x
     else:
-      pooled = jnp.take_along_axis(
-          x, eos_positions(ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
-    out = {"tokens": x.astype(jnp.float32), "pooled": pooled.astype(jnp.float32)}
+      pooled = jnp.take_along_axis(x, position[:, None, None], axis=1)[:, 0]
+    out = {"pooled": pooled.astype(jnp.float32)}
+    if not self.pooled_last_layer:
+      out["tokens"] = x.astype(jnp.float32)
     if self.output_dim is not None:
       out["embedding"] = nn.Dense(
           self.output_dim, use_bias=cfg.projection_bias, dtype=self.dtype,

@@ -210,22 +210,31 @@ class VisionTransformer(nn.Module):
   remat_policy: str = "none"
   attention_impl: str = "einsum"  # layers.ATTENTION_IMPLS.
   seq_pad_multiple: int = 0  # layers.Encoder: pad the tokens once per tower (0: never).
+  # The last layer computes the CLS token only (layers.Encoder's pool_index): 'tokens' is then
+  # absent. pool='cls' only (the 'map' head reads every token).
+  pooled_last_layer: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
     cfg = self.config
+    if self.pooled_last_layer and cfg.pool != "cls":
+      raise ValueError(f"pooled_last_layer=True needs pool='cls', not {cfg.pool!r}: the "
+                       "attention-pool head reads every token of the last layer.")
     x = embed_patches(self, cfg, images)
     x = nn.with_logical_constraint(x, layers.HIDDEN_AXES)
     if cfg.ln_pre:
       x = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "pre_norm")(x)
+    pool_index = jnp.zeros(x.shape[:1], jnp.int32) if self.pooled_last_layer else None
     x = layers.Encoder(
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pre_norm=True,
         layer_norm_eps=cfg.layer_norm_eps, act=cfg.act, dtype=self.dtype,
         param_dtype=self.param_dtype, scan=self.scan, remat_policy=self.remat_policy,
-        attention_impl=self.attention_impl,
-        seq_pad_multiple=self.seq_pad_multiple, name="encoder")(x, None, deterministic)
+        attention_impl=self.attention_impl, seq_pad_multiple=self.seq_pad_multiple,
+        name="encoder")(x, None, deterministic, pool_index)
     post_norm = layers.layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "post_norm")
-    if cfg.pool == "cls":
+    if self.pooled_last_layer:  # x: the CLS token [B, D].
+      pooled = post_norm(x)
+    elif cfg.pool == "cls":
       pooled = post_norm(x[:, 0])
     else:
       x = post_norm(x)
@@ -233,7 +242,9 @@ class VisionTransformer(nn.Module):
           cfg.num_heads, cfg.mlp_dim, layer_norm_eps=cfg.layer_norm_eps, act=cfg.act,
           dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
           name="head")(x)
-    out = {"tokens": x.astype(jnp.float32), "pooled": pooled.astype(jnp.float32)}
+    out = {"pooled": pooled.astype(jnp.float32)}
+    if not self.pooled_last_layer:
+      out["tokens"] = x.astype(jnp.float32)
     if self.output_dim is not None:
       out["embedding"] = nn.Dense(
           self.output_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
