@@ -10,6 +10,9 @@ runs, their min-max, and the ratio of the medians, with os.getloadavg() before a
 COMMANDS
   # CPU, the README comparison (float32, B/32, 224 px, context 77, batch 8), idle machine:
   python -m benchmarks.benchmark_model --repeats=5
+  # CPU, the same with each tower's last layer computed for the pooled token only, timed in
+  # the same run beside the full last layer and torch:
+  python -m benchmarks.benchmark_model --repeats=5 --pooled_last_layer=both
   # GPU: B/16 bfloat16 throughput and model FLOPs utilisation (ours only):
   python -m benchmarks.benchmark_model --variant=B/16 --dtype=bfloat16 --batch=256 --no-torch
   # GPU, cuDNN attention with the tokens padded once per tower instead of per attention call:
@@ -20,7 +23,8 @@ MFU = analytic model FLOPs per step / step time / peak FLOPs of the device. Mode
 the matmuls of forward (2 m n k each) x 3 for forward + backward, rematerialisation excluded
 (the usual convention); they are computed from the config, not from XLA's cost analysis (which
 counts a scanned body once). Peak: a table of dense bf16/fp32 peaks by device kind, or
---peak_tflops.
+--peak_tflops. With --pooled_last_layer the FLOPs are those computed (flops.py counts the last
+layers' pooled-token work only), so MFU does not credit the skipped work.
 """
 
 import argparse
@@ -30,6 +34,7 @@ import platform
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +61,7 @@ def make_batch(config, batch, seed=0):
   rs = np.random.RandomState(seed)
   s, length = config.vision.image_size, config.text.max_len
   images = rs.randint(0, 256, (batch, s, s, 3)).astype(np.uint8)
+  # BOS, random ids below the EOS id, one EOS at a random position in [5, L).
   ids = rs.randint(0, config.text.eos_token_id, (batch, length)).astype(np.int32)
   ids[:, 0] = config.text.bos_token_id
   ids[np.arange(batch), rs.randint(5, length, batch)] = config.text.eos_token_id
@@ -77,7 +83,6 @@ def jax_step_fn(config, images, ids):
   """(step(state) -> state, initial state, first-step seconds incl. compile): our jitted step."""
   model = clip_lib.CLIPModel(config)
   params = jax.jit(functools.partial(clip_lib.init_params, config))(jax.random.PRNGKey(0))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   params = nn.unbox(params)
   tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
   opt_state = tx.init(params)
@@ -159,14 +164,20 @@ def main(argv=None):
   parser.add_argument("--attention_impl", default="einsum", help="layers.ATTENTION_IMPLS")
   parser.add_argument("--seq_pad_multiple", type=int, default=0,
                       help="pad each tower's tokens once to a multiple of this (0: never)")
+  parser.add_argument("--pooled_last_layer", default="off", choices=["off", "on", "both"],
+                      help="CLIPConfig.pooled_last_layer for our step; 'both' times the two "
+                           "side by side (alternating with torch)")
   parser.add_argument("--no-torch", dest="torch", action="store_false")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="device peak for MFU when its kind is not in the table")
   args = parser.parse_args(argv)
 
-  config = clip_lib.clip_config(args.variant, dtype=args.dtype, scan=args.scan,
-                                remat_policy=args.remat, attention_impl=args.attention_impl,
-                                seq_pad_multiple=args.seq_pad_multiple)
+  pooled = {"off": (False,), "on": (True,), "both": (False, True)}[args.pooled_last_layer]
+  configs = {p: clip_lib.clip_config(args.variant, dtype=args.dtype, scan=args.scan,
+                                     remat_policy=args.remat, attention_impl=args.attention_impl,
+                                     seq_pad_multiple=args.seq_pad_multiple, pooled_last_layer=p)
+             for p in pooled}
+  config = configs[pooled[0]]
   images, ids = make_batch(config, args.batch)
   print(machine_info())
   print(f"model: CLIP {args.variant} ({clip_lib.count_params(config):,} params), "
@@ -178,39 +189,53 @@ def main(argv=None):
   if args.torch and args.dtype != "float32":
     raise SystemExit("The torch comparison runs float32 only; pass --no-torch for bfloat16.")
   print(f"loadavg before: {os.getloadavg()}", flush=True)
-  jax_step, state, compile_s = jax_step_fn(config, images, ids)
+  ours = {}  # pooled_last_layer -> [step, state, first-step seconds, step times]
+  for p in pooled:
+    step, state, compile_s = jax_step_fn(configs[p], images, ids)
+    ours[p] = [step, state, compile_s, []]
+  name = lambda p: "fashion_jax" + (" pooled_last_layer" if p else "")
   if args.torch:
     import torch  # pylint: disable=g-import-not-at-top
     torch_step = torch_step_fn(config, images, ids)
-  jax_s, torch_s = [], []
+  torch_s = []
   for r in range(args.repeats):  # Alternate the frameworks: a load change hits both.
-    sec, state = time_steps(jax_step, state, args.warmup if r else max(args.warmup - 1, 0),
-                            args.steps)
-    jax_s.append(sec)
-    line = f"repeat {r}: fashion_jax {sec * 1e3:.0f} ms/step"
+    parts = []
+    for p, run in ours.items():
+      sec, run[1] = time_steps(run[0], run[1], args.warmup if r else max(args.warmup - 1, 0),
+                               args.steps)
+      run[3].append(sec)
+      parts.append(f"{name(p)} {sec * 1e3:.0f} ms/step")
     if args.torch:
       tsec, _ = time_steps(lambda s: torch_step() or s, None, args.warmup, args.steps)
       torch_s.append(tsec)
-      line += f", torch {tsec * 1e3:.0f} ms/step, ratio {tsec / sec:.2f}x"
-    print(line, flush=True)
+      parts.append(f"torch {tsec * 1e3:.0f} ms/step")
+      parts += [f"ratio {name(p)} {tsec / run[3][-1]:.2f}x" for p, run in ours.items()]
+    print(f"repeat {r}: " + ", ".join(parts), flush=True)
   print(f"loadavg after: {os.getloadavg()}")
-  sec = statistics.median(jax_s)
-  flops = flops_lib.clip_train_flops_per_step(config, args.batch, config.text.max_len)
-  peak = flops_lib.peak_flops(args.dtype, args.peak_tflops)
-  mfu = f"{flops / sec / peak:.1%}" if peak else "n/a (unknown peak; pass --peak_tflops)"
   spread = lambda xs: f"median of {len(xs)} runs, min-max {min(xs) * 1e3:.0f}-{max(xs) * 1e3:.0f}"
-  print(f"fashion_jax (jit): {1 / sec:.3f} steps/s, {args.batch / sec:.1f} examples/s, "
-        f"{sec * 1e3:.0f} ms/step ({spread(jax_s)}; first step incl. compile "
-        f"{compile_s:.1f} s); model FLOPs/step {flops / 1e12:.3f} TFLOP, "
-        f"{flops / sec / 1e12:.2f} TFLOP/s, MFU {mfu}")
+  peak = flops_lib.peak_flops(args.dtype, args.peak_tflops)
+  for p, (_, _, compile_s, times) in ours.items():
+    sec = statistics.median(times)
+    flops = flops_lib.clip_train_flops_per_step(configs[p], args.batch, config.text.max_len)
+    mfu = f"{flops / sec / peak:.1%}" if peak else "n/a (unknown peak; pass --peak_tflops)"
+    print(f"{name(p)} (jit): {1 / sec:.3f} steps/s, {args.batch / sec:.1f} examples/s, "
+          f"{sec * 1e3:.0f} ms/step ({spread(times)}; first step incl. compile "
+          f"{compile_s:.1f} s); model FLOPs/step {flops / 1e12:.3f} TFLOP, "
+          f"{flops / sec / 1e12:.2f} TFLOP/s, MFU {mfu}")
   if args.torch:
     tsec = statistics.median(torch_s)
-    ratios = [t / j for t, j in zip(torch_s, jax_s)]
     print(f"torch {torch.__version__} transformers CLIPModel (eager, "
           f"{torch.get_num_threads()} threads): "
           f"{1 / tsec:.3f} steps/s, {tsec * 1e3:.0f} ms/step ({spread(torch_s)})")
-    print(f"ratio fashion_jax / torch (steps/s): {tsec / sec:.2f}x (ratio of the medians; "
-          f"per repeat {min(ratios):.2f}-{max(ratios):.2f}x)")
+    for p, (_, _, _, times) in ours.items():
+      ratios = [t / j for t, j in zip(torch_s, times)]
+      print(f"ratio {name(p)} / torch (steps/s): {tsec / statistics.median(times):.2f}x (ratio "
+            f"of the medians; per repeat {min(ratios):.2f}-{max(ratios):.2f}x)")
+  if len(ours) == 2:
+    full, cut = ours[False][3], ours[True][3]
+    ratios = [a / b for a, b in zip(full, cut)]
+    print(f"pooled_last_layer speed-up: {statistics.median(full) / statistics.median(cut):.3f}x "
+          f"(per repeat {min(ratios):.3f}-{max(ratios):.3f}x)")
 
 if __name__ == "__main__":
   main()

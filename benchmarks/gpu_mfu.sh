@@ -2,7 +2,8 @@
 # The GPU measurements of issue 19 in ONE call: the FashionCLIP B/16 bf16 train step (the
 # trainer's own step, benchmarks/benchmark.py) under each speed lever, with a profile account of
 # where the device time goes (benchmarks/profile_account.py); the SigLIP B/16 step; E2,
-# FashionViL and FashionBERT base train-step MFU (bf16); the pad-once lever; an FP8 GEMM row
+# FashionViL and FashionBERT base train-step MFU (bf16); the pad-once and pooled-last-layer
+# levers (MFU on the FLOPs computed: flops.py drops the skipped work); an FP8 GEMM row
 # (only where transformer-engine imports; TFLOP/s against the bf16 peak, never called MFU); the
 # device side of data.resize_on='device' (the resize of one batch-512 step's crops).
 #
@@ -174,6 +175,9 @@ run_variant() {
         variant "$1" "${CLIP[@]}" --batch=512 --set model.attention_impl=cudnn \
             --set model.seq_pad_multiple=64 "${P[@]}"
       fi ;;
+    pooled_b512)  # cudnn_b512 with each tower's last layer computed for its pooled token only.
+      variant "$1" "${CLIP[@]}" --batch=512 --set model.attention_impl=cudnn \
+          --set model.pooled_last_layer=True ;;
     siglip_b16) variant "$1" --systems=fashionsiglip "${BF16[@]}" --batch=256 \
                     --set model.attention_impl=cudnn "${P[@]}" ;;
     e2_base) variant "$1" --systems=e2 "${BF16[@]}" ;;
@@ -187,7 +191,7 @@ run_variant() {
 
 VARIANTS=("$@")
 [ ${#VARIANTS[@]} -eq 0 ] && VARIANTS=(cudnn_tests cudnn_b512 einsum_b512 cudnn_b256 pad_once_b512
-                                       siglip_b16 e2_base fashionvil_base fashionbert_base
+                                       pooled_b512 siglip_b16 e2_base fashionvil_base fashionbert_base
                                        fp8_gemm device_resize cudnn_b256_cublas einsum_b256)
 for v in "${VARIANTS[@]}"; do
   if (( SECONDS - START > TOTAL_BUDGET )); then
