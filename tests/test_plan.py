@@ -68,6 +68,7 @@ def test_pooled_last_layer_flops_match_unrolled_compile():
   config.model.pooled_last_layer = True
   compiled, _, _, system = plan.compile_step(config, mesh)
   assert system.model_config.pooled_last_layer
+  assert plan.levers(config) == "float32 pooled_last_layer"
   analytic = plan.analytic_flops(system, 32)
   full = plan.analytic_flops(types.SimpleNamespace(
       model_config=dataclasses.replace(system.model_config, pooled_last_layer=False),

@@ -143,6 +143,10 @@ def levers(config) -> str:
     parts.append(f"remat={m.remat_policy}")
   if m.get("attention_impl", "einsum") != "einsum":
     parts.append(f"attention={m.attention_impl}")
+  if m.get("seq_pad_multiple", 0) > 1:
+    parts.append(f"seq_pad_multiple={m.seq_pad_multiple}")
+  if m.get("pooled_last_layer"):
+    parts.append("pooled_last_layer")
   if m.get("encode_chunks", 1) > 1:
     parts.append(f"encode_chunks={m.encode_chunks}")
   if m.get("loss_blocks", 1) > 1:
