@@ -450,12 +450,6 @@ class Encoder(nn.Module):
                          f"row, ({x.shape[0]},).")
       if self.scan and not self.is_initializing():
         return self._scanned_pooled(x, mask, deterministic, key_lengths, pool_index, policy)
-      if not self.scan:
-        for i in range(self.num_layers):
-          x = block_cls(name=f"layers_{i}", **self._block_kwargs())(
-              x, mask, deterministic, key_lengths,
-              pool_index if i == self.num_layers - 1 else None)
-        return nn.with_logical_constraint(x, ("act_batch", "act_embed"))
     if self.scan:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                           "dropout": True},
@@ -464,11 +458,14 @@ class Encoder(nn.Module):
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(name="layers", **self._block_kwargs())(x, mask, deterministic, key_lengths)
     else:
-      for i in range(self.num_layers):
-        x = block_cls(name=f"layers_{i}", **self._block_kwargs())(x, mask, deterministic,
-                                                                   key_lengths)
-    if pool_index is not None:  # Initialising a scanned stack: the params, and the right shape.
-      return x[jnp.arange(x.shape[0]), pool_index]
+      last = self.num_layers - 1
+      for i in range(self.num_layers):  # The last block computes the pooled tokens only.
+        x = block_cls(name=f"layers_{i}", **self._block_kwargs())(
+            x, mask, deterministic, key_lengths, pool_index if i == last else None)
+    if pool_index is not None:
+      if self.scan:  # Initialising a scanned stack: its params, and the pooled rows' shape.
+        x = x[jnp.arange(x.shape[0]), pool_index]
+      return nn.with_logical_constraint(x, ("act_batch", "act_embed"))
     if pad:
       x = x[:, :length]
     return nn.with_logical_constraint(x, HIDDEN_AXES)
