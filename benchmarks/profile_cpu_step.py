@@ -5,6 +5,9 @@ forward + backward + AdamW, donated state). Two modes:
 
   # Levers A/B, interleaved rounds in ONE process (same load for every row), torch included:
   python -m benchmarks.profile_cpu_step --rounds=3 --steps=3
+  # XLA compiler options as extra A/B rows (NAME:KEY=VALUE[;KEY=VALUE...], repeatable):
+  python -m benchmarks.profile_cpu_step --no-torch --rows=default --xla_option \
+      'xnn_dot:xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT'
   # Account of one configuration from a jax.profiler trace (XLA CPU thunks by kind):
   XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python -m benchmarks.profile_cpu_step --trace
   #   ... --trace_phase=forward | fwd+bwd: the same account of the loss alone, or with gradients
@@ -15,9 +18,15 @@ Rows of the A/B mode (each a separately jitted step; its median over all rounds,
   conv_patch:   the patch embedding as the strided nn.Conv it was before (the reference);
   default:      the current model (patch embedding as reshape + matmul, vit.PatchEmbed);
   xla_attn:     attention_impl='xla' (jax.nn.dot_product_attention) instead of 'einsum';
+  --xla_option: the default model compiled with those XLA options (`compile(compiler_options=)`,
+                the DebugOptions field names of XLA_FLAGS without the dashes; enum values by
+                their full names). Its parameters after the first step must equal the default
+                row's (without --rows=default, the first option row's) within 1e-5, or the run
+                stops: an option may change speed, not numbers;
   torch:        transformers' CLIPModel, eager, torch.optim.AdamW (benchmark_model.bench_torch).
-Rounds interleave the rows (A B C T, A B C T, ...) so a load change hits all of them; the
-ratios are the useful numbers on a shared machine. os.getloadavg() is printed before/after.
+--rows picks the built-in rows to run (default: all three). Rounds interleave the rows
+(A B C T, A B C T, ...) so a load change hits all of them; the ratios are the useful numbers on a
+shared machine. os.getloadavg() is printed before/after.
 
 Rows of the split mode (each framework's own code; the same model, batch and AdamW settings):
   forward:      the loss alone (ours: a jitted forward + loss; torch: the training-mode forward
@@ -87,8 +96,26 @@ def make_loss(config, images, ids):
   return loss_fn, params, tx
 
 
-def make_step(config, images, ids, conv_patch=False):
-  """(jitted donated step(state) -> state, initial state) for `config`."""
+def parse_xla_option(spec: str) -> tuple[str, dict[str, bool | int | str]]:
+  """'NAME:KEY=VALUE[;KEY=VALUE...]' -> (NAME, compiler options); 'true'/'false' become bools
+  and integers ints, the rest stays a string (XLA parses enums by name)."""
+  name, sep, body = spec.partition(":")
+  if not sep or not name or not body:
+    raise ValueError(f"--xla_option {spec!r}: expected NAME:KEY=VALUE[;KEY=VALUE...]")
+  opts = {}
+  for item in body.split(";"):
+    key, eq, value = item.partition("=")
+    if not eq or not key.startswith("xla_"):
+      raise ValueError(f"--xla_option {spec!r}: {item!r} is not xla_<option>=<value>")
+    low = value.lower()
+    opts[key] = (low == "true" if low in ("true", "false")
+                 else int(value) if re.fullmatch(r"-?\d+", value) else value)
+  return name, opts
+
+
+def make_step(config, images, ids, conv_patch=False, compiler_options=None):
+  """(jitted donated step(state) -> state, initial state) for `config`; with compiler_options,
+  compiled ahead of time with those XLA options."""
   loss_fn, params, tx = make_loss(config, images, ids)
   if conv_patch:
     params["vision"]["patch_embed"] = {"conv": params["vision"]["patch_embed"]}
@@ -100,6 +127,9 @@ def make_step(config, images, ids, conv_patch=False):
     return optax.apply_updates(p, updates), o
 
   step = jax.jit(train_step, donate_argnums=0)
+  if compiler_options:
+    return (step.lower((params, tx.init(params))).compile(compiler_options=compiler_options),
+            (params, tx.init(params)))
   if conv_patch:  # Trace with the stem swapped; the jitted function is traced only here.
     original = vit_lib.PatchEmbed
     vit_lib.PatchEmbed = ConvPatchEmbed
@@ -113,13 +143,32 @@ def make_step(config, images, ids, conv_patch=False):
 def ab(args):
   base = clip_lib.clip_config(args.variant)
   images, ids = bm.make_batch(base, args.batch)
-  rows = {"conv_patch": dict(conv_patch=True), "default": {},
-          "xla_attn": dict(config=base.replace(attention_impl="xla"))}
+  builtin = {"conv_patch": dict(conv_patch=True), "default": {},
+             "xla_attn": dict(config=base.replace(attention_impl="xla"))}
+  unknown = sorted(set(args.rows) - set(builtin))
+  if unknown:
+    raise ValueError(f"--rows {unknown}: not one of {sorted(builtin)}")
+  rows = {name: builtin[name] for name in args.rows}
+  for name, opts in map(parse_xla_option, args.xla_option):
+    if name in rows:
+      raise ValueError(f"--xla_option row name {name!r} is taken")
+    rows[name] = dict(compiler_options=opts)
   steps, states, times = {}, {}, collections.defaultdict(list)
+  first = {}
   for name, kw in rows.items():
     steps[name], states[name] = make_step(kw.get("config", base), images, ids,
-                                          kw.get("conv_patch", False))
+                                          kw.get("conv_patch", False), kw.get("compiler_options"))
     states[name] = jax.block_until_ready(steps[name](states[name]))  # Compile + warm up.
+    if "config" not in kw and not kw.get("conv_patch"):
+      first[name] = jax.tree.leaves(states[name][0])
+  ref_name, ref_leaves = next(iter(first.items()), (None, None))
+  for name, leaves in first.items():  # Same model and inputs: an option must not move a number.
+    if name == ref_name:
+      continue
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves, ref_leaves))
+    print(f"{name}: max |param - {ref_name}'s| after one step: {diff:.2e}")
+    if diff > 1e-5:
+      raise SystemExit(f"{name} changes the numbers (max parameter difference {diff:.2e})")
   torch_step = None
   if args.torch:
     torch_step = bm.torch_step_fn(base, images, ids)
@@ -299,6 +348,10 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
   parser.add_argument("--no-torch", dest="torch", action="store_false")
+  parser.add_argument("--rows", type=lambda s: s.split(","), default=["conv_patch", "default",
+                      "xla_attn"], help="A/B: comma-separated built-in rows")
+  parser.add_argument("--xla_option", action="append", default=[],
+                      help="A/B: an extra row NAME:KEY=VALUE[;KEY=VALUE...] of XLA options")
   parser.add_argument("--trace", action="store_true", help="profile account instead of A/B")
   parser.add_argument("--trace_phase", default="step", choices=("step", "forward", "fwd+bwd"),
                       help="--trace: the whole step, the loss alone, or the loss and gradients")

@@ -1,13 +1,17 @@
 """benchmarks.benchmark.collective_bytes: operand bytes of the collectives of a compiled program;
-benchmarks.cpu_step_bound: the matmuls it times."""
+benchmarks.cpu_step_bound: the matmuls it times; benchmarks.profile_cpu_step's option rows."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
+import pytest
 
 from benchmarks import benchmark
 from benchmarks import cpu_step_bound
+from benchmarks import profile_cpu_step
 from fashion_jax.models import clip as clip_lib
 from fashion_jax.models import flops as flops_lib
 
@@ -59,3 +63,27 @@ def test_cpu_step_bound_times_every_matmul_of_the_model():
       assert got.shape == want.shape == ((g,) if g > 1 else ()) + {
           "fwd": (5, 4), "dA": (5, 3), "dW": (3, 4)}[form], (form, g)
       assert np.allclose(got, want, atol=1e-5), (form, g)
+
+
+def test_profile_cpu_step_xla_option_rows(capsys):
+  """--xla_option rows: the spec parses to typed compiler options; a malformed spec, a key that
+  is not an XLA option and an unknown built-in row are refused by name; a tiny A/B run compiles
+  the option row, checks its first step's parameters against the default row's and times it."""
+  assert profile_cpu_step.parse_xla_option(
+      "x:xla_cpu_enable_fast_math=false;xla_cpu_prefer_vector_width=256;"
+      "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED") == ("x", {
+          "xla_cpu_enable_fast_math": False, "xla_cpu_prefer_vector_width": 256,
+          "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"})
+  with pytest.raises(ValueError, match="expected NAME:KEY=VALUE"):
+    profile_cpu_step.parse_xla_option("xla_cpu_enable_fast_math=false")
+  with pytest.raises(ValueError, match="'fast_math=1' is not xla_<option>=<value>"):
+    profile_cpu_step.parse_xla_option("x:fast_math=1")
+  with pytest.raises(ValueError, match=r"--rows \['defualt'\]"):
+    profile_cpu_step.main(["--variant=tiny", "--no-torch", "--rows=defualt"])
+  profile_cpu_step.main(["--variant=tiny", "--no-torch", "--rows=default", "--rounds=1",
+                         "--steps=1",
+                         "--xla_option=w:xla_cpu_enable_concurrency_optimized_scheduler=true"])
+  out = capsys.readouterr().out
+  diff = re.search(r"^w: max \|param - default's\| after one step: (\S+)$", out, re.M)
+  assert diff and float(diff.group(1)) <= 1e-5, out
+  assert re.search(r"^w\s+\d+", out, re.M), out
