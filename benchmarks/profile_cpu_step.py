@@ -42,6 +42,9 @@ The trace account sums the duration of every XLA CPU thunk event on the Eigen wo
 by the thunk's fusion kind (name without its '.N' suffix) and by what it computes:
   matmul (ynn_fusion / dot: YNNPACK and Eigen dots), adamw (the optimizer's loop fusions, the
   ones whose operands are Adam's mu/nu or that update a parameter), copies/transposes, other.
+Then every dot by form (operand shapes and contracting dims, read from the compiled HLO): count,
+FLOPs and event time per step, and how much of the dots' time has two or more running at once
+(XLA runs independent thunks concurrently, one per worker thread).
 """
 
 import argparse
@@ -57,6 +60,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from benchmarks import benchmark_model as bm
@@ -287,6 +291,75 @@ def categorize(name: str, hlo_line: str) -> str:
   return "other (LayerNorm, softmax, GELU, bias, residual, loss, scatter)"
 
 
+_INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = ")
+
+
+def hlo_computations(text: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+  """Of a compiled module's text: (instruction -> its line, computation -> {instruction -> line})."""
+  lines, comps, current = {}, {}, None
+  for line in text.splitlines():
+    head = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head and not line.startswith(" "):
+      current = comps.setdefault(head.group(1), {})
+      continue
+    m = _INSTR.match(line)
+    if m:
+      lines[m.group(1)] = line
+      if current is not None:
+        current[m.group(1)] = line
+  return lines, comps
+
+
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(",") if d]
+
+
+def dot_flops(line: str, scope: dict[str, str]) -> tuple[int, str] | None:
+  """(2 x output elements x contracted size, form) of a `dot` line whose operands are in `scope`
+  (its computation's instructions); form = 'lhs x rhs, contracting (l; r)[, batch]'."""
+  m = re.search(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\), (.*)", line)
+  if not m:
+    return None
+  shapes = []
+  for operand in m.group(2, 3):
+    s = re.search(r"= \w+\[([\d,]*)\]", scope.get(operand, ""))
+    if not s:
+      return None
+    shapes.append(_dims(s.group(1)))
+  contract = [_dims(re.search(side + r"_contracting_dims=\{([\d,]*)\}", m.group(4)).group(1))
+              for side in ("lhs", "rhs")]
+  k = int(np.prod([shapes[0][d] for d in contract[0]]))
+  form = (f"{shapes[0]} x {shapes[1]}, contracting ({contract[0]}; {contract[1]})"
+          + (", batch" if "lhs_batch_dims" in m.group(4) else ""))
+  return 2 * int(np.prod(_dims(m.group(1)))) * k, form
+
+
+def thunk_dots(name: str, lines: dict[str, str], comps: dict[str, dict[str, str]]):
+  """[(flops, form)] of the dots a thunk runs: a plain dot, or those of the fusion it calls."""
+  line = lines.get(name, "")
+  if " dot(" in line:
+    scope = next((c for c in comps.values() if c.get(name) == line), {})
+    found = dot_flops(line, scope)
+    return [found] if found else []
+  called = re.search(r"calls=%([\w.\-]+)", line)
+  scope = comps.get(called.group(1), {}) if called else {}
+  return [d for d in (dot_flops(l, scope) for l in scope.values() if " dot(" in l) if d]
+
+
+def concurrency(intervals: list[tuple[int, int]]) -> tuple[int, int]:
+  """(time covered by at least one interval, time covered by two or more), in their units."""
+  edges = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+  covered = overlapped = active = 0
+  last = None
+  for t, delta in edges:
+    if last is not None:
+      covered += (t - last) * (active >= 1)
+      overlapped += (t - last) * (active >= 2)
+    active += delta
+    last = t
+  return covered, overlapped
+
+
 def trace(args):
   from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
   config = clip_lib.clip_config(args.variant)
@@ -302,11 +375,7 @@ def trace(args):
       return p
     step.lower = fn.lower
   state = jax.block_until_ready(step(state))
-  hlo = {}
-  for line in step.lower(state).compile().as_text().splitlines():
-    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
-    if m:
-      hlo[m.group(1)] = line
+  hlo, comps = hlo_computations(step.lower(state).compile().as_text())
   out = tempfile.mkdtemp(prefix="cpu_step_trace_")
   print(f"loadavg before: {os.getloadavg()}", flush=True)
   jax.profiler.start_trace(out)
@@ -318,6 +387,8 @@ def trace(args):
   print(f"loadavg after: {os.getloadavg()}; {wall * 1e3:.0f} ms/step while tracing; trace {out}")
   pb = glob.glob(os.path.join(out, "**", "*.xplane.pb"), recursive=True)[-1]
   by_kind, by_cat, threads = collections.Counter(), collections.Counter(), set()
+  by_form = collections.defaultdict(lambda: [0, 0, 0])  # form -> [events, flops, ns]
+  dot_spans, dot_cache = [], {}
   for plane in _profile_data.ProfileData.from_file(pb).planes:
     for line in plane.lines:
       if not line.name.startswith("tf_XLAEigen"):
@@ -329,6 +400,17 @@ def trace(args):
         name = ev.name.removeprefix("end: ")
         by_kind[re.sub(r"\.\d+$", "", name)] += ev.duration_ns
         by_cat[categorize(name, hlo.get(name, ""))] += ev.duration_ns
+        if ev.name.startswith("end: "):
+          continue
+        if name not in dot_cache:
+          dot_cache[name] = thunk_dots(name, hlo, comps)
+        for i, (flops, form) in enumerate(dot_cache[name]):
+          row = by_form[form]
+          row[0] += 1
+          row[1] += flops
+          row[2] += ev.duration_ns if i == 0 else 0
+        if dot_cache[name]:
+          dot_spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
   per_step = lambda ns: ns / 1e6 / args.steps / max(len(threads), 1)
   total = sum(by_cat.values())
   print(f"\n{len(threads)} worker threads; ms per step = thread time / threads")
@@ -339,6 +421,20 @@ def trace(args):
   print(f"\n{'thunk kind':40s} {'ms/step':>8s} {'share':>6s}")
   for k, v in by_kind.most_common(args.top):
     print(f"{k:40s} {per_step(v):8.0f} {v / total:6.1%}")
+  # Each dot thunk's event lasts as long as the thunk runs on its thread, whatever other threads
+  # it uses; an event rate above the machine's peak means the work outlives the event.
+  covered, overlapped = concurrency(dot_spans)
+  n = args.steps
+  print(f"\ndots by form (per step; GFLOP/s = FLOPs / event time):")
+  print(f"{'form':78s} {'n':>4s} {'GFLOP':>7s} {'event ms':>9s} {'GFLOP/s':>8s}")
+  for form, (count, flops, ns) in sorted(by_form.items(), key=lambda kv: -kv[1][2]):
+    rate = f"{flops / ns:8.0f}" if ns * 1e4 > flops else f"{'>10,000':>8s}"  # Outlives its event.
+    print(f"{form[:78]:78s} {count / n:4.0f} {flops / 1e9 / n:7.2f} {ns / 1e6 / n:9.1f} {rate}")
+  total_flops = sum(flops for _, flops, _ in by_form.values())
+  print(f"dot events cover {covered / 1e6 / n:.0f} ms of each {wall * 1e3:.0f} ms call "
+        f"({wall * 1e3 - covered / 1e6 / n:.0f} ms with no dot running); two or more dots run "
+        f"at once for {overlapped / max(covered, 1):.0%} of that; {total_flops / 1e9 / n:.1f} "
+        f"GFLOP of dots per call, {total_flops / max(covered, 1):.0f} GFLOP/s over their time")
 
 
 def main(argv=None):

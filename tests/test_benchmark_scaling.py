@@ -87,3 +87,25 @@ def test_profile_cpu_step_xla_option_rows(capsys):
   diff = re.search(r"^w: max \|param - default's\| after one step: (\S+)$", out, re.M)
   assert diff and float(diff.group(1)) <= 1e-5, out
   assert re.search(r"^w\s+\d+", out, re.M), out
+
+
+def test_profile_cpu_step_reads_every_dot_of_a_compiled_program():
+  """The trace account's dot table: the FLOPs read from the compiled HLO of a matmul, its
+  transposed-operand gradient and a batched einsum equal 2 x m x n x k counted by hand, found
+  through the thunks that run them (plain dots or the fusions calling them); and the overlap
+  measure of known intervals."""
+  def f(a, b, x, y):  # Squares: the gradients need each product's forward value.
+    return jnp.sum((a @ b) ** 2) + jnp.sum(jnp.einsum("gmk,gnk->gmn", x, y) ** 2)
+  shapes = [(24, 40), (40, 16), (3, 10, 8), (3, 12, 8)]
+  args = [jnp.ones(s, jnp.float32) for s in shapes]
+  fn = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+  lines, comps = profile_cpu_step.hlo_computations(fn.lower(*args).compile().as_text())
+  entry = next(c for name, c in comps.items() if name.startswith("main"))
+  found = [d for name in entry for d in profile_cpu_step.thunk_dots(name, lines, comps)]
+  # Each product three times: forward, and the gradient of each operand.
+  want = 3 * 2 * 24 * 16 * 40 + 3 * 2 * 3 * 10 * 12 * 8
+  assert sum(fl for fl, _ in found) == want, found
+  assert len(found) == 6, found
+  assert all(re.match(r"\[[\d, ]+\] x \[[\d, ]+\], contracting", form) for _, form in found)
+  assert profile_cpu_step.concurrency([(0, 10), (5, 20), (30, 40)]) == (30, 5)
+  assert profile_cpu_step.concurrency([]) == (0, 0)
