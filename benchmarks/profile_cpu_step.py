@@ -425,7 +425,7 @@ def trace(args):
   # it uses; an event rate above the machine's peak means the work outlives the event.
   covered, overlapped = concurrency(dot_spans)
   n = args.steps
-  print(f"\ndots by form (per step; GFLOP/s = FLOPs / event time):")
+  print("\ndots by form (per call; GFLOP/s = FLOPs / event time):")
   print(f"{'form':78s} {'n':>4s} {'GFLOP':>7s} {'event ms':>9s} {'GFLOP/s':>8s}")
   for form, (count, flops, ns) in sorted(by_form.items(), key=lambda kv: -kv[1][2]):
     rate = f"{flops / ns:8.0f}" if ns * 1e4 > flops else f"{'>10,000':>8s}"  # Outlives its event.
