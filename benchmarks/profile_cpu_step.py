@@ -294,19 +294,20 @@ def categorize(name: str, hlo_line: str) -> str:
 _INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = ")
 
 
-def hlo_computations(text: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-  """Of a compiled module's text: (instruction -> its line, computation -> {instruction -> line})."""
+def hlo_computations(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+  """Of a compiled module's text: (instruction -> its line, computation -> its instructions).
+  XLA names instructions uniquely across a module, so one map resolves any operand."""
   lines, comps, current = {}, {}, None
   for line in text.splitlines():
     head = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
     if head and not line.startswith(" "):
-      current = comps.setdefault(head.group(1), {})
+      current = comps.setdefault(head.group(1), [])
       continue
     m = _INSTR.match(line)
     if m:
       lines[m.group(1)] = line
       if current is not None:
-        current[m.group(1)] = line
+        current.append(m.group(1))
   return lines, comps
 
 
@@ -314,15 +315,15 @@ def _dims(text: str) -> list[int]:
   return [int(d) for d in text.split(",") if d]
 
 
-def dot_flops(line: str, scope: dict[str, str]) -> tuple[int, str] | None:
-  """(2 x output elements x contracted size, form) of a `dot` line whose operands are in `scope`
-  (its computation's instructions); form = 'lhs x rhs, contracting (l; r)[, batch]'."""
+def dot_flops(line: str, lines: dict[str, str]) -> tuple[int, str] | None:
+  """(2 x output elements x contracted size, form) of a `dot` line, its operands' shapes read
+  from their own lines; form = 'lhs x rhs, contracting (l; r)[, batch]'."""
   m = re.search(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\), (.*)", line)
   if not m:
     return None
   shapes = []
   for operand in m.group(2, 3):
-    s = re.search(r"= \w+\[([\d,]*)\]", scope.get(operand, ""))
+    s = re.search(r"= \w+\[([\d,]*)\]", lines.get(operand, ""))
     if not s:
       return None
     shapes.append(_dims(s.group(1)))
@@ -334,16 +335,12 @@ def dot_flops(line: str, scope: dict[str, str]) -> tuple[int, str] | None:
   return 2 * int(np.prod(_dims(m.group(1)))) * k, form
 
 
-def thunk_dots(name: str, lines: dict[str, str], comps: dict[str, dict[str, str]]):
+def thunk_dots(name: str, lines: dict[str, str], comps: dict[str, list[str]]):
   """[(flops, form)] of the dots a thunk runs: a plain dot, or those of the fusion it calls."""
   line = lines.get(name, "")
-  if " dot(" in line:
-    scope = next((c for c in comps.values() if c.get(name) == line), {})
-    found = dot_flops(line, scope)
-    return [found] if found else []
   called = re.search(r"calls=%([\w.\-]+)", line)
-  scope = comps.get(called.group(1), {}) if called else {}
-  return [d for d in (dot_flops(l, scope) for l in scope.values() if " dot(" in l) if d]
+  body = [name] if " dot(" in line else comps.get(called.group(1), []) if called else []
+  return [d for d in (dot_flops(lines[i], lines) for i in body if " dot(" in lines[i]) if d]
 
 
 def concurrency(intervals: list[tuple[int, int]]) -> tuple[int, int]:
