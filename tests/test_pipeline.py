@@ -464,8 +464,18 @@ def test_crop_slots_lays_each_crop_top_left_in_zeros():
 
 
 def _input_threads():
+  """Threads still making batches (not those only releasing a closed iterator's tf.data one)."""
   gc.collect()  # Iterators of earlier tests, freed by now.
-  return sum(t.name == "fashion_jax-train-input" for t in threading.enumerate())
+  return sum(t.name == pipeline.PRODUCER_THREAD for t in threading.enumerate())
+
+
+def _join_release_threads(timeout=180):
+  """Waits for every closed iterator's thread to release its tf.data iterator and end; returns
+  those still alive after `timeout` s (TF's release waits out tf.data's autotuning period)."""
+  for t in threading.enumerate():
+    if t.name == pipeline.RELEASE_THREAD:
+      t.join(timeout)
+  return [t for t in threading.enumerate() if t.name == pipeline.RELEASE_THREAD]
 
 
 def test_close_stops_the_host_thread_and_names_the_resume_step(data_dir):
@@ -483,6 +493,9 @@ def test_close_stops_the_host_thread_and_names_the_resume_step(data_dir):
   next(it)
   del it  # Dropped without close(): the finalizer stops the thread.
   assert _input_threads() == before
+  # close() returned once production stopped; each thread then frees its tf.data iterator and
+  # ends by itself.
+  assert not _join_release_threads()
 
 
 def test_iterator_errors_reach_the_consumer_with_their_type():
@@ -525,7 +538,11 @@ for i in range(12):
     it.cycle = it  # Freed by the garbage collector, at any point in any thread.
   del it, other  # Prefetching and host steps are in flight.
 gc.collect()
-print("threads", sum(t.name == "fashion_jax-train-input" for t in threading.enumerate()))
+for t in threading.enumerate():  # Closed iterators' threads release their tf.data iterators.
+  if t.name == pipeline.RELEASE_THREAD:
+    t.join(180)
+print("threads", sum(t.name in (pipeline.PRODUCER_THREAD, pipeline.RELEASE_THREAD)
+                     for t in threading.enumerate()))
 """
 
 

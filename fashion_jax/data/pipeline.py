@@ -109,6 +109,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ASPECT = (3 / 4, 4 / 3)
 _MAX_EPOCHS = 2**40
 VIEW_CHOICES = ("random", "first")  # config.data.view.
+# TrainIterator's thread: its name while it makes batches, and once it only releases its tf.data
+# iterator (after close(); see TrainIterator).
+PRODUCER_THREAD = "fashion_jax-train-input"
+RELEASE_THREAD = "fashion_jax-train-input-release"
 _UNFIT = "unfit/"  # resize_on='device': (fits, bytes, key) per image field, for replace_unfit.
 _HOST = "host/"  # Batch key prefix of the host step's inputs (text fields, tags, fields).
 # resize_on='device', per image field: the crop's bytes (flat, concatenated over the batch by
@@ -832,8 +836,13 @@ class TrainIterator:
   The host step runs outside tf.data on purpose: as a tf.numpy_function inside a parallel map,
   deleting the iterator while one was starting deadlocked (the deleting thread holds the GIL and
   waits for the map's in-flight calls, which need the GIL). close(), which also runs when the
-  iterator is garbage-collected and at interpreter exit, stops and joins the thread before the
-  tf.data iterator is released; tests/test_pipeline.py re-creates iterators in a subprocess.
+  iterator is garbage-collected and at interpreter exit, stops the thread's production and
+  returns once it has stopped (within ~50 ms, or after the batch in flight); the thread then
+  releases the tf.data iterator itself, renamed "fashion_jax-train-input-release", and ends.
+  close() does not wait for that release: TF's iterator destructor waits out the autotuning
+  thread's current optimisation period (it doubles up to a minute; 7-11 s after a 200-step
+  smoke run), time in which nothing needs to wait. tests/test_pipeline.py re-creates iterators
+  in a subprocess.
 
   An error in either stage is raised by the `next` call that would have returned its batch,
   with its own type, and again by every later call.
@@ -857,16 +866,18 @@ class TrainIterator:
     self._error = None
     self._results = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
+    stopped = threading.Event()
     # The thread owns the tf.data iterator and holds no reference to self: dropping the last
-    # reference to self runs the finalizer (stop, join), and the thread's exit frees the tf.data
-    # iterator, which then has no Python call in flight to wait for.
+    # reference to self runs the finalizer (stop, wait for `stopped`), and the thread's exit
+    # frees the tf.data iterator, which then has no Python call in flight to wait for.
     thread = threading.Thread(
         target=_produce, args=(dataset.as_numpy_iterator(), host_step, start_step,
-                               self._results, self._stop),
-        name="fashion_jax-train-input", daemon=True)
+                               self._results, self._stop, stopped),
+        name=PRODUCER_THREAD, daemon=True)
     thread.start()
     self._thread = thread
-    self._finalizer = weakref.finalize(self, _stop_producer, thread, self._stop, self._results)
+    self._finalizer = weakref.finalize(self, _stop_producer, thread, self._stop, stopped,
+                                       self._results)
 
   def __iter__(self):
     return self
@@ -904,8 +915,20 @@ class TrainIterator:
     self.close()
 
 
-def _produce(it, host_step, step, results, stop):
-  """TrainIterator's thread: ('batch', b) / ('end', None) / ('error', e) onto `results`."""
+def _produce(it, host_step, step, results, stop, stopped):
+  """TrainIterator's thread: ('batch', b) / ('end', None) / ('error', e) onto `results`.
+
+  Sets `stopped` when it puts nothing more; the thread is then renamed RELEASE_THREAD and its
+  exit releases `it` (the caller's reference to the tf.data iterator is its only other one).
+  """
+  try:
+    _produce_batches(it, host_step, step, results, stop)
+  finally:
+    threading.current_thread().name = RELEASE_THREAD
+    stopped.set()
+
+
+def _produce_batches(it, host_step, step, results, stop):
   def put(item):
     while not stop.is_set():
       try:
@@ -929,11 +952,11 @@ def _produce(it, host_step, step, results, stop):
     put(("error", e))
 
 
-def _stop_producer(thread, stop, results):
+def _stop_producer(thread, stop, stopped, results):
   stop.set()
   if thread is threading.current_thread():  # Collected by a gc pass in its own thread: it exits
     return  # at its next check of `stop`.
-  thread.join()  # Its puts time out and see `stop` within 50 ms.
+  stopped.wait()  # Its puts time out and see `stop` within 50 ms.
   while not results.empty():  # Free the batches it had ready.
     results.get_nowait()
 
