@@ -344,8 +344,8 @@ def compile_cache(tmp_path_factory):
   _COMPILE_CACHE.clear()
 
 
-@pytest.mark.parametrize("name", [
-    "fashionclip", pytest.param("fashionvil", marks=pytest.mark.slow)])
+@pytest.mark.slow  # Each pair: two processes' start-up, compiles and checkpoints (30-70 s).
+@pytest.mark.parametrize("name", ["fashionclip", "fashionvil"])
 def test_two_processes_equal_one_process_with_8_devices(name, tmp_path, tmp_path_factory):
   arg, _, want_losses, want_params = reference_run(name, tmp_path_factory)
   workdir = str(tmp_path / "run")

@@ -35,13 +35,21 @@ def test_committed_without_outputs(name):
       assert not cell.outputs and cell.execution_count is None, cell.source[:60]
 
 
-def _execute(name, tmp_path, monkeypatch, **params):
+@pytest.fixture(scope="module")
+def catalog_dir(tmp_path_factory):
+  """One TFDS data dir for the notebooks of this module: the first notebook that needs
+  synthetic_catalog/smoke builds it in its own kernel (its build cell), the next one finds it
+  built (tfds's download_and_prepare is then a no-op), as a user rerunning a notebook would."""
+  return tmp_path_factory.mktemp("notebook_tfds")
+
+
+def _execute(name, tmp_path, monkeypatch, data_dir, **params):
   """Runs notebooks/<name> with FJ_NB_<KEY>=value for params; returns (stdout text, #PNGs)."""
   monkeypatch.setenv("FJ_NB_INSTALL", "0")
   for k, v in params.items():
     monkeypatch.setenv(f"FJ_NB_{k.upper()}", str(v))
   monkeypatch.setenv("FJ_NB_WORKDIR", str(tmp_path / "work"))
-  monkeypatch.setenv("FJ_NB_DATA_DIR", str(tmp_path / "tfds"))
+  monkeypatch.setenv("FJ_NB_DATA_DIR", str(data_dir))
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -56,22 +64,22 @@ def _execute(name, tmp_path, monkeypatch, **params):
 
 
 @pytest.mark.slow
-def test_quickstart_executes(tmp_path, monkeypatch):
+def test_quickstart_executes(tmp_path, monkeypatch, catalog_dir):
   # The kernel inherits this environment: one CPU device (not the suite's 8), no install.
-  text, pngs = _execute("quickstart.ipynb", tmp_path, monkeypatch, steps=120, model="tiny",
-                        batch=32)
+  text, pngs = _execute("quickstart.ipynb", tmp_path, monkeypatch, catalog_dir, steps=120,
+                        model="tiny", batch=32)
   assert "colour precision@6" in text and "max |torch - jax| probability" in text
   # The t2i grid and the figures were drawn (PNG outputs).
   assert pngs >= 6, pngs
 
 
 @pytest.mark.slow
-def test_e2_executes(tmp_path, monkeypatch):
+def test_e2_executes(tmp_path, monkeypatch, catalog_dir):
   # Its 200 training steps outweigh its compiles: 195 s optimised, 248 s with the suite's
   # cheap compile (conftest.py; one run each, AMD EPYC, 2 cores).
   monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
-  text, pngs = _execute("e2.ipynb", tmp_path, monkeypatch, steps=STEPS_E2, model="tiny",
-                        lr=2e-3, batch=64, figure_dir=tmp_path / "figures")
+  text, pngs = _execute("e2.ipynb", tmp_path, monkeypatch, catalog_dir, steps=STEPS_E2,
+                        model="tiny", lr=2e-3, batch=64, figure_dir=tmp_path / "figures")
   assert "distinct patches chosen" in text and "notebook HITS@1" in text
   assert pngs >= 3, pngs  # selections, patch frequencies, tag retrieval grid
   assert sorted(os.listdir(tmp_path / "figures")) == ["e2_selections.png",
@@ -80,7 +88,9 @@ def test_e2_executes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_fashionvil_executes(tmp_path, monkeypatch):
-  text, pngs = _execute("fashionvil.ipynb", tmp_path, monkeypatch, steps=STEPS_FASHIONVIL,
+  # Its own data dir: it builds the FashionIQ-like catalogs, not synthetic_catalog/smoke.
+  text, pngs = _execute("fashionvil.ipynb", tmp_path, monkeypatch, tmp_path / "tfds",
+                        steps=STEPS_FASHIONVIL,
                         model="tiny", batch=32, train_triplets=100, val_triplets=40,
                         figure_dir=tmp_path / "figures")
   assert "search R@10" in text and "mean R@10" in text
