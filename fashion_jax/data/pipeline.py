@@ -905,7 +905,8 @@ class TrainIterator:
     raise self._error
 
   def close(self) -> None:
-    """Stops the host-step thread and releases the tf.data iterator; idempotent."""
+    """Stops the host-step thread's batches; the thread then releases the tf.data iterator
+    and ends on its own (see the class docstring). Idempotent."""
     self._finalizer()
 
   def __enter__(self):
@@ -919,7 +920,7 @@ def _produce(it, host_step, step, results, stop, stopped):
   """TrainIterator's thread: ('batch', b) / ('end', None) / ('error', e) onto `results`.
 
   Sets `stopped` when it puts nothing more; the thread is then renamed RELEASE_THREAD and its
-  exit releases `it` (the caller's reference to the tf.data iterator is its only other one).
+  exit releases `it`, the tf.data iterator, which only this thread's arguments hold.
   """
   try:
     _produce_batches(it, host_step, step, results, stop)
