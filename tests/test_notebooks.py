@@ -90,9 +90,8 @@ def test_e2_executes(tmp_path, monkeypatch, catalog_dir):
 def test_fashionvil_executes(tmp_path, monkeypatch):
   # Its own data dir: it builds the FashionIQ-like catalogs, not synthetic_catalog/smoke.
   text, pngs = _execute("fashionvil.ipynb", tmp_path, monkeypatch, tmp_path / "tfds",
-                        steps=STEPS_FASHIONVIL,
-                        model="tiny", batch=32, train_triplets=100, val_triplets=40,
-                        figure_dir=tmp_path / "figures")
+                        steps=STEPS_FASHIONVIL, model="tiny", batch=32, train_triplets=100,
+                        val_triplets=40, figure_dir=tmp_path / "figures")
   assert "search R@10" in text and "mean R@10" in text
   assert pngs >= 1, pngs  # the TGIR grid
   assert os.listdir(tmp_path / "figures") == ["fashionvil_tgir.png"]
