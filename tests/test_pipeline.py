@@ -538,11 +538,8 @@ for i in range(12):
     it.cycle = it  # Freed by the garbage collector, at any point in any thread.
   del it, other  # Prefetching and host steps are in flight.
 gc.collect()
-for t in threading.enumerate():  # Closed iterators' threads release their tf.data iterators.
-  if t.name == pipeline.RELEASE_THREAD:
-    t.join(180)
-print("threads", sum(t.name in (pipeline.PRODUCER_THREAD, pipeline.RELEASE_THREAD)
-                     for t in threading.enumerate()))
+left = tp._join_release_threads()  # Closed iterators' threads release their tf.data iterators.
+print("threads", tp._input_threads() + len(left))
 """
 
 

@@ -875,7 +875,7 @@ class TrainIterator:
                                self._results, self._stop, stopped),
         name=PRODUCER_THREAD, daemon=True)
     thread.start()
-    self._thread = thread
+    self._stopped = stopped
     self._finalizer = weakref.finalize(self, _stop_producer, thread, self._stop, stopped,
                                        self._results)
 
@@ -893,7 +893,7 @@ class TrainIterator:
         kind, value = self._results.get(timeout=1.0)
         break
       except queue.Empty:
-        if not self._thread.is_alive() and self._results.empty():
+        if self._stopped.is_set() and self._results.empty():
           kind, value = "error", RuntimeError("The train input thread ended without a batch, "
                                               "an error or the end of the data.")
           break
@@ -922,14 +922,6 @@ def _produce(it, host_step, step, results, stop, stopped):
   Sets `stopped` when it puts nothing more; the thread is then renamed RELEASE_THREAD and its
   exit releases `it`, the tf.data iterator, which only this thread's arguments hold.
   """
-  try:
-    _produce_batches(it, host_step, step, results, stop)
-  finally:
-    threading.current_thread().name = RELEASE_THREAD
-    stopped.set()
-
-
-def _produce_batches(it, host_step, step, results, stop):
   def put(item):
     while not stop.is_set():
       try:
@@ -951,6 +943,9 @@ def _produce_batches(it, host_step, step, results, stop):
       step += 1
   except Exception as e:  # pylint: disable=broad-except; re-raised by __next__ in the consumer.
     put(("error", e))
+  finally:
+    threading.current_thread().name = RELEASE_THREAD
+    stopped.set()
 
 
 def _stop_producer(thread, stop, stopped, results):
