@@ -204,6 +204,23 @@ def test_readers_leave_an_in_flight_save_of_the_owner_alone(workdir, monkeypatch
     reader.close()
 
 
+def test_readers_do_not_warn_about_a_resume_the_trainer_does(workdir, caplog):
+  """A reader loads onto its own one-device mesh: no "Resuming ... changed config sections"
+  and no orbax "directory is read only" line. The trainer resuming with another total_steps
+  still warns, naming the section."""
+  with caplog.at_level("WARNING"):
+    _, _, step = restore.load_trained(workdir)
+  assert step == 2
+  reader_lines = [r.getMessage() for r in caplog.records]
+  assert not [m for m in reader_lines if "Resuming" in m or "read only" in m], reader_lines
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    _train(_config(total=3), workdir)
+  assert _steps(workdir)[-1] == 3
+  assert any(re.search(r"Resuming .* changed config sections: \['total_steps'\]",
+                       r.getMessage()) for r in caplog.records), caplog.text[-2000:]
+
+
 def test_read_only_checkpointer_never_quarantines_saves_or_creates(workdir, tmp_path):
   for f in glob.glob(os.path.join(workdir, "checkpoints", "2", "state", "**", "d", "*"),
                      recursive=True):

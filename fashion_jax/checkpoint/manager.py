@@ -404,9 +404,17 @@ class Checkpointer:
     if not read_only:
       self._recover_moved_aside()
     self._state_handler = _StateHandler(self.workdir)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": self._state_handler, "data": ocp.JsonCheckpointHandler()})
+    # orbax warns "Given directory is read only" on every read-only open; for a reader (api,
+    # evaluate, export, search) that is the intended mode, not news, so that one line is dropped.
+    quiet = lambda record: not (read_only and record.getMessage().startswith(
+        "Given directory is read only"))
+    logging.get_absl_logger().addFilter(quiet)
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={"state": self._state_handler, "data": ocp.JsonCheckpointHandler()})
+    finally:
+      logging.get_absl_logger().removeFilter(quiet)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

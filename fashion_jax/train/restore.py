@@ -37,11 +37,14 @@ def plain_json(value) -> Any:
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict,
-                  ckpt: checkpoint_lib.Checkpointer, params: Any) -> None:
+                  ckpt: checkpoint_lib.Checkpointer, params: Any, *,
+                  resuming: bool = True) -> None:
   """Refuses a workdir whose newest checkpoint belongs to another system/model config.
 
   Compares IDENTITY_KEYS of `<workdir>/config.json`, then every parameter path and shape of the
   saved state against `params` (ShapeDtypeStructs). Raises ConfigError naming both values.
+  `resuming` (the trainer): also warns which other config sections differ from the run's.
+  Readers pass False: they load onto their own mesh and evaluations by design.
   """
   step = ckpt.latest_step()
   if step is None:
@@ -58,7 +61,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict,
             f"{old[key]!r} there, {key}={new_value!r} here. Use another --workdir.")
     changed = sorted(k for k in set(old) | set(config.keys())
                      if old.get(k) != plain_json(config.get(k)))
-    if changed:
+    if changed and resuming:
       logging.warning("Resuming %s with changed config sections: %s", workdir, changed)
   saved_params = None
   for candidate in sorted(ckpt.all_steps(), reverse=True):
@@ -114,7 +117,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, *, step: int | 
   try:
     ckpt.require(step)
     steps = ckpt.all_steps()
-    check_workdir(workdir, config, ckpt, shapes.params)
+    check_workdir(workdir, config, ckpt, shapes.params, resuming=False)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             shapes.params, shapes.shardings)
     # An explicit step must be that step; the newest falls back to an older one (warned).
