@@ -155,14 +155,17 @@ def query():
                            f"and {len(texts)} texts.")
     results = index.search_composed(enc, images, texts, k, **kw)
     queries = [{"text": t, "image": encoders.load_image(i, 64)} for i, t in zip(images, texts)]
+    labels = [f"{i} + {t!r}" for i, t in zip(images, texts)]
   elif texts:
     results = index.search_text(enc, texts, k, **kw)
     queries = [{"text": t, "image": None} for t in texts]
+    labels = texts
   else:
     results = index.search_image(enc, images, k, **kw)
     queries = [{"text": None, "image": encoders.load_image(i, 64)} for i in images]
-  for q, hits in zip(queries, results):
-    print(f"query: {q['text'] or ''}{' + image' if q['image'] is not None else ''}")
+    labels = images
+  for label, hits in zip(labels, results):
+    print(f"query: {label}")
     for h in hits:
       print(f"  {h.rank:3d}  {h.score:.4f}  {h.product.get('product_id', h.row)}  "
             f"{h.product.get('title', '')}")
