@@ -212,7 +212,7 @@ def _batch_parse_spec(builder, fields, decoders):
             (skipped and isinstance(inner, tfds.features.Image))):
       return None
     info = serialized[f]
-    if info.dtype != tf.string or info.shape not in ((), (None,)):
+    if info.tf_dtype != tf.string or info.shape not in ((), (None,)):
       return None
     spec[f] = (tf.io.FixedLenFeature([], tf.string) if info.shape == () else
                tf.io.RaggedFeature(tf.string, row_splits_dtype=tf.int64))
