@@ -13,7 +13,9 @@ Build a dataset (data dir: --data_dir, else tfds's default: $TFDS_DATA_DIR or ~/
 A dataset already built is reused (the command says "reused"). image_text_folder checks first
 that its catalog, options and image files are those it was built from, and stops with what
 changed if not. --overwrite rebuilds; the old build is moved aside and put back if the rebuild
-fails, so a failed rebuild loses nothing.
+fails, so a failed rebuild loses nothing. Wrong input (a missing file, no image column, a split
+left without a usable record, too many bad records: images_lib.InputDataError) ends the command
+with one line naming it and exit status 1; the skipped records are logged above it.
 
 Write a synthetic set in the public release's format (then build it like the real thing):
     python -m launch.build_data --write_derived=fashioniq --out=/tmp/fiq
@@ -34,6 +36,8 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+
+from fashion_jax.data import images as images_lib
 
 BUILDER_MODULES = ("synthetic_catalog", "fashiongen", "fashioniq", "polyvore_outfits",
                    "image_text_folder")
@@ -145,8 +149,11 @@ def main(argv):
     return
   if not _DATASET.value:
     raise app.UsageError("give --dataset=NAME[/CONFIG] or --write_derived=...")
-  builder, status = build_with_status(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value,
-                                      _NUM_WORKERS.value, _MAX_BAD.value, _OVERWRITE.value)
+  try:
+    builder, status = build_with_status(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value,
+                                        _NUM_WORKERS.value, _MAX_BAD.value, _OVERWRITE.value)
+  except images_lib.InputDataError as e:  # The input is wrong, not the code: one line, exit 1.
+    raise SystemExit("launch.build_data: " + " ".join(str(e).split())) from e
   sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
   logging.info("%s %s", status, builder.info.full_name)
   how = ""

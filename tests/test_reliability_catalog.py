@@ -7,6 +7,7 @@ import codecs
 import json
 import logging
 import os
+import re
 
 import ml_collections
 import pytest
@@ -82,9 +83,11 @@ def test_edited_catalog_is_refused_then_rebuilt_with_overwrite(tmp_path, capsys)
 
   # 10 rows added, a title changed: refused with what changed and how to rebuild.
   _write_catalog(manual, header, _shop_rows(22, titles={3: "Renamed linen coat"}))
-  with pytest.raises(ValueError, match=r"(?s)catalog\.csv changed since .*--overwrite") as e:
+  # The command ends with one line (SystemExit's message, exit status 1), not a traceback.
+  with pytest.raises(SystemExit,
+                     match=r"^launch\.build_data: .*catalog\.csv changed since .*--overwrite") as e:
     _cli(capsys, dataset="image_text_folder/x", data_dir=data, manual_dir=manual)
-  assert isinstance(e.value, itf.StaleDatasetError)
+  assert isinstance(e.value.__cause__, itf.StaleDatasetError) and "\n" not in str(e.value)
   assert len(_all_examples(_reader("image_text_folder/x", data))) == 12  # Old build untouched.
 
   out = _cli(capsys, dataset="image_text_folder/x", data_dir=data, manual_dir=manual,
@@ -96,6 +99,24 @@ def test_edited_catalog_is_refused_then_rebuilt_with_overwrite(tmp_path, capsys)
   # The new build carries the new fingerprint: the same command now reuses it, and says so.
   out = _cli(capsys, dataset="image_text_folder/x", data_dir=data, manual_dir=manual)
   assert out.startswith("reused image_text_folder/x/1.0.0") and "up to date" in out
+
+
+def test_a_split_without_usable_records_ends_the_command_with_where_paths_were_read(
+    tmp_path, capsys):
+  """Every image path names a file the catalog's folder lacks (the images sit one folder down):
+  the build stops at the first empty split with the examples and the folder the paths are
+  relative to, in one line, before tfds's own "No examples were yielded"; nothing is built."""
+  manual, data = tmp_path / "shop", tmp_path / "data"
+  _write_catalog(manual, "product_id,image,title", [r.rsplit(",", 1)[0] for r in _shop_rows(12)])
+  os.rename(manual / "img", manual / "pictures")
+  with pytest.raises(SystemExit) as e:
+    _cli(capsys, dataset="image_text_folder/moved", data_dir=data, manual_dir=manual)
+  message = str(e.value)
+  assert isinstance(e.value.__cause__, I.TooManyBadRecordsError), message
+  assert re.search(r"^launch\.build_data: image_text_folder/moved: split '\w+' has no usable "
+                   r"record \(\d+ skipped\)\. Examples: img/p\d+\.jpg: missing file", message)
+  assert message.endswith(f"relative to {manual} (the catalog's folder).")
+  assert not os.path.exists(data / "image_text_folder" / "moved" / "1.0.0")
 
 
 def test_changed_options_and_image_files_are_noticed(tmp_path):

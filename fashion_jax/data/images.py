@@ -77,12 +77,22 @@ class BadImageError(ValueError):
     self.reason = reason
 
 
-class TooManyBadRecordsError(RuntimeError):
+class InputDataError(Exception):
+  """The files a builder reads (a release, a shop's catalog) are wrong: fixed in the input, not
+  in the code. launch.build_data ends on one of these with its message and exit status 1."""
+
+
+class TooManyBadRecordsError(InputDataError, RuntimeError):
   """More than `max_bad_fraction` of a split's records (or images) were bad."""
 
 
-class MissingManualFileError(FileNotFoundError):
+class MissingManualFileError(InputDataError, FileNotFoundError):
   """A file the builder needs is not in the manual directory."""
+
+
+class BadInputFileError(InputDataError, ValueError):
+  """A catalog or release file the builder cannot read as its format says: no header, no image
+  column, a JSON file that is not the list it should be, an h5 without a field."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,11 +432,12 @@ class BadRecords:
   def splits(self):
     return sorted({s for s, _ in list(self._ok) + list(self._bad)})
 
-  def check(self, split, fraction=True):
+  def check(self, split, fraction=True, detail=""):
     """Raises TooManyBadRecordsError if any unit of `split` is over the max fraction, or if the
     split kept no record at all (even with max_bad_fraction=1: an empty split is never a
     successful build). fraction=False checks only the latter, for builders that judge the
-    fraction over several splits together (`check_total`)."""
+    fraction over several splits together (`check_total`). `detail` ends the empty-split
+    message (e.g. where relative image paths were looked up)."""
     for unit in (RECORD, IMAGE) if fraction else ():
       good, bad = self.counts(split, unit)
       self._raise_if_over(f"in split {split!r}", [split], unit, bad, good + bad)
@@ -437,7 +448,7 @@ class BadRecords:
       raise TooManyBadRecordsError(
           f"{self.dataset}: split {split!r} has no usable record ({bad} skipped)"
           + (". Examples: " + "; ".join(f"{s['ref']}: {s['reason']}" for s in examples)
-             if examples else "; its input lists none"))
+             if examples else "; its input lists none") + detail)
 
   def check_total(self, label, splits, unit, bad, total, detail=""):
     """Judges `bad` of `total` `unit`s counted over `splits` together against max_bad_fraction.

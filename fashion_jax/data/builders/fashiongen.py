@@ -123,12 +123,14 @@ class Fashiongen(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBasedBuil
     with h5py.File(path, "r") as f:
       missing = [k for k in _REQUIRED if k not in f]
       if missing:
-        raise ValueError(f"{self.name}: {path} lacks the field(s) {missing}; a FashionGen h5 has "
-                         f"{list(_REQUIRED)}. Is it the official file from {_WHERE_FROM}?")
+        raise images_lib.BadInputFileError(
+            f"{self.name}: {path} lacks the field(s) {missing}; a FashionGen h5 has "
+            f"{list(_REQUIRED)}. Is it the official file from {_WHERE_FROM}?")
       n = f["input_image"].shape[0]
       lengths = {k: f[k].shape[0] for k in _REQUIRED}
       if any(v != n for v in lengths.values()):
-        raise ValueError(f"{self.name}: {path} fields have different row counts: {lengths}")
+        raise images_lib.BadInputFileError(
+            f"{self.name}: {path} fields have different row counts: {lengths}")
       ids = [h5_cell_to_str(c) for c in f["input_productID"][:]]
       rows_left = collections.Counter(ids)
       pending = {}  # product id -> {"text": {...}, "images": [...], "poses": [...], "row": int}

@@ -116,9 +116,11 @@ class Fashioniq(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBasedBuild
       try:
         data = json.loads(f.read().decode("utf-8-sig"))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"fashioniq: {path} is not valid UTF-8 JSON: {e}") from None
+        raise images_lib.BadInputFileError(
+            f"fashioniq: {path} is not valid UTF-8 JSON: {e}") from None
     if not isinstance(data, list):
-      raise ValueError(f"fashioniq: {path} should hold a JSON list, got {type(data).__name__}")
+      raise images_lib.BadInputFileError(
+          f"fashioniq: {path} should hold a JSON list, got {type(data).__name__}")
     return data
 
   def _split_generators(self, dl_manager):

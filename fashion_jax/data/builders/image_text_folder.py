@@ -157,7 +157,7 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32 LE", "UTF-32LE"),
 _DELIMITER_NAMES = {",": "comma-separated", "\t": "tab-separated", ";": "';'-separated"}
 
 
-class StaleDatasetError(ValueError):
+class StaleDatasetError(images_lib.InputDataError, ValueError):
   """A built dataset whose catalog, options or image files changed since it was built."""
 
 
@@ -226,7 +226,8 @@ def find_catalog(manual_dir, config):
       return path
   raise images_lib.MissingManualFileError(
       f"image_text_folder: expected a catalog file ({' or '.join(CATALOG_NAMES)}) in the manual "
-      f"directory {manual_dir!r}, found none. It comes from {_WHERE_FROM}; or name the file with "
+      f"directory {manual_dir!r}, found none. It comes from {_WHERE_FROM}; give its folder with "
+      "`launch.build_data --manual_dir=DIR`, or name the file with "
       "ImageTextFolderConfig(catalog=...).")
 
 
@@ -365,7 +366,7 @@ def read_catalog(path, bad):
   reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
   header = next(reader, None)
   if not header:
-    raise ValueError(f"image_text_folder: {path} is empty (no header row)")
+    raise images_lib.BadInputFileError(f"image_text_folder: {path} is empty (no header row)")
   header = [_fix_field(h, bad, f"{name} header") for h in header]
   for row_number, row in enumerate(reader, start=1):
     if not row or all(not cell.strip() for cell in row):
@@ -404,22 +405,25 @@ def resolve_columns(header, config, path="catalog"):
   def pick(explicit, aliases, role):
     if explicit is not None:
       if explicit not in header:
-        raise ValueError(f"image_text_folder: {role} column {explicit!r} is not in {path}; "
-                         f"its columns are {header}")
+        raise images_lib.BadInputFileError(
+            f"image_text_folder: {role} column {explicit!r} is not in {path}; "
+            f"its columns are {header}")
       return explicit
     return next((by_name[a] for a in aliases if a in by_name), None)
 
   image = pick(config.image_column, IMAGE_ALIASES, "image")
   if image is None:
-    raise ValueError(f"image_text_folder: {path} has no image column (one of {IMAGE_ALIASES}, or "
-                     f"set ImageTextFolderConfig(image_column=...)); its columns are {header}")
+    raise images_lib.BadInputFileError(
+        f"image_text_folder: {path} has no image column (one of {IMAGE_ALIASES}, or "
+        f"set ImageTextFolderConfig(image_column=...)); its columns are {header}")
   roles = dict(image=image, id=pick(config.id_column, ID_ALIASES, "id"),
                title=pick(config.title_column, TITLE_ALIASES, "title"),
                description=pick(config.description_column, DESCRIPTION_ALIASES, "description"),
                split=pick(config.split_column, SPLIT_ALIASES, "split"))
   if roles["title"] is None and roles["description"] is None:
-    raise ValueError(f"image_text_folder: {path} has no text column (title: {TITLE_ALIASES}, "
-                     f"description: {DESCRIPTION_ALIASES}); its columns are {header}")
+    raise images_lib.BadInputFileError(
+        f"image_text_folder: {path} has no text column (title: {TITLE_ALIASES}, "
+        f"description: {DESCRIPTION_ALIASES}); its columns are {header}")
   used = {c for c in roles.values() if c is not None}
   schema_fields = {f: by_name[f] for f in _MAPPED_SCHEMA_FIELDS
                    if f in by_name and by_name[f] not in used}
@@ -427,8 +431,9 @@ def resolve_columns(header, config, path="catalog"):
   if config.tag_columns is not None:
     missing = [c for c in config.tag_columns if c not in header]
     if missing:
-      raise ValueError(f"image_text_folder: tag column(s) {missing} are not in {path}; its "
-                       f"columns are {header}")
+      raise images_lib.BadInputFileError(
+          f"image_text_folder: tag column(s) {missing} are not in {path}; its "
+          f"columns are {header}")
     tag_cols = [c for c in config.tag_columns if c not in used]
   else:
     tag_cols = [c for c in header if c not in used]
@@ -437,8 +442,9 @@ def resolve_columns(header, config, path="catalog"):
     fname = feature_name(col)
     if fname in _RESERVED or fname in tags:
       other = tags.get(fname, fname)
-      raise ValueError(f"image_text_folder: column {col!r} of {path} would become the feature "
-                       f"{fname!r}, which is taken by {other!r}; rename the column")
+      raise images_lib.BadInputFileError(
+          f"image_text_folder: column {col!r} of {path} would become the feature "
+          f"{fname!r}, which is taken by {other!r}; rename the column")
     tags[fname] = col
   return Columns(schema_fields=schema_fields, tags=tags, **roles)
 
@@ -731,9 +737,10 @@ class ImageTextFolder(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBase
     columns = resolve_columns(catalog_header(path), config, path)
     expected = set(self._tag_feature_names())
     if set(columns.tags) != expected:
-      raise ValueError(f"image_text_folder: {path} has tag columns {sorted(columns.tags)} but "
-                       f"the dataset's features expect {sorted(expected)}; rebuild into a new "
-                       "config name or set tag_columns")
+      raise images_lib.BadInputFileError(
+          f"image_text_folder: {path} has tag columns {sorted(columns.tags)} but "
+          f"the dataset's features expect {sorted(expected)}; rebuild into a new "
+          "config name or set tag_columns")
     self._fingerprint = catalog_fingerprint(path, config)
     products = self._read_products(path, columns)
     by_split = {}
@@ -741,8 +748,9 @@ class ImageTextFolder(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBase
       split = product["split"] or hash_split(pid, config.split_fractions)
       by_split.setdefault(split, []).append((pid, product))
     if not by_split:
-      raise ValueError(f"image_text_folder: {path} has no usable rows; see the skipped rows "
-                       "logged above")
+      raise images_lib.BadInputFileError(
+          f"image_text_folder: {path} has no usable rows; see the skipped rows "
+          "logged above")
     self._splits_left = set(by_split)
     return {split: self._generate_examples(split, root, items)
             for split, items in sorted(by_split.items())}
@@ -828,13 +836,16 @@ class ImageTextFolder(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBase
       example.update(product["fields"], product_id=pid, images=jpegs)
       yield pid, example
     self._splits_left.discard(split)
+    where = f". Image paths are read relative to {root} (the catalog's folder)."
     if not self._splits_left:  # The last split: judge the whole catalog.
-      self._check_whole_catalog()
+      self._check_whole_catalog(where)
+    else:  # An empty split stops here, before tfds's own "No examples were yielded" would.
+      bad.check(split, fraction=False, detail=where)
 
-  def _check_whole_catalog(self):
+  def _check_whole_catalog(self, where=""):
     """max_bad_fraction over the whole catalog (module docstring, "Bad input"), then that no
-    split is empty. Runs at the end of the last split's generator, inside tfds's temporary
-    directory, so a refused build leaves nothing behind."""
+    split is empty (`where` ends that message). Runs at the end of the last split's generator,
+    inside tfds's temporary directory, so a refused build leaves nothing behind."""
     bad = self.bad_records
     splits = sorted(s for s in bad.splits() if s != CATALOG_SPLIT)
     rows_ok, rows_bad = bad.counts(CATALOG_SPLIT)
@@ -852,4 +863,4 @@ class ImageTextFolder(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBase
                     sum(g + b for g, b in images.values()),
                     f" (per split: {describe(images)})")
     for split in splits:
-      bad.check(split, fraction=False)
+      bad.check(split, fraction=False, detail=where)

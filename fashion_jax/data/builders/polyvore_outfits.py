@@ -74,7 +74,8 @@ def _load_json(path, dataset="polyvore_outfits"):
     try:
       return json.loads(f.read().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{dataset}: {path} is not valid UTF-8 JSON: {e}") from None
+      raise images_lib.BadInputFileError(
+          f"{dataset}: {path} is not valid UTF-8 JSON: {e}") from None
 
 
 class PolyvoreOutfits(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBasedBuilder):
@@ -125,7 +126,7 @@ class PolyvoreOutfits(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBase
         paths[split]["questions"] = req(f"{version}/compatibility_{name}.txt")
     metadata = _load_json(req(_METADATA), self.name)
     if not isinstance(metadata, dict):
-      raise ValueError(f"{self.name}: {_METADATA} should map item_id -> metadata")
+      raise images_lib.BadInputFileError(f"{self.name}: {_METADATA} should map item_id -> metadata")
     return {split: self._generate_examples(split, manual_dir, metadata, p)
             for split, p in paths.items()}
 
@@ -139,7 +140,7 @@ class PolyvoreOutfits(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBase
     """Outfit json -> list of (set_id, [(item_id, index)]), malformed outfits counted."""
     data = _load_json(path, self.name)
     if not isinstance(data, list):
-      raise ValueError(f"{self.name}: {path} should hold a JSON list of outfits")
+      raise images_lib.BadInputFileError(f"{self.name}: {path} should hold a JSON list of outfits")
     rel = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
     outfits = []
     for i, outfit in enumerate(data):
@@ -239,7 +240,8 @@ class PolyvoreOutfits(images_lib.BadRecordsBuilderMixin, tfds.core.GeneratorBase
     resolve = self._resolver(split, manual_dir, metadata, paths)
     questions = _load_json(paths["questions"], self.name)
     if not isinstance(questions, list):
-      raise ValueError(f"{self.name}: {paths['questions']} should hold a JSON list of questions")
+      raise images_lib.BadInputFileError(
+          f"{self.name}: {paths['questions']} should hold a JSON list of questions")
     rel = os.path.relpath(paths["questions"], manual_dir)
     for i, q in enumerate(questions):
       ref = f"{rel}[{i}]"
