@@ -279,6 +279,8 @@ class DualEncoder:
       images = list(images)
     elif not isinstance(images, (list, tuple)):
       images = [images]
+    if not images:
+      raise ValueError("No images given (an empty list): nothing to preprocess or encode.")
     resize = resize_and_crop if self.resize_mode == "shortest" else resize_squash
     return np.stack([resize(self._to_pil(im), s, self.interpolation) for im in images])
 
@@ -318,6 +320,8 @@ class DualEncoder:
                        "holds one or pass tokenizer= to the constructor.")
     if isinstance(texts, str):
       texts = [texts]
+    if not len(texts):
+      raise ValueError("No texts given (an empty list): nothing to tokenize or encode.")
     if self.text_clean is not None:
       texts = [open_clip_lib.clean_text(self.text_clean, t) for t in texts]
     n = self.context_length

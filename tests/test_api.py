@@ -112,6 +112,13 @@ def test_bad_inputs_raise_clear_errors(fclip):
     fclip.encode_images(np.zeros((3, 32, 32), np.float32))
   with pytest.raises(TypeError, match="Unsupported image type int"):
     fclip.encode_images([3])
+  for empty in ([], ()):  # Not numpy's "need at least one array to stack" / an IndexError.
+    with pytest.raises(ValueError, match=r"No images given \(an empty list\)"):
+      fclip.encode_images(empty)
+    with pytest.raises(ValueError, match=r"No texts given \(an empty list\)"):
+      fclip.encode_text(empty)
+  with pytest.raises(ValueError, match=r"No images given"):
+    fclip.zero_shot_classify([], ["dress"])
   bare = FashionCLIP(fclip.config, fclip.params, tokenizer=None)
   with pytest.raises(ValueError, match="has no tokenizer"):
     bare.encode_text(["red dress"])
