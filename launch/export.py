@@ -61,8 +61,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  out, step = export(f.workdir, f.out, step=f.step, overwrite=f.overwrite,
-                     export_format=f.format)
+  try:
+    out, step = export(f.workdir, f.out, step=f.step, overwrite=f.overwrite,
+                       export_format=f.format)
+  except (FileNotFoundError, FileExistsError) as e:  # No checkpoint / run; --out not empty.
+    raise SystemExit("launch.export: " + " ".join(str(e).split())) from None
   print(f"Exported step {step} of {f.workdir} to {out}")
 
 

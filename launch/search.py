@@ -207,7 +207,9 @@ def main(argv):
     raise app.UsageError("--index_dir is required.")
   try:
     commands[argv[1]]()
-  except products.StaleIndexError as e:
+  except (products.StaleIndexError, FileNotFoundError) as e:
+    # A stale or missing index, a model or dataset or query image that is not there: the
+    # message names it (and what to run); one line, exit 1.
     sys.exit(f"error: {e}")
 
 

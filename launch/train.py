@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 from fashion_jax import cli
 from fashion_jax import configs
+from fashion_jax.data import registry
 from fashion_jax.prepare import manifest
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].",
@@ -92,7 +93,8 @@ def main(argv, *, iterator_factory=None):
     try:
       result = loop.train_and_evaluate(config, _WORKDIR.value, iterator_factory=iterator_factory,
                                        on_progress=watchdog.kick)
-    except configs.ConfigError as e:  # A bad value, named before anything compiled: one line.
+    # A bad value, named before anything compiled, or a dataset not built yet: one line.
+    except (configs.ConfigError, registry.DatasetNotBuiltError) as e:
       raise SystemExit("launch.train: " + " ".join(str(e).split())) from None
   if jax.process_index() != 0:
     return

@@ -208,3 +208,21 @@ def test_cli_bad_value_is_one_line(tmp_path):
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert proc.stderr.splitlines()[-1] == "launch.train: config.total_steps=-1 must be >= 1."
   assert not (tmp_path / "w").exists()
+
+
+def test_cli_dataset_not_built_is_one_line(tmp_path):
+  """A config whose dataset is not built in its data dir ends launch.train in one line naming
+  the build command (not a FileNotFoundError traceback), exit 1, nothing written."""
+  empty = tmp_path / "tfds"
+  empty.mkdir()
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.train", "--config=configs/fashionclip.py:smoke",
+       f"--workdir={tmp_path / 'w'}", f"--config.data.data_dir={empty}"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1] == (
+      f"launch.train: Dataset 'synthetic_catalog/smoke' is not built (no complete build in "
+      f"{empty}/synthetic_catalog/smoke/1.0.0); build it with `python -m launch.build_data "
+      "--dataset=synthetic_catalog/smoke --data_dir=DIR`.")
+  assert not (tmp_path / "w").exists()

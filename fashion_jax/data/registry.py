@@ -15,6 +15,10 @@ import importlib.util
 from types import ModuleType
 
 
+class DatasetNotBuiltError(FileNotFoundError):
+  """Dataset `name` is not built in the data dir; the message names the build command."""
+
+
 def builder_module(name: str) -> ModuleType | None:
   """fashion_jax/data/builders/NAME.py for dataset `name`, imported; None if there is none."""
   module = f"fashion_jax.data.builders.{name.split('/')[0].split(':')[0]}"
@@ -26,14 +30,14 @@ def builder_module(name: str) -> ModuleType | None:
 def prepared_builder(name: str, data_dir: str = "", *, build_flags: str = "--data_dir=DIR"):
   """The TFDS builder of dataset `name`, built in `data_dir` ('' = tfds's default).
 
-  Raises FileNotFoundError naming the data dir and the launch.build_data command (with
+  Raises DatasetNotBuiltError (a FileNotFoundError) naming the data dir and the launch.build_data command (with
   `build_flags`) when the dataset is not built there.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (module docstring)
   builder_module(name)
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"Dataset {name!r} is not built in data_dir={builder.data_dir!r}; build it with "
+    raise DatasetNotBuiltError(
+        f"Dataset {name!r} is not built (no complete build in {builder.data_dir}); build it with "
         f"`python -m launch.build_data --dataset={name} {build_flags}`.")
   return builder
