@@ -175,6 +175,33 @@ def test_queries_and_filters_match_a_float64_ranking(tiny, served):
   assert page.status_code == 200 and 'id="results"' in page.text and 'id="file"' in page.text
 
 
+def test_filters_offer_only_fields_that_separate_products():
+  """A column the catalog lacks (empty on every product), one value everywhere, and too many
+  values are not filters; an empty value is never an option, but a field some products lack
+  still filters the others."""
+  items = [{"product_id": f"p{i}", "title": "t", "category": "", "season": "SS24",
+            "brand": ["Acme", "Borealis"][i % 2], "colour": "red" if i < 2 else "",
+            "sku_group": f"g{i}"} for i in range(6)]
+  engine = serve_app.Engine(_Sized(items), None, serve_app.ServeConfig(max_filter_values=5))
+  assert sorted(engine.filters) == ["brand", "colour"], sorted(engine.filters)
+  assert sorted(engine.filters["colour"]) == ["red"]
+  clean, mask = engine.match({"colour": "red", "brand": "Acme"})
+  assert clean == {"colour": ["red"], "brand": ["Acme"]} and mask.tolist() == [
+      True, False, False, False, False, False]
+  with pytest.raises(serve_app.BadRequest, match="unknown filter field 'category'"):
+    engine.match({"category": ""})
+
+
+class _Sized:
+  """The part of a ProductIndex the Engine's constructor reads."""
+
+  def __init__(self, items):
+    self.products = items
+
+  def __len__(self):
+    return len(self.products)
+
+
 # ------------------------------------------------------------------------------------------------
 # An encoder with chosen embeddings: text "angle:<deg>" -> the unit vector at that angle.
 # ------------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class ServeConfig:
   request_timeout_s: a query waiting longer is answered 503.
   max_text_chars: longest query text.
   max_filter_values: a field with more distinct values than this is not offered as a filter.
+    Nor is a field that separates no products: empty everywhere (a column the catalog lacks),
+    or one value on every product. An empty value is never offered (a product without it
+    matches no value).
   warmup: compile every batch shape of the towers before reporting ready.
   """
   max_upload_bytes: int = 10 * 2**20
@@ -128,8 +131,9 @@ class Engine:
     self.filters: dict[str, dict[str, np.ndarray]] = {}
     for f in fields:
       values = np.asarray([p.get(f, "") for p in index.products], dtype=object)
-      distinct = sorted(set(values.tolist()))
-      if 1 <= len(distinct) <= config.max_filter_values:
+      distinct = sorted(set(values.tolist()) - {""})
+      separates = len(distinct) >= 2 or (distinct and "" in values)
+      if separates and len(distinct) <= config.max_filter_values:
         self.filters[f] = {v: values == v for v in distinct}
 
   # -- requests --------------------------------------------------------------------------------
