@@ -117,7 +117,7 @@ def test_pipeline_makes_masked_field_texts(data_dir):
   assert not batch["field_mask"][:, 0].all() and batch["field_mask"][:, 0].any()
   bad = copy.deepcopy(base)
   bad.data.fields = ("colour",)
-  with pytest.raises(KeyError, match=r"config.data.fields: field 'colour' is not in the "):
+  with pytest.raises(configs.ConfigError, match=r"config.data.fields: field 'colour' is not in "):
     pipeline.make_train_iterator(bad, process_index=0, process_count=1)
 
 

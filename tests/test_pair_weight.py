@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from fashion_jax import configs
 from fashion_jax.data import pipeline
 from fashion_jax.data.builders import image_text_folder as itf
 from fashion_jax.systems import fashionclip
@@ -148,6 +149,7 @@ def test_a_catalog_score_column_is_the_pair_weight_feature(tmp_path):
   assert set(seen.values()) <= {0.25 * i for i in range(12)} and len(seen) >= 2
   missing = copy.deepcopy(config)
   missing.data.pair_weight_field = "relevance"
-  with pytest.raises(KeyError, match=r"config.data.pair_weight_field: field 'relevance' is not "
-                                     r"in the dataset"):
+  with pytest.raises(configs.ConfigError,
+                     match=r"config.data.pair_weight_field: field 'relevance' is not "
+                           r"in the dataset"):
     next(pipeline.make_train_iterator(missing, process_index=0, process_count=1))

@@ -15,6 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from fashion_jax import configs
 from fashion_jax.data import features
 from fashion_jax.data import pipeline
 from fashion_jax.data import schema
@@ -259,7 +260,7 @@ def test_per_batch_text_join_equals_the_per_example_join():
   for r, got in zip(rows, joined):
     one = {f: tf.constant(v) for f, v in zip(("t", "d", "b"), r)}
     assert pipeline._join_text(one, ("t", "d", "b")).numpy() == got
-  with pytest.raises(KeyError, match="config.data.text_fields: field 'colour'"):
+  with pytest.raises(configs.ConfigError, match="config.data.text_fields: field 'colour'"):
     pipeline._join_text(batch, ("t", "colour"))
 
 

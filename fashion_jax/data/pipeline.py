@@ -97,6 +97,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters
 
+from fashion_jax import configs
 from fashion_jax.data import attributes as attributes_lib
 from fashion_jax.data import features
 from fashion_jax.data import registry
@@ -364,10 +365,11 @@ def map_rows(fn, n, *rows, concat=()):
 
 
 def _check_fields(example, fields, key="config.data.text_fields"):
-  """KeyError naming `key`, the missing field and the dataset's fields."""
+  """configs.ConfigError naming `key`, the missing field and the dataset's fields."""
   for f in fields:
     if f not in example:
-      raise KeyError(f"{key}: field {f!r} is not in the dataset; it has {sorted(example)}.")
+      raise configs.ConfigError(
+          f"{key}: field {f!r} is not in the dataset; it has {sorted(example)}.")
 
 
 def _join_text(example, fields):
@@ -755,30 +757,31 @@ def clip_image_preprocess(images, size: int) -> np.ndarray:
 
 def _check_data_config(data):
   if data.views not in (1, 2):
-    raise ValueError(f"config.data.views={data.views} must be 1 or 2.")
+    raise configs.ConfigError(f"config.data.views={data.views} must be 1 or 2.")
   if data.get("view", "random") not in VIEW_CHOICES:
-    raise ValueError(f"config.data.view={data.view!r} must be one of {VIEW_CHOICES}: 'random' "
-                     "draws one of the product's views per example, 'first' always takes the "
-                     "first stored view.")
+    raise configs.ConfigError(
+        f"config.data.view={data.view!r} must be one of {VIEW_CHOICES}: 'random' draws one of "
+        "the product's views per example, 'first' always takes the first stored view.")
   lo, hi = data.augment.crop_scale
   if not 0 < lo <= hi <= 1:
-    raise ValueError(f"config.data.augment.crop_scale={tuple(data.augment.crop_scale)} must "
-                     "satisfy 0 < lo <= hi <= 1.")
+    raise configs.ConfigError(f"config.data.augment.crop_scale={tuple(data.augment.crop_scale)} "
+                              "must satisfy 0 < lo <= hi <= 1.")
   if not 0 <= data.mlm_prob <= 1:
-    raise ValueError(f"config.data.mlm_prob={data.mlm_prob} must be in [0, 1].")
+    raise configs.ConfigError(f"config.data.mlm_prob={data.mlm_prob} must be in [0, 1].")
   if data.image_size < 1:
-    raise ValueError(f"config.data.image_size={data.image_size} must be positive.")
+    raise configs.ConfigError(f"config.data.image_size={data.image_size} must be positive.")
   if not data.text_fields:
-    raise ValueError("config.data.text_fields is empty.")
+    raise configs.ConfigError("config.data.text_fields is empty.")
   if features.resize_on(data) == "device":
     features.crop_pad(data)
   cache = data.get("token_cache", features.DEFAULT_TOKEN_CACHE)
   if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
-    raise ValueError(f"config.data.token_cache={cache!r} must be an integer >= 0: the distinct "
-                     "texts whose token rows are kept (features.TokenCache); 0 = off.")
+    raise configs.ConfigError(
+        f"config.data.token_cache={cache!r} must be an integer >= 0: the distinct texts whose "
+        "token rows are kept (features.TokenCache); 0 = off.")
   for key in ("vq_codes", "patch_features"):
     if data.get(key) and (tuple(data.augment.crop_scale) != (1.0, 1.0) or data.augment.flip):
-      raise ValueError(
+      raise configs.ConfigError(
           f"config.data.{key}={data[key]!r} holds values of whole, unflipped views, but "
           f"augment is crop_scale={tuple(data.augment.crop_scale)}, flip={data.augment.flip}: "
           "use crop_scale=(1.0, 1.0) and flip=False.")
