@@ -226,3 +226,17 @@ def test_cli_dataset_not_built_is_one_line(tmp_path):
       f"{empty}/synthetic_catalog/smoke/1.0.0); build it with `python -m launch.build_data "
       "--dataset=synthetic_catalog/smoke --data_dir=DIR`.")
   assert not (tmp_path / "w").exists()
+
+
+def test_a_value_the_system_refuses_is_a_config_error_before_the_workdir(tmp_path):
+  """The system's own check (FashionSigLIP's five field weights against one field) is a
+  ConfigError naming the system and the key, raised before the workdir is created."""
+  config = configs.get("fashionsiglip:smoke")
+  config.data.fields = ("brand",)
+  config.evals, config.checkpoint.best_metric = {}, None
+  with pytest.raises(configs.ConfigError,
+                     match=r"^config\.system='fashionclip': config\.loss\.field_weights="
+                           r"\(1\.0, 1\.0, 1\.0, 1\.0, 1\.0\) must have one weight per entry "
+                           r"of \('brand',\)\.$"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"), iterator_factory=lambda *a, **k: None)
+  assert not (tmp_path / "w").exists()

@@ -5,12 +5,18 @@
 may live outside the package. A system module may declare `CONFIG_KEYS`, the top-level config
 sections it owns (default `DEFAULT_CONFIG_KEYS`); the trainer rejects other unknown top-level
 keys.
+
+`System(config)` reads nothing but the config, so a ValueError from it is a config value the
+system cannot run with: get_system raises it as configs.ConfigError (launch.train prints one
+line for those).
 """
 
 import importlib
 import importlib.util
 from types import ModuleType
 from typing import Any
+
+from fashion_jax import configs
 
 DEFAULT_CONFIG_KEYS = ("model", "data", "init", "objective")
 
@@ -37,5 +43,11 @@ def system_config_keys(name: str) -> tuple[str, ...]:
 
 
 def get_system(config: Any):
-  """`System(config)` of the module named by `config.system`."""
-  return get_module(config.system).System(config)
+  """`System(config)` of the module named by `config.system` (module docstring: errors)."""
+  system_cls = get_module(config.system).System
+  try:
+    return system_cls(config)
+  except configs.ConfigError:
+    raise
+  except ValueError as e:
+    raise configs.ConfigError(f"config.system={config.system!r}: {e}") from e

@@ -220,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if iterator_factory is None:  # The config's input: it must make what the system reads.
     config_check.check_train_features(config)
   config = config_check.check_eval_data(config)  # Drops optional evals the data cannot serve.
+  system = systems.get_system(config)  # It checks its own keys: before anything is written.
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
@@ -231,7 +232,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   rules = sharding_lib.logical_rules(config.sharding_rules)
   logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size,
                jax.process_count())
-  system = systems.get_system(config)
   shapes = state_lib.abstract_params(system, mesh, rules, config.seed)
   logging.info("Params: %d arrays, %d values.", len(jax.tree.leaves(shapes.params)),
                sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.params)))
