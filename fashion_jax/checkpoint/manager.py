@@ -366,6 +366,11 @@ class _StateRestore(ocp.args.PyTreeRestore):
 # ------------------------------------------------------------------------------------------------
 # The checkpointer.
 # ------------------------------------------------------------------------------------------------
+def _not_orbax_read_only_note(record) -> bool:
+  """Log filter: False for orbax's note on opening a directory read-only."""
+  return not record.getMessage().startswith("Given directory is read only")
+
+
 class Checkpointer:
   """Save/restore of (TrainState, data position) with keep-last-N plus keep-best.
 
@@ -406,15 +411,15 @@ class Checkpointer:
     self._state_handler = _StateHandler(self.workdir)
     # orbax warns "Given directory is read only" on every read-only open; for a reader (api,
     # evaluate, export, search) that is the intended mode, not news, so that one line is dropped.
-    quiet = lambda record: not (read_only and record.getMessage().startswith(
-        "Given directory is read only"))
-    logging.get_absl_logger().addFilter(quiet)
+    logger = logging.get_absl_logger()
+    if read_only:
+      logger.addFilter(_not_orbax_read_only_note)
     try:
       self.manager = ocp.CheckpointManager(
           self.directory, options=options,
           item_handlers={"state": self._state_handler, "data": ocp.JsonCheckpointHandler()})
     finally:
-      logging.get_absl_logger().removeFilter(quiet)
+      logger.removeFilter(_not_orbax_read_only_note)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

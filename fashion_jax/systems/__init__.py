@@ -6,9 +6,9 @@ may live outside the package. A system module may declare `CONFIG_KEYS`, the top
 sections it owns (default `DEFAULT_CONFIG_KEYS`); the trainer rejects other unknown top-level
 keys.
 
-`System(config)` reads nothing but the config, so a ValueError from it is a config value the
-system cannot run with: get_system raises it as configs.ConfigError (launch.train prints one
-line for those).
+`System(config)` is built from the config alone (and the files it names), so a ValueError from
+it is a config value the system cannot run with: get_system raises it as configs.ConfigError
+naming the system (launch.train prints one line for those).
 """
 
 import importlib
