@@ -30,8 +30,8 @@ def builder_module(name: str) -> ModuleType | None:
 def prepared_builder(name: str, data_dir: str = "", *, build_flags: str = "--data_dir=DIR"):
   """The TFDS builder of dataset `name`, built in `data_dir` ('' = tfds's default).
 
-  Raises DatasetNotBuiltError (a FileNotFoundError) naming the data dir and the launch.build_data command (with
-  `build_flags`) when the dataset is not built there.
+  Raises DatasetNotBuiltError (a FileNotFoundError) naming the dataset's build directory and
+  the launch.build_data command (with `build_flags`) when the dataset is not built there.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (module docstring)
   builder_module(name)
