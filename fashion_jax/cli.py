@@ -126,3 +126,10 @@ def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ("config",)) 
 def run(main: Callable[[list[str]], None], config_flags: Sequence[str] = ("config",)) -> None:
   """absl.app.run(main) with `parse_flags` (module docstring)."""
   app.run(main, flags_parser=functools.partial(parse_flags, config_flags=config_flags))
+
+
+def one_line_exit(program: str, error: BaseException) -> SystemExit:
+  """SystemExit whose message is `program: error` on one line (whitespace runs collapsed): an
+  entry point raises it for an error the user fixes (a bad value, a missing file), so the
+  command ends with that line and exit status 1 instead of a traceback."""
+  return SystemExit(f"{program}: " + " ".join(str(error).split()))

@@ -153,6 +153,8 @@ def main(argv):
     builder, status = build_with_status(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value,
                                         _NUM_WORKERS.value, _MAX_BAD.value, _OVERWRITE.value)
   except images_lib.InputDataError as e:  # The input is wrong, not the code: one line, exit 1.
+    # cli.one_line_exit's message, spelled out: importing fashion_jax.cli starts JAX (2 s),
+    # which building a dataset does not need.
     raise SystemExit("launch.build_data: " + " ".join(str(e).split())) from e
   sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
   logging.info("%s %s", status, builder.info.full_name)

@@ -55,7 +55,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
 
   def fail(error):  # A missing/unreadable workdir: one line, exit code 1, no traceback.
-    raise SystemExit("launch.evaluate: " + " ".join(str(error).split())) from None
+    raise cli.one_line_exit("launch.evaluate", error) from None
 
   workdir = _WORKDIR.value
   try:

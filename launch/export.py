@@ -25,6 +25,7 @@ import pkgutil
 from absl import app
 from absl import flags
 
+from fashion_jax import cli
 from fashion_jax import systems
 from fashion_jax.interop import onnx_export
 from fashion_jax.train import restore
@@ -65,7 +66,7 @@ def main(argv):
     out, step = export(f.workdir, f.out, step=f.step, overwrite=f.overwrite,
                        export_format=f.format)
   except (FileNotFoundError, FileExistsError) as e:  # No checkpoint / run; --out not empty.
-    raise SystemExit("launch.export: " + " ".join(str(e).split())) from None
+    raise cli.one_line_exit("launch.export", e) from None
   print(f"Exported step {step} of {f.workdir} to {out}")
 
 

@@ -73,7 +73,7 @@ def main(argv):
     return
   except (manifest.PrepareError, config_check.ConfigError, FileNotFoundError) as e:
     # A config the step cannot serve, a dataset that is not built, a foreign manifest: one line.
-    raise SystemExit("launch.prepare: " + " ".join(str(e).split())) from None
+    raise cli.one_line_exit("launch.prepare", e) from None
   if not status:
     print(f"{config_name}: needs no prepared artefacts (fashion_jax/prepare/manifest.py "
           "`needed`); nothing to do.")

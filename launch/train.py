@@ -71,7 +71,7 @@ def prepared_config(config, workdir: str, argv, program: str = "launch.train"):
   try:
     return manifest.apply(config, workdir, command=manifest.prepare_command(argv, workdir))
   except (manifest.PrepareError, FileNotFoundError) as e:
-    raise SystemExit(f"{program}: " + " ".join(str(e).split())) from None
+    raise cli.one_line_exit(program, e) from None
 
 
 def main(argv, *, iterator_factory=None):
@@ -95,7 +95,7 @@ def main(argv, *, iterator_factory=None):
                                        on_progress=watchdog.kick)
     # A bad value, named before anything compiled, or a dataset not built yet: one line.
     except (configs.ConfigError, registry.DatasetNotBuiltError) as e:
-      raise SystemExit("launch.train: " + " ".join(str(e).split())) from None
+      raise cli.one_line_exit("launch.train", e) from None
   if jax.process_index() != 0:
     return
   step = int(result.state.step)
