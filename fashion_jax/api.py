@@ -3,6 +3,7 @@
   model = load("path/or/hub_id")          # FashionCLIP or FashionSigLIP, by what the dir holds
   img = model.encode_images(["a.jpg", pil_image, uint8_array])  # [N, P] L2-normalised numpy
   txt = model.encode_text(["red dress", "black shoes"])         # [M, P] L2-normalised numpy
+  small = model.encode_text(["red dress"], dim=64)              # [M, 64]: Matryoshka prefix
   probs = model.zero_shot_classify(images, ["dress", "shoe"])   # [N, K]
   cls = model.class_embeddings(["dress", "shoe"])               # [K, P], the prompts' average
   model.save_pretrained("out_dir")        # transformers CLIPModel / SiglipModel layout
@@ -49,6 +50,14 @@ label), and with z = logit_scale * cos(image, class):
   SigLIP: probs = sigmoid(z + logit_bias), one independent probability per label (rows do NOT
           sum to 1): how SigLIP was trained and how transformers' SiglipModel is read.
 The scale (and bias) are the model's own.
+
+Matryoshka (`dim=m` of encode_images / encode_text): the first m coordinates, re-L2-normalised
+(losses.matryoshka.truncate_and_normalize, the trainer's and the evaluator's cut; without
+normalize, the raw prefix). `model.matryoshka_dims` lists the widths the model was trained at
+(0 = full): from a workdir its config's model.matryoshka_dims, from an exported directory the
+`matryoshka_dims` key launch.export writes into config.json; None where nothing records them
+(an open_clip or third-party directory). Any m in [1, P] is allowed: a prefix the model was not
+trained at is usable but weaker.
 """
 
 import dataclasses
@@ -66,6 +75,7 @@ from fashion_jax.interop import hf_clip
 from fashion_jax.interop import hf_io
 from fashion_jax.interop import hf_siglip
 from fashion_jax.interop import open_clip as open_clip_lib
+from fashion_jax.losses import matryoshka
 from fashion_jax.models import clip as clip_lib
 from fashion_jax.models import siglip as siglip_lib
 from fashion_jax.train import restore
@@ -125,6 +135,7 @@ class DualEncoder:
     text_clean: None (the tokenizer's own handling) or an open_clip cleaning applied before
       tokenizing (open_clip.CLEAN_KINDS: 'canonicalize', 'lower', 'whitespace').
     context_length: tokens per text (default and maximum: the model's max_len).
+    matryoshka_dims: the widths the model was trained at (module docstring), or None.
   """
   KIND_NAME = "CLIP or SigLIP"
   DEFAULT_RESIZE = "shortest"
@@ -133,7 +144,8 @@ class DualEncoder:
   def __init__(self, config: Any, params: Any, tokenizer: Optional[Any] = None,
                batch_size: int = 32, *, resize_mode: Optional[str] = None,
                interpolation: str = "bicubic", text_clean: Optional[str] = None,
-               context_length: Optional[int] = None):
+               context_length: Optional[int] = None,
+               matryoshka_dims: Optional[Sequence[int]] = None):
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     self.config = config
     self.params = jax.tree.map(jnp.asarray, nn.unbox(params))
@@ -149,6 +161,8 @@ class DualEncoder:
       raise ValueError(f"Unknown text_clean {text_clean!r}; expected None or one of "
                        f"{open_clip_lib.CLEAN_KINDS}.")
     self.text_clean = text_clean
+    self.matryoshka_dims = (None if matryoshka_dims is None
+                            else matryoshka.check_dims(tuple(matryoshka_dims)))
     self.context_length = int(context_length or config.text.max_len)
     if not 0 < self.context_length <= config.text.max_len:
       raise ValueError(f"context_length={context_length} exceeds the model's max_len="
@@ -196,7 +210,9 @@ class DualEncoder:
       config, params = hf_siglip.load_siglip(str(root), **runtime)
     else:
       config, params = hf_clip.load_clip(str(root), **runtime)
-    return target(config, params, _load_tokenizer(root), batch_size=batch_size)
+    dims = hf_config.get("matryoshka_dims")
+    return target(config, params, _load_tokenizer(root), batch_size=batch_size,
+                  matryoshka_dims=None if dims is None else tuple(dims))
 
   @classmethod
   def _check_kind(cls, target: type, path: str) -> None:
@@ -255,7 +271,8 @@ class DualEncoder:
       raise ValueError(f"{workdir} holds a {system.config.system!r} run, not a CLIP or SigLIP "
                        "model.")
     cls._check_kind(target, workdir)
-    return target(model_config, params, system.tokenizer.hf, batch_size=batch_size)
+    return target(model_config, params, system.tokenizer.hf, batch_size=batch_size,
+                  matryoshka_dims=getattr(system, "matryoshka_dims", ()))
 
   @property
   def logit_scale(self) -> float:
@@ -303,10 +320,25 @@ class DualEncoder:
     raise TypeError(f"Unsupported image type {type(image).__name__}: expected a path, a PIL "
                     "image or a numpy array.")
 
-  def encode_images(self, images: Any, normalize: bool = True) -> np.ndarray:
-    """Images -> float32 [N, P] (L2-normalised unless normalize=False)."""
+  def encode_images(self, images: Any, normalize: bool = True, dim: int = 0) -> np.ndarray:
+    """Images -> float32 [N, P] (L2-normalised unless normalize=False); with dim=m, [N, m]:
+    the Matryoshka prefix (module docstring)."""
+    self._check_dim(dim)
     x = self.preprocess_images(images)
-    return self._batched(lambda chunk: self._encode_images(self.params, chunk, normalize), x)
+    out = self._batched(lambda chunk: self._encode_images(self.params, chunk, normalize), x)
+    return self._prefix(out, dim, normalize)
+
+  def _check_dim(self, dim: int) -> None:
+    width = self.config.projection_dim
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 0 <= dim <= width:
+      raise ValueError(f"dim={dim!r}: the embedding prefix must be an int in [1, {width}] "
+                       "(0 = the full width).")
+
+  @staticmethod
+  def _prefix(x: np.ndarray, dim: int, normalize: bool) -> np.ndarray:
+    if not dim or dim == x.shape[1]:
+      return x
+    return matryoshka.truncate_and_normalize(x, dim) if normalize else x[:, :dim]
 
   # ------------------------------------------------------------------------------------ text
   def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -335,15 +367,20 @@ class DualEncoder:
       mask[i, :len(row)] = 1
     return ids, (mask if self.USES_TEXT_MASK else None)
 
-  def encode_text(self, texts: Sequence[str], normalize: bool = True) -> np.ndarray:
-    """Texts -> float32 [M, P] (L2-normalised unless normalize=False)."""
+  def encode_text(self, texts: Sequence[str], normalize: bool = True, dim: int = 0
+                  ) -> np.ndarray:
+    """Texts -> float32 [M, P] (L2-normalised unless normalize=False); with dim=m, [M, m]:
+    the Matryoshka prefix (module docstring)."""
+    self._check_dim(dim)
     ids, mask = self.tokenize(texts)
     if mask is None:
-      return self._batched(lambda c: self._encode_texts(self.params, c, None, normalize), ids)
-    both = np.concatenate([ids, mask], axis=1)
-    l = ids.shape[1]
-    return self._batched(
-        lambda c: self._encode_texts(self.params, c[:, :l], c[:, l:], normalize), both)
+      out = self._batched(lambda c: self._encode_texts(self.params, c, None, normalize), ids)
+    else:
+      both = np.concatenate([ids, mask], axis=1)
+      l = ids.shape[1]
+      out = self._batched(
+          lambda c: self._encode_texts(self.params, c[:, :l], c[:, l:], normalize), both)
+    return self._prefix(out, dim, normalize)
 
   # -------------------------------------------------------------------------------- scoring
   def class_embeddings(self, labels: Sequence[str],
@@ -397,9 +434,10 @@ class FashionCLIP(DualEncoder):
     return prompts.probabilities(logits)
 
   def save_pretrained(self, out_dir: str, overwrite: bool = False) -> pathlib.Path:
-    """Writes a transformers CLIPModel directory (weights, config, tokenizer, preprocessor)."""
+    """Writes a transformers CLIPModel directory (weights, config, tokenizer, preprocessor;
+    matryoshka_dims, when known, as a config.json key)."""
     return hf_clip.save_clip(out_dir, self.config, self.params, self.tokenizer,
-                             overwrite=overwrite)
+                             overwrite=overwrite, matryoshka_dims=self.matryoshka_dims or ())
 
 
 class FashionSigLIP(DualEncoder):
@@ -429,9 +467,10 @@ class FashionSigLIP(DualEncoder):
     return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
   def save_pretrained(self, out_dir: str, overwrite: bool = False) -> pathlib.Path:
-    """Writes a transformers SiglipModel directory (weights, config, tokenizer, preprocessor)."""
+    """Writes a transformers SiglipModel directory (weights, config, tokenizer, preprocessor;
+    matryoshka_dims, when known, as a config.json key)."""
     return hf_siglip.save_siglip(out_dir, self.config, self.params, self.tokenizer,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, matryoshka_dims=self.matryoshka_dims or ())
 
 
 _KINDS = {"clip": FashionCLIP, "siglip": FashionSigLIP}

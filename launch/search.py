@@ -53,6 +53,9 @@ _PARAMS = flags.DEFINE_list(
     "params", [], "name=value,...: build: the index's parameters (index.PARAM_DEFAULTS[kind]); "
     "query/evaluate: search-time overrides (nprobe; efSearch; refine).")
 _THUMB = flags.DEFINE_integer("thumb_size", 64, "Thumbnail side stored for sheets (0 = none).")
+_DIM = flags.DEFINE_integer("dim", 0, "build: index the first DIM coordinates of each embedding, "
+                            "re-normalised (a Matryoshka model's smaller index; queries are cut "
+                            "the same way); 0 = the full width.")
 _MAX = flags.DEFINE_integer("max_products", None, "Index at most this many products.")
 _TEXT = flags.DEFINE_multi_string("text", [], "Text query (repeatable); with --image: the "
                                   "modification text of a TGIR query.")
@@ -127,13 +130,19 @@ def build():
   if bad:  # Before the model and the catalog are read.
     raise app.UsageError(f"--params: {bad} are not parameters of --kind={_KIND.value}; it has "
                          f"{list(index_lib.PARAM_DEFAULTS[_KIND.value])}.")
+  try:
+    products.check_index_dim(_DIM.value)
+  except ValueError as e:
+    raise app.UsageError(f"--dim: {e}") from e
   enc = encoders.load_encoder(_MODEL.value, step=_STEP.value)
   index = products.build_product_index(enc, _DATASET.value, _SPLIT.value,
                                        data_dir=_DATA_DIR.value, kind=_KIND.value,
-                                       thumb_size=_THUMB.value, max_products=_MAX.value, **params)
+                                       thumb_size=_THUMB.value, max_products=_MAX.value,
+                                       dim=_DIM.value, **params)
   index.save(_INDEX_DIR.value)
+  cut = (f" of the model's {index.model_dim}" if index.dim != index.model_dim else "")
   print(f"indexed {len(index)} products of {_DATASET.value}:{_SPLIT.value} ({_KIND.value} "
-        f"{index.meta['index_params']}, dim {index.meta['dim']}) -> {_INDEX_DIR.value}")
+        f"{index.meta['index_params']}, dim {index.dim}{cut}) -> {_INDEX_DIR.value}")
 
 
 def query():
@@ -184,10 +193,11 @@ def evaluate():
   rows = index.sample_rows(_MAX_QUERIES.value)
   params = {n: kw.get(n, index.index.description()["params"][n])
             for n in index_lib.SEARCH_PARAMS[kind]}
-  out = {"protocol": f"full ({index.meta['split']}, {len(index)} products, {kind}"
+  width = (f", dim {index.dim} of {index.model_dim}" if index.dim != index.model_dim else "")
+  out = {"protocol": f"full ({index.meta['split']}, {len(index)} products, {kind}{width}"
                      f"{' ' + str(params) if params else ''}; queries: {len(rows)} products' "
                      "texts)"}
-  q = enc.embed_texts(index.query_texts(_FIELDS.value, rows))
+  q = index.index_queries(enc.embed_texts(index.query_texts(_FIELDS.value, rows)))
   out.update(index.text_query_hits(enc, _K.value, rows=rows, queries=q, **kw))
   if _RECALL.value:
     exact = index_lib.ExactIndex(index.index.reconstruct())

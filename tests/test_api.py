@@ -105,6 +105,29 @@ def test_save_pretrained_round_trip_and_refusal(fclip, tmp_path):
   fclip.save_pretrained(str(out), overwrite=True)
 
 
+def test_matryoshka_prefix_of_texts_and_images_and_its_round_trip(fclip, tmp_path):
+  """dim=m: the first m coordinates of the unnormalised embedding, re-normalised in float64;
+  the widths a model was trained at survive save_pretrained / load (config.json)."""
+  assert fclip.matryoshka_dims is None  # A transformers checkpoint records none.
+  raw = fclip.encode_text(TEXTS, normalize=False).astype(np.float64)
+  np.testing.assert_allclose(fclip.encode_text(TEXTS, dim=4), _l2(raw[:, :4]), atol=1e-6)
+  images = random_images(2, seed=6)
+  raw = fclip.encode_images(images, normalize=False).astype(np.float64)
+  np.testing.assert_allclose(fclip.encode_images(images, dim=4), _l2(raw[:, :4]), atol=1e-6)
+  np.testing.assert_array_equal(fclip.encode_images(images, dim=16), fclip.encode_images(images))
+  for bad in (-1, 17, 2.0, True):
+    with pytest.raises(ValueError, match=rf"dim={bad!r}: the embedding prefix must be an int "
+                                         r"in \[1, 16\]"):
+      fclip.encode_text(TEXTS, dim=bad)
+  mrl = FashionCLIP(fclip.config, fclip.params, fclip.tokenizer, matryoshka_dims=(4, 0))
+  back = api.load(str(mrl.save_pretrained(str(tmp_path / "mrl"))))
+  assert back.matryoshka_dims == (4, 0)
+  np.testing.assert_allclose(back.encode_text(TEXTS, dim=4), fclip.encode_text(TEXTS, dim=4),
+                             atol=1e-6)  # Another batch size: another compiled shape.
+  with pytest.raises(ValueError, match=r"matryoshka_dims=\(4, 4\) repeats a dimension"):
+    FashionCLIP(fclip.config, fclip.params, fclip.tokenizer, matryoshka_dims=(4, 4))
+
+
 def test_bad_inputs_raise_clear_errors(fclip):
   with pytest.raises(ValueError, match=r"do not match the model's input 32x32x3"):
     fclip.encode_images(np.zeros((2, 3, 24, 24), np.float32))

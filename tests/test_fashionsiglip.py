@@ -22,6 +22,7 @@ import pytest
 import torch
 import transformers
 
+from fashion_jax import api
 from fashion_jax import configs
 from fashion_jax.data import features
 from fashion_jax.data import pipeline
@@ -280,6 +281,19 @@ def test_siglip_family_starts_from_an_hf_siglip_dir_and_exports_it(tmp_path):
   want = hf.state_dict()
   for key, value in again.state_dict().items():
     np.testing.assert_array_equal(value.numpy(), want[key].numpy(), err_msg=key)
+  # The Matryoshka widths travel in config.json; api.load reads them and cuts prefixes.
+  assert again.config.matryoshka_dims == [8, 16, 0]
+  model = api.load(str(out))
+  assert type(model) is api.FashionSigLIP and model.matryoshka_dims == (8, 16, 0)
+  pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)
+  emb = model.encode_images(pixels, normalize=False).astype(np.float64)
+  want8 = emb[:, :8] / np.linalg.norm(emb[:, :8], axis=1, keepdims=True)
+  np.testing.assert_allclose(model.encode_images(pixels, dim=8), want8, atol=1e-6)
+  np.testing.assert_array_equal(model.encode_images(pixels, normalize=False, dim=8),
+                                emb[:, :8].astype(np.float32))
+  with pytest.raises(ValueError, match=r"dim=33: the embedding prefix must be an int in "
+                                       r"\[1, 32\]"):
+    model.encode_images(pixels, dim=33)
   # A CLIP directory cannot initialise a SigLIP model.
   config.init.hf_clip_dir = str(tmp_path / "hf")
   with pytest.raises(ValueError, match=r"init.hf_clip_dir=.* does not initialise a "

@@ -126,6 +126,8 @@ def trained(tmp_path_factory):
   config.total_steps = 6
   config.log_every_steps = 3
   config.checkpoint.every_steps = 6
+  # A Matryoshka model (prefix 4 of 16): the evaluator also reports `.../t2i_R@K@d4`.
+  config.model.matryoshka_dims = (4, 0)
   config.evals = {"retrieval_test": dict(type="retrieval", split="test", protocols=("full",),
                                          ks=(1, 3), every=0)}
   workdir = str(tmp_path_factory.mktemp("run"))
@@ -165,12 +167,59 @@ def test_text_search_agrees_with_the_evaluator(trained, tmp_path):
     pindex.search_composed(enc, [back.thumbs[0]], ["in red"], 3)
 
 
+def test_matryoshka_index_ranks_as_the_evaluator_at_its_width(trained, tmp_path, caplog):
+  """An index of the first 4 of 16 coordinates (re-normalised): its vectors are the float64
+  formula's, text search gives the evaluator's width-4 R@K, the model's 16-wide query vectors
+  are cut on the way in, and bad widths are named."""
+  from fashion_jax.search import encoders, products  # pylint: disable=g-import-not-at-top
+  workdir, data_dir, metrics = trained
+  enc = encoders.load_encoder(workdir)
+  assert enc.matryoshka_dims == (4, 0)
+  full = products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir)
+  small = products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir,
+                                       dim=4)
+  assert (full.dim, full.model_dim, small.dim, small.model_dim) == (16, 16, 4, 16)
+  prefix = full.index.reconstruct().astype(np.float64)[:, :4]
+  np.testing.assert_allclose(small.index.reconstruct(),
+                             prefix / np.linalg.norm(prefix, axis=1, keepdims=True), atol=1e-6)
+  for k in (1, 3):
+    got = small.text_query_hits(enc, k=k)[f"HITS@{k}"]
+    assert got == pytest.approx(metrics[f"test/full/t2i_R@{k}@d4"], abs=1e-9), k
+  texts = small.query_texts()
+  q = enc.embed_texts(texts)
+  q4 = q.astype(np.float64)[:, :4]
+  q4 /= np.linalg.norm(q4, axis=1, keepdims=True)
+  want = np.argsort(-(q4 @ prefix.T / np.linalg.norm(prefix, axis=1)), axis=1, kind="stable")
+  got = small.search(q, 8)  # 16-wide queries, cut by the index.
+  assert [[h.row for h in hits] for hits in got] == want.tolist()
+  assert [[h.row for h in hits] for hits in small.search(q4, 8)] == want.tolist()
+  with pytest.raises(ValueError, match=r"shape \(8, 7\): this index takes \[Q, 16 \(the "
+                                       r"model's width, cut to the index's first 4\) or 4\]"):
+    small.search(q[:, :7], 3)
+  # Saved and loaded, queried through the model: the same rows.
+  small.save(str(tmp_path / "idx4"))
+  back = products.ProductIndex.load(str(tmp_path / "idx4"))
+  assert (back.dim, back.model_dim) == (4, 16)
+  assert ([h.row for h in back.search_text(enc, texts[:1], 8)[0]] == want[0].tolist())
+  with pytest.raises(ValueError, match=r"dim=17 exceeds the width of .* embeddings \(16\)"):
+    products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir,
+                                 dim=17)
+  with pytest.raises(ValueError, match=r"dim=-2: the index width must be an int >= 0"):
+    products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir,
+                                 dim=-2)
+  caplog.set_level("WARNING")
+  products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir, dim=8)
+  assert "dim=8 is not one of the widths" in caplog.text and "[4, 16]" in caplog.text
+
+
 def test_search_cli_query_writes_a_sheet(trained, tmp_path):
   from fashion_jax.search import encoders, products  # pylint: disable=g-import-not-at-top
   workdir, data_dir, _ = trained
   enc = encoders.load_encoder(workdir)
   idx_dir = str(tmp_path / "idx")
-  pindex = products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir)
+  # A Matryoshka index (4 of 16): the CLI's query cuts its embedding as the index says.
+  pindex = products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir,
+                                        dim=4)
   pindex.save(idx_dir)
   text = products.join_text([pindex.products[0][f] for f in pindex.meta["text_fields"]])
   expected = pindex.search_text(enc, [text], 3)[0]
@@ -215,7 +264,8 @@ def test_fashionvil_tgir_query_is_the_mean_fused_image_positions(tmp_path):
 
 @pytest.mark.slow
 def test_search_cli_builds_a_faiss_index_and_overrides_its_knob(trained, tmp_path):
-  """`build --kind=ivf_flat --params=...` records the parameters; `query --params=nprobe=...`
+  """`build --kind=ivf_flat --params=... --dim=8` records the parameters and the width (8 of
+  16, with the warning that the model was not trained at 8); `query --params=nprobe=...`
   overrides the search knob for one run (all lists: the exact index's answer); a parameter the
   kind does not have is refused before the model loads."""
   pytest.importorskip("faiss")
@@ -231,13 +281,20 @@ def test_search_cli_builds_a_faiss_index_and_overrides_its_knob(trained, tmp_pat
              f"--data_dir={data_dir}", "--kind=hnsw", "--params=nprobe=2")
   assert proc.returncode != 0 and "['nprobe'] are not parameters of --kind=hnsw" in proc.stderr
   proc = cli("build", f"--model={workdir}", "--dataset=synthetic_catalog/tiny",
-             f"--data_dir={data_dir}", "--kind=ivf_flat", "--params=nlist=2,nprobe=1")
+             f"--data_dir={data_dir}", "--kind=ivf_flat", "--dim=-1")
+  assert proc.returncode != 0 and "--dim: dim=-1: the index width must be" in proc.stderr
+  proc = cli("build", f"--model={workdir}", "--dataset=synthetic_catalog/tiny",
+             f"--data_dir={data_dir}", "--kind=ivf_flat", "--params=nlist=2,nprobe=1", "--dim=8")
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "dim 8 of the model's 16" in proc.stdout
+  assert "dim=8 is not one of the widths" in proc.stderr  # The model was trained at 4 and 16.
   with open(os.path.join(idx_dir, "meta.json")) as f:
     meta = json.load(f)
   assert meta["kind"] == "ivf_flat" and meta["index_params"] == {"nlist": 2, "nprobe": 1}
+  assert (meta["dim"], meta["model_dim"]) == (8, 16)
   enc = encoders.load_encoder(workdir)
-  exact = products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir)
+  exact = products.build_product_index(enc, "synthetic_catalog/tiny", "test", data_dir=data_dir,
+                                       dim=8)
   text = products.join_text([exact.products[0][f] for f in exact.meta["text_fields"]])
   want = [h.product["product_id"] for h in exact.search_text(enc, [text], 8)[0]]
   proc = cli("query", f"--text={text}", "--k=8", "--params=nprobe=2")

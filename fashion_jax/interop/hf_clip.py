@@ -27,7 +27,7 @@ HF spells the vision pre-LayerNorm 'pre_layrnorm' (sic); we keep its spelling in
 
 import functools
 import pathlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -207,13 +207,21 @@ def image_processor(config: clip_lib.CLIPConfig):
 
 
 def save_clip(out_dir: str, config: clip_lib.CLIPConfig, params: Any,
-              tokenizer: Optional[Any] = None, overwrite: bool = False) -> pathlib.Path:
-  """Writes a transformers CLIPModel directory; see the module docstring."""
+              tokenizer: Optional[Any] = None, overwrite: bool = False,
+              matryoshka_dims: Sequence[int] = ()) -> pathlib.Path:
+  """Writes a transformers CLIPModel directory; see the module docstring.
+
+  matryoshka_dims: the widths a Matryoshka model was trained at (0 = full), recorded as the
+  config.json key `matryoshka_dims` (transformers keeps unknown keys; `api.load` and the search
+  index read it). Empty: no key.
+  """
   state = params_to_hf_state(config, params)  # Validate before touching the directory.
   out = hf_io.prepare_export_dir(out_dir, overwrite)
   hf_config = config.to_hf()
   hf_config.architectures = ["CLIPModel"]
   hf_config.dtype = "float32"
+  if matryoshka_dims:
+    hf_config.matryoshka_dims = [int(d) for d in matryoshka_dims]
   hf_config.save_pretrained(str(out))
   # Not hf_io.save_safetensors: its np.ascontiguousarray turns the 0-d logit_scale into [1],
   # which CLIPModel.from_pretrained rejects. Our arrays are already contiguous (order="C").

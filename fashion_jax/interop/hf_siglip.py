@@ -24,7 +24,7 @@ Layouts are hf_clip's (same encoder layer keys, same transforms), plus:
 
 import functools
 import pathlib
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -154,13 +154,21 @@ def image_processor(config: siglip_lib.SiglipConfig):
 
 
 def save_siglip(out_dir: str, config: siglip_lib.SiglipConfig, params: Any,
-                tokenizer: Optional[Any] = None, overwrite: bool = False) -> pathlib.Path:
-  """Writes a transformers SiglipModel directory; see the module docstring."""
+                tokenizer: Optional[Any] = None, overwrite: bool = False,
+                matryoshka_dims: Sequence[int] = ()) -> pathlib.Path:
+  """Writes a transformers SiglipModel directory; see the module docstring.
+
+  matryoshka_dims: the widths a Matryoshka model was trained at (0 = full), recorded as the
+  config.json key `matryoshka_dims` (transformers keeps unknown keys; `api.load` and the search
+  index read it). Empty: no key.
+  """
   state = params_to_hf_state(config, params)  # Validate before touching the directory.
   out = hf_io.prepare_export_dir(out_dir, overwrite)
   hf_config = config.to_hf()
   hf_config.architectures = ["SiglipModel"]
   hf_config.dtype = "float32"
+  if matryoshka_dims:
+    hf_config.matryoshka_dims = [int(d) for d in matryoshka_dims]
   hf_config.save_pretrained(str(out))
   hf_io.save_safetensors(state, str(out / "model.safetensors"))
   image_processor(config).save_pretrained(str(out))

@@ -62,6 +62,8 @@ class Encoder:
     embed_composed: (uint8 [N, S, S, 3], list of N str) -> float32 [N, D], or None.
     batch_size: rows per forward pass.
     identity: {'path', 'step', 'fingerprint'} of the loaded params (module docstring).
+    matryoshka_dims: the widths the model was trained at (0 = full; () = trained without
+      Matryoshka), or None where nothing records them; read by the index's `dim` check.
   """
   name: str
   system: str
@@ -72,6 +74,7 @@ class Encoder:
   embed_composed: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None = None
   batch_size: int = 64
   identity: dict[str, Any] | None = None
+  matryoshka_dims: tuple[int, ...] | None = None
 
   @property
   def supports_composed(self) -> bool:
@@ -145,7 +148,8 @@ def _from_workdir(workdir: str, *, step, batch_size) -> Encoder:
   return Encoder(name=workdir, system=str(config.system), image_size=int(config.data.image_size),
                  data_config=config.data, embed_images=images, embed_texts=texts,
                  embed_composed=composed, batch_size=batch_size,
-                 identity=model_identity(workdir, loaded_step, params))
+                 identity=model_identity(workdir, loaded_step, params),
+                 matryoshka_dims=tuple(getattr(system, "matryoshka_dims", ()) or ()))
 
 
 def _batched2(fn, a: np.ndarray, b: np.ndarray, batch_size: int) -> np.ndarray:
@@ -199,7 +203,8 @@ def _from_hf_dir(path: str, *, batch_size) -> Encoder:
   return Encoder(name=path, system="hf_clip", image_size=size, data_config=data,
                  embed_images=lambda x: fclip.encode_images(np.asarray(x, np.uint8)),
                  embed_texts=lambda s: fclip.encode_text(list(s)), batch_size=batch_size,
-                 identity=model_identity(path, None, fclip.params))
+                 identity=model_identity(path, None, fclip.params),
+                 matryoshka_dims=fclip.matryoshka_dims)
 
 
 def load_image(image: Any, size: int) -> np.ndarray:

@@ -7,8 +7,19 @@ order), its image embedded by the model (`encoders.Encoder`), and the embeddings
 vector index of any `index.KINDS` (exact, or FAISS IVF-Flat / IVF-PQ / HNSW). Row i of the index
 is product i of the split (the dataset `index`), as in the retrieval evaluator.
 
+A smaller index (Matryoshka): with `dim=m` the index holds the first m coordinates of each image
+embedding, re-L2-normalised (`losses.matryoshka.truncate_and_normalize`, the cut the trainer's
+loss and the retrieval evaluator's `@d<m>` metrics use), so an index of a model trained with
+`model.matryoshka_dims` containing m ranks exactly as the evaluator's width-m retrieval, in
+m/D of the memory. Query embeddings at the model's width D are cut the same way before the
+search (`ProductIndex.index_queries`); ones already m wide are used as they are. A width the
+model was not trained at (or any width of a model trained without Matryoshka) is allowed with a
+logged warning: its prefixes are not trained to stand alone, so measure them first
+(`text_query_hits`, `launch.search evaluate`).
+
 Saved as a directory:
-  meta.json        model path, dataset, split, dimension, text fields, counts; the index's
+  meta.json        model path, dataset, split, dim (the index's width m) and model_dim (the
+                   model's width D; equal unless built with dim=m), text fields, counts; the index's
                    `kind` and `index_params` (every build and default search parameter,
                    index.resolve_params); and model_identity: {path, step, fingerprint} of the
                    model that embedded the images (encoders.Encoder.identity)
@@ -46,6 +57,7 @@ import numpy as np
 from fashion_jax.search import encoders as encoders_lib
 from fashion_jax.search import index as index_lib
 from fashion_jax.data import pipeline
+from fashion_jax.losses import matryoshka
 
 INDEX_FILES = ("index.npz", "index.faiss")
 SHOW_FIELDS = ("product_id", "title", "category", "subcategory", "brand", "season", "color")
@@ -190,14 +202,37 @@ class ProductIndex:
     return k
 
   # -- queries ---------------------------------------------------------------------------------
+  @property
+  def dim(self) -> int:
+    """m: the width of the indexed vectors."""
+    return int(self.meta["dim"])
+
+  @property
+  def model_dim(self) -> int:
+    """D: the width of the model's embeddings (= dim unless built with dim=m < D)."""
+    return int(self.meta.get("model_dim", self.meta["dim"]))
+
+  def index_queries(self, query_embeddings: np.ndarray) -> np.ndarray:
+    """float [Q, D] or [Q, m] -> float32 [Q, m]: the model's D-wide query embeddings cut to
+    the index's first m coordinates and re-normalised (module docstring); m-wide ones as they
+    are. Any other width is a ValueError naming both widths."""
+    q = np.asarray(query_embeddings, np.float32)
+    if q.ndim != 2 or q.shape[1] not in (self.dim, self.model_dim):
+      widths = (f"{self.model_dim} (the model's width, cut to the index's first {self.dim}) "
+                f"or {self.dim}" if self.dim != self.model_dim else str(self.dim))
+      raise ValueError(f"query embeddings of shape {q.shape}: this index takes [Q, {widths}] "
+                       "float vectors.")
+    return q if q.shape[1] == self.dim else matryoshka.truncate_and_normalize(q, self.dim)
+
   def search(self, query_embeddings: np.ndarray, k: int, **kwargs) -> list[list[Hit]]:
-    """float [Q, D] -> Q lists of up to k Hits, best first (k capped as `resolve_k`).
+    """float [Q, D] (or [Q, m], `index_queries`) -> Q lists of up to k Hits, best first (k
+    capped as `resolve_k`).
 
     The embeddings must come from the index's model; the search_* methods check that.
     kwargs: the index's search-time parameters for this query (index.SEARCH_PARAMS: nprobe,
     efSearch, refine); a name the index's kind does not have is a ValueError naming it."""
     k = self.resolve_k(k)
-    scores, rows = self.index.search(np.asarray(query_embeddings, np.float32), k, **kwargs)
+    scores, rows = self.index.search(self.index_queries(query_embeddings), k, **kwargs)
     return [[Hit(r + 1, float(s), int(i), self.products[int(i)])
              for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0]
             for srow, irow in zip(scores, rows)]
@@ -249,14 +284,15 @@ class ProductIndex:
     fields: the product fields joined into the query (default: the evaluator's text fields,
     meta['text_fields']); rows: the products whose texts are the queries (default all; a
     subset for large catalogs, see `sample_rows`); queries: their text embeddings when the
-    caller already has them (float [len(rows), D]). Returns {'HITS@k', 'num_queries'}.
+    caller already has them (float [len(rows), D] or [len(rows), m]). Returns {'HITS@k',
+    'num_queries'}.
     """
     rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
     search_k = self.resolve_k(k)
     self.check_model(encoder)
     if queries is None:
       queries = encoder.embed_texts(self.query_texts(fields, rows))
-    _, found = self.index.search(queries, search_k, **kwargs)
+    _, found = self.index.search(self.index_queries(queries), search_k, **kwargs)
     hits = (found == rows[:, None]).any(axis=1)
     return {f"HITS@{k}": float(hits.mean()), "num_queries": float(len(rows))}
 
@@ -276,9 +312,42 @@ def _thumbnail(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
+def check_index_dim(dim: Any, width: int | None = None, trained: Sequence[int] | None = None,
+                    model: str = "the model") -> tuple[int, str | None]:
+  """(m, warning or None) for an index of the first `dim` coordinates (0 = the full width).
+
+  width: D, the model's embedding width (None: only the type is checked). trained: the widths
+  the model was trained at (its matryoshka_dims, 0 = D; () = trained without Matryoshka; None =
+  not recorded). ValueError naming the value for a non-int, a negative dim or one above D; the
+  warning (module docstring) for a width the model was not trained at.
+  """
+  if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 0:
+    raise ValueError(f"dim={dim!r}: the index width must be an int >= 0 (0 = the model's full "
+                     "width).")
+  if width is None or dim in (0, width):
+    return (width or 0) if dim == 0 else int(dim), None
+  if dim > width:
+    raise ValueError(f"dim={dim} exceeds the width of {model}'s embeddings ({width}): an index "
+                     f"holds at most all {width} coordinates (dim=0).")
+  cut = f"the first {dim} of its {width} coordinates"
+  if trained is None:
+    return int(dim), (f"dim={dim}: {model} records no Matryoshka widths, so {cut} may not be "
+                      "trained to stand alone; check the index with `launch.search evaluate`.")
+  resolved = sorted(width if d == 0 else int(d) for d in trained)
+  if not resolved:
+    return int(dim), (f"dim={dim}: {model} was trained without Matryoshka "
+                      f"(model.matryoshka_dims is empty), so {cut} are not trained to stand "
+                      "alone; check the index with `launch.search evaluate`.")
+  if dim not in resolved:
+    return int(dim), (f"dim={dim} is not one of the widths {model} was trained at {resolved}; "
+                      f"{cut} are not trained to stand alone; check the index with "
+                      "`launch.search evaluate`.")
+  return int(dim), None
+
+
 def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str, *,
                         data_dir: str = "", kind: str = "exact", thumb_size: int = 64,
-                        max_products: int | None = None, batch_size: int = 64,
+                        max_products: int | None = None, batch_size: int = 64, dim: int = 0,
                         **index_kwargs) -> ProductIndex:
   """Embeds every product of `dataset`:`split` and indexes it (module docstring).
 
@@ -292,7 +361,9 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
     max_products: stop after this many (None = the whole split).
     batch_size: eval batch size (the retrieval evaluator's default is 64; the same batch shape
       gives bit-identical embeddings).
+    dim: index the first `dim` coordinates, re-normalised (module docstring); 0 = all D.
   """
+  check_index_dim(dim)  # The type, before the catalog is read; the range after the first batch.
   config = ml_collections.ConfigDict({"data": encoder.data_config.to_dict()})
   config.data.name = dataset
   config.data.data_dir = data_dir
@@ -309,6 +380,11 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
     # The whole padded batch goes through the model (the evaluator's shapes), then the padding
     # rows are dropped.
     e = encoder.embed_images(batch["image"])[valid]
+    if not embs:
+      width = e.shape[1]
+      dim, note = check_index_dim(dim, width, encoder.matryoshka_dims, encoder.name)
+      if note:
+        logging.warning(note)
     embs.append(e)
     for r in np.flatnonzero(valid):
       products.append({f: str(batch[f][r]) for f in fields})
@@ -320,9 +396,11 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
     raise ValueError(f"{dataset}:{split} yielded no product.")
   n = min(len(products), max_products or len(products))
   vectors = np.concatenate(embs)[:n]
+  if dim != width:
+    vectors = matryoshka.truncate_and_normalize(vectors, dim)
   index = index_lib.build_index(vectors, kind, **index_kwargs)
   meta = {"model": encoder.name, "system": encoder.system, "dataset": dataset, "split": split,
-          "data_dir": data_dir, "kind": kind, "dim": int(vectors.shape[1]), "num_products": n,
+          "data_dir": data_dir, "kind": kind, "dim": dim, "model_dim": width, "num_products": n,
           "image_size": encoder.image_size, "text_fields": list(text_fields),
           "fields": list(fields), "thumb_size": thumb_size,
           "model_identity": encoder.identity, "index_params": index.description()["params"]}

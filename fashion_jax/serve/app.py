@@ -258,6 +258,7 @@ class Engine:
         "num_products": self.n, "model": self.encoder.name, "system": self.encoder.system,
         "index_kind": meta.get("kind"), "dataset": meta.get("dataset"),
         "split": meta.get("split"), "dim": meta.get("dim"),
+        "model_dim": meta.get("model_dim", meta.get("dim")),
         "supports_composed": self.encoder.supports_composed,
         "has_thumbnails": self.index.thumbs is not None,
         "fields": sorted(self.index.products[0]) if self.n else [],

@@ -502,13 +502,16 @@ class System:
     tokenizer, preprocessor.
 
     A sigmoid-trained CLIP's `logit_bias` is not part of the CLIPModel format and is left out
-    (logged): rankings and softmax zero-shot do not depend on it.
+    (logged): rankings and softmax zero-shot do not depend on it. model.matryoshka_dims goes
+    into config.json as `matryoshka_dims`.
     """
     if self.family == "siglip":
       return hf_siglip.save_siglip(out_dir, self.model_config, params,
-                                   tokenizer=self.tokenizer.hf, overwrite=overwrite)
+                                   tokenizer=self.tokenizer.hf, overwrite=overwrite,
+                                   matryoshka_dims=self.matryoshka_dims)
     if self._extra_bias:
       logging.warning("export: the sigmoid loss's logit_bias=%s is not part of a CLIPModel "
                       "directory and is left out.", np.asarray(params["logit_bias"]))
     return hf_clip.save_clip(out_dir, self.model_config, self._model_params(params),
-                             tokenizer=self.tokenizer.hf, overwrite=overwrite)
+                             tokenizer=self.tokenizer.hf, overwrite=overwrite,
+                             matryoshka_dims=self.matryoshka_dims)
