@@ -56,6 +56,13 @@ _THUMB = flags.DEFINE_integer("thumb_size", 64, "Thumbnail side stored for sheet
 _DIM = flags.DEFINE_integer("dim", 0, "build: index the first DIM coordinates of each embedding, "
                             "re-normalised (a Matryoshka model's smaller index; queries are cut "
                             "the same way); 0 = the full width.")
+_RERANK_DIM = flags.DEFINE_integer(
+    "rerank_dim", 0, "build: also keep each product's first RERANK_DIM coordinates (above --dim, "
+    "at most the model's width) and re-score each query's shortlist with them (a Matryoshka "
+    "funnel); 0 = none.")
+_SHORTLIST = flags.DEFINE_integer(
+    "shortlist", None, "query/evaluate on a funnel index (--rerank_dim): products re-scored per "
+    f"query (default {products.DEFAULT_SHORTLIST}, at least --k).")
 _MAX = flags.DEFINE_integer("max_products", None, "Index at most this many products.")
 _TEXT = flags.DEFINE_multi_string("text", [], "Text query (repeatable); with --image: the "
                                   "modification text of a TGIR query.")
@@ -97,6 +104,18 @@ def _search_params(index) -> dict[str, int]:
   return params
 
 
+def _shortlist(index) -> dict[str, int]:
+  """{'shortlist': --shortlist} for the ProductIndex queries, checked before the model loads."""
+  if _SHORTLIST.value is None:
+    return {}
+  if index.rerank is None:
+    raise app.UsageError(f"--shortlist={_SHORTLIST.value}: this index has no rerank vectors "
+                         "(build it with --rerank_dim for a funnel).")
+  if _SHORTLIST.value < 1:
+    raise app.UsageError(f"--shortlist={_SHORTLIST.value} must be >= 1.")
+  return {"shortlist": _SHORTLIST.value}
+
+
 def _load_index():
   try:
     return products.ProductIndex.load(_INDEX_DIR.value,
@@ -130,17 +149,20 @@ def build():
   if bad:  # Before the model and the catalog are read.
     raise app.UsageError(f"--params: {bad} are not parameters of --kind={_KIND.value}; it has "
                          f"{list(index_lib.PARAM_DEFAULTS[_KIND.value])}.")
-  try:
-    products.check_index_dim(_DIM.value)
-  except ValueError as e:
-    raise app.UsageError(f"--dim: {e}") from e
+  for flag in (_DIM, _RERANK_DIM):
+    try:
+      products.check_index_dim(flag.value)
+    except ValueError as e:
+      raise app.UsageError(f"--{flag.name}: {e}") from e
   enc = encoders.load_encoder(_MODEL.value, step=_STEP.value)
   index = products.build_product_index(enc, _DATASET.value, _SPLIT.value,
                                        data_dir=_DATA_DIR.value, kind=_KIND.value,
                                        thumb_size=_THUMB.value, max_products=_MAX.value,
-                                       dim=_DIM.value, **params)
+                                       dim=_DIM.value, rerank_dim=_RERANK_DIM.value, **params)
   index.save(_INDEX_DIR.value)
   cut = (f" of the model's {index.model_dim}" if index.dim != index.model_dim else "")
+  if index.rerank is not None:
+    cut += f", re-scored at {index.rerank.shape[1]}"
   print(f"indexed {len(index)} products of {_DATASET.value}:{_SPLIT.value} ({_KIND.value} "
         f"{index.meta['index_params']}, dim {index.dim}{cut}) -> {_INDEX_DIR.value}")
 
@@ -155,7 +177,7 @@ def query():
     raise app.UsageError(f"--text: {e}") from e
   index = _load_index()
   k = _k(index)
-  kw = _search_params(index)
+  kw = {**_search_params(index), **_shortlist(index)}
   enc = _encoder(index)
   queries, results = [], []
   if images and texts:  # Text-modified image queries, paired in order.
@@ -186,6 +208,7 @@ def evaluate():
   index = _load_index()
   k = _k(index)
   kw = _search_params(index)
+  funnel = _shortlist(index)
   enc = _encoder(index)
   kind = index.meta.get("kind", "exact")
   if _RECALL.value and kind == "exact":
@@ -194,12 +217,16 @@ def evaluate():
   params = {n: kw.get(n, index.index.description()["params"][n])
             for n in index_lib.SEARCH_PARAMS[kind]}
   width = (f", dim {index.dim} of {index.model_dim}" if index.dim != index.model_dim else "")
+  if index.rerank is not None:
+    width += (f", re-scored at {index.rerank.shape[1]} over a shortlist of "
+              f"{funnel.get('shortlist', products.DEFAULT_SHORTLIST)}")
   out = {"protocol": f"full ({index.meta['split']}, {len(index)} products, {kind}{width}"
                      f"{' ' + str(params) if params else ''}; queries: {len(rows)} products' "
                      "texts)"}
-  q = index.index_queries(enc.embed_texts(index.query_texts(_FIELDS.value, rows)))
-  out.update(index.text_query_hits(enc, _K.value, rows=rows, queries=q, **kw))
-  if _RECALL.value:
+  full = enc.embed_texts(index.query_texts(_FIELDS.value, rows))
+  out.update(index.text_query_hits(enc, _K.value, rows=rows, queries=full, **kw, **funnel))
+  if _RECALL.value:  # The approximate index against exact search over the same vectors.
+    q = index.index_queries(full)
     exact = index_lib.ExactIndex(index.index.reconstruct())
     _, ids_e, t_e = index_lib.timed_search(exact, q, k)
     _, ids_a, t_a = index_lib.timed_search(index.index, q, k, **kw)

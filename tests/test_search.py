@@ -11,6 +11,7 @@
 - `python -m launch.search query` prints the results and writes a PNG contact sheet.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -212,6 +213,53 @@ def test_matryoshka_index_ranks_as_the_evaluator_at_its_width(trained, tmp_path,
   assert "dim=8 is not one of the widths" in caplog.text and "[4, 16]" in caplog.text
 
 
+def test_funnel_rescores_the_small_index_shortlist_at_the_wider_width(trained, tmp_path):
+  """dim=4, rerank_dim=16: a shortlist of every product is exact width-16 search (the
+  evaluator's full-width R@K); a shorter one re-orders the width-4 index's own shortlist by the
+  width-16 cosine (float64 formulas); the rerank vectors survive save/load; bad widths and
+  shortlists are named."""
+  from fashion_jax.search import encoders, products  # pylint: disable=g-import-not-at-top
+  workdir, data_dir, metrics = trained
+  enc = encoders.load_encoder(workdir)
+  build = functools.partial(products.build_product_index, enc, "synthetic_catalog/tiny", "test",
+                            data_dir=data_dir)
+  funnel = build(dim=4, rerank_dim=16)
+  assert funnel.rerank.shape == (8, 16) and funnel.meta["rerank_dim"] == 16
+  full = build().index.reconstruct().astype(np.float64)
+  small = funnel.index.reconstruct().astype(np.float64)
+  for k in (1, 3):
+    got = funnel.text_query_hits(enc, k=k, shortlist=8)[f"HITS@{k}"]
+    assert got == pytest.approx(metrics[f"test/full/t2i_R@{k}"], abs=1e-9), k
+  q = enc.embed_texts(funnel.query_texts()).astype(np.float64)
+  q4 = q[:, :4] / np.linalg.norm(q[:, :4], axis=1, keepdims=True)
+  wide = q @ full.T
+  assert ([[h.row for h in hits] for hits in funnel.search(q, 8, shortlist=8)]
+          == np.argsort(-wide, axis=1, kind="stable").tolist())
+  short = np.argsort(-(q4 @ small.T), axis=1, kind="stable")[:, :3]   # The width-4 shortlist.
+  want = [row[np.argsort(-wide[i, row], kind="stable")][:2].tolist()
+          for i, row in enumerate(short)]
+  got = funnel.search(q, 2, shortlist=3)
+  assert [[h.row for h in hits] for hits in got] == want
+  np.testing.assert_allclose([[h.score for h in hits] for hits in got],
+                             np.take_along_axis(wide, np.asarray(want), axis=1), atol=1e-5)
+  funnel.save(str(tmp_path / "funnel"))
+  back = products.ProductIndex.load(str(tmp_path / "funnel"))
+  assert [[h.row for h in hits] for hits in back.search(q, 2, shortlist=3)] == want
+  with pytest.raises(ValueError, match=r"re-scores at width 16, so it takes \[Q, 16\]"):
+    funnel.search(q4, 2)
+  with pytest.raises(ValueError, match=r"shortlist=0 must be an int >= 1"):
+    funnel.search(q, 2, shortlist=0)
+  with pytest.raises(ValueError, match=r"shortlist=5: this index has no rerank vectors"):
+    build(dim=4).search(q, 2, shortlist=5)
+  for dim, rerank_dim in ((4, 4), (4, 17), (0, 16)):
+    with pytest.raises(ValueError, match=rf"rerank_dim={rerank_dim}: a funnel re-scores at a "
+                                         r"width above the index's dim"):
+      build(dim=dim, rerank_dim=rerank_dim)
+  # Saving a plain index over the funnel's directory leaves no stale rerank vectors.
+  build(dim=4).save(str(tmp_path / "funnel"))
+  assert products.ProductIndex.load(str(tmp_path / "funnel")).rerank is None
+
+
 def test_search_cli_query_writes_a_sheet(trained, tmp_path):
   from fashion_jax.search import encoders, products  # pylint: disable=g-import-not-at-top
   workdir, data_dir, _ = trained
@@ -267,10 +315,11 @@ def test_search_cli_builds_a_faiss_index_and_overrides_its_knob(trained, tmp_pat
   """`build --kind=ivf_flat --params=... --dim=8` records the parameters and the width (8 of
   16, with the warning that the model was not trained at 8); `query --params=nprobe=...`
   overrides the search knob for one run (all lists: the exact index's answer); a parameter the
-  kind does not have is refused before the model loads."""
+  kind does not have is refused before the model loads; `build --dim=4 --rerank_dim=16` makes
+  a funnel whose `evaluate --shortlist=8` (every product) is exact full-width search."""
   pytest.importorskip("faiss")
   from fashion_jax.search import encoders, products  # pylint: disable=g-import-not-at-top
-  workdir, data_dir, _ = trained
+  workdir, data_dir, metrics = trained
   env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
   idx_dir = str(tmp_path / "idx")
 
@@ -302,3 +351,15 @@ def test_search_cli_builds_a_faiss_index_and_overrides_its_knob(trained, tmp_pat
   assert [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("    ")] == want
   proc = cli("query", f"--text={text}", "--params=efSearch=5")
   assert proc.returncode != 0 and "['efSearch'] are not search parameters" in proc.stderr
+  # A funnel: a width-4 IVF index re-scored at 16; a shortlist of all 8 products is exact
+  # full-width search, so `evaluate` gives the evaluator's full-width t2i R@3.
+  proc = cli("build", f"--model={workdir}", "--dataset=synthetic_catalog/tiny",
+             f"--data_dir={data_dir}", "--kind=ivf_flat", "--params=nlist=2,nprobe=2", "--dim=4",
+             "--rerank_dim=16")
+  assert proc.returncode == 0 and "dim 4 of the model's 16, re-scored at 16" in proc.stdout, \
+      proc.stderr[-2000:]
+  proc = cli("evaluate", "--k=3", "--shortlist=8")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout[proc.stdout.index("{"):])
+  assert "dim 4 of 16, re-scored at 16 over a shortlist of 8" in out["protocol"]
+  assert out["HITS@3"] == pytest.approx(metrics["test/full/t2i_R@3"], abs=1e-9)

@@ -17,6 +17,13 @@ model was not trained at (or any width of a model trained without Matryoshka) is
 logged warning: its prefixes are not trained to stand alone, so measure them first
 (`text_query_hits`, `launch.search evaluate`).
 
+A funnel (Matryoshka's adaptive retrieval): with `rerank_dim=M` (dim < M <= D) the index also
+keeps each product's first M coordinates, re-normalised (rerank.npy, float32 [N, M], memory-
+mapped when loaded). A query then takes the `shortlist` best products of the small index
+(default DEFAULT_SHORTLIST, at least k) and re-orders them by their width-M cosine; with a
+shortlist of every product that is exact width-M search. Queries must then come at the model's
+width D (or M): an m-wide query cannot be re-scored.
+
 Saved as a directory:
   meta.json        model path, dataset, split, dim (the index's width m) and model_dim (the
                    model's width D; equal unless built with dim=m), text fields, counts; the index's
@@ -29,6 +36,7 @@ Saved as a directory:
   products.json    per product: product_id, title and the tag fields the dataset has, plus the
                    text the model's evaluator would pair with it (config.data.text_fields joined)
   thumbs.npy       uint8 [N, t, t, 3] thumbnails for contact sheets (optional, --thumb_size)
+  rerank.npy       float32 [N, M] width-M vectors of a funnel (optional, rerank_dim)
 
 Query: text, image, or text-modified image (TGIR) -> the k best products with their scores.
 Every query first checks that the encoder is the model the index was built with (same params
@@ -60,6 +68,7 @@ from fashion_jax.data import pipeline
 from fashion_jax.losses import matryoshka
 
 INDEX_FILES = ("index.npz", "index.faiss")
+DEFAULT_SHORTLIST = 200  # Products a funnel re-scores per query (MRL's adaptive retrieval: 200).
 SHOW_FIELDS = ("product_id", "title", "category", "subcategory", "brand", "season", "color")
 
 
@@ -117,6 +126,7 @@ class ProductIndex:
   thumbs: np.ndarray | None = None
   allow_model_mismatch: bool = False
   directory: str | None = None
+  rerank: np.ndarray | None = None
   _unchecked_warned: bool = dataclasses.field(default=False, init=False, repr=False)
 
   def __len__(self) -> int:
@@ -137,11 +147,12 @@ class ProductIndex:
       json.dump(self.products, f)
     with open(os.path.join(directory, "meta.json"), "w") as f:
       json.dump(self.meta, f, indent=1)
-    thumbs = os.path.join(directory, "thumbs.npy")
-    if self.thumbs is not None:
-      np.save(thumbs, self.thumbs)
-    elif os.path.exists(thumbs):
-      os.remove(thumbs)
+    for name, array in (("thumbs.npy", self.thumbs), ("rerank.npy", self.rerank)):
+      path = os.path.join(directory, name)
+      if array is not None:
+        np.save(path, array)
+      elif os.path.exists(path):
+        os.remove(path)
     return directory
 
   @classmethod
@@ -157,9 +168,11 @@ class ProductIndex:
     kind = meta.get("kind", "exact")
     name = "index.npz" if kind in ("exact", "ivf") else "index.faiss"
     index = index_lib.load_index(os.path.join(directory, name), kind, meta.get("index_params"))
+    rerank = os.path.join(directory, "rerank.npy")
     return cls(index, products, meta,
                np.load(thumbs) if os.path.exists(thumbs) else None,
-               allow_model_mismatch=allow_model_mismatch, directory=directory)
+               allow_model_mismatch=allow_model_mismatch, directory=directory,
+               rerank=np.load(rerank, mmap_mode="r") if os.path.exists(rerank) else None)
 
   # -- the model ---------------------------------------------------------------------------------
   def check_model(self, encoder: encoders_lib.Encoder) -> None:
@@ -224,15 +237,47 @@ class ProductIndex:
                        "float vectors.")
     return q if q.shape[1] == self.dim else matryoshka.truncate_and_normalize(q, self.dim)
 
+  def _search_rows(self, queries: np.ndarray, k: int, shortlist: int | None = None,
+                   **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """(scores float32 [Q, k], rows int64 [Q, k], -1 = none) of the index, or of the funnel
+    when the index has rerank vectors (module docstring); k already resolved."""
+    if self.rerank is None:
+      if shortlist is not None:
+        raise ValueError(f"shortlist={shortlist!r}: this index has no rerank vectors (build it "
+                         "with rerank_dim / --rerank_dim for a funnel).")
+      return self.index.search(self.index_queries(queries), k, **kwargs)
+    width = self.rerank.shape[1]
+    q = np.asarray(queries, np.float32)
+    if q.ndim != 2 or q.shape[1] not in (self.model_dim, width):
+      raise ValueError(f"query embeddings of shape {q.shape}: this funnel index re-scores at "
+                       f"width {width}, so it takes [Q, {self.model_dim}] (the model's width) "
+                       f"or [Q, {width}] float vectors.")
+    shortlist = DEFAULT_SHORTLIST if shortlist is None else shortlist
+    if isinstance(shortlist, bool) or not isinstance(shortlist, (int, np.integer)) \
+        or shortlist < 1:
+      raise ValueError(f"shortlist={shortlist!r} must be an int >= 1 (products re-scored per "
+                       "query).")
+    n = min(max(k, int(shortlist)), len(self))
+    _, cand = self.index.search(matryoshka.truncate_and_normalize(q, self.dim), n, **kwargs)
+    wide = q if q.shape[1] == width else matryoshka.truncate_and_normalize(q, width)
+    found = cand >= 0
+    scores = np.einsum("qm,qsm->qs", wide, np.asarray(self.rerank[np.where(found, cand, 0)]))
+    scores = np.where(found, scores, -np.inf).astype(np.float32)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(scores, order, axis=1)
+    rows = np.where(np.isfinite(scores), np.take_along_axis(cand, order, axis=1), -1)
+    return scores, rows
+
   def search(self, query_embeddings: np.ndarray, k: int, **kwargs) -> list[list[Hit]]:
     """float [Q, D] (or [Q, m], `index_queries`) -> Q lists of up to k Hits, best first (k
     capped as `resolve_k`).
 
     The embeddings must come from the index's model; the search_* methods check that.
-    kwargs: the index's search-time parameters for this query (index.SEARCH_PARAMS: nprobe,
-    efSearch, refine); a name the index's kind does not have is a ValueError naming it."""
+    kwargs: `shortlist` of a funnel index (module docstring), and the index's search-time
+    parameters for this query (index.SEARCH_PARAMS: nprobe, efSearch, refine); a name the
+    index's kind does not have is a ValueError naming it."""
     k = self.resolve_k(k)
-    scores, rows = self.index.search(self.index_queries(query_embeddings), k, **kwargs)
+    scores, rows = self._search_rows(query_embeddings, k, **kwargs)
     return [[Hit(r + 1, float(s), int(i), self.products[int(i)])
              for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0]
             for srow, irow in zip(scores, rows)]
@@ -292,7 +337,7 @@ class ProductIndex:
     self.check_model(encoder)
     if queries is None:
       queries = encoder.embed_texts(self.query_texts(fields, rows))
-    _, found = self.index.search(self.index_queries(queries), search_k, **kwargs)
+    _, found = self._search_rows(queries, search_k, **kwargs)
     hits = (found == rows[:, None]).any(axis=1)
     return {f"HITS@{k}": float(hits.mean()), "num_queries": float(len(rows))}
 
@@ -348,7 +393,7 @@ def check_index_dim(dim: Any, width: int | None = None, trained: Sequence[int] |
 def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str, *,
                         data_dir: str = "", kind: str = "exact", thumb_size: int = 64,
                         max_products: int | None = None, batch_size: int = 64, dim: int = 0,
-                        **index_kwargs) -> ProductIndex:
+                        rerank_dim: int = 0, **index_kwargs) -> ProductIndex:
   """Embeds every product of `dataset`:`split` and indexes it (module docstring).
 
   Args:
@@ -362,8 +407,11 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
     batch_size: eval batch size (the retrieval evaluator's default is 64; the same batch shape
       gives bit-identical embeddings).
     dim: index the first `dim` coordinates, re-normalised (module docstring); 0 = all D.
+    rerank_dim: M of a funnel (module docstring): dim < M <= D; 0 = no funnel.
   """
-  check_index_dim(dim)  # The type, before the catalog is read; the range after the first batch.
+  # The types, before the catalog is read; the ranges after the first batch.
+  check_index_dim(dim)
+  check_index_dim(rerank_dim)
   config = ml_collections.ConfigDict({"data": encoder.data_config.to_dict()})
   config.data.name = dataset
   config.data.data_dir = data_dir
@@ -385,6 +433,14 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
       dim, note = check_index_dim(dim, width, encoder.matryoshka_dims, encoder.name)
       if note:
         logging.warning(note)
+      if rerank_dim:
+        if not dim < rerank_dim <= width:
+          raise ValueError(f"rerank_dim={rerank_dim}: a funnel re-scores at a width above the "
+                           f"index's dim={dim} and at most the model's {width}.")
+        rerank_dim, note = check_index_dim(rerank_dim, width, encoder.matryoshka_dims,
+                                           encoder.name)
+        if note:
+          logging.warning("rerank_%s", note)
     embs.append(e)
     for r in np.flatnonzero(valid):
       products.append({f: str(batch[f][r]) for f in fields})
@@ -396,6 +452,7 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
     raise ValueError(f"{dataset}:{split} yielded no product.")
   n = min(len(products), max_products or len(products))
   vectors = np.concatenate(embs)[:n]
+  rerank = matryoshka.truncate_and_normalize(vectors, rerank_dim) if rerank_dim else None
   if dim != width:
     vectors = matryoshka.truncate_and_normalize(vectors, dim)
   index = index_lib.build_index(vectors, kind, **index_kwargs)
@@ -403,5 +460,7 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
           "data_dir": data_dir, "kind": kind, "dim": dim, "model_dim": width, "num_products": n,
           "image_size": encoder.image_size, "text_fields": list(text_fields),
           "fields": list(fields), "thumb_size": thumb_size,
-          "model_identity": encoder.identity, "index_params": index.description()["params"]}
-  return ProductIndex(index, products[:n], meta, np.stack(thumbs[:n]) if thumbs else None)
+          "model_identity": encoder.identity, "index_params": index.description()["params"],
+          "rerank_dim": rerank_dim}
+  return ProductIndex(index, products[:n], meta, np.stack(thumbs[:n]) if thumbs else None,
+                      rerank=rerank)
