@@ -390,11 +390,54 @@ def check_index_dim(dim: Any, width: int | None = None, trained: Sequence[int] |
   return int(dim), None
 
 
+def check_widths(dim: Any, rerank_dim: Any, width: int,
+                 trained: Sequence[int] | None = None, model: str = "the model",
+                 warn: bool = True) -> tuple[int, int]:
+  """(m, M) of an index of the first `dim` of `width` coordinates and its funnel's rerank width
+  (0 = none): `check_index_dim` for each (its warnings logged when `warn`), and dim < M <= width
+  for a funnel, else a ValueError naming rerank_dim."""
+  dim, note = check_index_dim(dim, width, trained, model)
+  if note and warn:
+    logging.warning(note)
+  check_index_dim(rerank_dim)
+  if not rerank_dim:
+    return dim, 0
+  if not dim < rerank_dim <= width:
+    raise ValueError(f"rerank_dim={rerank_dim}: a funnel re-scores at a width above the index's "
+                     f"dim={dim} and at most the model's {width}.")
+  rerank_dim, note = check_index_dim(rerank_dim, width, trained, model)
+  if note and warn:
+    logging.warning("rerank_%s", note)
+  return dim, rerank_dim
+
+
+def index_vectors(vectors: np.ndarray, records: list[dict[str, str]], meta: dict[str, Any], *,
+                  kind: str = "exact", dim: int = 0, rerank_dim: int = 0,
+                  thumbs: np.ndarray | None = None, trained: Sequence[int] | None = None,
+                  warn: bool = True, **index_kwargs) -> ProductIndex:
+  """A ProductIndex over the model's unit embeddings `vectors` float [N, D] of `records`: cut to
+  `dim` (and `rerank_dim`, a funnel) as the module docstring says, indexed as `kind` with
+  index_kwargs. `meta` (model, dataset, ...) is completed with kind, dim, model_dim,
+  rerank_dim, num_products and index_params. trained, warn: the model's Matryoshka widths for
+  the warnings of `check_widths`, and whether to log them."""
+  width = vectors.shape[1]
+  dim, rerank_dim = check_widths(dim, rerank_dim, width, trained, meta.get("model", "the model"),
+                                 warn)
+  rerank = matryoshka.truncate_and_normalize(vectors, rerank_dim) if rerank_dim else None
+  if dim != width:
+    vectors = matryoshka.truncate_and_normalize(vectors, dim)
+  index = index_lib.build_index(vectors, kind, **index_kwargs)
+  meta = dict(meta, kind=kind, dim=dim, model_dim=width, rerank_dim=rerank_dim,
+              num_products=len(records), index_params=index.description()["params"])
+  return ProductIndex(index, records, meta, thumbs, rerank=rerank)
+
+
 def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str, *,
                         data_dir: str = "", kind: str = "exact", thumb_size: int = 64,
                         max_products: int | None = None, batch_size: int = 64, dim: int = 0,
                         rerank_dim: int = 0, **index_kwargs) -> ProductIndex:
-  """Embeds every product of `dataset`:`split` and indexes it (module docstring).
+  """Embeds every product of `dataset`:`split` and indexes it (module docstring;
+  `index_vectors`).
 
   Args:
     encoder: the model.
@@ -409,7 +452,7 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
     dim: index the first `dim` coordinates, re-normalised (module docstring); 0 = all D.
     rerank_dim: M of a funnel (module docstring): dim < M <= D; 0 = no funnel.
   """
-  # The types, before the catalog is read; the ranges after the first batch.
+  # The types before the catalog is read, the widths at its first batch (warnings once).
   check_index_dim(dim)
   check_index_dim(rerank_dim)
   config = ml_collections.ConfigDict({"data": encoder.data_config.to_dict()})
@@ -429,18 +472,8 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
     # rows are dropped.
     e = encoder.embed_images(batch["image"])[valid]
     if not embs:
-      width = e.shape[1]
-      dim, note = check_index_dim(dim, width, encoder.matryoshka_dims, encoder.name)
-      if note:
-        logging.warning(note)
-      if rerank_dim:
-        if not dim < rerank_dim <= width:
-          raise ValueError(f"rerank_dim={rerank_dim}: a funnel re-scores at a width above the "
-                           f"index's dim={dim} and at most the model's {width}.")
-        rerank_dim, note = check_index_dim(rerank_dim, width, encoder.matryoshka_dims,
-                                           encoder.name)
-        if note:
-          logging.warning("rerank_%s", note)
+      dim, rerank_dim = check_widths(dim, rerank_dim, e.shape[1], encoder.matryoshka_dims,
+                                     encoder.name)
     embs.append(e)
     for r in np.flatnonzero(valid):
       products.append({f: str(batch[f][r]) for f in fields})
@@ -451,16 +484,11 @@ def build_product_index(encoder: encoders_lib.Encoder, dataset: str, split: str,
   if not products:
     raise ValueError(f"{dataset}:{split} yielded no product.")
   n = min(len(products), max_products or len(products))
-  vectors = np.concatenate(embs)[:n]
-  rerank = matryoshka.truncate_and_normalize(vectors, rerank_dim) if rerank_dim else None
-  if dim != width:
-    vectors = matryoshka.truncate_and_normalize(vectors, dim)
-  index = index_lib.build_index(vectors, kind, **index_kwargs)
   meta = {"model": encoder.name, "system": encoder.system, "dataset": dataset, "split": split,
-          "data_dir": data_dir, "kind": kind, "dim": dim, "model_dim": width, "num_products": n,
-          "image_size": encoder.image_size, "text_fields": list(text_fields),
-          "fields": list(fields), "thumb_size": thumb_size,
-          "model_identity": encoder.identity, "index_params": index.description()["params"],
-          "rerank_dim": rerank_dim}
-  return ProductIndex(index, products[:n], meta, np.stack(thumbs[:n]) if thumbs else None,
-                      rerank=rerank)
+          "data_dir": data_dir, "image_size": encoder.image_size,
+          "text_fields": list(text_fields), "fields": list(fields), "thumb_size": thumb_size,
+          "model_identity": encoder.identity}
+  # The widths were checked and warned about at the first batch.
+  return index_vectors(np.concatenate(embs)[:n], products[:n], meta, kind=kind, dim=dim,
+                       rerank_dim=rerank_dim, thumbs=np.stack(thumbs[:n]) if thumbs else None,
+                       warn=False, **index_kwargs)
