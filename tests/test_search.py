@@ -194,6 +194,11 @@ def test_matryoshka_index_ranks_as_the_evaluator_at_its_width(trained, tmp_path,
   got = small.search(q, 8)  # 16-wide queries, cut by the index.
   assert [[h.row for h in hits] for hits in got] == want.tolist()
   assert [[h.row for h in hits] for hits in small.search(q4, 8)] == want.tolist()
+  # An index made in memory without meta (the notebooks' per-entity indexes) has the width of
+  # its vectors.
+  bare = products.ProductIndex(small.index, small.products, {})
+  assert (bare.dim, bare.model_dim) == (4, 4)
+  assert [[h.row for h in hits] for hits in bare.search(q4, 8)] == want.tolist()
   with pytest.raises(ValueError, match=r"shape \(8, 7\): this index takes \[Q, 16 \(the "
                                        r"model's width, cut to the index's first 4\) or 4\]"):
     small.search(q[:, :7], 3)

@@ -218,12 +218,12 @@ class ProductIndex:
   @property
   def dim(self) -> int:
     """m: the width of the indexed vectors."""
-    return int(self.meta["dim"])
+    return int(self.meta.get("dim", self.index.dim))
 
   @property
   def model_dim(self) -> int:
     """D: the width of the model's embeddings (= dim unless built with dim=m < D)."""
-    return int(self.meta.get("model_dim", self.meta["dim"]))
+    return int(self.meta.get("model_dim", self.dim))
 
   def index_queries(self, query_embeddings: np.ndarray) -> np.ndarray:
     """float [Q, D] or [Q, m] -> float32 [Q, m]: the model's D-wide query embeddings cut to
