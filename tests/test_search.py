@@ -250,6 +250,9 @@ def test_funnel_rescores_the_small_index_shortlist_at_the_wider_width(trained, t
   funnel.save(str(tmp_path / "funnel"))
   back = products.ProductIndex.load(str(tmp_path / "funnel"))
   assert [[h.row for h in hits] for hits in back.search(q, 2, shortlist=3)] == want
+  back.save(str(tmp_path / "funnel"))  # Over the file its rerank vectors are mapped from.
+  again = products.ProductIndex.load(str(tmp_path / "funnel"))
+  np.testing.assert_array_equal(again.rerank, funnel.rerank)
   with pytest.raises(ValueError, match=r"re-scores at width 16, so it takes \[Q, 16\]"):
     funnel.search(q4, 2)
   with pytest.raises(ValueError, match=r"shortlist=0 must be an int >= 1"):

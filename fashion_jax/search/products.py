@@ -25,10 +25,10 @@ shortlist of every product that is exact width-M search. Queries must then come 
 width D (or M): an m-wide query cannot be re-scored.
 
 Saved as a directory:
-  meta.json        model path, dataset, split, dim (the index's width m) and model_dim (the
-                   model's width D; equal unless built with dim=m), text fields, counts; the index's
-                   `kind` and `index_params` (every build and default search parameter,
-                   index.resolve_params); and model_identity: {path, step, fingerprint} of the
+  meta.json        model path, dataset, split, dim (the index's width m), model_dim (the
+                   model's width D; equal unless built with dim=m) and rerank_dim (M, 0 = no
+                   funnel), text fields, counts; the index's `kind` and `index_params` (every
+                   build and default search parameter, index.resolve_params); and model_identity: {path, step, fingerprint} of the
                    model that embedded the images (encoders.Encoder.identity)
   index.npz        the exact index (vectors) or our IVF (index.py), or
   index.faiss      a FAISS index in faiss' own format (faiss.write_index; reading it needs the
@@ -149,6 +149,9 @@ class ProductIndex:
       json.dump(self.meta, f, indent=1)
     for name, array in (("thumbs.npy", self.thumbs), ("rerank.npy", self.rerank)):
       path = os.path.join(directory, name)
+      if (isinstance(array, np.memmap) and os.path.exists(path)
+          and os.path.samefile(array.filename, path)):
+        continue  # Loaded (memory-mapped) from this very file: rewriting it would truncate it.
       if array is not None:
         np.save(path, array)
       elif os.path.exists(path):
