@@ -154,6 +154,9 @@ def build():
       products.check_index_dim(flag.value)
     except ValueError as e:
       raise app.UsageError(f"--{flag.name}: {e}") from e
+  if _RERANK_DIM.value and not 0 < _DIM.value < _RERANK_DIM.value:
+    raise app.UsageError(f"--rerank_dim={_RERANK_DIM.value} re-scores a smaller index's "
+                         f"shortlist: it needs --dim below it (got --dim={_DIM.value}).")
   enc = encoders.load_encoder(_MODEL.value, step=_STEP.value)
   index = products.build_product_index(enc, _DATASET.value, _SPLIT.value,
                                        data_dir=_DATA_DIR.value, kind=_KIND.value,
@@ -244,9 +247,9 @@ def main(argv):
     raise app.UsageError("--index_dir is required.")
   try:
     commands[argv[1]]()
-  except (products.StaleIndexError, FileNotFoundError) as e:
-    # A stale or missing index, a model or dataset or query image that is not there: the
-    # message names it (and what to run); one line, exit 1.
+  except (products.StaleIndexError, products.IndexWidthError, FileNotFoundError) as e:
+    # A stale or missing index, a model or dataset or query image that is not there, an index
+    # width the model cannot give: the message names it (and what to run); one line, exit 1.
     sys.exit(f"error: {e}")
 
 

@@ -346,6 +346,10 @@ def test_search_cli_builds_a_faiss_index_and_overrides_its_knob(trained, tmp_pat
              f"--data_dir={data_dir}", "--kind=ivf_flat", "--dim=-1")
   assert proc.returncode != 0 and "--dim: dim=-1: the index width must be" in proc.stderr
   proc = cli("build", f"--model={workdir}", "--dataset=synthetic_catalog/tiny",
+             f"--data_dir={data_dir}", "--dim=17")  # Known to be too wide once the model runs.
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: dim=17 exceeds the width")
+  proc = cli("build", f"--model={workdir}", "--dataset=synthetic_catalog/tiny",
              f"--data_dir={data_dir}", "--kind=ivf_flat", "--params=nlist=2,nprobe=1", "--dim=8")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "dim 8 of the model's 16" in proc.stdout

@@ -28,8 +28,9 @@ Saved as a directory:
   meta.json        model path, dataset, split, dim (the index's width m), model_dim (the
                    model's width D; equal unless built with dim=m) and rerank_dim (M, 0 = no
                    funnel), text fields, counts; the index's `kind` and `index_params` (every
-                   build and default search parameter, index.resolve_params); and model_identity: {path, step, fingerprint} of the
-                   model that embedded the images (encoders.Encoder.identity)
+                   build and default search parameter, index.resolve_params); and
+                   model_identity: {path, step, fingerprint} of the model that embedded the
+                   images (encoders.Encoder.identity)
   index.npz        the exact index (vectors) or our IVF (index.py), or
   index.faiss      a FAISS index in faiss' own format (faiss.write_index; reading it needs the
                    `search` extra, pip install -e .[search])
@@ -81,6 +82,10 @@ def join_text(values: Sequence[str]) -> str:
 
 class StaleIndexError(ValueError):
   """The query model is not the model the index was built with (module docstring)."""
+
+
+class IndexWidthError(ValueError):
+  """A bad `dim` / `rerank_dim` for the model's embeddings (module docstring)."""
 
 
 def _describe(identity: dict[str, Any] | None) -> str:
@@ -366,17 +371,17 @@ def check_index_dim(dim: Any, width: int | None = None, trained: Sequence[int] |
 
   width: D, the model's embedding width (None: only the type is checked). trained: the widths
   the model was trained at (its matryoshka_dims, 0 = D; () = trained without Matryoshka; None =
-  not recorded). ValueError naming the value for a non-int, a negative dim or one above D; the
-  warning (module docstring) for a width the model was not trained at.
+  not recorded). IndexWidthError (a ValueError) naming the value for a non-int, a negative dim
+  or one above D; the warning (module docstring) for a width the model was not trained at.
   """
   if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 0:
-    raise ValueError(f"dim={dim!r}: the index width must be an int >= 0 (0 = the model's full "
-                     "width).")
+    raise IndexWidthError(f"dim={dim!r}: the index width must be an int >= 0 (0 = the model's "
+                          "full width).")
   if width is None or dim in (0, width):
     return (width or 0) if dim == 0 else int(dim), None
   if dim > width:
-    raise ValueError(f"dim={dim} exceeds the width of {model}'s embeddings ({width}): an index "
-                     f"holds at most all {width} coordinates (dim=0).")
+    raise IndexWidthError(f"dim={dim} exceeds the width of {model}'s embeddings ({width}): an "
+                          f"index holds at most all {width} coordinates (dim=0).")
   cut = f"the first {dim} of its {width} coordinates"
   if trained is None:
     return int(dim), (f"dim={dim}: {model} records no Matryoshka widths, so {cut} may not be "
@@ -398,7 +403,7 @@ def check_widths(dim: Any, rerank_dim: Any, width: int,
                  warn: bool = True) -> tuple[int, int]:
   """(m, M) of an index of the first `dim` of `width` coordinates and its funnel's rerank width
   (0 = none): `check_index_dim` for each (its warnings logged when `warn`), and dim < M <= width
-  for a funnel, else a ValueError naming rerank_dim."""
+  for a funnel, else an IndexWidthError naming rerank_dim."""
   dim, note = check_index_dim(dim, width, trained, model)
   if note and warn:
     logging.warning(note)
@@ -406,8 +411,8 @@ def check_widths(dim: Any, rerank_dim: Any, width: int,
   if not rerank_dim:
     return dim, 0
   if not dim < rerank_dim <= width:
-    raise ValueError(f"rerank_dim={rerank_dim}: a funnel re-scores at a width above the index's "
-                     f"dim={dim} and at most the model's {width}.")
+    raise IndexWidthError(f"rerank_dim={rerank_dim}: a funnel re-scores at a width above the "
+                          f"index's dim={dim} and at most the model's {width}.")
   rerank_dim, note = check_index_dim(rerank_dim, width, trained, model)
   if note and warn:
     logging.warning("rerank_%s", note)
