@@ -13,6 +13,9 @@
 """
 
 import copy
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -299,6 +302,23 @@ def test_siglip_family_starts_from_an_hf_siglip_dir_and_exports_it(tmp_path):
   with pytest.raises(ValueError, match=r"init.hf_clip_dir=.* does not initialise a "
                                        r"model.family='siglip' model; use init.hf_siglip_dir"):
     fashionclip.System(config)
+
+
+def test_transformers_class_default_id_warning_is_dropped_and_no_other():
+  """transformers warns on every SigLIP config save about its OWN class defaults (bos/eos 49406
+  / 49407 outside a 32,000-token vocabulary); importing our SigLIP model drops exactly those two
+  messages, and a config whose ids are really out of its vocabulary still warns. A fresh
+  process: transformers warns each message once per process."""
+  code = ("import transformers\n"
+          "from fashion_jax.models import siglip\n"
+          "transformers.SiglipConfig().to_json_string()\n"
+          "transformers.SiglipTextConfig(vocab_size=100, bos_token_id=500)\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, cwd=repo)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "(between 0 and 31999), got 4940" not in proc.stderr, proc.stderr[-2000:]
+  assert "(between 0 and 99), got 500." in proc.stderr, proc.stderr[-2000:]
 
 
 def test_open_clip_dir_initialises_the_model_of_its_kind(tmp_path, monkeypatch):
