@@ -219,7 +219,8 @@ def test_matryoshka_index_ranks_as_the_evaluator_at_its_width(trained, tmp_path,
   assert "dim=8 is not one of the widths" in caplog.text and "[4, 16]" in caplog.text
 
 
-def test_funnel_rescores_the_small_index_shortlist_at_the_wider_width(trained, tmp_path):
+def test_funnel_rescores_the_small_index_shortlist_at_the_wider_width(trained, tmp_path,
+                                                                     monkeypatch):
   """dim=4, rerank_dim=16: a shortlist of every product is exact width-16 search (the
   evaluator's full-width R@K); a shorter one re-orders the width-4 index's own shortlist by the
   width-16 cosine (float64 formulas); the rerank vectors survive save/load; bad widths and
@@ -250,6 +251,10 @@ def test_funnel_rescores_the_small_index_shortlist_at_the_wider_width(trained, t
           for i, row in enumerate(short)]
   got = funnel.search(q, 2, shortlist=3)
   assert [[h.row for h in hits] for hits in got] == want
+  # Re-scored a few queries at a time (large query sets): the same hits and scores.
+  monkeypatch.setattr(products, "RERANK_CHUNK_BYTES", 3 * 4 * 3 * 16)  # 3 queries per chunk.
+  assert funnel.search(q, 2, shortlist=3) == got
+  monkeypatch.undo()
   np.testing.assert_allclose([[h.score for h in hits] for hits in got],
                              np.take_along_axis(wide, np.asarray(want), axis=1), atol=1e-5)
   funnel.save(str(tmp_path / "funnel"))

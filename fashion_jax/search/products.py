@@ -70,6 +70,9 @@ from fashion_jax.losses import matryoshka
 
 INDEX_FILES = ("index.npz", "index.faiss")
 DEFAULT_SHORTLIST = 200  # Products a funnel re-scores per query (MRL's adaptive retrieval: 200).
+# A funnel gathers [queries, shortlist, M] float32 rerank vectors; queries go in chunks of at
+# most this many bytes of them (100k queries x 200 x 768 at once would be 61 GB).
+RERANK_CHUNK_BYTES = 64 << 20
 SHOW_FIELDS = ("product_id", "title", "category", "subcategory", "brand", "season", "color")
 
 
@@ -269,7 +272,11 @@ class ProductIndex:
     _, cand = self.index.search(matryoshka.truncate_and_normalize(q, self.dim), n, **kwargs)
     wide = q if q.shape[1] == width else matryoshka.truncate_and_normalize(q, width)
     found = cand >= 0
-    scores = np.einsum("qm,qsm->qs", wide, np.asarray(self.rerank[np.where(found, cand, 0)]))
+    scores = np.empty(cand.shape, np.float32)
+    step = max(1, RERANK_CHUNK_BYTES // (4 * n * width))  # Queries per chunk (module constant).
+    for i in range(0, len(q), step):
+      vectors = np.asarray(self.rerank[np.where(found[i:i + step], cand[i:i + step], 0)])
+      scores[i:i + step] = np.einsum("qm,qsm->qs", wide[i:i + step], vectors)
     scores = np.where(found, scores, -np.inf).astype(np.float32)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     scores = np.take_along_axis(scores, order, axis=1)
