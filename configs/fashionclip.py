@@ -103,7 +103,8 @@ def get_config(arg: str = "smoke"):
                  vision=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512, patch_size=8),
                  text=dict(width=128, num_layers=4, num_heads=4, mlp_dim=512),
                  dtype="float32", scan=False, remat_policy="none", attention_impl="einsum",
-                 seq_pad_multiple=0, pooled_last_layer=False, encode_chunks=1, loss_blocks=1)
+                 seq_pad_multiple=0, pooled_last_layer=False, encode_chunks=1, loss_blocks=1,
+                 field_dedup=0)
   c.init = dict(hf_clip_dir="")
 
   # --- trainer -------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def get_config(arg: str = "smoke"):
     c.model = dict(variant="B/32", projection_dim=None, vision=None, text=None,
                    dtype="float32", scan=False, remat_policy="none",
                    attention_impl="einsum", seq_pad_multiple=0, pooled_last_layer=False,
-                   encode_chunks=1, loss_blocks=1)
+                   encode_chunks=1, loss_blocks=1, field_dedup=0)
     c.init.hf_clip_dir = ""  # Required for the recipe: set it on the command line.
     c.batch_size = 256
     c.total_steps = 20000
@@ -148,7 +149,7 @@ def get_config(arg: str = "smoke"):
     c.model = dict(variant="B/16", projection_dim=None, vision=None, text=None,
                    dtype="bfloat16", scan=True, remat_policy="nothing_saveable",
                    attention_impl="einsum", seq_pad_multiple=0, pooled_last_layer=False,
-                   encode_chunks=2, loss_blocks=8)
+                   encode_chunks=2, loss_blocks=8, field_dedup=0)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.batch_size = 32768
     c.total_steps = 10000

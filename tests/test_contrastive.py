@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fashion_jax.losses import contrastive
@@ -58,3 +59,59 @@ def test_info_nce_sharded_batch_equals_single_device():
       jax.device_put(a, jax.devices()[0]), jax.device_put(b, jax.devices()[0])))
   np.testing.assert_allclose(sharded, single, rtol=1e-6)
   np.testing.assert_allclose(sharded, _numpy_info_nce(a, b, 20.0), rtol=1e-5)
+
+
+def _toy_text_encoder(w):
+  """A row encoder [n, L] int -> [n, D]: embedding, tanh, mean over the row (no batch
+  statistics), with a second output, so pytrees are covered."""
+  def encode(ids):
+    h = jnp.tanh(w["emb"][ids] @ w["dense"])               # [n, L, D]
+    return {"pooled": h.mean(axis=1), "last": h[:, -1]}
+  return encode
+
+
+def _repeated_rows(n=64, length=6, distinct=20, seed=0):
+  rng = np.random.default_rng(seed)
+  vocab = rng.integers(0, 50, (distinct, length))
+  return vocab[rng.integers(0, distinct, n)].astype(np.int32)
+
+
+@pytest.mark.parametrize("max_distinct, falls_back", [(24, False), (8, True), (64, True),
+                                                      (0, True)])
+def test_encode_distinct_equals_encoding_every_row(max_distinct, falls_back):
+  # 64 rows with at most 20 distinct ones, sharded over 8 devices as a batch is. U = 24 encodes
+  # the distinct rows once; U = 8 is too few and falls back to the full encode; U = 64 >= N and
+  # U = 0 (off) encode every row directly. Values and gradients equal encoding every row.
+  ids = _repeated_rows()
+  distinct = len(np.unique(ids, axis=0))
+  rng = np.random.default_rng(1)
+  w = {"emb": jnp.asarray(rng.normal(size=(50, 8)), jnp.float32),
+       "dense": jnp.asarray(rng.normal(size=(8, 8)) / 3, jnp.float32)}
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+  ids_s = jax.device_put(ids, NamedSharding(mesh, P(("data", "fsdp"))))
+  probe = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+
+  def loss(w, ids, fn):
+    out = fn(_toy_text_encoder(w), ids)
+    return jnp.sum(out["pooled"] * probe) + jnp.sum(out["last"] ** 2)
+
+  once = lambda enc, ids: contrastive.encode_distinct(enc, ids, max_distinct)[0]
+  got, got_grad = jax.jit(jax.value_and_grad(lambda w, i: loss(w, i, once)))(w, ids_s)
+  want, want_grad = jax.jit(jax.value_and_grad(
+      lambda w, i: loss(w, i, lambda enc, x: enc(x))))(w, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for k in w:  # Summation order differs (copies summed in the gather's transpose): rounding.
+    scale = float(np.abs(want_grad[k]).max())
+    np.testing.assert_allclose(got_grad[k], want_grad[k], rtol=1e-5, atol=1e-6 * scale)
+  out, count, fell_back = jax.jit(
+      lambda w, i: contrastive.encode_distinct(_toy_text_encoder(w), i, max_distinct))(w, ids_s)
+  assert bool(fell_back) == falls_back
+  assert int(count) == (distinct if 0 < max_distinct < len(ids) else len(ids))
+  np.testing.assert_allclose(out["last"], _toy_text_encoder(w)(ids)["last"], rtol=1e-6,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "64"])
+def test_encode_distinct_names_a_bad_row_count(bad):
+  with pytest.raises(ValueError, match=f"max_distinct={bad!r} must be an int >= 0"):
+    contrastive.encode_distinct(lambda x: x, jnp.zeros((4, 2), jnp.int32), bad)

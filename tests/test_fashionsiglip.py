@@ -151,6 +151,8 @@ def dense_sigmoid_run():
 @pytest.mark.parametrize("impl", ["ring", "blockwise"])
 def test_ring_and_blockwise_sigmoid_steps_equal_dense(dense_sigmoid_run, impl):
   config = _sigmoid_config(impl)
+  if impl == "ring":  # As a pod config would: each distinct field text encoded once (20-22).
+    config.model.field_dedup = 24
   losses, params, _ = toy_system.run_steps(config, {"data": 4, "fsdp": 2, "tensor": 1},
                                            num_steps=2, batch_fn=_field_batch_fn(config))
   ref_losses, ref_params, _ = dense_sigmoid_run
@@ -176,6 +178,12 @@ def test_ring_and_blockwise_sigmoid_steps_equal_dense(dense_sigmoid_run, impl):
     ({"loss.bias_init": True}, r"config.loss.bias_init=True must be a finite"),
     ({"loss.field_positives": "values"},
      r"config.loss.field_positives='values' is not one of \('row', 'value'\)"),
+    ({"model.field_dedup": -8}, r"config.model.field_dedup=-8 must be an int >= 0"),
+    ({"model.field_dedup": True}, r"config.model.field_dedup=True must be an int >= 0"),
+    ({"model.field_dedup": 8, "data.fields": (), "loss.field_weights": ()},
+     r"config.model.field_dedup=8 without config.data.fields"),
+    ({"model.field_dedup": 6, "model.encode_chunks": 4},
+     r"config.model.field_dedup=6 is not divisible by config.model.encode_chunks=4"),
 ])
 def test_bad_objective_settings_are_named(change, match):
   config = _sigmoid_config("dense")
@@ -183,6 +191,37 @@ def test_bad_objective_settings_are_named(change, match):
     configs.apply_override(config, f"{key}={value!r}")
   with pytest.raises(ValueError, match=match):
     fashionclip.System(config)
+
+
+@pytest.mark.parametrize("dedup", [24, 16])
+def test_field_dedup_gives_the_same_loss_gradients_and_counts(dedup):
+  # 16 products x 2 fields from a pool of 10 words: 20-22 distinct field texts among 32. With
+  # U = 24 each is encoded once; U = 16 is too few and the step encodes all 32 (the fallback).
+  config = _sigmoid_config("dense")
+  batch = jax.tree.map(jnp.asarray, _field_batch_fn(config)(0))
+  ft = np.asarray(batch["field_text"])
+  distinct = len(np.unique(ft.reshape(-1, ft.shape[-1]), axis=0))
+  assert 16 < distinct <= 24
+
+  def loss_and_grads(field_dedup):
+    configs.apply_override(config, f"model.field_dedup={field_dedup}")
+    system = fashionclip.System(config)
+    params = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(0), batch))
+    return jax.jit(jax.value_and_grad(lambda p, b: system.loss(p, b, None), has_aux=True))(
+        params, batch)
+
+  (want, want_m), want_g = loss_and_grads(0)
+  (got, got_m), got_g = loss_and_grads(dedup)
+  assert "field_texts_distinct" not in want_m
+  assert int(got_m["field_texts_distinct"]) == distinct
+  assert bool(got_m["field_dedup_fallback"]) == (distinct > dedup)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Rounding only: copies' gradients are summed in another order. Some leaves are ~1e-8
+  # everywhere (parameters the normalised embeddings barely depend on), so the tolerance is
+  # relative to the largest gradient.
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_g))
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])

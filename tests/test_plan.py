@@ -30,6 +30,7 @@ from fashion_jax.losses import contrastive
 from fashion_jax.models import flops as flops_lib
 from fashion_jax.parallel import mesh as mesh_lib
 from fashion_jax.parallel import sharding as sharding_lib
+from fashion_jax.systems import fashionclip
 from fashion_jax.train import state as state_lib
 from fashion_jax.train import plan
 from tests import numerics
@@ -103,6 +104,25 @@ def test_siglip_analytic_flops_match_unrolled_compile():
   n, w = v.num_patches, v.width
   head = 2 * w * w + 4 * n * w * w + 2 * w * w + 4 * n * w + 4 * w * v.mlp_dim
   assert flops_lib.attention_pool_flops(w, v.mlp_dim, n) == head
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_field_dedup_flops_count_the_rows_encoded(accum):
+  """With model.field_dedup U the text tower encodes U field rows per micro-batch instead of
+  B * F: the count drops by 3 (U - B F) text rows' FLOPs; the [B, B] logits are unchanged."""
+  c = fashionsiglip_config.get_config("smoke")  # 5 fields.
+  c.data.max_len = 16
+  c.batch_size, c.grad_accum_steps = 32, accum
+  from_config = lambda: fashionclip.System(c)
+  c.model.field_dedup = 0  # The recipe's 128 would apply to these 160 rows too.
+  off = plan.analytic_flops(from_config(), 32)
+  c.model.field_dedup = 64
+  system = from_config()
+  t, p = system.model_config.text, system.model_config.projection_dim
+  row = flops_lib.tower_flops(t.width, t.num_layers, t.mlp_dim, 16) + 2 * t.width * p
+  encoded = 64 * accum  # U rows per micro-batch of 32 / accum products (160 / accum rows).
+  assert plan.analytic_flops(system, 32) == pytest.approx(off - 3 * (32 * 5 - encoded) * row,
+                                                          rel=1e-12)
 
 
 def _device0_bytes(tree):

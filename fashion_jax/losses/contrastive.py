@@ -157,3 +157,49 @@ def map_in_chunks(fn: Callable[..., Any], *xs: jax.Array, num_chunks: int = 1) -
   step = jax.checkpoint(lambda _, c: (None, fn(*c)), prevent_cse=False)
   _, out = jax.lax.scan(step, None, chunks)
   return jax.tree.map(_unblock, out)
+
+
+def encode_distinct(encode: Callable[[jax.Array], Any], ids: jax.Array, max_distinct: int
+                    ) -> tuple[Any, jax.Array, jax.Array]:
+  """`encode(ids)` with each distinct row of `ids` encoded once (the field texts of a batch).
+
+  A multi-field batch's B * F field texts repeat: a batch of 64 synthetic products has 86-103
+  distinct texts among its 320 colour, pattern, material, sub-category and brand texts. The
+  distinct rows (`jnp.unique` over axis 0: one sort of the rows, gathered to every device) are
+  encoded in a static [U, ...] array, U = max_distinct, and gathered back to the N rows. Exact:
+  equal rows give equal outputs, and the gradient of a row's copies is summed by the gather's
+  transpose instead of in the weight gradients (float rounding only). A batch with more than U
+  distinct rows runs `encode(ids)` instead (`lax.cond`: the same result at full cost; both
+  branches are compiled and the untaken one does not run). That fallback is rematerialised:
+  under autodiff, `lax.cond` passes every branch's residuals out of the forward, zero-filled for
+  the branch not taken, so the full encode's activations would be written as zeros on every
+  step (a third of the saving, docs/benchmarks.md). Rematerialised, its residuals are its
+  inputs, and a step that falls back runs that forward twice.
+
+  Args:
+    encode: maps int rows [n, ...] to a pytree of arrays [n, ...]; rows must be encoded
+      independently and deterministically (no dropout, no batch statistics).
+    ids: [N, ...] integer rows.
+    max_distinct: U (static). U >= N (or 0) calls `encode(ids)` directly.
+
+  Returns:
+    (outputs, distinct, fell_back): `encode(ids)`'s pytree [N, ...]; the number of distinct rows
+    (int32; N when not counted); whether the full encode ran (bool).
+  """
+  n = ids.shape[0]
+  if not isinstance(max_distinct, int) or max_distinct < 0:
+    raise ValueError(f"max_distinct={max_distinct!r} must be an int >= 0 (0 = off).")
+  if max_distinct == 0 or max_distinct >= n:
+    return encode(ids), jnp.int32(n), jnp.bool_(True)
+  # size=n: nothing is cut, so the count is exact; padding rows have count 0.
+  rows, inverse, counts = jnp.unique(ids, axis=0, size=n, return_inverse=True,
+                                     return_counts=True)
+  distinct = jnp.sum(counts > 0).astype(jnp.int32)
+  fits = distinct <= max_distinct
+  inverse = inverse.reshape(n)
+
+  def once():
+    return jax.tree.map(lambda e: e[inverse], encode(rows[:max_distinct]))
+
+  full = jax.checkpoint(encode)
+  return jax.lax.cond(fits, once, lambda: full(ids)), distinct, jnp.logical_not(fits)

@@ -43,12 +43,15 @@ def _logit_flops(batch: int, width: int, text_rows: int, logit_dims) -> int:
 
 
 def clip_train_flops_per_step(config: clip_lib.CLIPConfig, batch: int, length: int,
-                              text_rows: int = 1, logit_dims=(0,)) -> float:
+                              text_rows: int = 1, logit_dims=(0,),
+                              encoded_text_rows: float | None = None) -> float:
   """Model FLOPs of one CLIP train step: both towers, projections and logits, forward x 3.
 
-  text_rows: texts encoded per example (1, or 1 + F field texts with a multi-field loss, or F
-  with text_weight 0). logit_dims: the embedding widths the logits are computed at (Matryoshka
-  prefixes; 0 = the full width), each once per text row.
+  text_rows: texts per example that enter the loss (1, or 1 + F field texts with a multi-field
+  loss, or F with text_weight 0). logit_dims: the embedding widths the logits are computed at
+  (Matryoshka prefixes; 0 = the full width), each once per text row. encoded_text_rows: texts
+  the tower encodes per example when fewer than text_rows (model.field_dedup encodes each
+  distinct field text of the batch once: 1 + U / B); default text_rows.
   """
   v, t, p = config.vision, config.text, config.projection_dim
   n = v.num_patches + 1
@@ -58,7 +61,8 @@ def clip_train_flops_per_step(config: clip_lib.CLIPConfig, batch: int, length: i
   text = (tower_flops(t.width, t.num_layers, t.mlp_dim, length, config.pooled_last_layer)
           + 2 * t.width * p)
   logits = _logit_flops(batch, p, text_rows, logit_dims)
-  return 3.0 * batch * (vision + text_rows * text + logits)
+  encoded = text_rows if encoded_text_rows is None else encoded_text_rows
+  return 3.0 * batch * (vision + encoded * text + logits)
 
 
 def attention_pool_flops(width: int, mlp_dim: int, tokens: int) -> int:
@@ -73,7 +77,8 @@ def attention_pool_flops(width: int, mlp_dim: int, tokens: int) -> int:
 
 
 def siglip_train_flops_per_step(config: siglip_lib.SiglipConfig, batch: int, length: int,
-                                text_rows: int = 1, logit_dims=(0,)) -> float:
+                                text_rows: int = 1, logit_dims=(0,),
+                                encoded_text_rows: float | None = None) -> float:
   """Model FLOPs of one SigLIP train step, forward x 3 (arguments as the CLIP count).
 
   Vision: patch embedding, the tower on num_patches tokens (no class token), the attention-pool
@@ -88,7 +93,8 @@ def siglip_train_flops_per_step(config: siglip_lib.SiglipConfig, batch: int, len
             + attention_pool_flops(v.width, v.mlp_dim, n))
   text = tower_flops(t.width, t.num_layers, t.mlp_dim, length) + 2 * t.width * p
   logits = _logit_flops(batch, p, text_rows, logit_dims)
-  return 3.0 * batch * (vision + text_rows * text + logits)
+  encoded = text_rows if encoded_text_rows is None else encoded_text_rows
+  return 3.0 * batch * (vision + encoded * text + logits)
 
 
 def peak_flops(dtype: str, override_tflops: float = 0.0) -> float | None:

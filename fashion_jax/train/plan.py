@@ -74,7 +74,8 @@ def analytic_flops(system, batch_size: int) -> float | None:
 
   FashionCLIP-family systems (`model_config` a CLIPConfig or a SiglipConfig): models/flops.py's
   matmul count of that family, forward x 3, with the objective's text rows (the text plus any
-  field texts) and Matryoshka logit widths. Others (E2's config wraps the CLIP one with
+  field texts; with model.field_dedup U, the U rows the tower encodes) and Matryoshka logit
+  widths. Others (E2's config wraps the CLIP one with
   selection tokens and fusion blocks; FashionViL, FashionBERT) get None: the caller falls back
   to XLA's count.
   """
@@ -82,14 +83,18 @@ def analytic_flops(system, batch_size: int) -> float | None:
   if not isinstance(cfg, (clip_lib.CLIPConfig, siglip_lib.SiglipConfig)):
     return None
   obj = getattr(system, "objective", None)
-  text_rows, dims = 1, (0,)
+  text_rows, dims, encoded = 1, (0,), None
   if obj is not None:
     text_rows = int(obj.text_weight > 0) + len(obj.fields)
     dims = tuple(obj.matryoshka_dims) or (0,)
+    accum = int(system.config.get("grad_accum_steps", 1) or 1)
+    if 0 < obj.field_dedup < batch_size // accum * len(obj.fields):
+      # The distinct field texts, encoded once each, U rows per micro-batch.
+      encoded = int(obj.text_weight > 0) + obj.field_dedup * accum / batch_size
   count = (flops_lib.clip_train_flops_per_step if isinstance(cfg, clip_lib.CLIPConfig)
            else flops_lib.siglip_train_flops_per_step)
   return count(cfg, batch_size, system.config.data.max_len, text_rows=text_rows,
-               logit_dims=dims)
+               logit_dims=dims, encoded_text_rows=encoded)
 
 
 def abstract_batch(system, batch_size: int, mesh) -> dict[str, Any]:
