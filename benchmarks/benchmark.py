@@ -144,9 +144,16 @@ def _fill_system_files(config, workdir: str) -> None:
     data.vq_codes = "unused-by-the-step.npz"
 
 
+FIELD_VALUES = 16  # Distinct values per multi-field field in a benchmark batch.
+
+
 def random_batch(batch: dict, vocab_size: int = 0, seed: int = 0) -> dict:
   """`batch` with uint8 arrays uniform in [0, 255], float arrays standard normal and the token
-  ids 'text' uniform in [0, vocab_size) when vocab_size is given.
+  ids 'text' uniform in [0, vocab_size) when vocab_size is given; a multi-field batch's
+  'field_text' [B, F, L] takes each product's field f from FIELD_VALUES random token rows of
+  that field, as catalog attributes repeat (a batch of 64 synthetic products has 7 to 38
+  distinct values per field), so model.field_dedup encodes what it would in training; and
+  'field_mask' all present.
 
   Random ids matter beyond the GEMMs: all-zero ids make the token embedding's gradient a
   scatter-add of every token into one row, which serialises on the GPU (10% of a B/16 step).
@@ -156,6 +163,12 @@ def random_batch(batch: dict, vocab_size: int = 0, seed: int = 0) -> dict:
   for k, x in batch.items():
     if k == "text" and vocab_size and np.issubdtype(x.dtype, np.integer):
       x = rs.randint(0, vocab_size, x.shape).astype(x.dtype)
+    elif k == "field_text" and vocab_size:
+      b, f, length = x.shape
+      values = rs.randint(0, vocab_size, (f, FIELD_VALUES, length))
+      x = values[np.arange(f), rs.randint(0, FIELD_VALUES, (b, f))].astype(x.dtype)
+    elif k == "field_mask":  # Every product has every field (dummy_batch's are all missing).
+      x = np.ones_like(x)
     elif x.dtype == np.uint8:
       x = rs.randint(0, 256, x.shape).astype(np.uint8)
     elif np.issubdtype(x.dtype, np.floating):
