@@ -9,7 +9,9 @@ Variants (`--config=configs/fashionsiglip.py:VARIANT`, then `--config.KEY=VALUE`
 
 smoke: a small SigLIP trained from scratch on the built-in synthetic catalog, on a CPU: the
   image paired with title+description and with five attribute fields (a product without a field
-  is left out of that field's term), sigmoid loss, Matryoshka prefixes 32 / 64 / 128.
+  is left out of that field's term), sigmoid loss, Matryoshka prefixes 32 / 64 / 128. Each
+  distinct field text of a batch is encoded once (model.field_dedup=128: a batch's 320 field
+  texts hold 86-103 distinct ones), 1.65x faster a step than encoding all 320, same loss.
   python -m launch.build_data --dataset=synthetic_catalog/smoke
   python -m launch.train --config=configs/fashionsiglip.py:smoke --workdir=runs/fsiglip_smoke
   python -m launch.evaluate --config=configs/fashionsiglip.py:smoke --workdir=runs/fsiglip_smoke
@@ -29,7 +31,10 @@ base: fine-tune a pretrained SigLIP B/16 at 224 px (a local transformers SiglipM
 
 pod: SigLIP B/16 at 224 px, global batch 32k, bf16, fsdp over the whole pod, scanned and
   rematerialised layers, chunked encoding, the ring sigmoid loss (texts passed around the batch
-  shards: no [B, B] buffer, losses/sigmoid.py). Memory per chip before launching:
+  shards: no [B, B] buffer, losses/sigmoid.py). On a catalog whose category, sub-category and
+  brand repeat, --config.model.field_dedup=U encodes each distinct field text of the batch once
+  in U rows (U above the distinct count the run's train/field_texts_distinct metric logs; a
+  batch with more falls back to encoding all, same loss). Memory per chip before launching:
   python -m launch.plan --config=configs/fashionsiglip.py:pod --devices=64 --hbm_gib=16 \
       --set data.tokenizer.path='"/path/to/siglip-base-patch16-224"' --strategies=fsdp
   (without a SigLIP directory, --set data.tokenizer.kind='"clip"' plans with the shipped CLIP
