@@ -173,7 +173,7 @@ def encode_distinct(encode: Callable[[jax.Array], Any], ids: jax.Array, max_dist
   branches are compiled and the untaken one does not run). That fallback is rematerialised:
   under autodiff, `lax.cond` passes every branch's residuals out of the forward, zero-filled for
   the branch not taken, so the full encode's activations would be written as zeros on every
-  step (a third of the saving, docs/benchmarks.md). Rematerialised, its residuals are its
+  step (most of the saving lost, docs/benchmarks.md). Rematerialised, its residuals are its
   inputs, and a step that falls back runs that forward twice.
 
   Args:

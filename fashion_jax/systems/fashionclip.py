@@ -22,7 +22,8 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
                          among its 320); a batch with more than U distinct texts encodes all
                          B * F (same loss; metric field_dedup_fallback = 1). Same loss and
                          gradients to float rounding (contrastive.encode_distinct). Metric
-                         field_texts_distinct tells how many a batch had.
+                         field_texts_distinct tells how many a batch had. U >= B * F encodes
+                         every field text directly (nothing to save; no metrics).
   model.loss_blocks      1 | K: blockwise [B, B] logits in K row blocks (exact loss)
   init.hf_clip_dir       '' = random init; else a local HF CLIPModel directory (or hub id)
                          whose weights initialise every parameter (FashionCLIP's recipe: full
@@ -505,7 +506,7 @@ class System:
     metrics = {k: v for k, v in metrics.items()
                if k.split("/")[0] not in ("temperature", "bias")}
     metrics.update(loss=loss, logit_scale=scale)
-    if obj.fields and obj.field_dedup:
+    if obj.fields and 0 < obj.field_dedup < b * f:  # U >= B * F encodes every text directly.
       metrics.update(field_texts_distinct=distinct.astype(jnp.float32),
                      field_dedup_fallback=fell_back.astype(jnp.float32))
     if obj.kind == "sigmoid":
