@@ -180,8 +180,6 @@ def test_ring_and_blockwise_sigmoid_steps_equal_dense(dense_sigmoid_run, impl):
      r"config.loss.field_positives='values' is not one of \('row', 'value'\)"),
     ({"model.field_dedup": -8}, r"config.model.field_dedup=-8 must be an int >= 0"),
     ({"model.field_dedup": True}, r"config.model.field_dedup=True must be an int >= 0"),
-    ({"model.field_dedup": 8, "data.fields": (), "loss.field_weights": ()},
-     r"config.model.field_dedup=8 without config.data.fields"),
     ({"model.field_dedup": 6, "model.encode_chunks": 4},
      r"config.model.field_dedup=6 is not divisible by config.model.encode_chunks=4"),
 ])
@@ -191,6 +189,19 @@ def test_bad_objective_settings_are_named(change, match):
     configs.apply_override(config, f"{key}={value!r}")
   with pytest.raises(ValueError, match=match):
     fashionclip.System(config)
+
+
+def test_field_dedup_is_unused_without_fields():
+  # The smoke recipe sets field_dedup=128; its single-text comparison (data.fields=()) is one key
+  # away and must still build, with no field features.
+  config = configs.get("fashionsiglip:smoke")
+  assert config.model.field_dedup == 128
+  configs.apply_override(config, "data.fields=()")
+  configs.apply_override(config, "loss.field_weights=()")
+  config.model.encode_chunks = 3  # Would not divide 128: irrelevant without fields.
+  system = fashionclip.System(config)
+  assert system.objective.fields == ()
+  assert list(system_base.required_features(fashionclip.System, config)) == ["image", "text"]
 
 
 @pytest.mark.parametrize("dedup", [24, 16])

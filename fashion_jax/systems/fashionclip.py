@@ -23,7 +23,8 @@ Config keys this system reads (besides the trainer's and the pipeline's `data`):
                          B * F (same loss; metric field_dedup_fallback = 1). Same loss and
                          gradients to float rounding (contrastive.encode_distinct). Metric
                          field_texts_distinct tells how many a batch had. U >= B * F encodes
-                         every field text directly (nothing to save; no metrics).
+                         every field text directly (nothing to save; no metrics); without
+                         data.fields U is unused.
   model.loss_blocks      1 | K: blockwise [B, B] logits in K row blocks (exact loss)
   init.hf_clip_dir       '' = random init; else a local HF CLIPModel directory (or hub id)
                          whose weights initialise every parameter (FashionCLIP's recipe: full
@@ -236,11 +237,10 @@ def objective(config) -> Objective:
   if isinstance(dedup, bool) or not isinstance(dedup, int) or dedup < 0:
     raise ValueError(f"config.model.field_dedup={dedup!r} must be an int >= 0 (0 = off; U = "
                      "encode the distinct field texts of a batch in U rows).")
-  if dedup and not fields:
-    raise ValueError(f"config.model.field_dedup={dedup} without config.data.fields: there are "
-                     "no field texts to encode once; set it to 0.")
+  # Without data.fields there is nothing to encode once and U is unused: a recipe that sets it
+  # still runs one key away with --config.data.fields=() (its single-text comparison).
   chunks = config.model.get("encode_chunks", 1)
-  if dedup and dedup % chunks:
+  if dedup and fields and dedup % chunks:
     raise ValueError(f"config.model.field_dedup={dedup} is not divisible by "
                      f"config.model.encode_chunks={chunks}: the distinct texts are encoded in "
                      "the same chunks.")
